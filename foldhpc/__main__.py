@@ -1,0 +1,3 @@
+from foldhpc.cli import main
+
+raise SystemExit(main())

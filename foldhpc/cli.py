@@ -1,0 +1,110 @@
+"""``foldhpc`` command line: ``train``, ``data``, ``checkpoints`` (and ``submit``, ``status``).
+
+Exit codes: 0 success; 1 the command failed; 2 bad usage or config (nothing was started);
+75 training stopped on a preemption signal after a durable checkpoint (requeue it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from foldhpc.config import ConfigError, load_config
+
+log = logging.getLogger("foldhpc.cli")
+
+EXIT_USAGE = 2
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="TOML config (see configs/); defaults apply without it")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key, e.g. --set train.max_steps=200 (repeatable)")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from foldhpc.train.loop import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    resume = "never" if args.no_resume else (args.resume or "auto")
+    result = Trainer(cfg, resume=resume, force_resume=args.force_resume).run()
+    return result.exit_code
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from foldhpc.data.cache import load_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    report = load_dataset(cfg.data, run_dir=cfg.run_dir, workers=cfg.data.prepare_workers, progress=True)
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.format())
+    return 0
+
+
+def _cmd_checkpoints(args: argparse.Namespace) -> int:
+    from foldhpc.checkpoint.listing import format_table, list_checkpoints
+
+    rows = list_checkpoints(Path(args.run_dir), verify=args.verify)
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return 1 if args.verify and any(r["verified"] is False for r in rows) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="foldhpc", description="Train a protein structure model on Slurm without losing work.",
+        epilog="Exit codes: 0 ok, 1 failed, 2 bad usage/config, 75 checkpointed on a preemption signal.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('foldhpc').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train in the foreground into run.dir (resumes automatically)",
+                       description="Train in the foreground. If run.dir has checkpoints, continue from the newest "
+                                   "good one. Exit 75 after saving on a preemption signal.")
+    _add_config_args(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--no-resume", action="store_true",
+                   help="start from step 0 (existing checkpoints are moved aside, not deleted)")
+    g.add_argument("--resume", metavar="PATH", help="resume from this checkpoint file")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume even if the checkpoint's model/data config differs")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("data", help="prepare and inspect the structure dataset")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    for name, helptext in (("prepare", "parse structures into the feature cache (parallel)"),
+                           ("info", "show counts, length histogram and skipped files")):
+        dp = dsub.add_parser(name, help=helptext, description=helptext)
+        _add_config_args(dp)
+        dp.add_argument("--json", action="store_true", help="machine-readable output")
+        dp.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("checkpoints", help="list a run's checkpoints (step, age, size, digest)",
+                       description="List a run's checkpoints with their state digest; --verify checks every file.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--verify", action="store_true", help="check size, sha256 and loadability of every file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_checkpoints)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from foldhpc.checkpoint.manager import CheckpointError
+    from foldhpc.monitor.logs import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging("INFO")
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"foldhpc: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except CheckpointError as e:
+        print(f"foldhpc: checkpoint error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("foldhpc: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,399 @@
+"""Typed run configuration: TOML files + ``--set section.key=value`` overrides.
+
+Every key is declared in a dataclass below, so an unknown key, a wrong type or an
+out-of-range value is rejected by :func:`load_config` *before* any data is read or any
+job is submitted.  The key names (``data.path``, ``train.max_steps``, ``train.seed``,
+``train.batch_size``, ``checkpoint.interval``, ``run.dir`` ...) are a public interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import signal
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any work starts."""
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", re.IGNORECASE)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from ``"15m"``, ``"30s"``, ``"1h30m"``, ``"0"`` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = value.strip().replace(" ", "")
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(text)
+        else:
+            pos, seconds = 0, 0.0
+            for m in _DURATION_RE.finditer(text):
+                if m.start() != pos:
+                    break
+                seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2).lower()]
+                pos = m.end()
+            if pos != len(text) or not text:
+                raise ValueError(
+                    f"{value!r} is not a duration; use e.g. \"30s\", \"15m\", \"1h\", \"1h30m\" or seconds"
+                )
+    if seconds < 0:
+        raise ValueError(f"duration {value!r} is negative")
+    return seconds
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and how chatty it is."""
+
+    dir: str = "runs/default"
+    name: str = ""
+    log_every: int = 10  # steps between progress lines / TensorBoard scalars
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        _check(bool(self.dir.strip()), "dir must not be empty")
+        _check(self.log_every >= 1, "log_every must be >= 1")
+        _check(self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
+               "log_level must be one of DEBUG, INFO, WARNING, ERROR")
+
+
+@dataclass
+class DataConfig:
+    """Which structures to train on and how to crop them."""
+
+    path: str = "examples/data"
+    cache_dir: str = ""  # default: <data.path>/.foldhpc-cache (falls back to <run.dir>/cache if unwritable)
+    min_length: int = 40
+    max_length: int = 1000
+    min_completeness: float = 0.9  # share of residues with N, CA and C
+    crop_size: int = 64
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    num_workers: int = 1  # DataLoader workers; 0 = load in the main process
+    prepare_workers: int = 0  # processes that parse structures; 0 = one per CPU
+
+    def validate(self) -> None:
+        _check(bool(self.path.strip()), "path must not be empty")
+        _check(self.min_length >= 2, "min_length must be >= 2")
+        _check(self.max_length >= self.min_length, "max_length must be >= min_length")
+        _check(0.0 < self.min_completeness <= 1.0, "min_completeness must be in (0, 1]")
+        _check(self.crop_size >= 8, "crop_size must be >= 8")
+        _check(0.0 < self.val_fraction < 1.0, "val_fraction must be in (0, 1)")
+        _check(self.num_workers >= 0, "num_workers must be >= 0")
+        _check(self.prepare_workers >= 0, "prepare_workers must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """Size of the structure model (an Evoformer-style single + pair trunk)."""
+
+    d_single: int = 64
+    d_pair: int = 32
+    n_blocks: int = 2
+    n_heads: int = 4
+    n_bins: int = 64  # distogram bins, 2-22 Angstrom
+    max_relpos: int = 32
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        for name in ("d_single", "d_pair", "n_blocks", "n_heads"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1")
+        _check(self.d_single % self.n_heads == 0, "d_single must be divisible by n_heads")
+        _check(self.n_bins >= 2, "n_bins must be >= 2")
+        _check(self.max_relpos >= 1, "max_relpos must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, validation and reproducibility."""
+
+    max_steps: int = 1000
+    seed: int = 0
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    grad_clip: float = 1.0
+    val_every: int = 100  # steps between validations; 0 = only at the end
+    val_max_samples: int = 0  # 0 = whole validation split
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = False  # bf16 autocast, CUDA only
+    compile: bool = False  # torch.compile, CUDA only
+    threads: int = 0  # torch intra-op threads; 0 = torch default
+
+    def validate(self) -> None:
+        _check(self.max_steps >= 1, "max_steps must be >= 1")
+        _check(self.seed >= 0, "seed must be >= 0")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.lr > 0, "lr must be > 0")
+        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
+        _check(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]")
+        _check(self.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)")
+        _check(self.val_every >= 0, "val_every must be >= 0")
+        _check(self.val_max_samples >= 0, "val_max_samples must be >= 0")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+               "device must be auto, cpu, cuda or cuda:N")
+        _check(self.threads >= 0, "threads must be >= 0")
+
+
+_KNOWN_SIGNALS = {"SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP", "SIGXCPU"}
+
+
+@dataclass
+class CheckpointConfig:
+    """When and where training state is saved."""
+
+    interval: str = "15m"  # wall-clock time between saves; "0" disables timed saves
+    every_steps: int = 0  # also save every N steps; 0 = off
+    keep_last: int = 3
+    dir: str = ""  # default: <run.dir>/checkpoints
+    async_save: bool = True
+    signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    min_free_mb: int = 0  # preflight: required free space; 0 = 3x the estimated checkpoint size
+
+    @property
+    def interval_s(self) -> float:
+        return parse_duration(self.interval)
+
+    def validate(self) -> None:
+        try:
+            parse_duration(self.interval)
+        except ValueError as e:
+            raise ValueError(f"interval: {e}") from None
+        _check(self.every_steps >= 0, "every_steps must be >= 0")
+        _check(self.keep_last >= 1, "keep_last must be >= 1 (the newest good checkpoint is always kept)")
+        _check(self.min_free_mb >= 0, "min_free_mb must be >= 0")
+        for s in self.signals:
+            _check(s.upper() in _KNOWN_SIGNALS,
+                   f"signals: {s!r} is not one of {sorted(_KNOWN_SIGNALS)}")
+
+    def signal_numbers(self) -> list[signal.Signals]:
+        return [signal.Signals[s.upper()] for s in self.signals]
+
+
+@dataclass
+class SlurmConfig:
+    """Resources and behaviour of the Slurm job (``foldhpc submit``)."""
+
+    partition: str = ""
+    gpus: int = 1
+    cpus_per_task: int = 2
+    mem: str = "8G"
+    time: str = "4h"  # job time limit
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    job_name: str = "foldhpc"
+    signal: str = "USR1"  # sent before the time limit / on preemption
+    signal_lead: str = "120s"  # how long before the time limit the signal arrives
+    max_requeues: int = 20  # time-limit/preemption requeues before giving up
+    extra_sbatch: dict[str, str] = field(default_factory=dict)
+    logs_dir: str = ""  # default: <run.dir>/slurm
+
+    def validate(self) -> None:
+        _check(self.gpus >= 0, "gpus must be >= 0")
+        _check(self.cpus_per_task >= 1, "cpus_per_task must be >= 1")
+        _check(re.fullmatch(r"\d+[KMGT]?", self.mem) is not None, "mem must look like 8G, 16000M or 4096")
+        for key in ("time", "signal_lead"):
+            try:
+                parse_duration(getattr(self, key))
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
+        _check(("SIG" + self.signal.upper().removeprefix("SIG")) in _KNOWN_SIGNALS,
+               f"signal must be one of {sorted(s[3:] for s in _KNOWN_SIGNALS)}")
+        _check(self.max_requeues >= 0, "max_requeues must be >= 0")
+        _check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.job_name) is not None,
+               "job_name may contain only letters, digits, '_', '.', '-'")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        for f in fields(self):
+            section = getattr(self, f.name)
+            try:
+                section.validate()
+            except ValueError as e:
+                # messages start with the key name: name the full key, the value and the rule
+                m = re.match(r"(\w+):?\s+(.*)", str(e))
+                if m and hasattr(section, m.group(1)):
+                    key, rule = m.groups()
+                    raise ConfigError(
+                        f"{f.name}.{key} = {getattr(section, key)!r}: {rule}") from None
+                raise ConfigError(f"[{f.name}] {e}") from None
+
+    # ---- paths derived from the config
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    def fingerprint(self, sections: tuple[str, ...] = ("model", "data")) -> str:
+        """Hash of the sections that make a checkpoint (in)compatible with this config."""
+        d = self.to_dict()
+        keep = {s: d[s] for s in sections}
+        for volatile in ("num_workers", "prepare_workers", "cache_dir"):
+            keep.get("data", {}).pop(volatile, None)
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__ for f in fields(Config)}  # type: ignore[misc]
+
+
+def _coerce(section: str, key: str, value: Any, typ: Any) -> Any:
+    where = f"{section}.{key}"
+    origin = get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} = {value!r}: expected true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} = {value!r}: expected an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where} = {value!r}: expected a number")
+    if typ is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key in {"interval", "time", "signal_lead"}:
+            return str(value)
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} = {value!r}: expected a string")
+    if origin is list:
+        (item,) = get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} = {value!r}: expected a list")
+        return [_coerce(section, key, v, item) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} = {value!r}: expected a table, e.g. {{ key = \"value\" }}")
+        return {str(k): str(v) for k, v in value.items()}
+    raise ConfigError(f"{where}: unsupported type {typ}")  # pragma: no cover
+
+
+def _unknown(name: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1)
+    prefix = where.rsplit(".", 1)[0] + "." if "." in where else ""
+    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown key '{where}'{hint} Known: {', '.join(sorted(known))}")
+
+
+def _apply(cfg: Config, data: dict[str, Any], source: str) -> None:
+    for section, table in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: {_unknown(section, list(SECTIONS), section)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: '{section}' must be a table ([{section}])")
+        obj = getattr(cfg, section)
+        hints = get_type_hints(type(obj))
+        known = [f.name for f in fields(obj)]
+        for key, value in table.items():
+            if key not in known:
+                raise ConfigError(f"{source}: {_unknown(key, known, f'{section}.{key}')}")
+            try:
+                setattr(obj, key, _coerce(section, key, value, hints[key]))
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    lhs, rhs = item.split("=", 1)
+    lhs = lhs.strip()
+    if lhs.count(".") != 1:
+        raise ConfigError(f"--set {item!r}: key must be section.key, e.g. train.max_steps=100")
+    section, key = lhs.split(".")
+    try:  # TOML literal (number, bool, quoted string, list, inline table) ...
+        value = tomllib.loads(f"v = {rhs}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = rhs  # ... or a bare string such as a path or "15m"
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``path`` (TOML), apply ``section.key=value`` overrides, validate everything."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist (see configs/ for examples)")
+        try:
+            data = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        _apply(cfg, data, str(p))
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        _apply(cfg, {section: {key: value}}, "--set")
+    cfg.validate()
+    return cfg
+
+
+def config_to_toml(cfg: Config) -> str:
+    """Serialise a config to TOML (written into the run directory as ``config.toml``)."""
+    out: list[str] = []
+    for section, table in cfg.to_dict().items():
+        out.append(f"[{section}]")
+        for key, value in table.items():
+            out.append(f"{key} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(v)  # pragma: no cover

@@ -1,0 +1,1 @@
+"""Progress reporting: log files, the machine-readable status file, TensorBoard."""

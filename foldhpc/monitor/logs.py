@@ -1,0 +1,39 @@
+"""Logging to the console and to ``<run.dir>/train.log`` (appended across restarts)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_FILE_HANDLER_NAME = "foldhpc-run-log"
+
+
+def setup_logging(level: str = "INFO", log_file: Path | None = None) -> None:
+    """Configure the ``foldhpc`` logger once per process.
+
+    A console handler goes to stderr (Slurm's ``.err`` file under a job); the optional file
+    handler appends, so a requeued job keeps one continuous log. Calling this again replaces
+    the file handler instead of stacking duplicates.
+    """
+    logger = logging.getLogger("foldhpc")
+    logger.setLevel(level.upper())
+    logger.propagate = False
+    fmt = logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S")
+    if not any(getattr(h, "name", "") == "foldhpc-console" for h in logger.handlers):
+        console = logging.StreamHandler(sys.stderr)
+        console.name = "foldhpc-console"
+        console.setFormatter(fmt)
+        logger.addHandler(console)
+    for h in [h for h in logger.handlers if h.name == _FILE_HANDLER_NAME]:
+        logger.removeHandler(h)
+        h.close()
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        fh.name = _FILE_HANDLER_NAME
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [pid " + str(os.getpid()) +
+                                          "] %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(fh)

@@ -1,0 +1,34 @@
+"""TensorBoard scalars under ``<run.dir>/tensorboard``: one continuous set of curves per run.
+
+After a restart the writer purges events at or after the resumed step (``purge_step``), so
+steps replayed after a crash are not drawn twice, and a restart marker is recorded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+
+
+class RunWriter:
+    def __init__(self, log_dir: Path, start_step: int = 0) -> None:
+        self._w = SummaryWriter(log_dir=str(log_dir), purge_step=start_step if start_step > 0 else None,
+                                flush_secs=30)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self._w.add_scalar(tag, value, step)
+
+    def restart_marker(self, step: int, restarts: int, slurm: dict[str, Any]) -> None:
+        """A visible event at each resume: a scalar step-change and a text note."""
+        self._w.add_scalar("run/restarts", restarts, step)
+        job = slurm.get("job_id") or "-"
+        self._w.add_text("run/events", f"resumed at step {step} (restart #{restarts}, slurm job {job}, "
+                                       f"SLURM_RESTART_COUNT={slurm.get('restart_count', 0)})", step)
+
+    def flush(self) -> None:
+        self._w.flush()
+
+    def close(self) -> None:
+        self._w.close()

@@ -1,0 +1,409 @@
+"""The training loop: resumable, checkpointing, signal-aware.
+
+One :class:`Trainer` owns one run directory::
+
+    <run.dir>/config.toml        resolved config of the latest start
+    <run.dir>/train.log          console log, appended across restarts
+    <run.dir>/status.json        machine-readable state (foldhpc status reads it)
+    <run.dir>/tensorboard/       TensorBoard event files, one continuous set of curves
+    <run.dir>/checkpoints/       step_XXXXXXXX.pt + manifest.json (see foldhpc.checkpoint)
+
+Everything a step depends on is a function of (train.seed, step) or lives in the checkpoint, so a
+run resumed from step k continues exactly like a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+import foldhpc
+from foldhpc.checkpoint import CheckpointError, CheckpointManager, PreemptionSignals, ignore_signals
+from foldhpc.config import Config, ConfigError, config_to_toml
+from foldhpc.data.cache import load_dataset
+from foldhpc.data.dataset import StepSampler, TrainBatches, ValBatches, split_by_sequence
+from foldhpc.model.loss import distogram_loss
+from foldhpc.model.metrics import evaluate
+from foldhpc.model.model import StructureModel
+from foldhpc.monitor.logs import setup_logging
+from foldhpc.monitor.status import CHECKPOINTED, COMPLETED, FAILED, RUNNING, StatusFile, atomic_write_text
+from foldhpc.monitor.tensorboard import RunWriter
+from foldhpc.train.rng import capture_rng_state, restore_rng_state, step_seed
+from foldhpc.train.schedule import lr_factor
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CHECKPOINTED = 75  # EX_TEMPFAIL: state saved on a preemption signal, requeue me
+
+
+@dataclass
+class TrainResult:
+    state: str  # "completed" or "checkpointed"
+    step: int
+    signal: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.state == COMPLETED else EXIT_CHECKPOINTED
+
+
+def slurm_info() -> dict[str, Any]:
+    env = os.environ
+    return {"job_id": env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID')}"
+            or env.get("SLURM_JOB_ID"),
+            "restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0)}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {name!r}: CUDA is not available on {socket.gethostname()}; "
+                          "use \"auto\" or \"cpu\"")
+    return dev
+
+
+def _worker_init(signals: list[signal.Signals], worker_id: int) -> None:  # noqa: ARG001
+    ignore_signals(signals)
+    torch.set_num_threads(1)
+
+
+class Trainer:
+    """Trains ``cfg`` into ``cfg.run.dir``; see the module docstring.
+
+    ``resume``: "auto" continues from the newest good checkpoint if there is one, "never"
+    starts over (existing checkpoints are moved aside, never deleted), or a checkpoint path.
+    """
+
+    def __init__(self, cfg: Config, resume: str = "auto", force_resume: bool = False) -> None:
+        self.cfg = cfg
+        self.resume = resume
+        self.force_resume = force_resume
+        self.run_dir = cfg.run_dir
+        self.step = 0
+        self.train_time_s = 0.0  # accumulated over all restarts
+        self.restarts = 0
+
+    # ------------------------------------------------------------------ state protocol
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),
+            "rng": capture_rng_state(),
+            "train": {"step": self.step, "train_time_s": self.train_time_s, "restarts": self.restarts,
+                      "tb_step": self.step, "samples_seen": self.step * self.cfg.train.batch_size,
+                      "epoch": self.step * self.cfg.train.batch_size // max(1, self.n_train)},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.scaler.load_state_dict(state["grad_scaler"])
+        restore_rng_state(state["rng"])
+        self.step = int(state["train"]["step"])
+        self.train_time_s = float(state["train"]["train_time_s"])
+        self.restarts = int(state["train"]["restarts"])
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        slurm = slurm_info()
+        return {"config_fingerprint": self.cfg.fingerprint(), "config": self.cfg.to_dict(),
+                "foldhpc_version": foldhpc.__version__, "torch_version": torch.__version__,
+                "saved_at": time.time(), "host": socket.gethostname(),
+                "slurm_job_id": slurm["job_id"] or "", "slurm_restart_count": slurm["restart_count"]}
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        cfg = self.cfg
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = resolve_device(t.device)
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        torch.manual_seed(t.seed)
+
+        t0 = time.monotonic()
+        report = load_dataset(cfg.data, run_dir=self.run_dir)
+        train_recs, val_recs = split_by_sequence(report.records, cfg.data.val_fraction, cfg.data.split_seed)
+        if t.val_max_samples:
+            val_recs = val_recs[: t.val_max_samples]
+        log.info("data: %d structures (%d skipped) -> %d train / %d validation, loaded in %.2fs",
+                 len(report.records), len(report.skipped), len(train_recs), len(val_recs), time.monotonic() - t0)
+        self.n_train = len(train_recs)
+        self.train_batches = TrainBatches(train_recs, t.batch_size, cfg.data.crop_size, t.seed)
+        self.val_batches = ValBatches(val_recs, t.batch_size, cfg.data.crop_size)
+        self.timings["data_s"] = time.monotonic() - t0
+
+        self.model = StructureModel(cfg.model).to(self.device)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("model: %d parameters on %s", n_params, self.device)
+        self.forward = self.model
+        if t.compile and self.device.type == "cuda":
+            self.forward = torch.compile(self.model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, functools.partial(lr_factor, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
+                                              min_lr_ratio=t.min_lr_ratio))
+        self.amp = t.amp and self.device.type == "cuda"
+        # bf16 autocast needs no loss scaling; the scaler is kept (disabled) so the checkpoint
+        # layout is the same for every device and precision.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=False)
+
+        self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
+        est = 3 * n_params * 4 + (1 << 20)  # params + 2 Adam moments, fp32, + overhead
+        self.ckpt.preflight(est, cfg.checkpoint.min_free_mb << 20)
+
+    def _restore(self) -> None:
+        """Resume according to ``self.resume``; leaves step 0 if there is nothing to resume."""
+        t0 = time.monotonic()
+        if self.resume == "never":
+            if self.ckpt.entries() or any(self.ckpt.dir.glob("step_*.pt")):
+                aside = self.ckpt.dir.with_name(f"{self.ckpt.dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                log.warning("--no-resume: moving existing checkpoints %s aside to %s", self.ckpt.dir, aside)
+                shutil.move(str(self.ckpt.dir), aside)
+                self.ckpt.dir.mkdir(parents=True)
+            return
+        if self.resume == "auto":
+            loaded = self.ckpt.load_latest()
+            if loaded is None:
+                return
+            state, meta, where = loaded.state, loaded.meta, loaded.path
+            self.ckpt.last_committed = loaded.entry
+            if loaded.skipped:
+                self.status.update(warning=f"skipped bad checkpoints: {loaded.skipped}")
+        else:
+            path = Path(self.resume)
+            if not path.is_file():
+                raise CheckpointError(f"--resume {path}: no such checkpoint file")
+            payload = self.ckpt.load_file(path)
+            state, meta, where = payload["state"], payload["meta"], path
+        self._check_compatible(meta, where)
+        self.load_state_dict(state)
+        self.restarts += 1
+        self.timings["checkpoint_load_s"] = time.monotonic() - t0
+        log.info("resumed from %s at step %d (restart #%d, checkpoint load %.2fs)",
+                 where, self.step, self.restarts, self.timings["checkpoint_load_s"])
+
+    def _check_compatible(self, meta: dict[str, Any], where: Path) -> None:
+        if meta.get("config_fingerprint") == self.cfg.fingerprint():
+            return
+        old = meta.get("config", {})
+        new = self.cfg.to_dict()
+        diffs = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}"
+                 for s in ("model", "data") for k, v in new[s].items()
+                 if k not in ("num_workers", "prepare_workers", "cache_dir") and old.get(s, {}).get(k) != v]
+        msg = (f"checkpoint {where} was written with a different model/data config ({'; '.join(diffs) or 'unknown'}). "
+               "Resume with the original config, use --no-resume to start over, or --force-resume to load anyway.")
+        if not self.force_resume:
+            raise CheckpointError(msg)
+        log.warning("--force-resume: %s", msg)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(cfg.run.log_level, self.run_dir / "train.log")
+        atomic_write_text(self.run_dir / "config.toml", config_to_toml(cfg))
+        self.status = StatusFile(self.run_dir)
+        slurm = slurm_info()
+        self.status.update(state=RUNNING, max_steps=cfg.train.max_steps, started_at=time.time(), error=None,
+                           signal=None, slurm_job_id=slurm["job_id"], slurm_restart_count=slurm["restart_count"])
+        self.timings: dict[str, float] = {}
+        try:
+            return self._run()
+        except BaseException as e:
+            if isinstance(e, SystemExit) and e.code in (0, None):
+                raise
+            msg = f"{type(e).__name__}: {e}"
+            log.error("run failed at step %d: %s", self.step, msg, exc_info=not isinstance(e, (CheckpointError,
+                                                                                             ConfigError)))
+            self.status.update(state=FAILED, step=self.step, error=msg)
+            raise
+
+    def _run(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        sigs = cfg.checkpoint.signal_numbers()
+        with PreemptionSignals(sigs) as preempt:
+            self._setup()
+            self._restore()
+            self.writer = RunWriter(self.run_dir / "tensorboard", start_step=self.step)
+            if self.restarts:
+                self.writer.restart_marker(self.step, self.restarts, slurm_info())
+            self.status.update(step=self.step, restarts=self.restarts)
+            log.info("training steps %d..%d, batch %d, crop %d, checkpoint every %s%s, signals %s",
+                     self.step, t.max_steps, t.batch_size, cfg.data.crop_size, cfg.checkpoint.interval,
+                     f" and {cfg.checkpoint.every_steps} steps" if cfg.checkpoint.every_steps else "",
+                     ",".join(s.name for s in sigs))
+            try:
+                result = self._loop(preempt)
+            finally:
+                self.ckpt.wait()
+                self.writer.close()
+        return result
+
+    def _make_loader(self) -> DataLoader:
+        nw = self.cfg.data.num_workers
+        return DataLoader(
+            self.train_batches, batch_size=None,
+            sampler=StepSampler(self.step, self.cfg.train.max_steps),
+            num_workers=nw, prefetch_factor=4 if nw else None,
+            worker_init_fn=functools.partial(_worker_init, self.cfg.checkpoint.signal_numbers()) if nw else None,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator(),  # keep DataLoader from drawing on the global torch RNG
+        )
+
+    def _save(self, reason: str, blocking: bool) -> bool:
+        if blocking:
+            self.ckpt.wait()
+        last = self.ckpt.last_committed
+        if last is not None and last.step == self.step and not self.ckpt.in_flight:
+            return True  # this exact state is already durable
+        return self.ckpt.save(self.step, self.state_dict(), self.checkpoint_meta(), reason=reason,
+                              blocking=blocking)
+
+    def _note_checkpoint(self, seen: list[Any]) -> None:
+        """Surface background-save results on the training thread (status, TensorBoard)."""
+        err = self.ckpt.poll_error()
+        if err is not None:
+            self.status.update(last_save_error=f"{type(err).__name__}: {err}")
+            self.writer.scalar("checkpoint/failed", 1, self.step)
+        last = self.ckpt.last_committed
+        if last is not None and (not seen or seen[-1] is not last):
+            seen.append(last)
+            self.status.update(last_checkpoint={"step": last.step, "file": last.file, "saved_at": last.saved_at},
+                               last_save_error=None)
+            self.writer.scalar("checkpoint/write_s", last.write_s, last.step)
+            self.writer.scalar("checkpoint/step", last.step, last.step)
+
+    def _loop(self, preempt: PreemptionSignals) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        interval = cfg.checkpoint.interval_s
+        every = cfg.checkpoint.every_steps
+        dev = self.device
+        seen: list[Any] = []
+        it = iter(self._make_loader()) if self.step < t.max_steps else iter(())
+        last_save_t = time.monotonic()
+        win = {"t0": time.monotonic(), "data": 0.0, "steps": 0, "loss": 0.0}
+        metrics: dict[str, float] = {}
+        loss_val = float("nan")
+        first_step_logged = False
+        run_t0 = time.monotonic()
+        while True:
+            if preempt.received is not None:
+                sig = preempt.received.name
+                log.warning("received %s: saving a checkpoint at step %d, then exiting for requeue", sig, self.step)
+                t0 = time.monotonic()
+                self._save(f"signal:{sig}", blocking=True)
+                self._note_checkpoint(seen)
+                log.warning("checkpoint at step %d durable %.2fs after the step boundary; exit %d",
+                            self.step, time.monotonic() - t0, EXIT_CHECKPOINTED)
+                self.status.update(state=CHECKPOINTED, step=self.step, signal=sig)
+                return TrainResult(CHECKPOINTED, self.step, sig)
+            if self.step >= t.max_steps:
+                break
+            t_start = time.monotonic()
+            batch = next(it)
+            t_data = time.monotonic() - t_start
+            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+            torch.manual_seed(step_seed(t.seed, self.step))  # dropout etc.: a function of (seed, step)
+            self.model.train()
+            with torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext():
+                out = self.forward(batch)
+                loss, _ = distogram_loss(out["distogram_logits"].float(), batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            self.optimizer.step()
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            self.step += 1
+            loss_val = loss.item()
+            step_s = time.monotonic() - t_start
+            self.train_time_s += step_s
+            if not first_step_logged:
+                first_step_logged = True
+                self.timings["first_step_s"] = step_s
+                log.info("first step (%d) done in %.3fs", self.step, step_s)
+            win["data"] += t_data
+            win["steps"] += 1
+            win["loss"] += loss_val
+            if self.step % cfg.run.log_every == 0 or self.step == t.max_steps:
+                self._log_progress(win, lr, float(gnorm), run_t0)
+                win = {"t0": time.monotonic(), "data": 0.0, "steps": 0, "loss": 0.0}
+            if t.val_every and self.step % t.val_every == 0 and self.step < t.max_steps:
+                metrics = self._validate()
+                win["t0"] = time.monotonic()  # validation is not training throughput
+            self._note_checkpoint(seen)
+            due = (interval > 0 and time.monotonic() - last_save_t >= interval) or (every and self.step % every == 0)
+            if due and preempt.received is None:
+                if self._save("timer" if not (every and self.step % every == 0) else "steps", blocking=False):
+                    last_save_t = time.monotonic()
+        # end of training
+        self._save("final", blocking=True)
+        self._note_checkpoint(seen)
+        metrics = self._validate()
+        self.status.update(state=COMPLETED, step=self.step, loss=loss_val, metrics=metrics, finished_at=time.time())
+        log.info("training completed at step %d: %s", self.step, json.dumps(metrics))
+        return TrainResult(COMPLETED, self.step, None, metrics)
+
+    def _log_progress(self, win: dict[str, float], lr: float, gnorm: float, run_t0: float) -> None:
+        t = self.cfg.train
+        dt = max(1e-9, time.monotonic() - win["t0"])
+        n = max(1, int(win["steps"]))
+        loss = win["loss"] / n
+        sps = n * t.batch_size / dt
+        wait = win["data"] / dt
+        eta = (t.max_steps - self.step) * dt / n
+        log.info("step %d/%d loss %.4f lr %.2e gnorm %.3f | %.1f samples/s, data wait %.1f%% | ETA %s",
+                 self.step, t.max_steps, loss, lr, gnorm, sps, 100 * wait, _fmt_duration(eta))
+        w = self.writer
+        w.scalar("train/loss", loss, self.step)
+        w.scalar("train/lr", lr, self.step)
+        w.scalar("train/grad_norm", gnorm, self.step)
+        w.scalar("perf/samples_per_s", sps, self.step)
+        w.scalar("perf/data_wait_frac", wait, self.step)
+        self.status.update(step=self.step, loss=loss, samples_per_s=sps, data_wait_frac=wait,
+                           eta_s=eta, train_time_s=self.train_time_s)
+
+    def _validate(self) -> dict[str, float]:
+        if len(self.val_batches) == 0:
+            return {}
+        t0 = time.monotonic()
+        metrics = evaluate(self.model, self.val_batches, device=self.device)
+        for k, v in metrics.items():
+            self.writer.scalar(f"val/{k}", v, self.step)
+        log.info("validation at step %d (%.1fs): %s", self.step, time.monotonic() - t0,
+                 ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        self.status.update(val=metrics, val_step=self.step)
+        return metrics
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
