@@ -219,7 +219,10 @@ class CheckpointManager:
             log.info("checkpoint step %d saved (%s, %.1f MiB, %.2fs) -> %s", step, reason or "save",
                      entry.bytes / 2**20, entry.write_s, final)
         except BaseException as e:  # noqa: BLE001 - reported to the training thread
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
             log.error("checkpoint at step %d FAILED, previous checkpoint kept: %s", step, e)
             self._error = e
 
