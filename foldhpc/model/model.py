@@ -81,6 +81,9 @@ class StructureModel(nn.Module):
         self.blocks = nn.ModuleList(TrunkBlock(cfg) for _ in range(cfg.n_blocks))
         self.distogram_norm = LayerNorm(cfg.d_pair)
         self.distogram_head = nn.Linear(cfg.d_pair, cfg.n_bins)
+        with torch.no_grad():  # start near the uniform distogram (loss ~ ln n_bins), not above it
+            self.distogram_head.weight.mul_(0.1)
+            self.distogram_head.bias.zero_()
 
     def relative_position(self, residue_index: torch.Tensor) -> torch.Tensor:
         """One-hot of ``clip(ri_j - ri_i, -max_relpos, max_relpos)``: [B,L,L,2*max_relpos+1].
