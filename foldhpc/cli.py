@@ -38,7 +38,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from foldhpc.data.cache import load_dataset
 
     cfg = load_config(args.config, args.overrides)
-    report = load_dataset(cfg.data, run_dir=cfg.run_dir, workers=cfg.data.prepare_workers, progress=True)
+    report = load_dataset(cfg.data, run_dir=cfg.run_dir, progress=True)
     if args.json:
         print(report.to_json())
     else:
@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         dp.add_argument("--json", action="store_true", help="machine-readable output")
         dp.set_defaults(func=_cmd_data)
 
+    from foldhpc.slurm import submit as submit_mod
+
+    p = sub.add_parser("submit", help="submit the training run to Slurm (submitit), or run it locally",
+                       description="Submit a single-GPU Slurm job that trains, checkpoints on its preemption "
+                                   "signal and requeues itself. Same as python -m foldhpc.submit.")
+    submit_mod.add_arguments(p)
+    p.set_defaults(func=submit_mod.run)
+
     p = sub.add_parser("checkpoints", help="list a run's checkpoints (step, age, size, digest)",
                        description="List a run's checkpoints with their state digest; --verify checks every file.")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -93,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from foldhpc.checkpoint.manager import CheckpointError
+    from foldhpc.data.cache import DataError
     from foldhpc.monitor.logs import setup_logging
 
     args = build_parser().parse_args(argv)
@@ -104,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except CheckpointError as e:
         print(f"foldhpc: checkpoint error: {e}", file=sys.stderr)
+        return 1
+    except DataError as e:
+        print(f"foldhpc: data error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("foldhpc: interrupted", file=sys.stderr)

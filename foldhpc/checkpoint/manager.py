@@ -176,6 +176,7 @@ class CheckpointManager:
         self._thread = threading.Thread(target=self._write, args=(step, payload, reason),
                                         name=f"ckpt-save-{step}", daemon=False)
         self._thread.start()
+        log.info("checkpoint step %d: snapshot taken, writing in the background (%s)", step, reason or "save")
         return True
 
     def wait(self) -> None:

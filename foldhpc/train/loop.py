@@ -51,6 +51,9 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CHECKPOINTED = 75  # EX_TEMPFAIL: state saved on a preemption signal, requeue me
 
+# Fault injection for recovery tests (local and on Slurm): raise after this optimizer step.
+_FAIL_AT_STEP = int(os.environ.get("FOLDHPC_FAIL_AT_STEP", "0") or 0)
+
 
 @dataclass
 class TrainResult:
@@ -128,7 +131,7 @@ class Trainer:
     def checkpoint_meta(self) -> dict[str, Any]:
         slurm = slurm_info()
         return {"config_fingerprint": self.cfg.fingerprint(), "config": self.cfg.to_dict(),
-                "foldhpc_version": foldhpc.__version__, "torch_version": torch.__version__,
+                "foldhpc_version": foldhpc.__version__, "torch_version": str(torch.__version__),
                 "saved_at": time.time(), "host": socket.gethostname(),
                 "slurm_job_id": slurm["job_id"] or "", "slurm_restart_count": slurm["restart_count"]}
 
@@ -341,6 +344,8 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             self.step += 1
+            if self.step == _FAIL_AT_STEP:
+                raise RuntimeError(f"injected failure at step {self.step} (FOLDHPC_FAIL_AT_STEP)")
             loss_val = loss.item()
             step_s = time.monotonic() - t_start
             self.train_time_s += step_s

@@ -1,0 +1,1 @@
+"""Slurm integration: submission via submitit, self-requeue, sbatch rendering, job history."""

@@ -1,0 +1,101 @@
+"""``python -m foldhpc.submit`` / ``foldhpc submit``: send a training run to Slurm via submitit.
+
+The job is a single-GPU (``slurm.gpus``) Slurm job running :class:`~foldhpc.slurm.job.SlurmTrainer`
+with ``--requeue`` and ``--signal=<slurm.signal>@<slurm.signal_lead>``. ``--local`` runs the same
+job in a local subprocess (submitit's local executor) without Slurm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from foldhpc.config import Config, ConfigError, load_config, parse_duration
+from foldhpc.slurm.history import record_event
+
+log = logging.getLogger(__name__)
+
+
+def slurm_signal_name(cfg: Config) -> str:
+    return cfg.slurm.signal.upper().removeprefix("SIG")
+
+
+def check_submittable(cfg: Config) -> None:
+    """Cross-section checks that only matter for a Slurm job."""
+    sig = "SIG" + slurm_signal_name(cfg)
+    if sig not in [s.upper() for s in cfg.checkpoint.signals]:
+        raise ConfigError(f"slurm.signal = {cfg.slurm.signal!r} is not in checkpoint.signals = "
+                          f"{cfg.checkpoint.signals}: the job would be killed by its own preemption signal. "
+                          f"Add \"{sig}\" to checkpoint.signals.")
+    if parse_duration(cfg.slurm.signal_lead) >= parse_duration(cfg.slurm.time):
+        raise ConfigError(f"slurm.signal_lead = {cfg.slurm.signal_lead!r} must be shorter than "
+                          f"slurm.time = {cfg.slurm.time!r}")
+
+
+def executor_for(cfg: Config, local: bool = False):
+    """A configured submitit executor writing its files under <run.dir>/slurm."""
+    import submitit
+
+    folder = Path(cfg.slurm.logs_dir) if cfg.slurm.logs_dir else cfg.run_dir / "slurm"
+    sig = slurm_signal_name(cfg)
+    os.environ["SUBMITIT_PREEMPT_SIGNAL"] = sig  # exported to the job: submitit's handler listens on it
+    timeout_min = max(1, math.ceil(parse_duration(cfg.slurm.time) / 60))
+    if local:
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=timeout_min)
+        return ex
+    if shutil.which("sbatch") is None:
+        raise ConfigError("sbatch not found: this machine is not a Slurm submit host (use --local to run here)")
+    s = cfg.slurm
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=s.max_requeues)
+    lead = int(parse_duration(s.signal_lead))
+    extra: dict[str, str | bool] = {"requeue": True, "signal": f"{sig}@{lead}"}
+    extra.update(s.extra_sbatch)
+    params: dict[str, object] = dict(job_name=s.job_name, time=timeout_min, cpus_per_task=s.cpus_per_task,
+                                     mem=s.mem, signal_delay_s=lead, additional_parameters=extra)
+    if s.gpus:
+        params["gpus_per_node"] = s.gpus
+    for key, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos),
+                       ("constraint", s.constraint)):
+        if value:
+            params[key] = value
+    ex.update_parameters(**params)
+    return ex
+
+
+def submit(cfg: Config, local: bool = False) -> str:
+    """Submit the run; returns the job id. The run directory gets the job in jobs.jsonl."""
+    from foldhpc.slurm.job import SlurmTrainer
+
+    check_submittable(cfg)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    ex = executor_for(cfg, local=local)
+    job = ex.submit(SlurmTrainer(cfg))
+    record_event(cfg.run_dir, "submitted", job_id=str(job.job_id), backend="local" if local else "slurm",
+                 partition=cfg.slurm.partition)
+    return str(job.job_id)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="TOML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key (repeatable)")
+    p.add_argument("--local", action="store_true", help="run the job locally (no Slurm), in the background")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    job_id = submit(cfg, local=args.local)
+    print(f"submitted job {job_id}\nrun directory {cfg.run_dir.resolve()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from foldhpc.cli import main as cli_main
+
+    return cli_main(["submit", *(sys.argv[1:] if argv is None else argv)])

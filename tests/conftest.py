@@ -1,0 +1,60 @@
+"""Shared helpers: run foldhpc in a subprocess, tiny fast configs, reading run directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.toml"
+GOOD_DATA = ROOT / "tests" / "data" / "good"
+
+
+def tiny_overrides(run_dir: Path, **extra: object) -> list[str]:
+    """--set items for a deterministic tiny run in ``run_dir`` (cache shared between tests)."""
+    items = {"run.dir": str(run_dir), "data.path": str(GOOD_DATA), "train.deterministic": True,
+             "run.log_every": 1, "train.threads": 1}
+    items.update(extra)
+    out = []
+    for k, v in items.items():
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        elif isinstance(v, list):
+            v = json.dumps(v)
+        out.append(f"{k}={v}")
+    return out
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    args: list[str] = []
+    for o in overrides:
+        args += ["--set", o]
+    return args
+
+
+def foldhpc_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "foldhpc", *args]
+
+
+def run_foldhpc(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(foldhpc_cmd(*args), capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=ROOT)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _warm_test_data_cache():
+    """Parse tests/data/good once per session so tests measure training, not parsing."""
+    from foldhpc.config import load_config
+    from foldhpc.data.cache import load_dataset
+
+    load_dataset(load_config(TINY, [f"data.path={GOOD_DATA}"]).data, progress=False)
