@@ -1,7 +1,9 @@
 """TensorBoard scalars under ``<run.dir>/tensorboard``: one continuous set of curves per run.
 
-After a restart the writer purges events at or after the resumed step (``purge_step``), so
-steps replayed after a crash are not drawn twice, and a restart marker is recorded.
+Scalars at step ``s`` describe the state after optimizer step ``s``. After a restart from a
+checkpoint at step ``k`` the writer purges events *after* ``k`` (``purge_step=k+1``): those were
+logged by steps that a crash lost and the resumed run replays, so they are not drawn twice. A
+restart marker is recorded at ``k``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 class RunWriter:
     def __init__(self, log_dir: Path, start_step: int = 0) -> None:
-        self._w = SummaryWriter(log_dir=str(log_dir), purge_step=start_step if start_step > 0 else None,
+        self._w = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1 if start_step > 0 else None,
                                 flush_secs=30)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
