@@ -84,6 +84,17 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (from /proc; 0 where unavailable)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime"))
+        return max(0.0, time.time() - (btime + start_ticks / os.sysconf("SC_CLK_TCK")))
+    except (OSError, ValueError, StopIteration, IndexError):
+        return 0.0
+
+
 def _worker_init(signals: list[signal.Signals], worker_id: int) -> None:  # noqa: ARG001
     ignore_signals(signals)
     torch.set_num_threads(1)
@@ -137,6 +148,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
+        self._t_setup = time.monotonic()
         cfg = self.cfg
         t = cfg.train
         if t.threads:
@@ -182,6 +194,7 @@ class Trainer:
     def _restore(self) -> None:
         """Resume according to ``self.resume``; leaves step 0 if there is nothing to resume."""
         t0 = time.monotonic()
+        self.timings["setup_s"] = t0 - self._t_setup
         if self.resume == "never":
             if self.ckpt.entries() or any(self.ckpt.dir.glob("step_*.pt")):
                 aside = self.ckpt.dir.with_name(f"{self.ckpt.dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -234,7 +247,7 @@ class Trainer:
         slurm = slurm_info()
         self.status.update(state=RUNNING, max_steps=cfg.train.max_steps, started_at=time.time(), error=None,
                            signal=None, slurm_job_id=slurm["job_id"], slurm_restart_count=slurm["restart_count"])
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {"imports_s": process_age_s()}
         try:
             return self._run()
         except BaseException as e:
@@ -352,7 +365,11 @@ class Trainer:
             if not first_step_logged:
                 first_step_logged = True
                 self.timings["first_step_s"] = step_s
-                log.info("first step (%d) done in %.3fs", self.step, step_s)
+                self.timings["process_to_first_step_s"] = process_age_s()
+                log.info("first step (%d) done in %.3fs; %.2fs after process start (%s)", self.step, step_s,
+                         self.timings["process_to_first_step_s"],
+                         ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
+                self.status.update(startup=self.timings)
             win["data"] += t_data
             win["steps"] += 1
             win["loss"] += loss_val

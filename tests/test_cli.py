@@ -1,0 +1,45 @@
+"""The command line as a user meets it: help texts, data prepare/info, exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import GOOD_DATA, ROOT, TINY, run_foldhpc
+
+
+@pytest.mark.parametrize("cmd", [[], ["train"], ["data"], ["data", "prepare"], ["checkpoints"], ["submit"]])
+def test_help_is_useful(cmd):
+    p = run_foldhpc(*cmd, "--help")
+    assert p.returncode == 0
+    assert "usage: foldhpc" in p.stdout
+    if cmd == ["train"]:
+        assert "--no-resume" in p.stdout and "--set" in p.stdout and "75" in p.stdout
+
+
+def test_data_prepare_and_info_report_counts_and_skipped_files(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(GOOD_DATA, data, ignore=shutil.ignore_patterns(".foldhpc-cache"))
+    for f in (ROOT / "tests" / "data" / "bad").iterdir():
+        shutil.copy(f, data / f.name)
+    p = run_foldhpc("data", "prepare", "--config", str(TINY), "--set", f"data.path={data}")
+    assert p.returncode == 0, p.stderr
+    assert "19 files -> 9 chains" in p.stdout and "skipped 10" in p.stdout, p.stdout
+    for name in ("empty.pdb", "truncated.pdb.gz", "garbage.pdb.gz", "structure.txt", "dna_only.pdb"):
+        assert name in p.stdout  # every skipped file is listed with its reason
+    p = run_foldhpc("data", "info", "--config", str(TINY), "--set", f"data.path={data}", "--json")
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert info["n_files"] == 19 and info["n_parsed"] == 0  # second call: nothing re-parsed
+    assert info["n_cached"] == 18  # all but the .txt file, which is never parsed
+    assert info["n_records"] == 9 and len(info["skipped"]) == 10
+    assert {s["file"]: s["reason"] for s in info["skipped"]}["empty.pdb"] == "empty file"
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    p = run_foldhpc("data", "info", "--config", str(TINY), "--set", f"data.path={tmp_path / 'empty'}")
+    assert p.returncode == 1
+    assert "data error" in p.stderr and "empty" in p.stderr
