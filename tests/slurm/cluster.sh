@@ -39,15 +39,18 @@ T0=$EPOCHREALTIME
 ME="cluster.sh ${1:-}"
 
 log() { echo "[$ME $(awk -v a="$T0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%6.1fs", b-a}')] $*"; }
+# TAILS: which logs `die` shows (set per stage; empty for argument errors)
+TAILS=""
 tails() {
   local f
-  for f in "$LOGDIR"/slurmctld.log "$LOGDIR"/slurmd.log "$LOGDIR"/slurmdbd.log "$LOGDIR"/mariadbd.log \
-           "$LOGDIR"/munged.log "$LOGDIR"/*.out "$LOGDIR"/apt.log; do
+  for f in $TAILS; do
     [ -s "$f" ] && { echo "--- tail -n 15 $f" >&2; tail -n 15 "$f" >&2; }
   done
   return 0
 }
-die() { trap - ERR; echo "$ME: ERROR: $*" >&2; tails; exit 1; }
+die() { trap - ERR; echo "$ME: ERROR: $*" >&2; tails; echo "$ME: all logs are in $LOGDIR" >&2; exit 1; }
+DAEMON_LOGS="$LOGDIR/munged.log $LOGDIR/mariadbd.log $LOGDIR/slurmdbd.log $LOGDIR/slurmctld.log $LOGDIR/slurmd.log"
+DAEMON_LOGS="$DAEMON_LOGS $LOGDIR/munged.out $LOGDIR/mariadbd.out $LOGDIR/slurmdbd.out $LOGDIR/slurmctld.out $LOGDIR/slurmd.out"
 
 # pidfile of each daemon (written by the daemon itself)
 pidfile() {
@@ -106,6 +109,7 @@ cmd_up() {
     [ "${FOLDHPC_SLURM_NO_INSTALL:-0}" = 1 ] && die "missing packages:$missing (FOLDHPC_SLURM_NO_INSTALL=1)"
     command -v apt-get >/dev/null || die "missing packages:$missing and no apt-get on this machine"
     log "installing:$missing (apt output: $LOGDIR/apt.log)"
+    TAILS="$LOGDIR/apt.log"
     # keep maintainer scripts from starting services (there is no systemd anyway)
     local added_policy=0
     if [ ! -e /usr/sbin/policy-rc.d ]; then
@@ -126,12 +130,14 @@ cmd_up() {
     [ $added_policy = 1 ] && rm -f /usr/sbin/policy-rc.d
     log "packages installed"
   fi
+  TAILS=$DAEMON_LOGS
 
   mkdir -p /run/munge /var/log/munge /var/lib/munge /run/mysqld /run/slurm \
            /var/spool/slurmctld /var/spool/slurmd /var/lib/slurm /etc/slurm
   chown munge:munge /run/munge /var/log/munge /var/lib/munge
   chown mysql:mysql /run/mysqld
   chown slurm:slurm /run/slurm /var/spool/slurmctld /var/lib/slurm
+  chgrp slurm "$LOGDIR"; chmod 775 "$LOGDIR"   # slurmdbd/slurmctld chdir() there
   # log files the daemons open themselves after dropping privileges
   local f
   for f in munged.log:munge mariadbd.log:mysql slurmdbd.log:slurm slurmctld.log:slurm slurmd.log:root; do
@@ -148,7 +154,7 @@ cmd_up() {
   if ! alive munged || ! (munge -n 2>/dev/null | unmunge >/dev/null 2>&1); then
     log "starting munged"
     rm -f /run/munge/munged.pid /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
-    runuser -u munge -- /usr/sbin/munged --log-file="$LOGDIR/munged.log" </dev/null >>"$LOGDIR/munged.out" 2>&1 ||
+    runuser -u munge -- /usr/sbin/munged --log-file="$LOGDIR/munged.log" 9>&- </dev/null >>"$LOGDIR/munged.out" 2>&1 ||
       die "munged failed to start"
     waitfor 10 munged sh -c 'munge -n | unmunge'
     record munged
@@ -171,7 +177,7 @@ EOF
     rm -f /run/mysqld/mysqld.sock
     # mariadbd directly (mysqld_safe's logger pipe would keep a CI pipe open)
     setsid /usr/sbin/mariadbd --user=mysql --pid-file=/run/mysqld/mysqld.pid \
-      --socket=/run/mysqld/mysqld.sock --log-error="$LOGDIR/mariadbd.log" </dev/null >>"$LOGDIR/mariadbd.out" 2>&1 &
+      --socket=/run/mysqld/mysqld.sock --log-error="$LOGDIR/mariadbd.log" 9>&- </dev/null >>"$LOGDIR/mariadbd.out" 2>&1 &
     waitfor 60 mariadbd mysqladmin ping
     waitfor 10 "mariadbd pid file" test -s /run/mysqld/mysqld.pid
     record mariadbd
@@ -284,7 +290,7 @@ EOF
   fi
   if ! alive slurmdbd; then
     log "starting slurmdbd"
-    /usr/sbin/slurmdbd </dev/null >>"$LOGDIR/slurmdbd.out" 2>&1 || die "slurmdbd failed to start"
+    /usr/sbin/slurmdbd 9>&- </dev/null >>"$LOGDIR/slurmdbd.out" 2>&1 || die "slurmdbd failed to start"
     waitfor 30 slurmdbd timeout 10 sacctmgr -n list cluster
     record slurmdbd
   fi
@@ -302,13 +308,13 @@ EOF
   if ! alive slurmctld; then
     log "starting slurmctld (profile=$PROFILE)"
     local clear=-c; [ "${FOLDHPC_SLURM_KEEP_STATE:-0}" = 1 ] && clear=""
-    /usr/sbin/slurmctld $clear </dev/null >>"$LOGDIR/slurmctld.out" 2>&1 || die "slurmctld failed to start"
+    /usr/sbin/slurmctld $clear 9>&- </dev/null >>"$LOGDIR/slurmctld.out" 2>&1 || die "slurmctld failed to start"
     waitfor 30 slurmctld timeout 5 scontrol ping
     record slurmctld
   fi
   if ! alive slurmd; then
     log "starting slurmd"
-    /usr/sbin/slurmd </dev/null >>"$LOGDIR/slurmd.out" 2>&1 || die "slurmd failed to start"
+    /usr/sbin/slurmd 9>&- </dev/null >>"$LOGDIR/slurmd.out" 2>&1 || die "slurmd failed to start"
     waitfor 10 slurmd alive slurmd
     record slurmd
   fi

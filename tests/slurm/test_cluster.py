@@ -1,0 +1,109 @@
+"""The local Slurm test cluster itself works: partitions, jobs, fake GPUs, failures, preemption.
+
+Real daemons, real jobs (tests/slurm/cluster.sh). About 40 s in all, most of it the preemption test
+(debug's GraceTime=20 s before the preempted job is killed and requeued).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from .helpers import (
+    CLUSTER_SH,
+    cancel_all_jobs,
+    job_restarts,
+    run,
+    sacct_rows,
+    sbatch,
+    wait_for_state,
+    wait_sacct_row,
+)
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster):
+    """Job ids started by this module; all cancelled at the end."""
+    started: list[str] = []
+    yield started
+    cancel_all_jobs(started)
+
+
+def test_cluster_is_up(slurm_cluster):
+    out = run(["sinfo", "-h", "-o", "%P|%a|%T"])
+    parts = {}
+    for line in out.splitlines():
+        p, avail, state = line.split("|")
+        parts[p.rstrip("*")] = (avail, state)
+    assert set(parts) >= {"debug", "high"}, out
+    for p in ("debug", "high"):
+        assert parts[p][0] == "up", out
+        assert parts[p][1] in {"idle", "mixed", "allocated", "completing"}, out
+    assert "debug*" in out  # default partition
+    status = subprocess.run(["bash", str(CLUSTER_SH), "status"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stdout + status.stderr
+
+
+def test_trivial_job_completes(slurm_cluster, jobs, tmp_path):
+    out = tmp_path / "hi.out"
+    jid = sbatch("-J", "t_hi", "-o", str(out), "--wrap", "echo hi")
+    jobs.append(jid)
+    wait_for_state(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=60)
+    row = wait_sacct_row(jid, "COMPLETED")
+    assert out.read_text().strip() == "hi"
+    assert (row["ExitCode"], row["Partition"], row["NodeList"]) == ("0:0", "debug", slurm_cluster.hostname), row
+
+
+def test_gpu_job_sees_cuda_visible_devices(slurm_cluster, jobs, tmp_path):
+    out = tmp_path / "gpu.out"
+    jid = sbatch("-J", "t_gpu", "--gres=gpu:1", "-o", str(out), "--wrap", 'echo "CVD=$CUDA_VISIBLE_DEVICES"')
+    jobs.append(jid)
+    row = wait_sacct_row(jid, "COMPLETED")
+    cvd = out.read_text().strip().removeprefix("CVD=")
+    assert cvd in {str(i) for i in range(slurm_cluster.gpus)}, out.read_text()
+    assert "gres/gpu=1" in row["AllocTRES"], row
+
+
+def test_failing_job_is_failed_with_exit_code(slurm_cluster, jobs, tmp_path):
+    jid = sbatch("-J", "t_fail", "-o", str(tmp_path / "fail.out"), "--wrap", "echo failing; exit 3")
+    jobs.append(jid)
+    row = wait_sacct_row(jid, "FAILED")
+    assert row["ExitCode"] == "3:0", row
+
+
+def test_debug_job_is_preempted_and_requeued_by_high_job(slurm_cluster, jobs, tmp_path):
+    low = sbatch(
+        "-J", "t_low", "-p", slurm_cluster.default_partition, "--requeue", "--open-mode=append",
+        "-o", str(tmp_path / "low.out"),
+        "--wrap", 'echo "run restart=${SLURM_RESTART_COUNT:-0}"; sleep 300',
+    )  # fmt: skip
+    jobs.append(low)
+    wait_for_state(low, "RUNNING", timeout=30)
+    # the high job needs every CPU of the node, so the running debug job must go
+    high = sbatch(
+        "-J", "t_high", "-p", slurm_cluster.high_partition, "-c", str(slurm_cluster.cpus),
+        "-o", str(tmp_path / "high.out"), "--wrap", "sleep 2",
+    )  # fmt: skip
+    jobs.append(high)
+    # GraceTime=20 s on debug, then TERM (sleep dies at once), then the high job starts
+    wait_for_state(high, {"RUNNING", "COMPLETED"}, timeout=60)
+    wait_sacct_row(high, "COMPLETED", timeout=30)
+
+    assert job_restarts(low) >= 1
+    deadline = time.monotonic() + 30
+    while True:
+        states = [r["State"].split()[0] for r in sacct_rows(low) if "." not in r["JobID"]]
+        if {"PREEMPTED", "REQUEUED"} & set(states):
+            break
+        assert time.monotonic() < deadline, f"sacct --duplicates shows no PREEMPTED/REQUEUED row: {states}"
+        time.sleep(0.5)
+    if slurm_cluster.profile == "fast":
+        # cred_expire=5 + sched_interval=1: the requeued job runs again within seconds
+        wait_for_state(low, "RUNNING", timeout=30)
+        deadline = time.monotonic() + 10
+        while "restart=1" not in (tmp_path / "low.out").read_text():
+            assert time.monotonic() < deadline, (tmp_path / "low.out").read_text()
+            time.sleep(0.2)
+    cancel_all_jobs([low])
