@@ -4,8 +4,11 @@ Run inside the job (``python -m foldhpc.slurm.requeue SIGNAL`` from an sbatch tr
 the submitit trainer). Rules:
 
 * not under Slurm: never requeue (the caller just exits 75);
-* the job was cancelled by a user (``scancel``): slurmctld marks it CANCELLED *before* it sends
-  SIGTERM, so ``scontrol show job`` already says so — do not undo the user's decision;
+* the job was cancelled by a user (``scancel``): slurmctld records the job as ``CANCELLED`` in
+  accounting *before* its SIGTERM arrives, so ``sacct`` already says so while ``scontrol`` only
+  says ``COMPLETING`` (measured on Slurm 22.05) — do not undo the user's decision. Without
+  accounting, ``scontrol``'s ``COMPLETING``/``CANCELLED`` is treated the same way (when in doubt,
+  do not resurrect a job);
 * otherwise (``--signal`` lead before the time limit, partition preemption, SIGTERM from a node
   shutdown): requeue while the run has restarted fewer than ``slurm.max_requeues`` times.
 """
@@ -32,20 +35,40 @@ def scontrol_job(job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
+def sacct_state(job_id: str) -> str | None:
+    """State of the job's latest run in accounting (first word: "CANCELLED by 0" -> CANCELLED)."""
+    try:
+        out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("sacct -j %s failed: %s", job_id, e)
+        return None
+    rows = [r.split()[0] for r in out.splitlines() if r.strip()]
+    return rows[-1] if rows else None
+
+
 def decide(job_id: str | None, restart_count: int, max_requeues: int) -> tuple[bool, str]:
     if not job_id:
         return False, "not running under Slurm"
-    info = scontrol_job(job_id)
-    state = info.get("JobState", "UNKNOWN")
-    if state.startswith("CANCELLED"):
-        return False, f"job {job_id} was cancelled (JobState={state}); not undoing that"
+    acct = sacct_state(job_id)
+    if acct == "CANCELLED":
+        return False, f"job {job_id} was cancelled (sacct State={acct}); not undoing that"
+    state = scontrol_job(job_id).get("JobState", "UNKNOWN")
+    if acct is None and state in ("CANCELLED", "COMPLETING"):
+        return False, (f"job {job_id} is {state} and accounting (sacct) cannot tell whether a user cancelled it; "
+                       "not requeueing")
     if restart_count >= max_requeues:
         return False, f"job {job_id} already restarted {restart_count} times (slurm.max_requeues={max_requeues})"
-    return True, f"job {job_id} (JobState={state}, restarts {restart_count}) will be requeued"
+    return True, f"job {job_id} (sacct {acct}, JobState={state}, restarts {restart_count}) will be requeued"
 
 
-def requeue(job_id: str) -> None:
-    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True)
+def requeue(job_id: str) -> bool:
+    """``scontrol requeue``; False (logged) if Slurm refuses, e.g. it is already requeueing a preempted job."""
+    p = subprocess.run(["scontrol", "requeue", job_id], timeout=60, capture_output=True, text=True)
+    if p.returncode != 0:
+        log.error("scontrol requeue %s failed (rc %d): %s", job_id, p.returncode, p.stderr.strip())
+        return False
+    return True
 
 
 def maybe_requeue(max_requeues: int) -> bool:
@@ -54,10 +77,7 @@ def maybe_requeue(max_requeues: int) -> bool:
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     ok, why = decide(job_id, restarts, max_requeues)
     log.warning("requeue decision: %s", why)
-    if ok:
-        assert job_id is not None
-        requeue(job_id)
-    return ok
+    return ok and job_id is not None and requeue(job_id)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -326,6 +326,8 @@ class Trainer:
         metrics: dict[str, float] = {}
         loss_val = float("nan")
         first_step_logged = False
+        if t.val_every and self.step == 0:
+            self._validate()  # the untrained baseline, so the curves show what training bought
         run_t0 = time.monotonic()
         while True:
             if preempt.received is not None:
