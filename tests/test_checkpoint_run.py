@@ -1,0 +1,73 @@
+"""Checkpointing as a run sees it: bad directories, failed saves, --resume PATH, --verify."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+
+from conftest import ROOT, TINY, foldhpc_cmd, read_json, run_foldhpc, set_args, tiny_overrides
+
+
+def test_unusable_checkpoint_dir_fails_at_preflight(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    run = tmp_path / "run"
+    p = run_foldhpc("train", "--config", str(TINY),
+                    *set_args(tiny_overrides(run, **{"checkpoint.dir": str(blocker / "ckpt")})))
+    assert p.returncode == 1
+    assert "cannot create checkpoint directory" in p.stderr and "checkpoint.dir" in p.stderr
+    assert read_json(run / "status.json")["state"] == "failed"
+    assert "step 1/" not in (run / "train.log").read_text()  # found out before training, not after
+
+
+def test_failed_saves_are_reported_and_earlier_checkpoints_survive(tmp_path):
+    """The checkpoint directory vanishes mid-run (think: a scratch filesystem unmounted)."""
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints"
+    proc = subprocess.Popen(foldhpc_cmd("train", "--config", str(TINY), *set_args(tiny_overrides(
+        run, **{"train.max_steps": 400, "checkpoint.every_steps": 20, "data.crop_size": 48}))),
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "train.log").exists() or "checkpoint step 20 saved" not in (run / "train.log").read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    moved = tmp_path / "moved-checkpoints"
+    ckpt.rename(moved)
+    ckpt.write_text("the directory is gone")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    log = (run / "train.log").read_text()
+    assert "FAILED, previous checkpoint kept" in log  # background failures reported while training went on
+    assert re.search(r"step 400/400", log)  # training itself was not interrupted by failed background saves
+    st = read_json(run / "status.json")
+    assert st["state"] == "failed" and "checkpoint at step 400 failed" in st["error"]
+    assert "checkpoint at step 400 failed" in err
+    # the checkpoints written before the failure are intact
+    (run / "checkpoints").unlink()
+    moved.rename(run / "checkpoints")
+    p = run_foldhpc("checkpoints", str(run), "--verify", "--json")
+    rows = json.loads(p.stdout)
+    assert p.returncode == 0 and rows and all(r["verified"] for r in rows)
+
+
+def test_resume_from_explicit_path_and_verify_flags_damage(tmp_path):
+    run = tmp_path / "run"
+    base = tiny_overrides(run, **{"train.max_steps": 12, "checkpoint.every_steps": 4, "checkpoint.keep_last": 5})
+    assert run_foldhpc("train", "--config", str(TINY), *set_args(base)).returncode == 0
+    other = tmp_path / "other"
+    p = run_foldhpc("train", "--config", str(TINY), "--resume", str(run / "checkpoints" / "step_00000008.pt"),
+                    *set_args(tiny_overrides(other, **{"train.max_steps": 12})))
+    assert p.returncode == 0, p.stderr
+    assert "at step 8" in (other / "train.log").read_text()
+    # damage one file: --verify names it and exits 1
+    f = run / "checkpoints" / "step_00000008.pt"
+    data = bytearray(f.read_bytes())
+    data[100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    p = run_foldhpc("checkpoints", str(run), "--verify")
+    assert p.returncode == 1
+    assert re.search(r"BAD .*step_00000008\.pt.*sha256 mismatch", p.stdout), p.stdout
+    p = run_foldhpc("checkpoints", str(tmp_path / "nope"))
+    assert p.returncode == 1 and "no such run directory" in p.stderr
