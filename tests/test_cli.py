@@ -43,3 +43,23 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
     p = run_foldhpc("data", "info", "--config", str(TINY), "--set", f"data.path={tmp_path / 'empty'}")
     assert p.returncode == 1
     assert "data error" in p.stderr and "empty" in p.stderr
+
+
+def test_submit_local_runs_the_same_job_without_slurm(tmp_path):
+    import time
+
+    from conftest import read_json, set_args, tiny_overrides
+
+    run = tmp_path / "run"
+    p = run_foldhpc("submit", "--local", "--config", str(TINY), *set_args(tiny_overrides(run, **{"train.max_steps": 8})))
+    assert p.returncode == 0, p.stderr
+    assert "submitted job" in p.stdout and str(run) in p.stdout
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        st = (run / "status.json").exists() and read_json(run / "status.json")
+        if st and st.get("state") in ("completed", "failed"):
+            break
+        time.sleep(0.2)
+    assert st["state"] == "completed" and st["step"] == 8
+    events = [json.loads(line)["event"] for line in (run / "jobs.jsonl").read_text().splitlines()]
+    assert events == ["submitted", "started", "completed"]
