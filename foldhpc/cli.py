@@ -1,4 +1,4 @@
-"""``foldhpc`` command line: ``train``, ``data``, ``checkpoints`` (and ``submit``, ``status``).
+"""``foldhpc`` command line: ``train``, ``data``, ``checkpoints``, ``submit``, ``status``.
 
 Exit codes: 0 success; 1 the command failed; 2 bad usage or config (nothing was started);
 75 training stopped on a preemption signal after a durable checkpoint (requeue it).
@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "signal and requeues itself. Same as python -m foldhpc.submit.")
     submit_mod.add_arguments(p)
     p.set_defaults(func=submit_mod.run)
+
+    from foldhpc import status as status_mod
+
+    p = sub.add_parser("status", help="state of runs and Slurm jobs (sacct + run directories)")
+    status_mod.add_arguments(p)
+    p.set_defaults(func=status_mod.run)
 
     p = sub.add_parser("checkpoints", help="list a run's checkpoints (step, age, size, digest)",
                        description="List a run's checkpoints with their state digest; --verify checks every file.")

@@ -9,6 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# In-process tests use one intra-op thread: results do not depend on the core count, and a
+# loaded 2-core CI machine does not make OpenMP threads spin against each other.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.toml"

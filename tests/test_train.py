@@ -44,7 +44,7 @@ def test_tiny_run_produces_run_directory_logs_status_and_tensorboard(tmp_path):
     assert loss[-1][1] < loss[0][1]  # it learns
     for tag in ("train/lr", "train/grad_norm", "perf/samples_per_s", "perf/data_wait_frac"):
         assert [s for s, _ in scalars(run, tag)] == [10, 20, 30, 40, 50, 60]
-    assert [s for s, _ in scalars(run, "val/precision_long")] == [30, 60]
+    assert [s for s, _ in scalars(run, "val/precision_long")] == [0, 30, 60]  # 0: untrained baseline
     # final checkpoint
     assert (run / "checkpoints" / "step_00000060.pt").is_file()
 

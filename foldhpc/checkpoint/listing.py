@@ -9,6 +9,7 @@ from typing import Any
 
 from foldhpc.checkpoint.manager import CheckpointError, CheckpointManager
 from foldhpc.config import load_config
+from foldhpc.monitor.fmt import format_age
 
 
 def checkpoint_dir_of(run_dir: Path) -> Path:
@@ -58,18 +59,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ver = {None: "-", True: "ok", False: "BAD"}[r["verified"]]
         saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["saved_at"]))
-        age = _age(now - r["saved_at"])
+        age = format_age(now - r["saved_at"])
         lines.append(f"{r['step']:>8}  {saved:<19}  {age:>8}  {r['bytes'] / 2**20:>7.2f}Mi  {r['reason'][:14]:<14}  "
                      f"{ver:<8}  {r['digest']:<16}  {r['file']}" + (f"  ({r['problem']})" if r["problem"] else ""))
     return "\n".join(lines)
 
-
-def _age(s: float) -> str:
-    s = max(0, int(s))
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    if s < 172800:
-        return f"{s // 3600}h"
-    return f"{s // 86400}d"

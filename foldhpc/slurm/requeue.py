@@ -1,6 +1,6 @@
 """After a checkpoint on a signal: requeue the job, or not?
 
-Run inside the job (``python -m foldhpc.slurm.requeue SIGNAL`` from an sbatch trap, or called by
+Run inside the job (``python -m foldhpc.slurm.requeue MAX_REQUEUES`` from an sbatch trap, or called by
 the submitit trainer). Rules:
 
 * not under Slurm: never requeue (the caller just exits 75);
@@ -17,56 +17,44 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import subprocess
 import sys
 
+from foldhpc.slurm.sacct import CANCELLED, SlurmCommandError, parse_scontrol, run_command, sacct_jobs
+
 log = logging.getLogger(__name__)
-
-
-def scontrol_job(job_id: str) -> dict[str, str]:
-    """``scontrol show job -o ID`` as a dict (empty if scontrol fails)."""
-    try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                             timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("scontrol show job %s failed: %s", job_id, e)
-        return {}
-    return dict(re.findall(r"(\w+)=(\S*)", out))
-
-
-def sacct_state(job_id: str) -> str | None:
-    """State of the job's latest run in accounting (first word: "CANCELLED by 0" -> CANCELLED)."""
-    try:
-        out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True,
-                             text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("sacct -j %s failed: %s", job_id, e)
-        return None
-    rows = [r.split()[0] for r in out.splitlines() if r.strip()]
-    return rows[-1] if rows else None
 
 
 def decide(job_id: str | None, restart_count: int, max_requeues: int) -> tuple[bool, str]:
     if not job_id:
         return False, "not running under Slurm"
-    acct = sacct_state(job_id)
-    if acct == "CANCELLED":
-        return False, f"job {job_id} was cancelled (sacct State={acct}); not undoing that"
-    state = scontrol_job(job_id).get("JobState", "UNKNOWN")
+    try:
+        acct = sacct_jobs([job_id])[0].get(job_id)
+    except SlurmCommandError as e:
+        log.warning("sacct unavailable for the requeue decision: %s", e)
+        acct = None
+    if acct is not None and acct.state == CANCELLED:
+        return False, f"job {job_id} was cancelled (sacct State={acct.raw_state!r}); not undoing that"
+    try:
+        state = parse_scontrol(run_command(["scontrol", "show", "job", "--oneliner", job_id])).get(
+            job_id, {}).get("JobState", "UNKNOWN")
+    except SlurmCommandError as e:
+        log.warning("scontrol unavailable for the requeue decision: %s", e)
+        state = "UNKNOWN"
     if acct is None and state in ("CANCELLED", "COMPLETING"):
         return False, (f"job {job_id} is {state} and accounting (sacct) cannot tell whether a user cancelled it; "
                        "not requeueing")
     if restart_count >= max_requeues:
         return False, f"job {job_id} already restarted {restart_count} times (slurm.max_requeues={max_requeues})"
-    return True, f"job {job_id} (sacct {acct}, JobState={state}, restarts {restart_count}) will be requeued"
+    acct_state = acct.raw_state if acct is not None else "unknown"
+    return True, f"job {job_id} (sacct {acct_state}, JobState={state}, restarts {restart_count}) will be requeued"
 
 
 def requeue(job_id: str) -> bool:
     """``scontrol requeue``; False (logged) if Slurm refuses, e.g. it is already requeueing a preempted job."""
-    p = subprocess.run(["scontrol", "requeue", job_id], timeout=60, capture_output=True, text=True)
-    if p.returncode != 0:
-        log.error("scontrol requeue %s failed (rc %d): %s", job_id, p.returncode, p.stderr.strip())
+    try:
+        run_command(["scontrol", "requeue", job_id], timeout=60)
+    except SlurmCommandError as e:
+        log.error("scontrol requeue %s failed: %s", job_id, e)
         return False
     return True
 

@@ -39,6 +39,7 @@ from foldhpc.data.dataset import StepSampler, TrainBatches, ValBatches, split_by
 from foldhpc.model.loss import distogram_loss
 from foldhpc.model.metrics import evaluate
 from foldhpc.model.model import StructureModel
+from foldhpc.monitor.fmt import format_duration
 from foldhpc.monitor.logs import setup_logging
 from foldhpc.monitor.status import CHECKPOINTED, COMPLETED, FAILED, RUNNING, StatusFile, atomic_write_text
 from foldhpc.monitor.tensorboard import RunWriter
@@ -403,7 +404,7 @@ class Trainer:
         wait = win["data"] / dt
         eta = (t.max_steps - self.step) * dt / n
         log.info("step %d/%d loss %.4f lr %.2e gnorm %.3f | %.1f samples/s, data wait %.1f%% | ETA %s",
-                 self.step, t.max_steps, loss, lr, gnorm, sps, 100 * wait, _fmt_duration(eta))
+                 self.step, t.max_steps, loss, lr, gnorm, sps, 100 * wait, format_duration(eta))
         w = self.writer
         w.scalar("train/loss", loss, self.step)
         w.scalar("train/lr", lr, self.step)
@@ -425,9 +426,3 @@ class Trainer:
         self.status.update(val=metrics, val_step=self.step)
         return metrics
 
-
-def _fmt_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

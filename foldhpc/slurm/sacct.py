@@ -1,0 +1,401 @@
+"""What Slurm says about jobs: ``sacct`` first, ``scontrol``/``squeue`` when accounting is unavailable.
+
+``foldhpc status`` needs the *job's* side of the story (pending, preempted, timed out, out of memory,
+how often it was requeued); the run directory only knows the training side. Facts this module is
+built on (Slurm 22.05.8, see tests/fixtures/sacct/):
+
+* A requeued job keeps its job id. ``sacct --duplicates`` prints one allocation row per run of it,
+  oldest first: the earlier ones PREEMPTED or REQUEUED, the last one the current run. Without
+  ``--duplicates`` only the last run is shown, so restarts would be invisible.
+* sacct 22.05 has no ``Restarts`` field. Restarts = number of earlier allocation rows, cross-checked
+  with ``scontrol show job`` ``Restarts=`` while slurmctld still holds the job (MinJobAge).
+* States can carry extra words (``CANCELLED by 0``): the state is the first word.
+* Step rows (``123.batch``, ``123.0``, ``123.extern``) belong to the allocation row printed before
+  them; they are used for exit codes and OOM detection only, never shown as jobs.
+* sacct lags slurmctld by a second or two; a job it does not know yet is "unknown", not a guess.
+
+Nothing here raises on bad Slurm output: malformed lines and unknown states become ``problems`` and
+``"unknown"`` states with the raw text kept, so the caller can say what it could not read.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SACCT_FIELDS = ("JobID", "JobName", "State", "ExitCode", "DerivedExitCode", "Elapsed", "Start", "End",
+                "Submit", "Partition", "NodeList", "Reason")
+#: squeue columns for the fallback (same order as tests/fixtures/sacct/squeue_h_o.txt)
+SQUEUE_FORMAT = "%i|%j|%P|%T|%r|%M|%l|%D|%R"
+SQUEUE_FIELDS = ("JobID", "JobName", "Partition", "State", "Reason", "Elapsed", "TimeLimit", "Nodes", "NodeList")
+COMMAND_TIMEOUT_S = 30.0
+
+# Normalised states shown by ``foldhpc status``.
+PENDING, RUNNING, COMPLETING, SUSPENDED = "pending", "running", "completing", "suspended"
+COMPLETED, FAILED, PREEMPTED, REQUEUED = "completed", "failed", "preempted", "requeued"
+TIMEOUT, CANCELLED, NODE_FAIL, OUT_OF_MEMORY, UNKNOWN = "timeout", "cancelled", "node_fail", "out_of_memory", "unknown"
+
+#: Slurm job state (first word, upper case) -> normalised state. Anything else maps to "unknown".
+STATE_MAP: dict[str, str] = {
+    "PENDING": PENDING, "RESV_DEL_HOLD": PENDING,
+    "REQUEUED": REQUEUED, "REQUEUE_HOLD": REQUEUED, "REQUEUE_FED": REQUEUED,
+    "RUNNING": RUNNING, "CONFIGURING": RUNNING, "RESIZING": RUNNING, "SIGNALING": RUNNING,
+    "POWER_UP_NODE": RUNNING,
+    "COMPLETING": COMPLETING, "STAGE_OUT": COMPLETING,
+    "SUSPENDED": SUSPENDED, "STOPPED": SUSPENDED,
+    "COMPLETED": COMPLETED,
+    "FAILED": FAILED, "LAUNCH_FAILED": FAILED, "RECONFIG_FAIL": FAILED, "SPECIAL_EXIT": FAILED,
+    "PREEMPTED": PREEMPTED,
+    "TIMEOUT": TIMEOUT, "DEADLINE": TIMEOUT,
+    "CANCELLED": CANCELLED, "REVOKED": CANCELLED,
+    "NODE_FAIL": NODE_FAIL, "BOOT_FAIL": NODE_FAIL,
+    "OUT_OF_MEMORY": OUT_OF_MEMORY,
+}
+#: States after which this run of the job will not change any more.
+FINAL_STATES = frozenset({COMPLETED, FAILED, PREEMPTED, TIMEOUT, CANCELLED, NODE_FAIL, OUT_OF_MEMORY})
+
+_JOB_ID_RE = re.compile(r"^(\d+(?:[_+][\w\[\]\-,%]+)?)(?:\.(.+))?$")  # 123, 123_4, 123+0, 123.batch
+
+
+def map_state(raw: str) -> str:
+    """Normalised state of a Slurm state string (``"CANCELLED by 0"`` -> ``"cancelled"``)."""
+    word = raw.strip().split(" ", 1)[0].upper().rstrip("+")  # squeue may append "+" to some states
+    return STATE_MAP.get(word, UNKNOWN)
+
+
+def parse_elapsed(text: str) -> int | None:
+    """Seconds from Slurm's ``[D-]HH:MM:SS``, ``MM:SS`` or ``MM:SS.mmm``; None if unreadable."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)(?:\.\d+)?", text.strip())
+    if not m:
+        return None
+    d, h, mi, s = (int(g) if g else 0 for g in m.groups())
+    return ((d * 24 + h) * 60 + mi) * 60 + s
+
+
+def parse_exit_code(text: str) -> tuple[int, int] | None:
+    """(exit code, signal) from ``"3:0"``; None if empty or unreadable."""
+    m = re.fullmatch(r"(\d+):(\d+)", text.strip())
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+@dataclass
+class SacctRow:
+    """One line of ``sacct --parsable2``: an allocation (step None) or one of its steps."""
+
+    job_id: str  # allocation id: "123", "123_4"
+    step: str | None  # "batch", "extern", "0", ... ; None for the allocation row
+    raw_state: str  # as printed, e.g. "CANCELLED by 0"
+    state: str  # normalised (STATE_MAP), "unknown" if not recognised
+    fields: dict[str, str]
+
+    def get(self, name: str) -> str:
+        return self.fields.get(name, "")
+
+
+@dataclass
+class JobRun:
+    """One run of a job id: the allocation row plus its steps (a requeue starts a new run)."""
+
+    row: SacctRow
+    steps: list[SacctRow] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        return self.row.state
+
+    def exit_code(self) -> str:
+        """The allocation's ExitCode, or the first non-zero one of its steps if that is 0:0."""
+        code = self.row.get("ExitCode")
+        if parse_exit_code(code) in (None, (0, 0)):
+            for s in self.steps:
+                if parse_exit_code(s.get("ExitCode")) not in (None, (0, 0)):
+                    return f"{s.get('ExitCode')} (step {s.step})"
+        return code
+
+    def oom(self) -> bool:
+        return any(s.state == OUT_OF_MEMORY for s in self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.row
+        return {"state": self.state, "slurm_state": r.raw_state, "exit_code": self.exit_code(),
+                "elapsed_s": parse_elapsed(r.get("Elapsed")), "start": r.get("Start") or None,
+                "end": r.get("End") or None, "partition": r.get("Partition") or None,
+                "steps": {s.step: {"state": s.state, "slurm_state": s.raw_state, "exit_code": s.get("ExitCode")}
+                          for s in self.steps}}
+
+
+@dataclass
+class SlurmJob:
+    """Everything known about one job id, from one source."""
+
+    job_id: str
+    source: str  # "sacct", "scontrol", "squeue" or "none"
+    state: str = UNKNOWN
+    raw_state: str = ""
+    name: str = ""
+    restarts: int | None = None  # None: the source cannot tell
+    elapsed_s: int | None = None  # of the current run
+    total_elapsed_s: int | None = None  # over all runs
+    exit_code: str = ""  # "3:0" (exit code 3) or "0:15" (signal 15)
+    reason: str = ""  # Slurm's Reason (pending reason, ...)
+    partition: str = ""
+    runs: list[JobRun] = field(default_factory=list)  # sacct only, oldest first
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def known(self) -> bool:
+        return self.source != "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "source": self.source, "state": self.state, "slurm_state": self.raw_state,
+                "name": self.name or None, "restarts": self.restarts, "elapsed_s": self.elapsed_s,
+                "total_elapsed_s": self.total_elapsed_s, "exit_code": self.exit_code or None,
+                "slurm_reason": self.reason or None, "partition": self.partition or None,
+                "runs": [r.to_dict() for r in self.runs], "notes": list(self.notes)}
+
+
+@dataclass
+class SlurmQuery:
+    """Result of :func:`query_jobs`: one SlurmJob per requested id, plus what went wrong on the way."""
+
+    jobs: dict[str, SlurmJob]
+    source: str  # where the states came from: "sacct", "scontrol", "squeue" or "none"
+    notes: list[str] = field(default_factory=list)  # sacct unavailable, malformed lines, ...
+
+
+class SlurmCommandError(RuntimeError):
+    """A Slurm client command is missing, failed or timed out."""
+
+
+def run_command(cmd: list[str], timeout: float = COMMAND_TIMEOUT_S) -> str:
+    """stdout of ``cmd``; SlurmCommandError (with stderr) if it cannot run or exits non-zero."""
+    log.debug("running %s", " ".join(cmd))
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise SlurmCommandError(f"{cmd[0]}: command not found") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmCommandError(f"{cmd[0]} did not answer within {timeout:.0f}s") from None
+    except OSError as e:
+        raise SlurmCommandError(f"{cmd[0]}: {e}") from None
+    if p.returncode != 0:
+        msg = " ".join((p.stderr or p.stdout).split())[:300] or "no message"
+        raise SlurmCommandError(f"{cmd[0]} exited with {p.returncode}: {msg}")
+    return p.stdout
+
+
+# ------------------------------------------------------------------ parsing
+def parse_sacct(text: str, fields: tuple[str, ...] = SACCT_FIELDS) -> tuple[list[SacctRow], list[str]]:
+    """Rows of ``sacct --parsable2`` output (with or without its header line) and a list of problems.
+
+    A header line (first field ``JobID``) overrides ``fields``. Lines with the wrong number of fields
+    or an unreadable JobID are reported in the problems, not guessed at.
+    """
+    rows: list[SacctRow] = []
+    problems: list[str] = []
+    names = list(fields)
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if parts[0] == "JobID":
+            names = parts
+            continue
+        if len(parts) != len(names):
+            problems.append(f"sacct line {n}: expected {len(names)} fields, got {len(parts)}: {line[:120]!r}")
+            continue
+        values = dict(zip(names, parts))
+        m = _JOB_ID_RE.match(values.get("JobID", ""))
+        if not m:
+            problems.append(f"sacct line {n}: unreadable JobID {values.get('JobID', '')!r}")
+            continue
+        raw = values.get("State", "")
+        state = map_state(raw)
+        if state == UNKNOWN:
+            problems.append(f"sacct line {n}: unknown Slurm state {raw!r} (job {values['JobID']})")
+        rows.append(SacctRow(job_id=m.group(1), step=m.group(2), raw_state=raw, state=state, fields=values))
+    return rows, problems
+
+
+def group_runs(rows: list[SacctRow]) -> dict[str, list[JobRun]]:
+    """Allocation rows grouped by job id, oldest run first; each step attached to the run before it."""
+    runs: dict[str, list[JobRun]] = {}
+    for r in rows:
+        if r.step is None:
+            runs.setdefault(r.job_id, []).append(JobRun(r))
+        elif r.job_id in runs:
+            runs[r.job_id][-1].steps.append(r)
+    return runs
+
+
+def job_from_runs(job_id: str, runs: list[JobRun]) -> SlurmJob:
+    """The job as sacct sees it: current state = newest run, restarts = number of earlier runs."""
+    cur = runs[-1]
+    state = cur.state
+    notes = []
+    if state == FAILED and cur.oom():
+        state = OUT_OF_MEMORY
+        notes.append("a step ran out of memory")
+    elapsed = [parse_elapsed(r.row.get("Elapsed")) for r in runs]
+    return SlurmJob(
+        job_id=job_id, source="sacct", state=state, raw_state=cur.row.raw_state, name=cur.row.get("JobName"),
+        restarts=len(runs) - 1, elapsed_s=elapsed[-1],
+        total_elapsed_s=None if None in elapsed else sum(e for e in elapsed if e is not None),
+        exit_code=cur.exit_code(), reason=_reason(cur.row.get("Reason")), partition=cur.row.get("Partition"),
+        runs=runs, notes=notes)
+
+
+def parse_scontrol(text: str) -> dict[str, dict[str, str]]:
+    """``scontrol show job -o`` (one job per line) -> {job id: {Key: value}}."""
+    jobs: dict[str, dict[str, str]] = {}
+    for line in text.splitlines():
+        info: dict[str, str] = {}
+        for m in re.finditer(r"(\S+?)=(\S*)", line):
+            info.setdefault(m.group(1), m.group(2))
+        jid = info.get("JobId")
+        if jid:
+            if info.get("ArrayTaskId") and info.get("ArrayJobId"):
+                jid = f"{info['ArrayJobId']}_{info['ArrayTaskId']}"
+            jobs[jid] = info
+    return jobs
+
+
+def job_from_scontrol(job_id: str, info: dict[str, str]) -> SlurmJob:
+    raw = info.get("JobState", "")
+    restarts = info.get("Restarts", "")
+    return SlurmJob(job_id=job_id, source="scontrol", state=map_state(raw), raw_state=raw,
+                    name=info.get("JobName", ""), restarts=int(restarts) if restarts.isdigit() else None,
+                    elapsed_s=parse_elapsed(info.get("RunTime", "")), exit_code=info.get("ExitCode", ""),
+                    reason=_reason(info.get("Reason", "")), partition=info.get("Partition", ""))
+
+
+def parse_squeue(text: str) -> tuple[dict[str, SlurmJob], list[str]]:
+    """``squeue -h -o SQUEUE_FORMAT`` -> {job id: SlurmJob} (no restart count: squeue cannot tell)."""
+    jobs: dict[str, SlurmJob] = {}
+    problems = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if len(parts) != len(SQUEUE_FIELDS):
+            problems.append(f"squeue line {n}: expected {len(SQUEUE_FIELDS)} fields, got {len(parts)}: "
+                            f"{line[:120]!r}")
+            continue
+        v = dict(zip(SQUEUE_FIELDS, parts))
+        jobs[v["JobID"]] = SlurmJob(job_id=v["JobID"], source="squeue", state=map_state(v["State"]),
+                                    raw_state=v["State"], name=v["JobName"], elapsed_s=parse_elapsed(v["Elapsed"]),
+                                    reason=_reason(v["Reason"]), partition=v["Partition"])
+    return jobs, problems
+
+
+def _reason(text: str) -> str:
+    return "" if text in ("", "None", "(null)") else text
+
+
+# ------------------------------------------------------------------ querying
+def sacct_jobs(job_ids: list[str]) -> tuple[dict[str, SlurmJob], list[str]]:
+    """sacct's view of the jobs (all runs, ``--duplicates``) and parse problems; raises SlurmCommandError."""
+    out = run_command(["sacct", "--jobs", ",".join(job_ids), "--duplicates", "--parsable2",
+                       f"--format={','.join(SACCT_FIELDS)}"])
+    rows, problems = parse_sacct(out)
+    return {jid: job_from_runs(jid, runs) for jid, runs in group_runs(rows).items()}, problems
+
+
+def scontrol_jobs() -> dict[str, dict[str, str]]:
+    """Every job slurmctld still holds (one call); raises SlurmCommandError."""
+    return parse_scontrol(run_command(["scontrol", "show", "job", "--oneliner"]))
+
+
+def squeue_jobs() -> tuple[dict[str, SlurmJob], list[str]]:
+    return parse_squeue(run_command(["squeue", "--noheader", "--all", "--states=all", "-o", SQUEUE_FORMAT]))
+
+
+def query_jobs(job_ids: list[str]) -> SlurmQuery:
+    """One SlurmJob per id: from sacct (restarts cross-checked with scontrol), else scontrol, else squeue.
+
+    A job no source knows gets state "unknown" with a note saying why; nothing is inferred.
+    """
+    ids = list(dict.fromkeys(job_ids))
+    if not ids:
+        return SlurmQuery({}, "none")
+    notes: list[str] = []
+    found: dict[str, SlurmJob] = {}
+    source = "none"
+    try:
+        found, problems = sacct_jobs(ids)
+        notes += problems
+        source = "sacct"
+    except SlurmCommandError as e:
+        notes.append(f"sacct unavailable ({e})")
+    live: dict[str, dict[str, str]] | None  # None: scontrol did not answer
+    try:
+        live = scontrol_jobs()
+    except SlurmCommandError as e:
+        live = None
+        notes.append(f"scontrol unavailable ({e})")
+    if source == "sacct":
+        for jid, job in found.items():
+            if live and jid in live:
+                _cross_check(job, live[jid])
+        for jid in ids:  # submitted a moment ago: slurmdbd has not recorded it yet
+            if jid not in found and live and jid in live:
+                found[jid] = job_from_scontrol(jid, live[jid])
+                found[jid].notes.append("not in sacct yet; state from slurmctld")
+    elif live is not None:
+        source = "scontrol"
+        notes.append("states from scontrol: slurmctld knows only queued, running and recently finished jobs")
+        found = {jid: job_from_scontrol(jid, info) for jid, info in live.items() if jid in ids}
+    else:
+        try:
+            found, problems = squeue_jobs()
+            notes += problems
+            source = "squeue"
+            notes.append("states from squeue: no restart counts, finished jobs are not shown")
+        except SlurmCommandError as e:
+            notes.append(f"squeue unavailable ({e}): no Slurm state can be shown")
+    jobs = {}
+    for jid in ids:
+        job = found.get(jid)
+        if job is None:
+            job = SlurmJob(job_id=jid, source="none")
+            job.notes.append(_unknown_note(jid, source))
+        jobs[jid] = job
+    return SlurmQuery(jobs, source, notes)
+
+
+def _cross_check(job: SlurmJob, info: dict[str, str]) -> None:
+    """Correct sacct's view with slurmctld's while it still holds the job, where sacct is behind.
+
+    sacct lags slurmctld by a second or two (captured: a running job shown as PENDING named
+    "allocation"; a requeue not yet recorded), so slurmctld's ``Restarts=`` always wins, and its
+    JobState wins when sacct has not recorded a newer run or has no final state for the current one.
+    A final sacct state is kept: on ``scancel`` accounting says CANCELLED while slurmctld still says
+    COMPLETING (foldhpc.slurm.requeue relies on that).
+    """
+    live = job_from_scontrol(job.job_id, info)
+    behind = live.restarts is not None and job.restarts is not None and live.restarts > job.restarts
+    if live.restarts is not None and live.restarts != job.restarts:
+        job.notes.append(f"sacct shows {job.restarts} earlier run(s), slurmctld Restarts={live.restarts} "
+                         "(sacct lags): restarts from slurmctld")
+        job.restarts = live.restarts
+    if live.state == UNKNOWN or live.state == job.state or not (behind or job.state not in FINAL_STATES):
+        return
+    job.notes.append(f"sacct says {job.raw_state or '?'}, slurmctld {live.raw_state} (sacct lags): "
+                     "state from slurmctld")
+    job.state, job.raw_state = live.state, live.raw_state
+    job.reason, job.elapsed_s = live.reason, live.elapsed_s
+    job.exit_code = live.exit_code or job.exit_code
+
+
+def _unknown_note(job_id: str, source: str) -> str:
+    if source == "sacct":
+        return f"sacct does not know job {job_id} (wrong id, another cluster, or not recorded yet)"
+    if source in ("scontrol", "squeue"):
+        return f"{source} does not know job {job_id} (finished before slurmctld's MinJobAge, or wrong id)"
+    return f"no Slurm command answered: state of job {job_id} unknown"
+
