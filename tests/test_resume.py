@@ -142,6 +142,10 @@ def test_sigkill_resumes_from_last_durable_checkpoint_and_replays(tmp_path, refe
     assert steps == sorted(set(steps)) == list(range(1, STEPS + 1))  # no duplicated / out-of-order steps
     assert curve == loss_curve(ref_run)
     assert f"resumed from" in (run / "train.log").read_text()
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("run/restarts")] == [(durable, 1.0)]  # restart marker
+    assert [e.step for e in acc.Scalars("checkpoint/write_s")]  # checkpoint durations are logged
 
 
 def test_signal_just_after_timed_save_and_during_async_save(tmp_path, reference):

@@ -47,9 +47,12 @@ def read_history(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
 
 
 def job_ids(run_dir: Path) -> list[str]:
-    """Slurm job ids of a run, in submission order, without duplicates."""
+    """Slurm job ids of a run, in submission order, without duplicates (``--local`` runs have none:
+    their "job id" is a process id that sacct must never be asked about)."""
     seen: list[str] = []
     for e in read_history(run_dir)[0]:
+        if e.get("backend") == "local":
+            continue
         jid = e.get("job_id")
         if jid and str(jid) not in seen:
             seen.append(str(jid))

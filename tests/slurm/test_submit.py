@@ -6,6 +6,7 @@ preempted/requeued job can be compared with an uninterrupted foreground run of t
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -102,6 +103,12 @@ def test_preemption_signal_requeues_and_finishes_bit_exact(tmp_path, jobs, refer
     assert f"resumed from {run_dir / 'checkpoints'}/step_{saved:08d}.pt at step {saved}" in log
     assert ck[-1].step == STEPS
     assert final_digest(run_dir) == reference_digest
+    # foldhpc status tells the same story from sacct + the run directory
+    p = run_foldhpc("status", str(run_dir), "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    (r,) = doc["runs"] if "runs" in doc else doc
+    assert r["state"] == "completed" and r["restarts"] == 1 and str(r["job_id"]) == job, r
 
 
 def test_partition_preemption_requeues_and_finishes_bit_exact(tmp_path, jobs, reference_digest, slurm_cluster):
