@@ -84,6 +84,10 @@ def test_submit_tiny_completes(tmp_path, jobs, reference_digest):
     assert final_digest(run_dir) == reference_digest
     events = [e["event"] for e in read_history(run_dir)[0]]
     assert events == ["submitted", "started", "completed"]
+    script = (run_dir / "slurm" / f"{job}_submission.sh").read_text()
+    for flag in ("#SBATCH --requeue", "#SBATCH --signal=USR1@60", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --open-mode=append", "#SBATCH --partition=debug"):
+        assert flag in script, script
 
 
 def test_preemption_signal_requeues_and_finishes_bit_exact(tmp_path, jobs, reference_digest):
@@ -168,3 +172,24 @@ def test_sbatch_template_preempt_requeue_complete(tmp_path, jobs, reference_dige
     assert "forwarding to the trainer" in log and "exited with status 75" in log
     assert final_digest(run_dir) == reference_digest
     assert not list(tmp_path.rglob("INJECTED")) and not (ROOT / "INJECTED").exists()
+
+
+def test_requeue_limit_is_respected(tmp_path, jobs):
+    """slurm.max_requeues=1: the first signal requeues, the second only saves and stops."""
+    run_dir = tmp_path / "run"
+    jobs.append(job := submit(run_dir, **{"slurm.max_requeues": 1}))
+    wait_for_step(run_dir, 15)
+    run(["scancel", "--signal=USR1", job])
+    wait_for_step(run_dir, 40, timeout=180)  # requeued and training again
+    run(["scancel", "--signal=USR1", job])
+    deadline = time.monotonic() + 120
+    while [e["event"] for e in read_history(run_dir)[0]][-1] not in ("stopped", "completed"):
+        assert time.monotonic() < deadline, read_history(run_dir)
+        time.sleep(0.5)
+    events = [e["event"] for e in read_history(run_dir)[0]]
+    assert events == ["submitted", "started", "requeued", "started", "stopped"], events
+    assert "already restarted 1 times (slurm.max_requeues=1)" in (run_dir / "train.log").read_text()
+    time.sleep(8)  # no third run appears
+    assert [e["event"] for e in read_history(run_dir)[0]] == events
+    st = read_json(run_dir / "status.json")
+    assert st["state"] == "checkpointed" and 40 <= st["step"] < STEPS
