@@ -323,13 +323,12 @@ class Trainer:
         seen: list[Any] = []
         it = iter(self._make_loader()) if self.step < t.max_steps else iter(())
         last_save_t = time.monotonic()
-        win = {"t0": time.monotonic(), "data": 0.0, "steps": 0, "loss": 0.0}
+        win: dict[str, Any] = {"t0": time.monotonic(), "data": 0.0, "steps": 0, "loss": 0.0}
         metrics: dict[str, float] = {}
-        loss_val = float("nan")
+        loss_val: float | None = None  # mean loss of the latest log window
         first_step_logged = False
         if t.val_every and self.step == 0:
             self._validate()  # the untrained baseline, so the curves show what training bought
-        run_t0 = time.monotonic()
         while True:
             if preempt.received is not None:
                 sig = preempt.received.name
@@ -362,7 +361,6 @@ class Trainer:
             self.step += 1
             if self.step == _FAIL_AT_STEP:
                 raise RuntimeError(f"injected failure at step {self.step} (FOLDHPC_FAIL_AT_STEP)")
-            loss_val = loss.item()
             step_s = time.monotonic() - t_start
             self.train_time_s += step_s
             if not first_step_logged:
@@ -375,31 +373,35 @@ class Trainer:
                 self.status.update(startup=self.timings)
             win["data"] += t_data
             win["steps"] += 1
-            win["loss"] += loss_val
+            win["loss"] += loss.detach()  # no host sync per step; read at log time
             if self.step % cfg.run.log_every == 0 or self.step == t.max_steps:
-                self._log_progress(win, lr, float(gnorm), run_t0)
+                loss_val = self._log_progress(win, lr, float(gnorm))
                 win = {"t0": time.monotonic(), "data": 0.0, "steps": 0, "loss": 0.0}
             if t.val_every and self.step % t.val_every == 0 and self.step < t.max_steps:
                 metrics = self._validate()
                 win["t0"] = time.monotonic()  # validation is not training throughput
             self._note_checkpoint(seen)
-            due = (interval > 0 and time.monotonic() - last_save_t >= interval) or (every and self.step % every == 0)
-            if due and preempt.received is None:
-                if self._save("timer" if not (every and self.step % every == 0) else "steps", blocking=False):
+            by_steps = bool(every) and self.step % every == 0
+            by_time = interval > 0 and time.monotonic() - last_save_t >= interval
+            if (by_steps or by_time) and preempt.received is None:
+                if self._save("steps" if by_steps else "timer", blocking=False):
                     last_save_t = time.monotonic()
         # end of training
         self._save("final", blocking=True)
         self._note_checkpoint(seen)
         metrics = self._validate()
-        self.status.update(state=COMPLETED, step=self.step, loss=loss_val, metrics=metrics, finished_at=time.time())
+        if loss_val is not None:
+            self.status.update(loss=loss_val)
+        self.status.update(state=COMPLETED, step=self.step, metrics=metrics, finished_at=time.time())
         log.info("training completed at step %d: %s", self.step, json.dumps(metrics))
         return TrainResult(COMPLETED, self.step, None, metrics)
 
-    def _log_progress(self, win: dict[str, float], lr: float, gnorm: float, run_t0: float) -> None:
+    def _log_progress(self, win: dict[str, Any], lr: float, gnorm: float) -> float:
+        """One progress line + scalars for the steps since the last one; returns their mean loss."""
         t = self.cfg.train
         dt = max(1e-9, time.monotonic() - win["t0"])
         n = max(1, int(win["steps"]))
-        loss = win["loss"] / n
+        loss = float(win["loss"]) / n
         sps = n * t.batch_size / dt
         wait = win["data"] / dt
         eta = (t.max_steps - self.step) * dt / n
@@ -413,6 +415,7 @@ class Trainer:
         w.scalar("perf/data_wait_frac", wait, self.step)
         self.status.update(step=self.step, loss=loss, samples_per_s=sps, data_wait_frac=wait,
                            eta_s=eta, train_time_s=self.train_time_s)
+        return loss
 
     def _validate(self) -> dict[str, float]:
         if len(self.val_batches) == 0:
