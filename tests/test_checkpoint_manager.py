@@ -26,7 +26,7 @@ def test_save_load_roundtrip_and_manifest(tmp_path):
         m.save(step, make_state(step), {"note": "x"}, reason="test")
     entries = m.entries()
     assert [e.step for e in entries] == [20, 30]  # keep_last prunes the oldest
-    assert not (tmp_path / "step_00000010.pt").exists()
+    assert not (tmp_path / "step_00000010.ckpt").exists()
     loaded = m.load_latest()
     assert loaded.entry.step == 30 and loaded.meta["step"] == 30 and loaded.meta["note"] == "x"
     ref = make_state(30)
@@ -48,7 +48,7 @@ def test_bad_newest_falls_back_to_previous(tmp_path, damage, caplog):
     m = CheckpointManager(tmp_path, keep_last=3, async_save=False)
     m.save(1, make_state(1), {})
     m.save(2, make_state(2), {})
-    newest = tmp_path / "step_00000002.pt"
+    newest = tmp_path / "step_00000002.ckpt"
     if damage == "truncate":
         newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     elif damage == "bitflip":
@@ -72,7 +72,7 @@ def test_bad_newest_falls_back_to_previous(tmp_path, damage, caplog):
     assert loaded.entry.step == 1
     assert torch.equal(loaded.state["model"]["w"], make_state(1)["model"]["w"])
     if damage != "no-manifest-entry":
-        assert loaded.skipped and loaded.skipped[0][0] == "step_00000002.pt"
+        assert loaded.skipped and loaded.skipped[0][0] == "step_00000002.ckpt"
         assert "IS BAD" in caplog.text
     else:
         assert "no manifest entry" in caplog.text
@@ -81,7 +81,7 @@ def test_bad_newest_falls_back_to_previous(tmp_path, damage, caplog):
 def test_all_bad_is_a_clear_error(tmp_path):
     m = CheckpointManager(tmp_path, async_save=False)
     m.save(1, make_state(1), {})
-    (tmp_path / "step_00000001.pt").write_bytes(b"x")
+    (tmp_path / "step_00000001.ckpt").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="no usable checkpoint.*--no-resume"):
         m.load_latest()
 
@@ -111,6 +111,7 @@ def test_async_save_does_not_block_and_snapshots_state(tmp_path):
     m = CheckpointManager(tmp_path, async_save=True)
     state = make_state(5)
     assert m.save(5, state, {})
+    m.wait_staged()  # what the training loop does before its next optimizer.step()
     state["model"]["w"].add_(1.0)  # training continues and mutates parameters in place
     second = m.save(6, state, {})  # refused while the first is in flight, or accepted after it finished
     m.wait()
@@ -125,7 +126,7 @@ def test_failed_background_write_is_reported_and_previous_kept(tmp_path):
     m.save(1, make_state(1), {})
     m.wait()
     # make the next write fail: the temp file name is taken by a directory
-    (tmp_path / f".step_00000002.pt.tmp-{os.getpid()}").mkdir()
+    (tmp_path / f".step_00000002.ckpt.tmp-{os.getpid()}").mkdir()
     m.save(2, make_state(2), {})
     m.wait()
     err = m.poll_error()
@@ -149,19 +150,39 @@ def test_kill_during_write_leaves_previous_loadable(tmp_path):
     m = CheckpointManager(tmp_path, async_save=False)
     m.save(1, make_state(1), {})
     script = textwrap.dedent(f"""
-        import os, signal, threading, torch
-        from foldhpc.checkpoint import CheckpointManager
+        import os, signal, torch
+        from foldhpc.checkpoint import CheckpointManager, fileformat
         m = CheckpointManager({str(tmp_path)!r}, async_save=False)
         big = {{"model": {{"w": torch.randn(4096, 4096)}}, "optimizer": {{}}}}
-        real_save = torch.save
-        def save_then_die(obj, f):
-            f.write(b"partial" * 1000); f.flush()
+        def write_then_die(f, obj):
+            f.write(b"FOLDHPC1" + b"partial" * 1000); f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        torch.save = save_then_die
+        fileformat.write = write_then_die
         m.save(2, big, {{}})
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert proc.returncode == -9
-    assert list(tmp_path.glob(".step_00000002.pt.tmp-*"))  # the torn temp file is there ...
+    assert list(tmp_path.glob(".step_00000002.ckpt.tmp-*"))  # the torn temp file is there ...
     loaded = CheckpointManager(tmp_path).load_latest()  # ... and ignored
     assert loaded.entry.step == 1
+
+
+def test_file_format_round_trips_every_state_type(tmp_path):
+    from foldhpc.checkpoint import fileformat
+
+    state = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).to(torch.bfloat16), "i64": torch.tensor(7),
+             "empty": torch.empty(0, 3), "bool": torch.tensor([True, False]), 0: {"nested": [1, 2.5, None]},
+             "tuple": (3, (1, 2), "x"), "nan": float("nan"), "s": "text"}
+    path = tmp_path / "x.ckpt"
+    with open(path, "wb") as f:
+        sha = fileformat.write(f, state)
+    from foldhpc.checkpoint.manager import sha256_file
+    assert sha == sha256_file(path)
+    back = fileformat.read(path)
+    for k in ("f32", "bf16", "i64", "empty", "bool"):
+        assert back[k].dtype == state[k].dtype and torch.equal(back[k], state[k])
+    assert back[0] == {"nested": [1, 2.5, None]} and 0 in back  # int keys stay ints (optimizer state)
+    assert back["tuple"] == (3, (1, 2), "x") and back["s"] == "text" and back["nan"] != back["nan"]
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(fileformat.FormatError, match="out of range"):
+        fileformat.read(path)

@@ -57,17 +57,17 @@ def test_resume_from_explicit_path_and_verify_flags_damage(tmp_path):
     base = tiny_overrides(run, **{"train.max_steps": 12, "checkpoint.every_steps": 4, "checkpoint.keep_last": 5})
     assert run_foldhpc("train", "--config", str(TINY), *set_args(base)).returncode == 0
     other = tmp_path / "other"
-    p = run_foldhpc("train", "--config", str(TINY), "--resume", str(run / "checkpoints" / "step_00000008.pt"),
+    p = run_foldhpc("train", "--config", str(TINY), "--resume", str(run / "checkpoints" / "step_00000008.ckpt"),
                     *set_args(tiny_overrides(other, **{"train.max_steps": 12})))
     assert p.returncode == 0, p.stderr
     assert "at step 8" in (other / "train.log").read_text()
     # damage one file: --verify names it and exits 1
-    f = run / "checkpoints" / "step_00000008.pt"
+    f = run / "checkpoints" / "step_00000008.ckpt"
     data = bytearray(f.read_bytes())
     data[100] ^= 0xFF
     f.write_bytes(bytes(data))
     p = run_foldhpc("checkpoints", str(run), "--verify")
     assert p.returncode == 1
-    assert re.search(r"BAD .*step_00000008\.pt.*sha256 mismatch", p.stdout), p.stdout
+    assert re.search(r"BAD .*step_00000008\.ckpt.*sha256 mismatch", p.stdout), p.stdout
     p = run_foldhpc("checkpoints", str(tmp_path / "nope"))
     assert p.returncode == 1 and "no such run directory" in p.stderr

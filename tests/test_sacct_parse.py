@@ -226,7 +226,7 @@ def runs(tmp_path, monkeypatch):
     """runs/ with a requeued run, a failed one, a corrupt and a missing status file; Slurm faked."""
     root = tmp_path / "runs"
     make_run(root, "requeued", {"state": "checkpointed", "step": 120, "max_steps": 1000, "loss": 2.31415,
-                                "last_checkpoint": {"step": 120, "file": "step_00000120.pt", "saved_at": 0},
+                                "last_checkpoint": {"step": 120, "file": "step_00000120.ckpt", "saved_at": 0},
                                 "slurm_job_id": "55"}, job_id="55")
     make_run(root, "crashed", {"state": "failed", "step": 7, "max_steps": 10, "error": "RuntimeError: boom"},
              job_id="3")

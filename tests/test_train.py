@@ -46,7 +46,7 @@ def test_tiny_run_produces_run_directory_logs_status_and_tensorboard(tmp_path):
         assert [s for s, _ in scalars(run, tag)] == [10, 20, 30, 40, 50, 60]
     assert [s for s, _ in scalars(run, "val/precision_long")] == [0, 30, 60]  # 0: untrained baseline
     # final checkpoint
-    assert (run / "checkpoints" / "step_00000060.pt").is_file()
+    assert (run / "checkpoints" / "step_00000060.ckpt").is_file()
 
 
 def test_loss_decreases_on_a_tiny_run(tmp_path):
@@ -63,7 +63,7 @@ def test_cli_train_and_checkpoints_listing(tmp_path):
     assert p.returncode == 0, p.stderr
     p = run_foldhpc("checkpoints", str(run), "--verify")
     assert p.returncode == 0, p.stderr
-    assert re.search(r"^\s+12 .* ok\s+[0-9a-f]{16}\s+step_00000012\.pt", p.stdout, re.M), p.stdout
+    assert re.search(r"^\s+12 .* ok\s+[0-9a-f]{16}\s+step_00000012\.ckpt", p.stdout, re.M), p.stdout
 
 
 def test_bad_config_is_rejected_before_any_work(tmp_path):
@@ -106,7 +106,7 @@ def test_incompatible_resume_is_refused_unless_forced(tmp_path):
     # --no-resume keeps the old checkpoints aside instead of deleting them
     p = run_foldhpc("train", "--config", str(TINY), "--no-resume", *set_args(changed))
     assert p.returncode == 0, p.stderr
-    aside = list(tmp_path.glob("run/checkpoints.old-*/step_00000005.pt"))
+    aside = list(tmp_path.glob("run/checkpoints.old-*/step_00000005.ckpt"))
     assert len(aside) == 1
 
 

@@ -17,7 +17,8 @@ def _feed(h: "hashlib._Hash", key: str, value: Any) -> None:
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         h.update(f"|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy; hashlib drops the GIL
     elif isinstance(value, dict):
         for k in sorted(value, key=str):
             _feed(h, f"{key}/{k}", value[k])

@@ -7,33 +7,37 @@ The manager
 1. *snapshots* it at the step boundary — every tensor copied to host memory (pinned on CUDA) —
    so training can go on mutating its parameters while the copy is written;
 2. writes the snapshot in a background thread (at most one save in flight) to a temporary
-   name, fsyncs, renames to ``step_XXXXXXXX.pt`` and fsyncs the directory;
+   name, fsyncs, renames to ``step_XXXXXXXX.ckpt`` and fsyncs the directory (the file format,
+   JSON header + raw tensor bytes, is in :mod:`foldhpc.checkpoint.fileformat`);
 3. only then records the file, its size, sha256 and state digest in ``manifest.json``
    (itself replaced atomically). A file without a manifest entry was never committed.
 
 Loading walks the manifest newest first and uses the first file whose size and sha256 match and
-that ``torch.load(weights_only=True)`` accepts — a checkpoint can never run pickled code — and
+that parses — the format holds no pickle, so a checkpoint can never run code — and
 logs loudly for each one it has to skip. Old checkpoints beyond ``keep_last`` are pruned only
 after a newer one is committed.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
 import logging
 import os
-import re
+import queue
+
 import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Union
 
 import torch
 
+from foldhpc.checkpoint import fileformat
 from foldhpc.checkpoint.digest import state_digest
 from foldhpc.monitor.status import atomic_write_text, fsync_dir
 
@@ -41,7 +45,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-_FILE_RE = re.compile(r"step_(\d{8,})\.pt$")
+
+
+StateSource = Union[dict[str, Any], Callable[[], dict[str, Any]]]
 
 
 class CheckpointError(RuntimeError):
@@ -84,24 +90,30 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def snapshot(obj: Any, pin: bool = False) -> Any:
+def snapshot(obj: Any, pin: bool = False, staging: dict[str, torch.Tensor] | None = None, _path: str = "") -> Any:
     """Deep copy of a nested state with every tensor on the host, detached from training.
 
-    This is the only part of a save that runs on the training thread: a memory copy.
+    This is the only part of a save that runs on the training thread: a memory copy. With a
+    ``staging`` dict the copies go into buffers kept from the previous save (same path, shape and
+    dtype), which avoids allocating and page-faulting fresh memory each time — the bulk of the
+    cost for a large state. The caller must not reuse ``staging`` while a write still reads it.
     """
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
-        if t.device.type == "cpu":
-            return t.clone()
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-        out.copy_(t, non_blocking=pin)
-        return out
+        buf = staging.get(_path) if staging is not None else None
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin and t.device.type != "cpu")
+            if staging is not None:
+                staging[_path] = buf
+        buf.copy_(t, non_blocking=pin and t.device.type != "cpu")
+        return buf
     if isinstance(obj, dict):
-        return {k: snapshot(v, pin) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [snapshot(v, pin) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(snapshot(v, pin) for v in obj)
+        return {k: snapshot(v, pin, staging, f"{_path}/{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        if not any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
+            return list(obj) if isinstance(obj, list) else obj  # e.g. python's RNG state: 625 ints
+        out = [snapshot(v, pin, staging, f"{_path}[{i}]") for i, v in enumerate(obj)]
+        return out if isinstance(obj, list) else tuple(out)
     return obj  # ints, floats, str, None, bool: immutable
 
 
@@ -112,9 +124,17 @@ class CheckpointManager:
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.async_save = async_save
-        self._thread: threading.Thread | None = None
+        # One long-lived writer thread fed by a queue: starting a thread per save costs a GIL
+        # handshake of several ms on the training thread.
+        self._worker: threading.Thread | None = None
+        self._jobs: queue.SimpleQueue[tuple[int, dict[str, Any], str] | None] = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._staged = threading.Event()  # the job in flight has copied its state
+        self._staged.set()
         self._lock = threading.Lock()
         self._error: BaseException | None = None  # of the last background save, reported once
+        self._staging: dict[str, torch.Tensor] = {}  # host buffers reused by every snapshot
         self.last_committed: CheckpointEntry | None = None
 
     # ------------------------------------------------------------------ preflight
@@ -147,11 +167,18 @@ class CheckpointManager:
     # ------------------------------------------------------------------ saving
     @property
     def in_flight(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return not self._idle.is_set()
 
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], *,
+    def save(self, step: int, state: StateSource, meta: dict[str, Any], *,
              reason: str = "", blocking: bool = False) -> bool:
-        """Snapshot ``state`` now and write it (in the background unless ``blocking``).
+        """Snapshot ``state`` and write it (in the background unless ``blocking``).
+
+        ``state`` is the nested state dict, or a function returning it. In the background case the
+        function is called and its tensors copied to host memory by the writer thread, overlapping
+        the next forward/backward pass, which does not modify parameters or optimizer state; the
+        training loop calls :meth:`wait_staged` before its next ``optimizer.step()``, so the copy is
+        exactly the state at this step boundary. Anything that changes between steps (RNG states,
+        counters) must already be captured when ``save`` is called.
 
         Returns False (and saves nothing) if an asynchronous save is still in flight and
         ``blocking`` is False: the caller tries again at a later step boundary. A blocking save
@@ -161,29 +188,54 @@ class CheckpointManager:
             if not blocking:
                 return False
             self.wait()
-        pin = torch.cuda.is_available() and any(
-            isinstance(t, torch.Tensor) and t.is_cuda for t in _leaves(state))
-        snap = snapshot(state, pin=pin)
-        if pin:
-            torch.cuda.synchronize()
-        payload = {"format": FORMAT_VERSION, "meta": dict(meta, step=step), "state": snap}
+        job = (step, state, dict(meta, step=step), reason)
         if blocking or not self.async_save:
-            self._write(step, payload, reason)
+            self._stage_and_write(*job)
             err, self._error = self._error, None
             if err is not None:
                 raise CheckpointError(f"checkpoint at step {step} failed: {err}") from err
             return True
-        self._thread = threading.Thread(target=self._write, args=(step, payload, reason),
-                                        name=f"ckpt-save-{step}", daemon=False)
-        self._thread.start()
-        log.info("checkpoint step %d: snapshot taken, writing in the background (%s)", step, reason or "save")
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name="ckpt-writer", daemon=True)
+            self._worker.start()
+            atexit.register(self.wait)  # a daemon thread: never let interpreter exit cut a write short
+        log.info("checkpoint step %d: staging and writing in the background (%s)", step, reason or "save")
+        self._idle.clear()
+        self._staged.clear()
+        self._jobs.put(job)
         return True
+
+    def wait_staged(self) -> None:
+        """Block until the save in flight has copied the state (call before mutating it)."""
+        self._staged.wait()
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is durable or has failed."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._idle.wait()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._stage_and_write(*job)
+            finally:
+                self._staged.set()
+                self._idle.set()
+
+    def _stage_and_write(self, step: int, state: StateSource, meta: dict[str, Any], reason: str) -> None:
+        try:
+            live = state() if callable(state) else state
+            pin = torch.cuda.is_available() and any(
+                isinstance(t, torch.Tensor) and t.is_cuda for t in _leaves(live))
+            snap = snapshot(live, pin=pin, staging=self._staging)  # one save at a time: buffers are free
+            if pin:
+                torch.cuda.synchronize()
+        except BaseException as e:  # noqa: BLE001 - reported like a failed write
+            log.error("checkpoint at step %d FAILED while copying the state: %s", step, e)
+            self._error = e
+            return
+        finally:
+            self._staged.set()
+        self._write(step, {"format": FORMAT_VERSION, "meta": meta, "state": snap}, reason)
 
     def poll_error(self) -> BaseException | None:
         """The error of a finished background save, returned once; None if all went well."""
@@ -194,19 +246,19 @@ class CheckpointManager:
 
     def _write(self, step: int, payload: dict[str, Any], reason: str) -> None:
         t0 = time.monotonic()
-        name = f"step_{step:08d}.pt"
+        name = f"step_{step:08d}.ckpt"
         final = self.dir / name
         tmp = self.dir / f".{name}.tmp-{os.getpid()}"
         try:
             with open(tmp, "wb") as f:
-                torch.save(payload, f)
+                sha = fileformat.write(f, payload)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
             fsync_dir(self.dir)
             st = payload["state"]
             entry = CheckpointEntry(
-                file=name, step=step, sha256=sha256_file(final), bytes=final.stat().st_size,
+                file=name, step=step, sha256=sha, bytes=final.stat().st_size,
                 saved_at=time.time(), digest=state_digest(st.get("model", {}), st.get("optimizer", {})),
                 reason=reason, write_s=round(time.monotonic() - t0, 4))
             with self._lock:
@@ -267,8 +319,8 @@ class CheckpointManager:
         return None
 
     def load_file(self, path: Path) -> dict[str, Any]:
-        """Load a checkpoint file safely: no pickled code can run (weights_only)."""
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        """Load a checkpoint file safely: the format has no pickle, so no code can run."""
+        payload = fileformat.read(path)
         if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: not a foldhpc checkpoint (format {FORMAT_VERSION})")
         return payload
@@ -282,7 +334,7 @@ class CheckpointManager:
                 f"checkpoint manifest {self.dir / MANIFEST} is corrupt ({e}); pass --resume PATH to choose a "
                 "checkpoint file explicitly or --no-resume to start over") from None
         committed = {e.file for e in entries}
-        for p in sorted(self.dir.glob("step_*.pt")):
+        for p in sorted(self.dir.glob("step_*.ckpt")):
             if p.name not in committed:
                 log.warning("checkpoint %s has no manifest entry (a save was interrupted); ignoring it", p)
         skipped: list[tuple[str, str]] = []

@@ -6,7 +6,7 @@ One :class:`Trainer` owns one run directory::
     <run.dir>/train.log          console log, appended across restarts
     <run.dir>/status.json        machine-readable state (foldhpc status reads it)
     <run.dir>/tensorboard/       TensorBoard event files, one continuous set of curves
-    <run.dir>/checkpoints/       step_XXXXXXXX.pt + manifest.json (see foldhpc.checkpoint)
+    <run.dir>/checkpoints/       step_XXXXXXXX.ckpt + manifest.json (see foldhpc.checkpoint)
 
 Everything a step depends on is a function of (train.seed, step) or lives in the checkpoint, so a
 run resumed from step k continues exactly like a run that was never stopped.
@@ -26,7 +26,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -119,16 +119,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ state protocol
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.scheduler.state_dict(),
-            "grad_scaler": self.scaler.state_dict(),
-            "rng": capture_rng_state(),
-            "train": {"step": self.step, "train_time_s": self.train_time_s, "restarts": self.restarts,
-                      "tb_step": self.step, "samples_seen": self.step * self.cfg.train.batch_size,
-                      "epoch": self.step * self.cfg.train.batch_size // max(1, self.n_train)},
-        }
+        return self.state_source()()
+
+    def state_source(self) -> Callable[[], dict[str, Any]]:
+        """The training state as of now, for a checkpoint.
+
+        What changes between steps (RNG states, counters) is captured immediately; the function
+        returned reads model, optimizer, scheduler and scaler, which stay as they are until the
+        next ``optimizer.step()`` (see CheckpointManager.save).
+        """
+        rng = capture_rng_state()
+        train = {"step": self.step, "train_time_s": self.train_time_s, "restarts": self.restarts,
+                 "tb_step": self.step, "samples_seen": self.step * self.cfg.train.batch_size,
+                 "epoch": self.step * self.cfg.train.batch_size // max(1, self.n_train)}
+
+        def capture() -> dict[str, Any]:
+            return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.scheduler.state_dict(), "grad_scaler": self.scaler.state_dict(),
+                    "rng": rng, "train": train}
+
+        return capture
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -197,7 +207,7 @@ class Trainer:
         t0 = time.monotonic()
         self.timings["setup_s"] = t0 - self._t_setup
         if self.resume == "never":
-            if self.ckpt.entries() or any(self.ckpt.dir.glob("step_*.pt")):
+            if self.ckpt.entries() or any(self.ckpt.dir.glob("step_*.ckpt")):
                 aside = self.ckpt.dir.with_name(f"{self.ckpt.dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
                 log.warning("--no-resume: moving existing checkpoints %s aside to %s", self.ckpt.dir, aside)
                 shutil.move(str(self.ckpt.dir), aside)
@@ -298,7 +308,7 @@ class Trainer:
         last = self.ckpt.last_committed
         if last is not None and last.step == self.step and not self.ckpt.in_flight:
             return True  # this exact state is already durable
-        return self.ckpt.save(self.step, self.state_dict(), self.checkpoint_meta(), reason=reason,
+        return self.ckpt.save(self.step, self.state_source(), self.checkpoint_meta(), reason=reason,
                               blocking=blocking)
 
     def _note_checkpoint(self, seen: list[Any]) -> None:
@@ -355,6 +365,7 @@ class Trainer:
             loss.backward()
             max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            self.ckpt.wait_staged()  # a background save still copying the last step's weights
             self.optimizer.step()
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()

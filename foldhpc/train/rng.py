@@ -22,7 +22,7 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """All RNG states as tensors/plain values (loadable with ``torch.load(weights_only=True)``)."""
+    """All RNG states as tensors and plain values (what the checkpoint file format can hold)."""
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),

@@ -104,7 +104,7 @@ def test_preemption_signal_requeues_and_finishes_bit_exact(tmp_path, jobs, refer
     log = (run_dir / "train.log").read_text()
     saved = int(re.search(r"received SIGUSR1: saving a checkpoint at step (\d+)", log).group(1))
     assert 20 <= saved < STEPS
-    assert f"resumed from {run_dir / 'checkpoints'}/step_{saved:08d}.pt at step {saved}" in log
+    assert f"resumed from {run_dir / 'checkpoints'}/step_{saved:08d}.ckpt at step {saved}" in log
     assert ck[-1].step == STEPS
     assert final_digest(run_dir) == reference_digest
     # foldhpc status tells the same story from sacct + the run directory
