@@ -92,7 +92,10 @@ class DataConfig:
     crop_size: int = 64
     val_fraction: float = 0.1
     split_seed: int = 0
-    num_workers: int = 1  # DataLoader workers; 0 = load in the main process
+    # DataLoader workers; 0 = build batches in the training process. Batches come from the
+    # in-memory feature cache (~0.1 ms each), so a worker's IPC costs more than it hides
+    # (benchmarks/bench_data.py: data wait 1.7% of step time with 1 worker, 0.3% with 0).
+    num_workers: int = 0
     prepare_workers: int = 0  # processes that parse structures; 0 = one per CPU
 
     def validate(self) -> None:
