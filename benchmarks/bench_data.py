@@ -12,7 +12,7 @@ Measures, on the default CPU demo (configs/default.toml: examples/data, 329 real
     ``foldhpc train`` with ``train.val_every = 0`` (and ``train.val_max_samples = 1``: only the
     end-of-run validation, outside the measurement, is shortened), parsed from the "data wait X%" progress
     lines of train.log; median over log windows, the first window (DataLoader start) reported
-    apart. As a diagnostic the same run with ``data.num_workers = 0`` (not the default).
+    apart. The same run with ``data.num_workers = 1`` (one DataLoader worker) for comparison; 0 is the default.
 
 Noisy shared machine: every figure is a median [min..max] over repeats; conditions that are
 compared are interleaved and measured in the same invocation.
@@ -146,7 +146,7 @@ def bench_warm(cfg: Config, repeats: int, n_batches: int, tmp: Path) -> dict[str
                  ["  = chains/s", fmt_summary(res["warm_load_chains_per_s"], "/s", digits=0)],
                  [f"TrainBatches[step] (B={t.batch_size}, crop={cfg.data.crop_size})",
                   fmt_summary(res["getitem_samples_per_s"], "samples/s", digits=0)],
-                 ["  via DataLoader num_workers=1 (default)", fmt_summary(res["dataloader_nw1_samples_per_s"],
+                 ["  via DataLoader num_workers=1", fmt_summary(res["dataloader_nw1_samples_per_s"],
                                                                         "samples/s", digits=0)],
                  ["  via DataLoader num_workers=0", fmt_summary(res["dataloader_nw0_samples_per_s"],
                                                                "samples/s", digits=0)]])
@@ -189,7 +189,7 @@ def bench_wait(steps: int, repeats: int, log_every: int, variants: list[int], ba
                                     "step_ms_windows": summary(per[nw]["step_ms"]),
                                     "data_wait_ms_per_step_windows": summary(per[nw]["wait_ms"]),
                                     "median_vs_goal": s["median"] / GOAL_DATA_WAIT}
-        label = f"num_workers={nw}" + (" (default)" if nw == 1 else " (diagnostic)")
+        label = f"num_workers={nw}" + (" (default)" if nw == 0 else " (1 worker)")
         rows.append([label, fmt_summary(s, "%", 100, 2), fmt_summary(summary(per[nw]["first"]), "%", 100, 1),
                      f"{s['median'] / GOAL_DATA_WAIT:.2f}x goal {verdict(s['median'] <= GOAL_DATA_WAIT)}",
                      fmt_summary(summary(per[nw]["step_ms"]), "", digits=0),
@@ -231,7 +231,7 @@ def main() -> None:
     out["loader_share_of_step"] = {nw: v / step_ms for nw, v in per_batch.items()}
     print(f"\nbatch building is {out['headroom_getitem_vs_training']:.0f}x faster than training consumes "
           f"({train_sps:.1f} samples/s).\nhanding one batch over costs {per_batch[1]:.2f} ms through the "
-          f"DataLoader with num_workers=1 (default) = {per_batch[1] / step_ms:.1%} of the median step "
+          f"DataLoader with num_workers=1 = {per_batch[1] / step_ms:.1%} of the median step "
           f"({step_ms:.0f} ms), {per_batch[0]:.2f} ms = {per_batch[0] / step_ms:.2%} with num_workers=0; "
           f"total {out['elapsed_s']:.0f}s")
     write_json(args.out, out)
