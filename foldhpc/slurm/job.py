@@ -13,7 +13,6 @@ in a pickle.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 from typing import Any
@@ -22,6 +21,7 @@ import submitit
 
 from foldhpc.config import Config
 from foldhpc.monitor.status import COMPLETED
+from foldhpc.slurm.env import slurm_info
 from foldhpc.slurm.history import record_event
 from foldhpc.slurm.requeue import maybe_requeue
 
@@ -36,9 +36,9 @@ class SlurmTrainer(submitit.helpers.Checkpointable):
         from foldhpc.train.loop import EXIT_CHECKPOINTED, Trainer
 
         cfg = self.cfg
-        job = os.environ.get("SLURM_JOB_ID")
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-        record_event(cfg.run_dir, "started", job_id=job, restart_count=restarts)
+        info = slurm_info()
+        job = info["job_id"]
+        record_event(cfg.run_dir, "started", job_id=job, restart_count=info["restart_count"])
         try:
             result = Trainer(cfg, resume="auto").run()
         except BaseException as e:

@@ -16,9 +16,9 @@ the submitit trainer). Rules:
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
+from foldhpc.slurm.env import slurm_info
 from foldhpc.slurm.sacct import CANCELLED, SlurmCommandError, parse_scontrol, run_command, sacct_jobs
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,9 @@ def requeue(job_id: str) -> bool:
 
 def maybe_requeue(max_requeues: int) -> bool:
     """Decide for the current job (from SLURM_* variables), requeue if right; True if requeued."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    ok, why = decide(job_id, restarts, max_requeues)
+    info = slurm_info()
+    job_id = info["job_id"]
+    ok, why = decide(job_id, info["restart_count"], max_requeues)
     log.warning("requeue decision: %s", why)
     return ok and job_id is not None and requeue(job_id)
 

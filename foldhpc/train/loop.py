@@ -43,6 +43,7 @@ from foldhpc.monitor.fmt import format_duration
 from foldhpc.monitor.logs import setup_logging
 from foldhpc.monitor.status import CHECKPOINTED, COMPLETED, FAILED, RUNNING, StatusFile, atomic_write_text
 from foldhpc.monitor.tensorboard import RunWriter
+from foldhpc.slurm.env import slurm_info
 from foldhpc.train.rng import capture_rng_state, restore_rng_state, step_seed
 from foldhpc.train.schedule import lr_factor
 
@@ -66,13 +67,6 @@ class TrainResult:
     @property
     def exit_code(self) -> int:
         return EXIT_OK if self.state == COMPLETED else EXIT_CHECKPOINTED
-
-
-def slurm_info() -> dict[str, Any]:
-    env = os.environ
-    return {"job_id": env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID')}"
-            or env.get("SLURM_JOB_ID"),
-            "restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0)}
 
 
 def resolve_device(name: str) -> torch.device:
