@@ -193,3 +193,24 @@ def test_requeue_limit_is_respected(tmp_path, jobs):
     assert [e["event"] for e in read_history(run_dir)[0]] == events
     st = read_json(run_dir / "status.json")
     assert st["state"] == "checkpointed" and 40 <= st["step"] < STEPS
+
+
+def test_time_limit_signal_requeues_a_short_job(tmp_path, jobs):
+    """A real time limit: --time=2 with the signal 60 s before it (Slurm delivers it 30-60 s after
+    the start). submitit alone would count this short job's signal as a timeout; foldhpc saves at a
+    step boundary and requeues, and the next run resumes from that step. (Runs that complete after
+    a requeue are covered above; this job would train for hours, so the test cancels it.)"""
+    run_dir = tmp_path / "run"
+    jobs.append(job := submit(run_dir, **{"slurm.time": "2m", "slurm.signal_lead": "60s",
+                                          "train.max_steps": 10**6, "run.log_every": 50}))
+    deadline = time.monotonic() + 240
+    while "(restart #1" not in ((run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""):
+        assert time.monotonic() < deadline, "the requeued job did not resume"
+        time.sleep(0.5)
+    log = (run_dir / "train.log").read_text()
+    saved = int(re.search(r"received SIGUSR1: saving a checkpoint at step (\d+)", log).group(1))
+    assert f"at step {saved} (restart #1" in log
+    assert started_restart_counts(run_dir) == [0, 1]
+    assert [e["event"] for e in read_history(run_dir)[0]][:3] == ["submitted", "started", "requeued"]
+    assert job_restarts(job) == 1
+    assert sacct_rows(job)[0]["State"] == "REQUEUED"
