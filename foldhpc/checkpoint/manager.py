@@ -224,8 +224,8 @@ class CheckpointManager:
     def _stage_and_write(self, step: int, state: StateSource, meta: dict[str, Any], reason: str) -> None:
         try:
             live = state() if callable(state) else state
-            pin = torch.cuda.is_available() and any(
-                isinstance(t, torch.Tensor) and t.is_cuda for t in _leaves(live))
+            # snapshot pins (and copies non-blocking) only the buffers of CUDA tensors
+            pin = torch.cuda.is_available() and torch.cuda.is_initialized()
             snap = snapshot(live, pin=pin, staging=self._staging)  # one save at a time: buffers are free
             if pin:
                 torch.cuda.synchronize()
@@ -358,13 +358,3 @@ class CheckpointManager:
                 + ". Use --no-resume to start over.")
         return None
 
-
-def _leaves(obj: Any):
-    if isinstance(obj, dict):
-        for v in obj.values():
-            yield from _leaves(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _leaves(v)
-    else:
-        yield obj

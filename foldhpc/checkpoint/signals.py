@@ -23,11 +23,9 @@ class PreemptionSignals:
     def __init__(self, signals: Iterable[signal.Signals]) -> None:
         self.signals = list(signals)
         self.received: signal.Signals | None = None  # the first one
-        self.count = 0
         self._previous: dict[signal.Signals, _Handler] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002
-        self.count += 1
         if self.received is None:
             self.received = signal.Signals(signum)
 
