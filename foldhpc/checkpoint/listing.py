@@ -13,47 +13,53 @@ from foldhpc.monitor.fmt import format_age
 
 
 def checkpoint_dir_of(run_dir: Path) -> Path:
-    """The run's checkpoint directory: from its resolved config.toml, else <run_dir>/checkpoints."""
+    """The checkpoint directory of the run in ``run_dir``, whatever the current directory.
+
+    ``<run_dir>/checkpoints`` unless the run's config.toml sets ``checkpoint.dir``. The config's
+    ``run.dir`` is not used: it is often relative to wherever training was started, while
+    ``run_dir`` is the directory the user points at now. A relative ``checkpoint.dir`` is looked
+    up from the current directory; if it is not there, the error says so.
+    """
     cfg_file = run_dir / "config.toml"
+    configured = ""
     if cfg_file.is_file():
         try:
-            return load_config(cfg_file).checkpoint_dir
-        except ValueError:
-            pass
-    return run_dir / "checkpoints"
+            configured = load_config(cfg_file).checkpoint.dir
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_file}: cannot read the run's config ({e})") from None
+    if not configured:
+        return run_dir / "checkpoints"
+    path = Path(configured)
+    if not path.is_absolute() and not path.is_dir():
+        raise CheckpointError(
+            f"{cfg_file} sets checkpoint.dir = {configured!r}, relative to the directory training was started "
+            f"from, and there is no {configured!r} under {Path.cwd()}: run this from that directory, or use "
+            "absolute paths for checkpoint.dir")
+    return path
 
 
 def list_checkpoints(run_dir: Path, verify: bool = False) -> list[dict[str, Any]]:
     """One dict per committed checkpoint, oldest first; ``verified`` is None unless ``verify``."""
-    if not run_dir.exists():
+    if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory")
     mgr = CheckpointManager(checkpoint_dir_of(run_dir))
-    try:
-        entries = mgr.entries()
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{mgr.dir}/manifest.json is corrupt: {e}") from None
     rows = []
-    for e in entries:
+    for e in mgr.entries():
         row = dataclasses.asdict(e)
         row["path"] = str(mgr.dir / e.file)
         row["verified"] = None
         row["problem"] = None
         if verify:
             why = mgr.verify(e)
-            if why is None:
-                try:
-                    mgr.load_file(mgr.dir / e.file)
-                except Exception as exc:  # noqa: BLE001
-                    why = f"cannot be loaded: {exc}"
             row["verified"] = why is None
             row["problem"] = why
         rows.append(row)
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_table(rows: list[dict[str, Any]], where: Path | None = None) -> str:
     if not rows:
-        return "no checkpoints"
+        return f"no checkpoints in {where}" if where is not None else "no checkpoints"
     now = time.time()
     lines = [f"{'STEP':>8}  {'SAVED':<19}  {'AGE':>8}  {'SIZE':>9}  {'REASON':<14}  {'VERIFIED':<8}  DIGEST            FILE"]
     for r in rows:
@@ -63,4 +69,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{r['step']:>8}  {saved:<19}  {age:>8}  {r['bytes'] / 2**20:>7.2f}Mi  {r['reason'][:14]:<14}  "
                      f"{ver:<8}  {r['digest']:<16}  {r['file']}" + (f"  ({r['problem']})" if r["problem"] else ""))
     return "\n".join(lines)
-

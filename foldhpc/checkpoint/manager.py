@@ -1,21 +1,28 @@
-"""Durable, verified, asynchronous checkpoints of the whole training state.
+"""Durable, self-verifying, asynchronous checkpoints of the whole training state.
 
 Protocol (after torchtitan's checkpoint component): the trainer hands :meth:`CheckpointManager.save`
 a nested dict of state dicts (model, optimizer, scheduler, RNG states, counters) plus metadata.
 The manager
 
-1. *snapshots* it at the step boundary — every tensor copied to host memory (pinned on CUDA) —
-   so training can go on mutating its parameters while the copy is written;
-2. writes the snapshot in a background thread (at most one save in flight) to a temporary
-   name, fsyncs, renames to ``step_XXXXXXXX.ckpt`` and fsyncs the directory (the file format,
-   JSON header + raw tensor bytes, is in :mod:`foldhpc.checkpoint.fileformat`);
-3. only then records the file, its size, sha256 and state digest in ``manifest.json``
-   (itself replaced atomically). A file without a manifest entry was never committed.
+1. *snapshots* it at the step boundary -- every tensor copied to host memory (pinned on CUDA) --
+   so training can go on mutating its parameters while the copy is written (a blocking save of a
+   host state skips the copy: nothing runs meanwhile);
+2. writes it (in a background thread, at most one save in flight) to a temporary name, fsyncs,
+   renames it to ``step_XXXXXXXX.ckpt`` and fsyncs the directory. **The rename is the commit**:
+   a file only ever appears under its final name once it is complete, and every file verifies
+   itself (footer, header crc32, a crc32 per 8 MiB of tensor data; :mod:`foldhpc.checkpoint.fileformat`);
+3. then updates ``manifest.json``, an *index* of the files (step, commit sequence number, size,
+   state digest, reason, write time), replaced atomically. The index is never the only copy of
+   anything: a missing or corrupt manifest, or a file missing from it (a crash between rename and
+   index update), is rebuilt from the files' own headers, loudly, and never shortened.
 
-Loading walks the manifest newest first and uses the first file whose size and sha256 match and
-that parses — the format holds no pickle, so a checkpoint can never run code — and
-logs loudly for each one it has to skip. Old checkpoints beyond ``keep_last`` are pruned only
-after a newer one is committed.
+Which checkpoint is "the newest" is decided by commit order (``seq``), not by step number: after
+``--resume`` of an older checkpoint, the new line of checkpoints is newer than the abandoned one
+even though its steps are lower. Pruning keeps the ``keep_last`` newest *good* checkpoints and
+deletes the rest only after a newer one is committed; files found bad (truncated, corrupted) are
+never counted as kept and are deleted at the next commit. Loading walks the index newest first and
+uses the first file that verifies and parses -- the format holds no pickle, so a checkpoint can
+never run code -- logging loudly for each one it has to skip.
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ import json
 import logging
 import os
 import queue
-
 import shutil
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,14 +45,17 @@ from typing import Any, Callable, Union
 import torch
 
 from foldhpc.checkpoint import fileformat
-from foldhpc.checkpoint.digest import state_digest
+from foldhpc.checkpoint.digest import tree_digest
 from foldhpc.monitor.status import atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-
+MANIFEST_VERSION = 2
+FORMAT_VERSION = fileformat.FORMAT
+STALE_TMP_S = 3600.0  # a temporary file this old is a dead writer's, whoever wrote it
+# Debug hook for tests: seconds every write sleeps before its rename (keeps a save "in flight").
+WRITE_DELAY_ENV = "FOLDHPC_DEBUG_WRITE_DELAY_S"
 
 StateSource = Union[dict[str, Any], Callable[[], dict[str, Any]]]
 
@@ -56,21 +66,30 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class CheckpointEntry:
-    """One committed checkpoint, as recorded in the manifest."""
+    """One committed checkpoint, as recorded in the index (and in the file's own header)."""
 
     file: str
     step: int
-    sha256: str
-    bytes: int
-    saved_at: float
-    digest: str
+    bytes: int = 0
+    saved_at: float = 0.0
+    digest: str = ""
     reason: str = ""
-    write_s: float = 0.0  # seconds the background write took
+    write_s: float = 0.0  # seconds the write took
+    seq: int = 0  # commit order within the directory: the highest is the newest
+    format: int = FORMAT_VERSION
+    sha256: str = ""  # format 1 only: its integrity check lives in the manifest
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CheckpointEntry":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_header(cls, file: str, header: dict[str, Any]) -> "CheckpointEntry":
+        info = header["info"]
+        return cls(file=file, step=int(info["step"]), bytes=int(header["bytes"]), saved_at=float(info["saved_at"]),
+                   digest=str(info.get("digest", "")), reason=str(info.get("reason", "")),
+                   write_s=float(info.get("write_s", 0.0)), seq=int(info["seq"]), format=int(header["format"]))
 
 
 @dataclass
@@ -90,16 +109,34 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def snapshot(obj: Any, pin: bool = False, staging: dict[str, torch.Tensor] | None = None, _path: str = "") -> Any:
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def snapshot(obj: Any, pin: bool = False, staging: dict[str, torch.Tensor] | None = None, _path: str = "",
+             *, copy_host: bool = True, devices: set[torch.device] | None = None) -> Any:
     """Deep copy of a nested state with every tensor on the host, detached from training.
 
-    This is the only part of a save that runs on the training thread: a memory copy. With a
-    ``staging`` dict the copies go into buffers kept from the previous save (same path, shape and
-    dtype), which avoids allocating and page-faulting fresh memory each time — the bulk of the
-    cost for a large state. The caller must not reuse ``staging`` while a write still reads it.
+    With a ``staging`` dict the copies go into buffers kept from the previous save (same path,
+    shape and dtype), which avoids allocating and page-faulting fresh memory each time -- the bulk
+    of the cost for a large state. The caller must not reuse ``staging`` while a write still reads
+    it. ``copy_host=False`` passes host tensors through (a blocking save: nothing mutates them
+    meanwhile). ``devices`` collects the CUDA devices copied from, which the caller must
+    synchronize before reading the buffers (each device: a copy on cuda:1 is not finished when
+    cuda:0 is).
     """
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
+        if t.device.type == "cpu" and not copy_host:
+            return t
+        if t.device.type == "cuda" and devices is not None:
+            devices.add(t.device)
         buf = staging.get(_path) if staging is not None else None
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
             buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin and t.device.type != "cpu")
@@ -108,11 +145,13 @@ def snapshot(obj: Any, pin: bool = False, staging: dict[str, torch.Tensor] | Non
         buf.copy_(t, non_blocking=pin and t.device.type != "cpu")
         return buf
     if isinstance(obj, dict):
-        return {k: snapshot(v, pin, staging, f"{_path}/{k}") for k, v in obj.items()}
+        return {k: snapshot(v, pin, staging, f"{_path}/{k}", copy_host=copy_host, devices=devices)
+                for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         if not any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
             return list(obj) if isinstance(obj, list) else obj  # e.g. python's RNG state: 625 ints
-        out = [snapshot(v, pin, staging, f"{_path}[{i}]") for i, v in enumerate(obj)]
+        out = [snapshot(v, pin, staging, f"{_path}[{i}]", copy_host=copy_host, devices=devices)
+               for i, v in enumerate(obj)]
         return out if isinstance(obj, list) else tuple(out)
     return obj  # ints, floats, str, None, bool: immutable
 
@@ -127,7 +166,7 @@ class CheckpointManager:
         # One long-lived writer thread fed by a queue: starting a thread per save costs a GIL
         # handshake of several ms on the training thread.
         self._worker: threading.Thread | None = None
-        self._jobs: queue.SimpleQueue[tuple[int, dict[str, Any], str] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[int, StateSource, dict[str, Any], str] | None] = queue.SimpleQueue()
         self._idle = threading.Event()
         self._idle.set()
         self._staged = threading.Event()  # the job in flight has copied its state
@@ -135,26 +174,41 @@ class CheckpointManager:
         self._lock = threading.Lock()
         self._error: BaseException | None = None  # of the last background save, reported once
         self._staging: dict[str, torch.Tensor] = {}  # host buffers reused by every snapshot
+        self._bad: dict[str, str] = {}  # file -> why: found bad by this process, deleted at the next commit
+        self._write_delay = float(os.environ.get(WRITE_DELAY_ENV, "0") or 0)
         self.last_committed: CheckpointEntry | None = None
 
     # ------------------------------------------------------------------ preflight
     def preflight(self, estimated_bytes: int, min_free_bytes: int = 0) -> None:
-        """Fail now, not after hours of training, if checkpoints cannot be written."""
+        """Fail now, not after hours of training, if checkpoints cannot be written.
+
+        Probes every operation a save needs: create, write, fsync, rename over a final name,
+        fsync of the directory (some FUSE and object-store mounts fail only at the rename).
+        """
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CheckpointError(f"cannot create checkpoint directory {self.dir}: {e.strerror}. "
                                   "Set checkpoint.dir to a writable, persistent location.") from None
-        probe = self.dir / f".preflight-{os.getpid()}"
+        self.remove_stale_temporaries()
+        probe = self.dir / self._tmp_name(".preflight")
+        final = self.dir / f".preflight-{socket.gethostname()}-{os.getpid()}"
         try:
             with open(probe, "wb") as f:
                 f.write(b"\0" * min(estimated_bytes, 1 << 20))
                 f.flush()
                 os.fsync(f.fileno())
-            probe.unlink()
+            os.replace(probe, final)
+            fsync_dir(self.dir)
+            final.unlink()
         except OSError as e:
-            probe.unlink(missing_ok=True)
-            raise CheckpointError(f"checkpoint directory {self.dir} is not writable: {e.strerror or e}. "
+            for p in (probe, final):
+                try:
+                    p.unlink(missing_ok=True)
+                except OSError:
+                    pass
+            raise CheckpointError(f"checkpoint directory {self.dir} cannot be used for checkpoints "
+                                  f"(write, fsync, rename and directory fsync are all needed): {e.strerror or e}. "
                                   "Set checkpoint.dir to a writable, persistent location.") from None
         need = max(min_free_bytes, 3 * estimated_bytes)
         free = shutil.disk_usage(self.dir).free
@@ -163,6 +217,33 @@ class CheckpointManager:
                 f"checkpoint directory {self.dir} has {free / 2**20:.1f} MiB free, needs {need / 2**20:.1f} MiB "
                 f"(3 checkpoints of ~{estimated_bytes / 2**20:.1f} MiB, or checkpoint.min_free_mb). "
                 "Free space or point checkpoint.dir elsewhere.")
+
+    @staticmethod
+    def _tmp_name(name: str) -> str:
+        return f".{name}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete temporary files of writers that are gone (a full-size file each on scratch).
+
+        A temporary file is stale if its writer ran on this host and is no longer alive, or if it
+        is older than STALE_TMP_S (no write takes that long; covers other hosts and format-1 names).
+        """
+        host, removed = socket.gethostname(), []
+        now = time.time()
+        for p in self.dir.glob(".*.tmp-*"):
+            tag = p.name.rsplit(".tmp-", 1)[1]
+            who, _, pid = tag.rpartition("-")
+            try:
+                mine_dead = who == host and pid.isdigit() and not _pid_alive(int(pid))
+                if mine_dead or now - p.stat().st_mtime > STALE_TMP_S:
+                    size = p.stat().st_size
+                    p.unlink()
+                    removed.append(p)
+                    log.warning("removed stale temporary checkpoint file %s (%.1f MiB, from a writer that died)",
+                                p, size / 2**20)
+            except OSError:
+                continue
+        return removed
 
     # ------------------------------------------------------------------ saving
     @property
@@ -181,19 +262,29 @@ class CheckpointManager:
         counters) must already be captured when ``save`` is called.
 
         Returns False (and saves nothing) if an asynchronous save is still in flight and
-        ``blocking`` is False: the caller tries again at a later step boundary. A blocking save
-        first waits for the one in flight, and raises if its own write fails.
+        ``blocking`` is False: the caller tries again at a later step boundary.
+
+        Errors: a *blocking* save raises CheckpointError if its own write fails (the caller needs
+        this state durable, e.g. before exiting on a signal); an earlier background save's failure
+        is not its failure and stays for :meth:`poll_error`. A non-blocking save that fails
+        (background, or written in place with ``async_save=False``) is logged and reported by
+        :meth:`poll_error`; training goes on and the previous checkpoint is kept.
         """
         if self.in_flight:
             if not blocking:
                 return False
             self.wait()
-        job = (step, state, dict(meta, step=step), reason)
-        if blocking or not self.async_save:
-            self._stage_and_write(*job)
-            err, self._error = self._error, None
-            if err is not None:
-                raise CheckpointError(f"checkpoint at step {step} failed: {err}") from err
+        if blocking:
+            try:
+                self._stage_and_write(step, state, dict(meta, step=step), reason, copy_host=False)
+            except BaseException as e:  # noqa: BLE001
+                raise CheckpointError(f"checkpoint at step {step} failed: {e}") from e
+            return True
+        if not self.async_save:
+            try:
+                self._stage_and_write(step, state, dict(meta, step=step), reason, copy_host=False)
+            except Exception as e:  # noqa: BLE001 - logged by _write, reported by poll_error
+                self._error = e
             return True
         if self._worker is None or not self._worker.is_alive():
             self._worker = threading.Thread(target=self._work, name="ckpt-writer", daemon=True)
@@ -202,7 +293,7 @@ class CheckpointManager:
         log.info("checkpoint step %d: staging and writing in the background (%s)", step, reason or "save")
         self._idle.clear()
         self._staged.clear()
-        self._jobs.put(job)
+        self._jobs.put((step, state, dict(meta, step=step), reason))
         return True
 
     def wait_staged(self) -> None:
@@ -217,144 +308,234 @@ class CheckpointManager:
         while (job := self._jobs.get()) is not None:
             try:
                 self._stage_and_write(*job)
+            except BaseException as e:  # noqa: BLE001 - reported to the training thread
+                self._error = e
             finally:
                 self._staged.set()
                 self._idle.set()
 
-    def _stage_and_write(self, step: int, state: StateSource, meta: dict[str, Any], reason: str) -> None:
+    def _stage_and_write(self, step: int, state: StateSource, meta: dict[str, Any], reason: str,
+                         copy_host: bool = True) -> None:
         try:
             live = state() if callable(state) else state
             # snapshot pins (and copies non-blocking) only the buffers of CUDA tensors
             pin = torch.cuda.is_available() and torch.cuda.is_initialized()
-            snap = snapshot(live, pin=pin, staging=self._staging)  # one save at a time: buffers are free
-            if pin:
-                torch.cuda.synchronize()
+            devices: set[torch.device] = set()
+            # one save at a time, so the staging buffers are free
+            snap = snapshot(live, pin=pin, staging=self._staging, copy_host=copy_host, devices=devices)
+            for dev in devices:
+                torch.cuda.synchronize(dev)
         except BaseException as e:  # noqa: BLE001 - reported like a failed write
             log.error("checkpoint at step %d FAILED while copying the state: %s", step, e)
-            self._error = e
-            return
+            raise
         finally:
             self._staged.set()
-        self._write(step, {"format": FORMAT_VERSION, "meta": meta, "state": snap}, reason)
+        self._write(step, snap, meta, reason)
 
     def poll_error(self) -> BaseException | None:
-        """The error of a finished background save, returned once; None if all went well."""
+        """The error of a finished non-blocking save, returned once; None if all went well."""
         if self.in_flight:
             return None
         err, self._error = self._error, None
         return err
 
-    def _write(self, step: int, payload: dict[str, Any], reason: str) -> None:
+    def _write(self, step: int, state: dict[str, Any], meta: dict[str, Any], reason: str) -> CheckpointEntry:
         t0 = time.monotonic()
         name = f"step_{step:08d}.ckpt"
         final = self.dir / name
-        tmp = self.dir / f".{name}.tmp-{os.getpid()}"
+        tmp = self.dir / self._tmp_name(name)
         try:
+            seq = max((e.seq for e in self.entries()), default=0) + 1
+            info = {"step": step, "seq": seq, "reason": reason, "saved_at": time.time()}
             with open(tmp, "wb") as f:
-                sha = fileformat.write(f, payload)
+                header = fileformat.write(f, state, meta, info, digest_of=tree_digest)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, final)
+            if self._write_delay:
+                time.sleep(self._write_delay)
+            os.replace(tmp, final)  # the commit: complete files only ever appear under their final name
             fsync_dir(self.dir)
-            st = payload["state"]
-            entry = CheckpointEntry(
-                file=name, step=step, sha256=sha, bytes=final.stat().st_size,
-                saved_at=time.time(), digest=state_digest(st.get("model", {}), st.get("optimizer", {})),
-                reason=reason, write_s=round(time.monotonic() - t0, 4))
-            with self._lock:
-                entries = [e for e in self._read_manifest_or_empty() if e.step != step] + [entry]
-                entries.sort(key=lambda e: e.step)
-                keep, drop = entries[-self.keep_last:], entries[:-self.keep_last]
-                self._write_manifest(keep)  # commit point
-                self.last_committed = entry
-                for e in drop:
-                    (self.dir / e.file).unlink(missing_ok=True)
-            log.info("checkpoint step %d saved (%s, %.1f MiB, %.2fs) -> %s", step, reason or "save",
-                     entry.bytes / 2**20, entry.write_s, final)
-        except BaseException as e:  # noqa: BLE001 - reported to the training thread
+            entry = CheckpointEntry(file=name, step=step, bytes=header["bytes"], saved_at=info["saved_at"],
+                                    digest=header["info"]["digest"], reason=reason,
+                                    write_s=round(time.monotonic() - t0, 4), seq=seq)
+            self._index_commit(entry)
+        except BaseException as e:
             try:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
             log.error("checkpoint at step %d FAILED, previous checkpoint kept: %s", step, e)
-            self._error = e
+            raise
+        log.info("checkpoint step %d saved (%s, %.1f MiB, %.2fs) -> %s", step, reason or "save",
+                 entry.bytes / 2**20, entry.write_s, final)
+        return entry
 
-    # ------------------------------------------------------------------ manifest
+    def _index_commit(self, entry: CheckpointEntry) -> None:
+        """Record a committed file in the index and prune: keep the ``keep_last`` newest good ones."""
+        with self._lock:
+            entries, problem = self._index(committing=entry.file)
+            entries = [e for e in entries if e.file != entry.file] + [entry]
+            self._bad.pop(entry.file, None)
+            good = [e for e in entries if e.file not in self._bad and (self.dir / e.file).is_file()]
+            keep = good[-self.keep_last:]
+            if problem and (self.dir / MANIFEST).exists():
+                aside = self.dir / f"{MANIFEST}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+                os.replace(self.dir / MANIFEST, aside)
+                log.error("checkpoint index %s was %s; kept it as %s and wrote a new one from the files",
+                          self.dir / MANIFEST, problem, aside.name)
+            self._write_manifest(keep)  # the index now matches the files
+            self.last_committed = entry
+            kept = {e.file for e in keep}
+            for e in entries:
+                if e.file in kept:
+                    continue
+                why = self._bad.pop(e.file, None)
+                path = self.dir / e.file
+                if path.is_file():
+                    path.unlink()
+                    if why:
+                        log.warning("deleted bad checkpoint %s (%s) now that step %d is durable", e.file, why,
+                                    entry.step)
+                    else:
+                        log.info("pruned checkpoint %s (step %d; keep_last=%d)", e.file, e.step, self.keep_last)
+                else:
+                    log.warning("dropped index entry %s (step %d): its file is missing", e.file, e.step)
+
+    # ------------------------------------------------------------------ index
     def _read_manifest(self) -> list[CheckpointEntry]:
         data = json.loads((self.dir / MANIFEST).read_text(encoding="utf-8"))
         if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), list):
             raise ValueError("not a foldhpc manifest")
-        return [CheckpointEntry.from_dict(d) for d in data["checkpoints"]]
-
-    def _read_manifest_or_empty(self) -> list[CheckpointEntry]:
-        try:
-            return self._read_manifest()
-        except FileNotFoundError:
-            return []
-        except (ValueError, TypeError) as e:
-            log.error("checkpoint manifest %s is corrupt (%s); starting a new one", self.dir / MANIFEST, e)
-            return []
+        version = data.get("version", 1)
+        entries = []
+        for d in data["checkpoints"]:
+            if not isinstance(d, dict) or not isinstance(d.get("file"), str) or not isinstance(d.get("step"), int):
+                raise ValueError(f"bad entry {d!r:.100}")
+            entries.append(CheckpointEntry.from_dict(dict(d, format=d.get("format", 1 if version == 1 else 2))))
+        return entries
 
     def _write_manifest(self, entries: list[CheckpointEntry]) -> None:
-        doc = {"version": FORMAT_VERSION, "checkpoints": [dataclasses.asdict(e) for e in entries]}
+        doc = {"version": MANIFEST_VERSION, "checkpoints": [dataclasses.asdict(e) for e in entries]}
         atomic_write_text(self.dir / MANIFEST, json.dumps(doc, indent=1) + "\n")
 
+    def _index(self, committing: str = "") -> tuple[list[CheckpointEntry], str | None]:
+        """(entries oldest first, what was wrong with the manifest or None).
+
+        The manifest's entries plus every ``step_*.ckpt`` it does not list, indexed from the
+        file's own header: such a file is complete (files appear only under their final name once
+        written) -- a crash between the rename and the index update, or a lost manifest.
+        """
+        problem: str | None = None
+        try:
+            listed = self._read_manifest()
+        except FileNotFoundError:
+            listed, problem = [], None
+        except (OSError, ValueError, TypeError) as e:
+            listed, problem = [], f"corrupt ({e})"
+        known = {e.file for e in listed}
+        extra: list[CheckpointEntry] = []
+        for p in sorted(self.dir.glob("step_*.ckpt")):
+            if p.name in known or p.name == committing:
+                continue
+            try:
+                extra.append(CheckpointEntry.from_header(p.name, fileformat.read_header(p)))
+            except (OSError, fileformat.FormatError, KeyError, TypeError, ValueError) as e:
+                try:
+                    v1 = fileformat.file_format(p) == 1
+                except (OSError, fileformat.FormatError):
+                    v1 = False
+                if v1:
+                    log.warning("checkpoint %s (format 1, foldhpc 0.1) is not in the index and cannot verify "
+                                "itself; not used automatically. Use --resume %s to load it anyway.", p, p)
+                else:
+                    self._bad[p.name] = f"unreadable: {e}"
+                    log.error("CHECKPOINT %s IS BAD and not in the index: %s", p, e)
+        if extra:
+            if not (self.dir / MANIFEST).exists():
+                how = "is missing"
+            elif problem:
+                how = f"is {problem}"
+            else:
+                how = "does not list them (a save was interrupted after its rename)"
+            log.error("checkpoint index %s %s: indexed %d checkpoint file(s) from their own headers: %s",
+                      self.dir / MANIFEST, how, len(extra), ", ".join(e.file for e in extra))
+        elif problem:
+            log.error("checkpoint index %s is %s and there are no checkpoint files to rebuild it from",
+                      self.dir / MANIFEST, problem)
+        entries = sorted(listed + extra, key=lambda e: (e.seq, e.saved_at))
+        return entries, problem
+
     def entries(self) -> list[CheckpointEntry]:
-        """Committed checkpoints, oldest first (empty if none)."""
-        if not (self.dir / MANIFEST).exists():
+        """Committed checkpoints, oldest first (by commit order); empty if none.
+
+        Never fails because of the manifest: see :meth:`_index`.
+        """
+        if not self.dir.is_dir():
             return []
-        return self._read_manifest()
+        return self._index()[0]
 
     # ------------------------------------------------------------------ loading
-    def verify(self, entry: CheckpointEntry) -> str | None:
-        """None if the file matches its manifest entry, else why not."""
+    def _load_entry(self, entry: CheckpointEntry) -> dict[str, Any]:
+        """Load and fully verify one indexed file; raises CheckpointError saying what is wrong."""
         path = self.dir / entry.file
         if not path.is_file():
-            return "file is missing"
-        size = path.stat().st_size
-        if size != entry.bytes:
-            return f"size {size} != {entry.bytes} recorded (truncated or half-written)"
-        if sha256_file(path) != entry.sha256:
-            return "sha256 mismatch (corrupted)"
+            raise CheckpointError("file is missing")
+        if entry.format == 1:
+            size = path.stat().st_size
+            if size != entry.bytes:
+                raise CheckpointError(f"size {size} != {entry.bytes} recorded (truncated or half-written)")
+            if sha256_file(path) != entry.sha256:
+                raise CheckpointError("sha256 mismatch (corrupted)")
+        payload = self.load_file(path)
+        if payload["format"] == 2 and int(payload["info"].get("step", -1)) != entry.step:
+            raise CheckpointError(f"file holds step {payload['info'].get('step')}, index says {entry.step}")
+        return payload
+
+    def verify(self, entry: CheckpointEntry) -> str | None:
+        """None if the file is intact (every checksum) and matches its index entry, else why not."""
+        try:
+            self._load_entry(entry)
+        except CheckpointError as e:
+            return str(e)
         return None
 
     def load_file(self, path: Path) -> dict[str, Any]:
-        """Load a checkpoint file safely: the format has no pickle, so no code can run."""
-        payload = fileformat.read(path)
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: not a foldhpc checkpoint (format {FORMAT_VERSION})")
+        """Load a checkpoint file safely (no pickle, so no code can run), verifying every checksum.
+
+        Returns ``{"format", "info", "meta", "state", "bytes"}``; raises CheckpointError naming
+        the file and the damage.
+        """
+        try:
+            payload = fileformat.read(path)
+        except fileformat.FormatError as e:
+            raise CheckpointError(str(e)) from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be read: {e.strerror or e}") from None
+        if not isinstance(payload.get("state"), dict):
+            raise CheckpointError(f"{path}: holds no training state")
         return payload
 
     def load_latest(self) -> LoadedCheckpoint | None:
-        """Newest checkpoint that verifies and loads; None if the directory has none at all."""
-        try:
-            entries = self.entries()
-        except (ValueError, TypeError, json.JSONDecodeError) as e:
-            raise CheckpointError(
-                f"checkpoint manifest {self.dir / MANIFEST} is corrupt ({e}); pass --resume PATH to choose a "
-                "checkpoint file explicitly or --no-resume to start over") from None
-        committed = {e.file for e in entries}
-        for p in sorted(self.dir.glob("step_*.ckpt")):
-            if p.name not in committed:
-                log.warning("checkpoint %s has no manifest entry (a save was interrupted); ignoring it", p)
+        """Newest (by commit order) checkpoint that verifies and loads; None if there is none at all."""
+        entries = self.entries()
         skipped: list[tuple[str, str]] = []
         for entry in reversed(entries):
-            why = self.verify(entry)
-            payload = None
-            if why is None:
-                try:
-                    payload = self.load_file(self.dir / entry.file)
-                except Exception as e:  # noqa: BLE001 - any unreadable file means: use an older one
-                    why = f"cannot be loaded: {e}"
-            if payload is None:
+            try:
+                payload = self._load_entry(entry)
+            except CheckpointError as e:
+                why = str(e).removeprefix(f"{self.dir / entry.file}: ")
                 log.error("CHECKPOINT %s (step %d) IS BAD: %s -- falling back to the previous one",
                           entry.file, entry.step, why)
-                skipped.append((entry.file, str(why)))
+                self._bad[entry.file] = why
+                skipped.append((entry.file, why))
                 continue
+            if payload["format"] == 2 and int(payload["info"]["seq"]) != entry.seq:
+                entry = CheckpointEntry.from_header(entry.file, payload)  # the file's own record wins
             return LoadedCheckpoint(entry, self.dir / entry.file, payload["state"], payload["meta"], skipped)
-        if entries:
+        bad = [(f, w) for f, w in self._bad.items() if f not in dict(skipped)]
+        if entries or bad:
             raise CheckpointError(
-                f"no usable checkpoint in {self.dir}: " + "; ".join(f"{f}: {w}" for f, w in skipped)
-                + ". Use --no-resume to start over.")
+                f"no usable checkpoint in {self.dir}: " + "; ".join(f"{f}: {w}" for f, w in skipped + bad)
+                + ". Use --resume PATH to choose a file, or --no-resume to start over (existing files are "
+                "moved aside, not deleted).")
         return None
-
