@@ -1,81 +1,258 @@
 """After a checkpoint on a signal: requeue the job, or not?
 
-Run inside the job (``python -m foldhpc.slurm.requeue MAX_REQUEUES`` from an sbatch trap, or called by
-the submitit trainer). Rules:
+Run inside the job, after the trainer saved and exited 75: by ``sbatch/train.sbatch``
+(``python -m foldhpc.slurm.requeue --config CONFIG [--set k=v ...]``, which reads
+``slurm.max_requeues`` and ``slurm.signal_lead`` from the job's own config) or by the submitit
+trainer (:mod:`foldhpc.slurm.job`).
+
+What Slurm shows *inside the job* when its signal arrives (measured on the local Slurm 22.05.8
+cluster, tests/slurm/cluster.sh, from a batch script that queried both at each signal):
+
+=================================  ============================  ================================
+event                              ``scontrol show job`` JobState  ``sacct`` State (current run)
+=================================  ============================  ================================
+``scancel ID`` (SIGTERM)           ``COMPLETING``                ``CANCELLED by 0`` (see lag below)
+``scancel --signal=USR1 --batch``  ``RUNNING``                   ``RUNNING``
+``--signal=B:USR1@50`` time limit  ``RUNNING``                   ``RUNNING``
+partition preemption, USR1         ``RUNNING`` (Restarts=0)      ``RUNNING``
+  (``preempt_send_user_signal``)
+partition preemption, SIGTERM      ``COMPLETING`` (Restarts=1:   ``PREEMPTED``
+  after GraceTime (20 s)           Slurm already counts the
+                                   requeue it is doing itself)
+=================================  ============================  ================================
+
+``COMPLETING`` lasts until the batch script exits (or KillWait, 10 s here, then SIGKILL), so it is
+still what the decision sees after the save. **sacct can lag**: with slurmdbd restarted just after
+an ``scancel`` (slurmctld had to queue the record), sacct said ``RUNNING`` for 18 s while
+slurmctld said ``CANCELLED``; with slurmdbd down sacct fails at once ("Connection refused").
+
+Hence the rules, slurmctld first:
 
 * not under Slurm: never requeue (the caller just exits 75);
-* the job was cancelled by a user (``scancel``): slurmctld records the job as ``CANCELLED`` in
-  accounting *before* its SIGTERM arrives, so ``sacct`` already says so while ``scontrol`` only
-  says ``COMPLETING`` (measured on Slurm 22.05) — do not undo the user's decision. Without
-  accounting, ``scontrol``'s ``COMPLETING``/``CANCELLED`` is treated the same way (when in doubt,
-  do not resurrect a job);
-* otherwise (``--signal`` lead before the time limit, partition preemption, SIGTERM from a node
-  shutdown): requeue while the run has restarted fewer than ``slurm.max_requeues`` times.
+* slurmctld says ``COMPLETING``/``CANCELLED`` (or anything but ``RUNNING``): the job is already
+  ending — cancelled by a user, or preempted, which Slurm requeues itself with
+  ``PreemptMode=REQUEUE`` — so requeueing would undo a user's ``scancel`` or double a requeue;
+* sacct says ``CANCELLED``: same (a user's decision is never undone);
+* slurmctld does not answer: we cannot tell a cancel from a time limit; do not resurrect a job
+  (the checkpoint is durable either way; resubmitting continues from it);
+* otherwise (time-limit signal, preemption signal during GraceTime, a user's ``--signal``):
+  requeue while the run has restarted fewer than ``slurm.max_requeues`` times.
+
+All of it, including retries of a failed ``scontrol requeue`` (with backoff), runs under one
+deadline that fits in what is left of ``slurm.signal_lead`` after the save, with short timeouts per
+Slurm command, so the job is not killed by its time limit in the middle of deciding.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from foldhpc.slurm.env import slurm_info
-from foldhpc.slurm.sacct import CANCELLED, SlurmCommandError, parse_scontrol, run_command, sacct_jobs
+from foldhpc.slurm.sacct import SlurmCommandError, parse_sacct, parse_scontrol, run_command
+
+if TYPE_CHECKING:
+    from foldhpc.config import Config
 
 log = logging.getLogger(__name__)
 
+EXIT_REQUEUED, EXIT_NOT_REQUEUED, EXIT_USAGE = 0, 3, 2
+#: per Slurm command; a healthy slurmctld/slurmdbd answers in milliseconds
+CALL_TIMEOUT_S = 10.0
+#: left unused before the end of the signal lead (the time-limit kill, a slow exit)
+SAFETY_MARGIN_S = 10.0
+#: the decision gets at least this long even if the lead looks used up (the kill may be late)
+MIN_BUDGET_S = 5.0
+MAX_BUDGET_S = 120.0
+#: first pause between ``scontrol requeue`` attempts; doubled after each failure
+BACKOFF_S = 0.5
 
-def decide(job_id: str | None, restart_count: int, max_requeues: int) -> tuple[bool, str]:
+#: slurmctld job states in which requeueing is right (the job is alive and not ending)
+REQUEUEABLE_CTL_STATES = frozenset({"RUNNING"})
+
+
+@dataclass(frozen=True)
+class Decision:
+    requeue: bool
+    reason: str
+    #: why, for jobs.jsonl and ``foldhpc status``: requeue | requeue_limit | ending | cancelled | unknown |
+    #: not_slurm | requeue_failed
+    kind: str = ""
+
+
+def _word(state: str | None) -> str | None:
+    return state.strip().split(" ", 1)[0].upper() if state and state.strip() else None
+
+
+def decide_from(job_id: str | None, restart_count: int, max_requeues: int,
+                ctl_state: str | None, acct_state: str | None) -> Decision:
+    """The requeue decision from what Slurm said (pure, so every case is unit tested).
+
+    ``ctl_state``: ``scontrol show job`` JobState, None if slurmctld did not answer;
+    ``acct_state``: sacct State of the current run (e.g. ``"CANCELLED by 0"``), None if unavailable.
+    """
     if not job_id:
-        return False, "not running under Slurm"
+        return Decision(False, "not running under Slurm", "not_slurm")
+    ctl, acct = _word(ctl_state), _word(acct_state)
+    if ctl is None:
+        return Decision(False, f"slurmctld did not say what job {job_id} is doing (scontrol failed); it may be "
+                               "cancelled, so not requeueing (the checkpoint is durable: resubmit to continue)", "unknown")
+    if ctl in ("COMPLETING", "CANCELLED"):
+        return Decision(False, f"slurmctld says job {job_id} is {ctl}: it is ending (scancel, or a preemption that "
+                               f"Slurm requeues itself); not requeueing (sacct: {acct_state or 'unavailable'})", "ending")
+    if acct == "CANCELLED":
+        return Decision(False, f"job {job_id} was cancelled (sacct State={acct_state!r}); not undoing that", "cancelled")
+    if ctl not in REQUEUEABLE_CTL_STATES:
+        return Decision(False, f"job {job_id} is {ctl} in slurmctld, not RUNNING; not requeueing", "ending")
+    if restart_count >= max_requeues:
+        return Decision(False, f"job {job_id} already restarted {restart_count} times "
+                               f"(slurm.max_requeues={max_requeues}): stopped at the requeue limit", "requeue_limit")
+    return Decision(True, f"job {job_id} (JobState={ctl}, sacct {acct_state or 'unavailable'}, restarts "
+                          f"{restart_count} < slurm.max_requeues={max_requeues}) will be requeued", "requeue")
+
+
+def _ctl_state(job_id: str, timeout: float) -> str | None:
     try:
-        acct = sacct_jobs([job_id])[0].get(job_id)
-    except SlurmCommandError as e:
-        log.warning("sacct unavailable for the requeue decision: %s", e)
-        acct = None
-    if acct is not None and acct.state == CANCELLED:
-        return False, f"job {job_id} was cancelled (sacct State={acct.raw_state!r}); not undoing that"
-    try:
-        state = parse_scontrol(run_command(["scontrol", "show", "job", "--oneliner", job_id])).get(
-            job_id, {}).get("JobState", "UNKNOWN")
+        out = run_command(["scontrol", "show", "job", "--oneliner", job_id], timeout=timeout)
     except SlurmCommandError as e:
         log.warning("scontrol unavailable for the requeue decision: %s", e)
-        state = "UNKNOWN"
-    if acct is None and state in ("CANCELLED", "COMPLETING"):
-        return False, (f"job {job_id} is {state} and accounting (sacct) cannot tell whether a user cancelled it; "
-                       "not requeueing")
-    if restart_count >= max_requeues:
-        return False, f"job {job_id} already restarted {restart_count} times (slurm.max_requeues={max_requeues})"
-    acct_state = acct.raw_state if acct is not None else "unknown"
-    return True, f"job {job_id} (sacct {acct_state}, JobState={state}, restarts {restart_count}) will be requeued"
+        return None
+    return parse_scontrol(out).get(job_id, {}).get("JobState")
 
 
-def requeue(job_id: str) -> bool:
-    """``scontrol requeue``; False (logged) if Slurm refuses, e.g. it is already requeueing a preempted job."""
+def _acct_state(job_id: str, timeout: float) -> str | None:
+    """sacct State of the newest run of the job; None if sacct fails or does not know it yet."""
     try:
-        run_command(["scontrol", "requeue", job_id], timeout=60)
+        out = run_command(["sacct", "--jobs", job_id, "--allocations", "--duplicates", "--parsable2",
+                           "--noheader", "--format=JobID,State"], timeout=timeout)
     except SlurmCommandError as e:
-        log.error("scontrol requeue %s failed: %s", job_id, e)
-        return False
-    return True
+        log.warning("sacct unavailable for the requeue decision: %s", e)
+        return None
+    rows = [r for r in parse_sacct(out, ("JobID", "State"))[0] if r.job_id == job_id and r.step is None]
+    return rows[-1].raw_state if rows else None
 
 
-def maybe_requeue(max_requeues: int) -> bool:
-    """Decide for the current job (from SLURM_* variables), requeue if right; True if requeued."""
+def budget_s(signal_lead_s: float, signal_at: float | None, now: float | None = None) -> float:
+    """Seconds the decision + requeue may take: what is left of the lead after the save, less a margin."""
+    now = time.time() if now is None else now
+    left = signal_lead_s - SAFETY_MARGIN_S - (now - signal_at if signal_at is not None else 0.0)
+    if signal_at is None:
+        left = min(left, signal_lead_s / 2)  # the save's duration is unknown: keep half for it
+    return max(MIN_BUDGET_S, min(MAX_BUDGET_S, left))
+
+
+def decide(job_id: str | None, restart_count: int, max_requeues: int, deadline: float) -> Decision:
+    """Ask slurmctld, then sacct (each with a timeout that ends by ``deadline``, a monotonic time)."""
+    if not job_id:
+        return decide_from(job_id, restart_count, max_requeues, None, None)
+    ctl = _ctl_state(job_id, _timeout(deadline))
+    acct = _acct_state(job_id, _timeout(deadline)) if ctl is not None else None
+    return decide_from(job_id, restart_count, max_requeues, ctl, acct)
+
+
+def _timeout(deadline: float) -> float:
+    return max(1.0, min(CALL_TIMEOUT_S, deadline - time.monotonic()))
+
+
+def requeue(job_id: str, deadline: float) -> bool:
+    """``scontrol requeue``, retried with backoff until ``deadline`` while the job is still RUNNING.
+
+    A refusal because the job is ending meanwhile (cancelled during the save) is final, not retried.
+    """
+    pause, attempt = BACKOFF_S, 0
+    while True:
+        attempt += 1
+        try:
+            run_command(["scontrol", "requeue", job_id], timeout=_timeout(deadline))
+            if attempt > 1:
+                log.warning("scontrol requeue %s succeeded on attempt %d", job_id, attempt)
+            return True
+        except SlurmCommandError as e:
+            err = e
+        state = _word(_ctl_state(job_id, _timeout(deadline)))
+        if state is not None and state not in REQUEUEABLE_CTL_STATES:
+            log.error("scontrol requeue %s failed (%s) and the job is now %s: not retrying", job_id, err, state)
+            return False
+        if time.monotonic() + pause >= deadline:
+            log.error("scontrol requeue %s failed %d time(s), last: %s; giving up (deadline): the checkpoint is "
+                      "durable, resubmit the job to continue", job_id, attempt, err)
+            return False
+        log.warning("scontrol requeue %s failed (attempt %d): %s; retrying in %.1fs", job_id, attempt, err, pause)
+        time.sleep(pause)
+        pause *= 2
+
+
+def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: float | None = None) -> Decision:
+    """Decide for the current job (SLURM_* variables) and requeue if right.
+
+    Returns the decision; ``requeue`` is True only if ``scontrol requeue`` succeeded. ``signal_at``
+    (``time.time()`` of the signal, if known) tightens the deadline to what is left of the lead.
+    """
     info = slurm_info()
     job_id = info["job_id"]
-    ok, why = decide(job_id, info["restart_count"], max_requeues)
-    log.warning("requeue decision: %s", why)
-    return ok and job_id is not None and requeue(job_id)
+    budget = budget_s(signal_lead_s, signal_at)
+    deadline = time.monotonic() + budget
+    d = decide(job_id, info["restart_count"], max_requeues, deadline)
+    log.warning("requeue decision (within %.0fs): %s", budget, d.reason)
+    if d.requeue and job_id is not None and not requeue(job_id, deadline):
+        return Decision(False, f"{d.reason}, but scontrol requeue failed: resubmit the job to continue",
+                        "requeue_failed")
+    return d
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m foldhpc.slurm.requeue",
+        description="Inside a Slurm job that checkpointed on a signal: requeue it unless it is being cancelled "
+                    "or slurm.max_requeues is reached. Exit 0 if requeued, 3 if not, 2 on bad usage.")
+    p.add_argument("max_requeues_positional", nargs="?", type=int, help=argparse.SUPPRESS)  # old form: MAX_REQUEUES
+    p.add_argument("--config", "-c", metavar="FILE", help="the job's config (slurm.max_requeues, slurm.signal_lead)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override, as given to the trainer (repeatable)")
+    p.add_argument("--max-requeues", type=int, help="instead of slurm.max_requeues")
+    p.add_argument("--signal-at", type=float, metavar="EPOCH", help="when the signal arrived (date +%%s)")
+    # The sbatch template passes the trainer's arguments through: these do not concern the decision.
+    p.add_argument("--no-resume", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--force-resume", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--resume", help=argparse.SUPPRESS)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m foldhpc.slurm.requeue MAX_REQUEUES``: exit 0 if requeued, 3 if not."""
+    from foldhpc.config import ConfigError, load_config, parse_duration
     from foldhpc.monitor.logs import setup_logging
 
     setup_logging("INFO")
-    argv = sys.argv[1:] if argv is None else argv
-    max_requeues = int(argv[0]) if argv else 20
-    return 0 if maybe_requeue(max_requeues) else 3
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        log.error("requeue: config error: %s; not requeueing", e)
+        return EXIT_USAGE
+    max_requeues = next(v for v in (args.max_requeues, args.max_requeues_positional, cfg.slurm.max_requeues)
+                        if v is not None)
+    d = maybe_requeue(max_requeues, parse_duration(cfg.slurm.signal_lead), args.signal_at)
+    if args.config or args.overrides:
+        _record(cfg, d)
+    return EXIT_REQUEUED if d.requeue else EXIT_NOT_REQUEUED
+
+
+def _record(cfg: "Config", d: Decision) -> None:
+    """The decision in ``<run.dir>/jobs.jsonl``, so ``foldhpc status`` can say why a job stopped."""
+    from foldhpc.slurm.history import record_event
+
+    info = slurm_info()
+    if not info["job_id"]:
+        return  # not a Slurm job: nothing to tell about it
+    try:
+        record_event(cfg.run_dir, "requeued" if d.requeue else "stopped", job_id=info["job_id"],
+                     restart_count=info["restart_count"], why=d.kind, reason=d.reason)
+    except OSError as e:
+        log.error("could not record the requeue decision in %s: %s", cfg.run_dir, e)
 
 
 if __name__ == "__main__":
