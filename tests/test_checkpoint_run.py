@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import time
+from pathlib import Path
 
 from conftest import ROOT, TINY, foldhpc_cmd, read_json, run_foldhpc, set_args, tiny_overrides
 
@@ -68,6 +69,51 @@ def test_resume_from_explicit_path_and_verify_flags_damage(tmp_path):
     f.write_bytes(bytes(data))
     p = run_foldhpc("checkpoints", str(run), "--verify")
     assert p.returncode == 1
-    assert re.search(r"BAD .*step_00000008\.ckpt.*sha256 mismatch", p.stdout), p.stdout
+    assert re.search(r"BAD .*step_00000008\.ckpt.*checksum mismatch", p.stdout), p.stdout
     p = run_foldhpc("checkpoints", str(tmp_path / "nope"))
     assert p.returncode == 1 and "no such run directory" in p.stderr
+
+
+def _train(run, cwd=ROOT, *extra_args: str, **overrides) -> subprocess.CompletedProcess:
+    over = tiny_overrides(run, **{"train.max_steps": 12, "checkpoint.every_steps": 4, "train.val_every": 0,
+                                  **overrides})
+    return subprocess.run(foldhpc_cmd("train", "--config", str(TINY), *set_args(over), *extra_args),
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_corrupt_manifest_resumes_from_the_files_and_no_resume_works(tmp_path):
+    """Issue 13 items 1-2: a corrupt index loses nothing; --no-resume (the advice) does not crash."""
+    run = tmp_path / "run"
+    assert _train(run).returncode == 0
+    (run / "checkpoints" / "manifest.json").write_text("{ this is not json")
+    p = _train(run, ROOT, "--force-resume", **{"train.max_steps": 16})  # train on: 4 more steps
+    assert p.returncode == 0, p.stderr[-2000:]
+    log = (run / "train.log").read_text()
+    assert "resumed from" in log and "step_00000012.ckpt" in log  # the newest file, not step 0
+    assert "from their own headers" in log
+    (run / "checkpoints" / "manifest.json").write_text("{ corrupt again")
+    p = _train(run, ROOT, "--no-resume", **{"train.max_steps": 16})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    aside = list(tmp_path.glob("run/checkpoints.old-*"))
+    assert len(aside) == 1 and (aside[0] / "step_00000016.ckpt").is_file()  # moved aside, not deleted
+
+
+def test_checkpoints_command_works_from_any_directory(tmp_path):
+    """Issue 13 item 3: a run trained with a relative run.dir is listed from elsewhere by its path."""
+    work = tmp_path / "work"
+    work.mkdir()
+    p = _train(Path("runs/rel"), work)
+    assert p.returncode == 0, p.stderr[-2000:]
+    run = work / "runs" / "rel"
+    p = run_foldhpc("checkpoints", str(run), "--verify", "--json")  # cwd is the repository, not work/
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)
+    assert [r["step"] for r in rows] == [4, 8, 12] and all(r["verified"] for r in rows)
+    # damage one: --verify says so and exits 1
+    ck = run / "checkpoints" / "step_00000008.ckpt"
+    data = bytearray(ck.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    ck.write_bytes(bytes(data))
+    p = run_foldhpc("checkpoints", str(run), "--verify")
+    assert p.returncode == 1 and "BAD" in p.stdout and "checksum mismatch" in p.stdout

@@ -63,6 +63,7 @@ _FOOTER = struct.Struct("<QQI4x8s")
 _LEN = struct.Struct("<Q")
 _MAX_HEADER = 256 << 20
 _READ_CHUNK = 64 << 20
+_VIEW_MIN_BYTES = 1 << 20  # tensors at least this big are views into the read buffer
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -283,7 +284,10 @@ def read(path: Path, verify: bool = True) -> dict[str, Any]:
 
     def tensor(node: list[Any]) -> torch.Tensor:
         dtype, shape, off, nbytes, _ = node
-        return buf[off:off + nbytes].view(_dtype(dtype)).reshape(shape)
+        t = buf[off:off + nbytes].view(_dtype(dtype)).reshape(shape)
+        # Small tensors get their own storage: some torch APIs mishandle a view at a storage offset
+        # (torch.set_rng_state segfaults on one, torch 2.13), and copying them costs nothing.
+        return t.clone() if nbytes < _VIEW_MIN_BYTES else t
 
     return {"format": FORMAT, "info": header["info"], "meta": header.get("meta", {}),
             "state": _decode(header["state"], tensor, path), "bytes": size}
