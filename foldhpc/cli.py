@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 from foldhpc.config import ConfigError, load_config
@@ -26,12 +28,46 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    # Before the heavy imports: a preemption signal from here on is recorded (and acted on at the first
+    # step boundary), not fatal; once training returns, further ones are ignored until exit, so a late
+    # signal cannot kill a finished or checkpointed trainer (exit 138) after its work is safe.
+    from foldhpc.checkpoint.signals import hold_early_signals, ignore_after_training
+
+    hold_early_signals(cfg.checkpoint.signal_numbers())
+    ignore_after_training()
+    from foldhpc.slurm.env import slurm_info
+    from foldhpc.slurm.history import record_event
     from foldhpc.train.loop import Trainer
 
-    cfg = load_config(args.config, args.overrides)
     resume = "never" if args.no_resume else (args.resume or "auto")
+    slurm = slurm_info()
+    if slurm["restart_count"] > 0 and resume != "auto":
+        # sbatch replays the job's arguments on every requeue: --no-resume would throw away the
+        # checkpoint the previous run just saved, --resume PATH would go back to an old one.
+        given = "--no-resume" if args.no_resume else f"--resume {args.resume}"
+        log.warning("%s is ignored: this is restart %d of Slurm job %s (a requeue), so training resumes from the "
+                    "newest checkpoint in run.dir; %s applied to the job's first run only", given,
+                    slurm["restart_count"], slurm["job_id"], given)
+        resume = "auto"
+    if slurm["job_id"]:  # the story of the job for `foldhpc status` (submitit jobs record it in foldhpc.slurm.job)
+        try:
+            record_event(cfg.run_dir, "started", job_id=slurm["job_id"], restart_count=slurm["restart_count"],
+                         backend="sbatch")
+        except OSError as e:
+            log.warning("cannot record the job in %s: %s", cfg.run_dir, e)
     result = Trainer(cfg, resume=resume, force_resume=args.force_resume).run()
+    _debug_hold_after_train()
     return result.exit_code
+
+
+def _debug_hold_after_train() -> None:
+    """Test hook: stay alive ``$FOLDHPC_DEBUG_HOLD_AFTER_TRAIN_S`` seconds after training returned,
+    so a test can send a late signal to a finished trainer (it must be ignored)."""
+    hold = float(os.environ.get("FOLDHPC_DEBUG_HOLD_AFTER_TRAIN_S", "0") or 0)
+    if hold > 0:
+        log.warning("FOLDHPC_DEBUG_HOLD_AFTER_TRAIN_S: staying alive %.1fs after training", hold)
+        time.sleep(hold)
 
 
 def _cmd_data(args: argparse.Namespace) -> int:

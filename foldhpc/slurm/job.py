@@ -7,25 +7,46 @@ elapsed time alone. So while training runs, foldhpc's own handlers (installed by
 boundary, and only then does :meth:`SlurmTrainer.__call__` decide whether to requeue
 (:mod:`foldhpc.slurm.requeue`) and exit. ``checkpoint()`` is kept for signals that arrive before
 the trainer is listening: it returns a fresh job that finds its state in the run directory, never
-in a pickle.
+in a pickle. Once training has returned (completed or checkpointed) the signals are ignored until
+the process exits: submitit's handler, active again, would otherwise requeue a finished job on a
+late signal.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+import time
 from typing import Any
 
 import submitit
 
-from foldhpc.config import Config
+from foldhpc.checkpoint.signals import ignore_after_training, ignore_signals, last_signal_time
+from foldhpc.config import Config, parse_duration
 from foldhpc.monitor.status import COMPLETED
 from foldhpc.slurm.env import slurm_info
 from foldhpc.slurm.history import record_event
 from foldhpc.slurm.requeue import maybe_requeue
 
 log = logging.getLogger(__name__)
+
+
+#: debug hook for tests: seconds to stay alive after training completed (a late signal can then
+#: be sent to a finished job)
+HOLD_AFTER_TRAIN_ENV = "FOLDHPC_DEBUG_HOLD_AFTER_TRAIN_S"
+
+
+def _preemption_signals(cfg: Config) -> set[signal.Signals]:
+    """The trainer's signals plus the one submitit's handler listens on."""
+    sigs = set(cfg.checkpoint.signal_numbers())
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "")
+    try:
+        sigs.add(signal.Signals["SIG" + name.upper().removeprefix("SIG")])
+    except KeyError:
+        pass
+    return sigs
 
 
 class SlurmTrainer(submitit.helpers.Checkpointable):
@@ -39,20 +60,25 @@ class SlurmTrainer(submitit.helpers.Checkpointable):
         info = slurm_info()
         job = info["job_id"]
         record_event(cfg.run_dir, "started", job_id=job, restart_count=info["restart_count"])
+        # When the trainer stops listening, its signals are ignored rather than handed back to
+        # submitit's handler, which would requeue a job whose training has already returned.
+        ignore_after_training()
         try:
             result = Trainer(cfg, resume="auto").run()
         except BaseException as e:
             record_event(cfg.run_dir, "failed", job_id=job, error=f"{type(e).__name__}: {e}")
             raise
+        ignore_signals(_preemption_signals(cfg))  # also submitit's own signal, if it is not one of ours
         if result.state == COMPLETED:
             record_event(cfg.run_dir, "completed", job_id=job, step=result.step)
+            hold = float(os.environ.get(HOLD_AFTER_TRAIN_ENV, "0") or 0)
+            if hold > 0:
+                log.warning("%s: staying alive %.1fs after training", HOLD_AFTER_TRAIN_ENV, hold)
+                time.sleep(hold)
             return {"step": result.step, "metrics": result.metrics}
-        # Saved on a signal. Ignore further copies of it while we requeue and leave.
-        for s in cfg.checkpoint.signal_numbers():
-            signal.signal(s, signal.SIG_IGN)
-        requeued = maybe_requeue(cfg.slurm.max_requeues)
-        record_event(cfg.run_dir, "requeued" if requeued else "stopped", job_id=job, step=result.step,
-                     signal=result.signal)
+        d = maybe_requeue(cfg.slurm.max_requeues, parse_duration(cfg.slurm.signal_lead), last_signal_time())
+        record_event(cfg.run_dir, "requeued" if d.requeue else "stopped", job_id=job, step=result.step,
+                     signal=result.signal, restart_count=info["restart_count"], why=d.kind, reason=d.reason)
         logging.shutdown()
         sys.exit(EXIT_CHECKPOINTED)
 
