@@ -7,8 +7,14 @@ Neither alone answers "is my run OK?", so this module merges them per run and sa
 fact came from (``source``). A state no source can vouch for is shown as ``unknown``, with a note
 saying why, never guessed.
 
-Exit status (for scripts): 0 every run/job found and none failed; 1 at least one is failed,
-timeout, out_of_memory or node_fail; 2 bad usage, or a RUN_DIR/JOB_ID was not found.
+Exit status (for scripts; the highest that applies wins, as listed):
+
+* 2 bad usage, or a RUN_DIR/JOB_ID was not found;
+* 1 at least one is failed, timeout, out_of_memory or node_fail;
+* 3 none failed, but at least one stopped and will not go on by itself: cancelled, preempted and
+  not requeued, stopped at the requeue limit (``stopped``), or held (``scontrol release`` it);
+  a script waiting for "done" must not take these for success;
+* 0 every one is completed, running, pending or requeued.
 """
 
 from __future__ import annotations
@@ -34,8 +40,14 @@ from foldhpc.slurm.history import HISTORY_FILE, job_ids, read_history
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
 FAILURE_STATES = frozenset({sacct.FAILED, sacct.TIMEOUT, sacct.OUT_OF_MEMORY, sacct.NODE_FAIL})
+#: a run stopped after a durable checkpoint and not requeued (requeue limit, or the requeue failed)
+STOPPED = "stopped"
+#: over, or not going on by itself, without having failed: exit status 3
+STOPPED_STATES = frozenset({sacct.CANCELLED, sacct.PREEMPTED, STOPPED, sacct.HELD})
+EXIT_CHECKPOINTED = 75  # foldhpc.train.loop: saved on a signal
+HISTORY_SLACK_S = 60.0  # clock/recording slack when bounding sacct rows by the run's own history
 DEFAULT_RUNS_ROOT = Path("runs")
 DEFAULT_WATCH_S = 10.0
 RUN_SOURCE = "run-dir"  # the state is the run's own record (no Slurm job)
@@ -48,10 +60,11 @@ else ./runs). A JOB_ID is looked up in sacct (--duplicates: earlier runs of a re
 as restarts) and, if a run under the runs root recorded it in jobs.jsonl, merged with that run.
 When sacct is unavailable the state comes from scontrol/squeue and the output says so.
 
-exit status:
-  0  every run/job was found and none failed
-  1  at least one run/job is failed, timeout, out_of_memory or node_fail
+exit status (the first that applies):
   2  bad usage, or a RUN_DIR/JOB_ID was not found (shown as unknown)
+  1  at least one run/job is failed, timeout, out_of_memory or node_fail
+  3  at least one is cancelled, preempted (not requeued), stopped (requeue limit) or held
+  0  every run/job is completed, running, pending or requeued
 """
 
 
@@ -83,6 +96,10 @@ class RunView:
     slurm: dict[str, Any] | None = None  # the full Slurm view (runs of the job, steps)
     notes: list[str] = field(default_factory=list)
     found: bool = True  # False: the argument named nothing that exists
+    # from jobs.jsonl, for the current job: when it was submitted / first started, how it stopped
+    submitted_at: float | None = None
+    first_started_at: float | None = None
+    stop_event: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +119,8 @@ class StatusReport:
             return EXIT_USAGE
         if any(r.state in FAILURE_STATES for r in self.runs):
             return EXIT_FAILED
+        if any(r.state in STOPPED_STATES for r in self.runs):
+            return EXIT_STOPPED
         return EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,6 +211,13 @@ def read_run(run_dir: Path, job_id: str | None = None) -> RunView:
             view.job_ids.insert(0, sid)  # jobs.jsonl, where it has ids, knows better which one is newest
     if view.job_id is None and view.job_ids:
         view.job_id = view.job_ids[-1]  # the newest submission is the one that matters now
+    if view.job_id is not None:
+        mine = [e for e in events if str(e.get("job_id")) == view.job_id and isinstance(e.get("time"), (int, float))]
+        view.submitted_at = min((e["time"] for e in mine if e.get("event") == "submitted"), default=None)
+        view.first_started_at = min((e["time"] for e in mine if e.get("event") == "started"
+                                     and not e.get("restart_count")), default=None)
+        ends = [e for e in mine if e.get("event") in ("stopped", "requeued", "completed", "failed", "started")]
+        view.stop_event = ends[-1] if ends and ends[-1].get("event") == "stopped" else None
     if view.job_id is None and events:
         view.notes.append(f"{HISTORY_FILE} records no job id")
     view.last_checkpoint = _last_checkpoint(run_dir, status, view.notes)
@@ -223,6 +249,7 @@ def merge(view: RunView, job: sacct.SlurmJob | None) -> RunView:
     if job is None:  # never submitted to Slurm (local run) or nothing recorded
         _merge_local(view)
         return view
+    job = sacct.bound_runs(job, view.submitted_at, view.first_started_at, HISTORY_SLACK_S)
     view.slurm = job.to_dict()
     view.source = job.source
     view.notes += job.notes
@@ -236,6 +263,9 @@ def merge(view: RunView, job: sacct.SlurmJob | None) -> RunView:
     view.state = job.state
     if job.state == sacct.PENDING and job.restarts:
         view.state = sacct.REQUEUED  # pending again after a preemption/requeue, not a fresh submission
+    if job.state == sacct.FAILED and _exit_status(job.exit_code) == EXIT_CHECKPOINTED and (
+            view.stop_event is not None or view.run_state == "checkpointed"):
+        view.state = STOPPED  # saved on a signal and deliberately not requeued: not a crash
     view.reason = _reason(view, job)
     _cross_check_run(view, job)
     return view
@@ -260,7 +290,21 @@ def _reason(view: RunView, job: sacct.SlurmJob) -> str | None:
     """Why the job is not (simply) running, in words: exit code, signal, Slurm's reason, run error."""
     parts: list[str] = []
     state = view.state
-    if state == sacct.REQUEUED:
+    if state == STOPPED:
+        ev = view.stop_event or {}
+        if ev.get("why") == "requeue_limit":
+            parts.append(f"stopped at the requeue limit ({job.restarts if job.restarts is not None else '?'} "
+                         "restart(s), slurm.max_requeues reached)")
+        else:
+            parts.append("checkpointed on a signal and not requeued"
+                         + (f": {ev['reason']}" if ev.get("reason") else ""))
+        ck = view.last_checkpoint
+        parts.append(f"resubmit to continue from step {ck['step']}" if ck and ck.get("step") is not None
+                     else "resubmit to continue")
+    elif state == sacct.HELD:
+        held = job.reason or job.raw_state
+        parts.append(f"held ({held}): it will not run until released (scontrol release {job.job_id})")
+    elif state == sacct.REQUEUED:
         # the newest run that is over; sacct may not have recorded the new pending row yet
         prev = next((r.state for r in reversed(job.runs) if r.state in sacct.FINAL_STATES | {sacct.REQUEUED}), None)
         why = {sacct.PREEMPTED: "preemption", sacct.TIMEOUT: "time limit", sacct.NODE_FAIL: "node failure",
@@ -276,6 +320,8 @@ def _reason(view: RunView, job: sacct.SlurmJob) -> str | None:
         parts.append(f"cancelled by uid {by[1]}" if len(by) == 2 else "cancelled")
     elif state == sacct.PREEMPTED:
         parts.append("preempted, not requeued")
+    if job.tasks and state not in (sacct.HELD,):
+        parts.append(job.raw_state)
     elif state in FAILURE_STATES:
         label = {sacct.TIMEOUT: "time limit reached", sacct.OUT_OF_MEMORY: "out of memory",
                  sacct.NODE_FAIL: "node failure"}.get(state)
@@ -286,6 +332,11 @@ def _reason(view: RunView, job: sacct.SlurmJob) -> str | None:
     if state in FAILURE_STATES | {sacct.CANCELLED} and view.error:
         parts.append(f"run error: {view.error}")
     return "; ".join(p for p in parts if p) or None
+
+
+def _exit_status(code: str) -> int | None:
+    parsed = sacct.parse_exit_code(code.partition(" ")[0])
+    return parsed[0] if parsed and not parsed[1] else None
 
 
 def describe_exit(code: str) -> str:

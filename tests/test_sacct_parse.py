@@ -103,7 +103,7 @@ def test_unknown_state_keeps_the_raw_text():
 @pytest.mark.parametrize("raw, state", [
     ("CANCELLED by 0", "cancelled"), ("CANCELLED by 1234", "cancelled"), ("PENDING", "pending"),
     ("RUNNING", "running"), ("COMPLETED", "completed"), ("FAILED", "failed"), ("TIMEOUT", "timeout"),
-    ("PREEMPTED", "preempted"), ("REQUEUED", "requeued"), ("REQUEUE_HOLD", "requeued"),
+    ("PREEMPTED", "preempted"), ("REQUEUED", "requeued"), ("REQUEUE_HOLD", "held"),
     ("NODE_FAIL", "node_fail"), ("BOOT_FAIL", "node_fail"), ("OUT_OF_MEMORY", "out_of_memory"),
     ("DEADLINE", "timeout"), ("COMPLETING", "completing"), ("SUSPENDED", "suspended"),
     ("completed", "completed"), ("", "unknown"), ("NOT_A_STATE", "unknown"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,11 +40,17 @@ COMMAND_TIMEOUT_S = 30.0
 PENDING, RUNNING, COMPLETING, SUSPENDED = "pending", "running", "completing", "suspended"
 COMPLETED, FAILED, PREEMPTED, REQUEUED = "completed", "failed", "preempted", "requeued"
 TIMEOUT, CANCELLED, NODE_FAIL, OUT_OF_MEMORY, UNKNOWN = "timeout", "cancelled", "node_fail", "out_of_memory", "unknown"
+#: pending but held (``scontrol requeuehold``/``hold``): it will not run until released
+HELD = "held"
+#: Reasons of a held pending job (measured after ``scontrol requeuehold``: slurmctld says PENDING with
+#: Reason=job_requeued_in_held_state, squeue "job requeued in held state", sacct PENDING JobHeldUser)
+HELD_REASONS = frozenset({"job_requeued_in_held_state", "job requeued in held state", "JobHeldUser",
+                          "JobHeldAdmin", "held_state"})
 
 #: Slurm job state (first word, upper case) -> normalised state. Anything else maps to "unknown".
 STATE_MAP: dict[str, str] = {
     "PENDING": PENDING, "RESV_DEL_HOLD": PENDING,
-    "REQUEUED": REQUEUED, "REQUEUE_HOLD": REQUEUED, "REQUEUE_FED": REQUEUED,
+    "REQUEUED": REQUEUED, "REQUEUE_HOLD": HELD, "REQUEUE_FED": REQUEUED,
     "RUNNING": RUNNING, "CONFIGURING": RUNNING, "RESIZING": RUNNING, "SIGNALING": RUNNING,
     "POWER_UP_NODE": RUNNING,
     "COMPLETING": COMPLETING, "STAGE_OUT": COMPLETING,
@@ -66,6 +73,19 @@ def map_state(raw: str) -> str:
     """Normalised state of a Slurm state string (``"CANCELLED by 0"`` -> ``"cancelled"``)."""
     word = raw.strip().split(" ", 1)[0].upper().rstrip("+")  # squeue may append "+" to some states
     return STATE_MAP.get(word, UNKNOWN)
+
+
+def held_or(state: str, reason: str) -> str:
+    """``held`` for a pending job whose reason is a hold, else ``state``."""
+    return HELD if state == PENDING and reason.strip() in HELD_REASONS else state
+
+
+def parse_time(text: str) -> float | None:
+    """Epoch seconds of sacct's local ``2026-11-27T03:32:26``; None for Unknown/None/empty."""
+    try:
+        return time.mktime(time.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
 
 
 def parse_elapsed(text: str) -> int | None:
@@ -146,6 +166,7 @@ class SlurmJob:
     partition: str = ""
     runs: list[JobRun] = field(default_factory=list)  # sacct only, oldest first
     notes: list[str] = field(default_factory=list)
+    tasks: dict[str, str] = field(default_factory=dict)  # array parent only: task id -> state
 
     @property
     def known(self) -> bool:
@@ -156,7 +177,8 @@ class SlurmJob:
                 "name": self.name or None, "restarts": self.restarts, "elapsed_s": self.elapsed_s,
                 "total_elapsed_s": self.total_elapsed_s, "exit_code": self.exit_code or None,
                 "slurm_reason": self.reason or None, "partition": self.partition or None,
-                "runs": [r.to_dict() for r in self.runs], "notes": list(self.notes)}
+                "runs": [r.to_dict() for r in self.runs], "notes": list(self.notes),
+                "tasks": dict(self.tasks) or None}
 
 
 @dataclass
@@ -236,7 +258,7 @@ def group_runs(rows: list[SacctRow]) -> dict[str, list[JobRun]]:
 def job_from_runs(job_id: str, runs: list[JobRun]) -> SlurmJob:
     """The job as sacct sees it: current state = newest run, restarts = number of earlier runs."""
     cur = runs[-1]
-    state = cur.state
+    state = held_or(cur.state, cur.row.get("Reason"))
     notes = []
     if state == FAILED and cur.oom():
         state = OUT_OF_MEMORY
@@ -268,7 +290,8 @@ def parse_scontrol(text: str) -> dict[str, dict[str, str]]:
 def job_from_scontrol(job_id: str, info: dict[str, str]) -> SlurmJob:
     raw = info.get("JobState", "")
     restarts = info.get("Restarts", "")
-    return SlurmJob(job_id=job_id, source="scontrol", state=map_state(raw), raw_state=raw,
+    return SlurmJob(job_id=job_id, source="scontrol", state=held_or(map_state(raw), info.get("Reason", "")),
+                    raw_state=raw,
                     name=info.get("JobName", ""), restarts=int(restarts) if restarts.isdigit() else None,
                     elapsed_s=parse_elapsed(info.get("RunTime", "")), exit_code=info.get("ExitCode", ""),
                     reason=_reason(info.get("Reason", "")), partition=info.get("Partition", ""))
@@ -287,7 +310,8 @@ def parse_squeue(text: str) -> tuple[dict[str, SlurmJob], list[str]]:
                             f"{line[:120]!r}")
             continue
         v = dict(zip(SQUEUE_FIELDS, parts))
-        jobs[v["JobID"]] = SlurmJob(job_id=v["JobID"], source="squeue", state=map_state(v["State"]),
+        jobs[v["JobID"]] = SlurmJob(job_id=v["JobID"], source="squeue",
+                                    state=held_or(map_state(v["State"]), v["Reason"]),
                                     raw_state=v["State"], name=v["JobName"], elapsed_s=parse_elapsed(v["Elapsed"]),
                                     reason=_reason(v["Reason"]), partition=v["Partition"])
     return jobs, problems
@@ -361,11 +385,81 @@ def query_jobs(job_ids: list[str]) -> SlurmQuery:
     jobs = {}
     for jid in ids:
         job = found.get(jid)
+        if "_" not in jid:
+            # an array parent id: its tasks (sacct's where it has them; slurmctld's while sacct lags,
+            # when it shows the parent as one job named "allocation" for ~2 s, measured)
+            tasks = {k: job_from_scontrol(k, v) for k, v in (live or {}).items() if k.startswith(f"{jid}_")}
+            tasks.update({k: v for k, v in found.items() if k.startswith(f"{jid}_")})
+            parent = array_parent(jid, tasks)
+            if parent is not None:
+                if job is not None:
+                    parent.notes.append(f"sacct still shows {jid} as a single job (it lags): tasks from slurmctld")
+                job = parent
         if job is None:
             job = SlurmJob(job_id=jid, source="none")
             job.notes.append(_unknown_note(jid, source))
         jobs[jid] = job
     return SlurmQuery(jobs, source, notes)
+
+
+#: order in which an array's task states decide the parent's: a failure first (it needs attention even
+#: while other tasks run), then activity, then the rest; completed only when every task completed
+_ARRAY_ORDER = (OUT_OF_MEMORY, FAILED, NODE_FAIL, TIMEOUT, RUNNING, COMPLETING, SUSPENDED, HELD, REQUEUED, PENDING,
+                PREEMPTED, CANCELLED, UNKNOWN, COMPLETED)
+
+
+def array_parent(job_id: str, tasks: dict[str, SlurmJob]) -> SlurmJob | None:
+    """The array job ``job_id`` summed up from its tasks (``123_1``, ``123_[2-5]``); None without tasks.
+
+    ``sacct -j 123`` and ``scontrol show job 123`` answer for an array parent with its tasks only,
+    so without this the parent would be "unknown" although Slurm knows it well.
+    """
+    if not tasks:
+        return None
+    by_state: dict[str, list[str]] = {}
+    for tid, t in sorted(tasks.items()):
+        by_state.setdefault(t.state, []).append(tid)
+    state = next((s for s in _ARRAY_ORDER if s in by_state), UNKNOWN)
+    counts = ", ".join(f"{len(v)} {k}" for k, v in sorted(by_state.items(), key=lambda kv: _ARRAY_ORDER.index(kv[0])
+                                                                  if kv[0] in _ARRAY_ORDER else 99))
+    restarts = [t.restarts for t in tasks.values()]
+    any_task = next(iter(tasks.values()))
+    job = SlurmJob(job_id=job_id, source=any_task.source, state=state, raw_state=f"array ({counts})",
+                   name=any_task.name, restarts=None if None in restarts else sum(r for r in restarts if r),
+                   partition=any_task.partition, tasks={tid: t.state for tid, t in sorted(tasks.items())})
+    job.notes.append(f"array job: {len(tasks)} task record(s): {counts}"
+                     + (f"; {state}: {', '.join(by_state[state][:5])}" if state in FINAL_STATES - {COMPLETED} else ""))
+    return job
+
+
+def bound_runs(job: SlurmJob, submitted_at: float | None = None, started_at: float | None = None,
+               slack_s: float = 60.0) -> SlurmJob:
+    """Drop sacct runs that belong to an *earlier, unrelated* job with the same id.
+
+    Job ids start again after a cluster's state is reset, and ``sacct --duplicates`` then lists the
+    old job's rows under the same id. A run of *this* job was submitted after the run's own
+    submission (a requeued run gets a new Submit time, measured) and ended after the run's first
+    start; rows that fail either bound are another job's, and are not counted as restarts.
+    """
+    if job.source != "sacct" or len(job.runs) < 2 or (submitted_at is None and started_at is None):
+        return job
+    kept = []
+    for r in job.runs:
+        submit, end = parse_time(r.row.get("Submit")), parse_time(r.row.get("End"))
+        if submitted_at is not None and submit is not None and submit < submitted_at - slack_s:
+            continue
+        if started_at is not None and end is not None and end < started_at - slack_s:
+            continue
+        kept.append(r)
+    if not kept or len(kept) == len(job.runs):
+        return job
+    if job.restarts != len(job.runs) - 1:
+        return job  # the count came from slurmctld, which knows only this job
+    bounded = job_from_runs(job.job_id, kept)
+    bounded.state, bounded.raw_state = job.state, job.raw_state  # the newest run is kept, and any correction
+    bounded.notes = job.notes + [f"{len(job.runs) - len(kept)} older sacct record(s) of job id {job.job_id} are "
+                                 "from before this run was submitted (the id was reused): not counted"]
+    return bounded
 
 
 def _cross_check(job: SlurmJob, info: dict[str, str]) -> None:

@@ -101,7 +101,7 @@ def test_cancelled(jobs):
     wait_for_state(jobs["cancelled"], "RUNNING", timeout=30)
     run(["scancel", jobs["cancelled"]])
     wait_sacct_row(jobs["cancelled"], "CANCELLED", timeout=30)
-    entry = assert_status(jobs["cancelled"], "cancelled", 0, rc=0)
+    entry = assert_status(jobs["cancelled"], "cancelled", 0, rc=3)  # stopped, not a success
     assert entry["slurm_state"] == f"CANCELLED by {os.getuid()}", entry
     assert entry["reason"] == f"cancelled by uid {os.getuid()}", entry
 

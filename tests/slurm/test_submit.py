@@ -90,7 +90,10 @@ def test_submit_tiny_completes(tmp_path, jobs, reference_digest):
         assert flag in script, script
 
 
-def test_preemption_signal_requeues_and_finishes_bit_exact(tmp_path, jobs, reference_digest):
+def test_user_sent_usr1_requeues_and_finishes_bit_exact(tmp_path, jobs, reference_digest):
+    """`scancel --signal=USR1`: a user-sent copy of the job's preemption/time-limit signal, *not* a
+    preemption (the real partition preemption is the next test). The job saves, requeues itself
+    and finishes bit-exact."""
     run_dir = tmp_path / "run"
     jobs.append(job := submit(run_dir))
     wait_for_step(run_dir, 20)
