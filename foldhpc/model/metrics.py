@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -115,6 +115,18 @@ def contact_precision(
         return out
 
 
+class EvaluationStopped(Exception):
+    """:func:`evaluate` gave up between batches because ``should_stop()`` said so.
+
+    Partial metrics would be a different number from the full ones (another subset of
+    proteins), so none are returned: the caller redoes the evaluation later.
+    """
+
+    def __init__(self, batches_done: int) -> None:
+        super().__init__(f"evaluation stopped after {batches_done} batches")
+        self.batches_done = batches_done
+
+
 def _to_device(batch: Mapping[str, object], device: torch.device) -> dict[str, object]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -125,7 +137,8 @@ def _finite_mean(values: list[float]) -> float:
 
 
 def evaluate(
-    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], device: torch.device | str | None = None
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], device: torch.device | str | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``batches`` in eval mode, without gradients.
 
@@ -135,6 +148,12 @@ def evaluate(
     (top-L/5, sep 12..23), ``random_long`` / ``random_medium`` (contact density among the
     same pairs: the random-guess precision), ``n_proteins``.  The model's train/eval mode is
     restored afterwards.
+
+    ``should_stop`` is asked before each batch; when it returns True, :class:`EvaluationStopped`
+    is raised. A training loop passes "a preemption signal has arrived": a whole validation
+    pass can take far longer than the signal's lead time, one batch cannot (it is cheaper than
+    a training step). Evaluation draws no random numbers (eval mode, fixed crops), so stopping
+    or repeating it leaves training's random streams untouched.
     """
     if device is None:
         param = next(model.parameters(), None)
@@ -147,7 +166,9 @@ def evaluate(
     model.eval()
     try:
         with torch.no_grad():
-            for raw in batches:
+            for i, raw in enumerate(batches):
+                if should_stop is not None and should_stop():
+                    raise EvaluationStopped(i)
                 batch = _to_device(raw, device)
                 logits = model(batch)["distogram_logits"]
                 _, stats = distogram_loss(logits, batch)

@@ -10,6 +10,22 @@ One :class:`Trainer` owns one run directory::
 
 Everything a step depends on is a function of (train.seed, step) or lives in the checkpoint, so a
 run resumed from step k continues exactly like a run that was never stopped.
+
+Where "exactly" means bit for bit (``torch.equal`` on every weight and optimizer tensor, the same
+state digest, the same TensorBoard curves): on CPU with ``train.deterministic = true``, the same
+torch build and the same ``train.threads`` (a pinned count, not 0 = "all cores", since the
+reduction order of some CPU kernels follows the thread count), and the config keys that shape
+the trajectory unchanged (resume refuses those changes unless ``--force-resume``; see
+:mod:`foldhpc.train.compat`). Validation, checkpoint timing and saving mode (async or not),
+DataLoader workers and preemption signals do not affect it. On CUDA, ``deterministic = true``
+selects deterministic kernels, so a resume on the same GPU model, driver and torch build is
+expected to be exact as well, but that is not what the test suite checks; across GPU models,
+with ``amp`` or ``compile`` the resumed run is the same training run, not the same bits.
+
+The preemption signal is acted on at the next step boundary, and a validation pass in progress
+yields to it between batches (see :mod:`foldhpc.train.validation`). TensorBoard is flushed before
+each checkpoint is written and when it is committed, so the curves up to every durable
+checkpoint survive a SIGKILL.
 """
 
 from __future__ import annotations
@@ -37,15 +53,17 @@ from foldhpc.config import Config, ConfigError, config_to_toml
 from foldhpc.data.cache import load_dataset
 from foldhpc.data.dataset import StepSampler, TrainBatches, ValBatches, split_by_sequence
 from foldhpc.model.loss import distogram_loss
-from foldhpc.model.metrics import evaluate
+from foldhpc.model.metrics import EvaluationStopped, evaluate
 from foldhpc.model.model import StructureModel
 from foldhpc.monitor.fmt import format_duration
 from foldhpc.monitor.logs import setup_logging
 from foldhpc.monitor.status import CHECKPOINTED, COMPLETED, FAILED, RUNNING, StatusFile, atomic_write_text
 from foldhpc.monitor.tensorboard import RunWriter
 from foldhpc.slurm.env import slurm_info
+from foldhpc.train.compat import check_resume, runtime_differences
 from foldhpc.train.rng import capture_rng_state, restore_rng_state, step_seed
 from foldhpc.train.schedule import lr_factor
+from foldhpc.train.validation import debug_delayed, validation_due
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +129,7 @@ class Trainer:
         self.step = 0
         self.train_time_s = 0.0  # accumulated over all restarts
         self.restarts = 0
+        self.val_step = -1  # last step whose validation completed (checkpointed; see foldhpc.train.validation)
 
     # ------------------------------------------------------------------ state protocol
     def state_dict(self) -> dict[str, Any]:
@@ -125,7 +144,7 @@ class Trainer:
         """
         rng = capture_rng_state()
         train = {"step": self.step, "train_time_s": self.train_time_s, "restarts": self.restarts,
-                 "tb_step": self.step, "samples_seen": self.step * self.cfg.train.batch_size,
+                 "val_step": self.val_step, "tb_step": self.step, "samples_seen": self.step * self.cfg.train.batch_size,
                  "epoch": self.step * self.cfg.train.batch_size // max(1, self.n_train)}
 
         def capture() -> dict[str, Any]:
@@ -144,11 +163,15 @@ class Trainer:
         self.step = int(state["train"]["step"])
         self.train_time_s = float(state["train"]["train_time_s"])
         self.restarts = int(state["train"]["restarts"])
+        # Checkpoints written before val_step existed were always saved after the validation of
+        # their step had completed.
+        self.val_step = int(state["train"].get("val_step", self.step))
 
     def checkpoint_meta(self) -> dict[str, Any]:
         slurm = slurm_info()
         return {"config_fingerprint": self.cfg.fingerprint(), "config": self.cfg.to_dict(),
                 "foldhpc_version": foldhpc.__version__, "torch_version": str(torch.__version__),
+                "device": self.device_kind,
                 "saved_at": time.time(), "host": socket.gethostname(),
                 "slurm_job_id": slurm["job_id"] or "", "slurm_restart_count": slurm["restart_count"]}
 
@@ -160,6 +183,8 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = resolve_device(t.device)
+        self.device_kind = (f"cuda ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda"
+                            else self.device.type)
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
@@ -224,24 +249,45 @@ class Trainer:
             state, meta, where = payload["state"], payload["meta"], path
         self._check_compatible(meta, where)
         self.load_state_dict(state)
+        if self.force_resume:
+            self._apply_optimizer_config()
         self.restarts += 1
         self.timings["checkpoint_load_s"] = time.monotonic() - t0
         log.info("resumed from %s at step %d (restart #%d, checkpoint load %.2fs)",
                  where, self.step, self.restarts, self.timings["checkpoint_load_s"])
 
     def _check_compatible(self, meta: dict[str, Any], where: Path) -> None:
-        if meta.get("config_fingerprint") == self.cfg.fingerprint():
-            return
-        old = meta.get("config", {})
-        new = self.cfg.to_dict()
-        diffs = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}"
-                 for s in ("model", "data") for k, v in new[s].items()
-                 if k not in ("num_workers", "prepare_workers", "cache_dir") and old.get(s, {}).get(k) != v]
-        msg = (f"checkpoint {where} was written with a different model/data config ({'; '.join(diffs) or 'unknown'}). "
-               "Resume with the original config, use --no-resume to start over, or --force-resume to load anyway.")
-        if not self.force_resume:
-            raise CheckpointError(msg)
-        log.warning("--force-resume: %s", msg)
+        """Refuse a checkpoint whose config would change the trajectory (see foldhpc.train.compat)."""
+        old = meta.get("config")
+        if old is None and meta.get("config_fingerprint") not in (None, self.cfg.fingerprint()):
+            msg = (f"checkpoint {where} was written with a different model/data config (fingerprint "
+                   f"{meta.get('config_fingerprint')} != {self.cfg.fingerprint()}). Resume with the original "
+                   "config, use --no-resume to start over, or --force-resume to load anyway.")
+            if not self.force_resume:
+                raise CheckpointError(msg)
+            log.warning("--force-resume: %s", msg)
+        check_resume(old, self.cfg.to_dict(), where, self.force_resume)
+        changed = runtime_differences(meta, self.device_kind, str(torch.__version__))
+        if changed:
+            log.warning("checkpoint %s was written with %s: training continues, but not bit-identically to an "
+                        "uninterrupted run", where, "; ".join(changed))
+
+    def _apply_optimizer_config(self) -> None:
+        """Make ``train.lr`` / ``train.weight_decay`` take effect after loading a checkpoint.
+
+        The optimizer and scheduler state dicts carry the hyperparameters they were created with;
+        loading them would silently keep the old values after a ``--force-resume`` that changed
+        them. With unchanged values this recomputes exactly what was loaded.
+        """
+        t = self.cfg.train
+        factor = lr_factor(self.scheduler.last_epoch, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
+                           min_lr_ratio=t.min_lr_ratio)
+        self.scheduler.base_lrs = [t.lr for _ in self.optimizer.param_groups]
+        for g in self.optimizer.param_groups:
+            g["initial_lr"] = t.lr
+            g["weight_decay"] = t.weight_decay
+            g["lr"] = t.lr * factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
 
     # ------------------------------------------------------------------ run
     def run(self) -> TrainResult:
@@ -303,6 +349,10 @@ class Trainer:
         last = self.ckpt.last_committed
         if last is not None and last.step == self.step and not self.ckpt.in_flight:
             return True  # this exact state is already durable
+        # Every scalar up to this step reaches the event file before the checkpoint can exist, so a
+        # run killed after the commit resumes onto curves without a gap (a resume purges only the
+        # events after the checkpoint's step). Cheap: at most one flush per save.
+        self.writer.flush()
         return self.ckpt.save(self.step, self.state_source(), self.checkpoint_meta(), reason=reason,
                               blocking=blocking)
 
@@ -319,6 +369,7 @@ class Trainer:
                                last_save_error=None)
             self.writer.scalar("checkpoint/write_s", last.write_s, last.step)
             self.writer.scalar("checkpoint/step", last.step, last.step)
+            self.writer.flush()  # durable checkpoint, durable curves (incl. the scalars just above)
 
     def _loop(self, preempt: PreemptionSignals) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
@@ -332,12 +383,20 @@ class Trainer:
         metrics: dict[str, float] = {}
         loss_val: float | None = None  # mean loss of the latest log window
         first_step_logged = False
-        if t.val_every and self.step == 0:
-            self._validate()  # the untrained baseline, so the curves show what training bought
+
+        def stop() -> bool:
+            return preempt.received is not None
+
+        if validation_due(self.step, t.val_every, t.max_steps) and self.val_step != self.step:
+            # step 0: the untrained baseline, so the curves show what training bought; later: a
+            # validation that a signal cut short before this checkpoint was saved
+            self._validate(stop)
         while True:
             if preempt.received is not None:
                 sig = preempt.received.name
-                log.warning("received %s: saving a checkpoint at step %d, then exiting for requeue", sig, self.step)
+                in_flight = self.ckpt.in_flight
+                log.warning("received %s: saving a checkpoint at step %d, then exiting for requeue%s", sig, self.step,
+                            " (waiting for the background save in flight first)" if in_flight else "")
                 t0 = time.monotonic()
                 self._save(f"signal:{sig}", blocking=True)
                 self._note_checkpoint(seen)
@@ -383,8 +442,8 @@ class Trainer:
             if self.step % cfg.run.log_every == 0 or self.step == t.max_steps:
                 loss_val = self._log_progress(win, lr, float(gnorm))
                 win = {"t0": time.monotonic(), "data": 0.0, "steps": 0, "loss": 0.0}
-            if t.val_every and self.step % t.val_every == 0 and self.step < t.max_steps:
-                metrics = self._validate()
+            if validation_due(self.step, t.val_every, t.max_steps):
+                metrics = self._validate(stop) or metrics
                 win["t0"] = time.monotonic()  # validation is not training throughput
             self._note_checkpoint(seen)
             by_steps = bool(every) and self.step % every == 0
@@ -395,7 +454,16 @@ class Trainer:
         # end of training
         self._save("final", blocking=True)
         self._note_checkpoint(seen)
-        metrics = self._validate()
+        final = self._validate(stop)
+        if final is None:
+            # The final checkpoint is durable; exit for requeue, the resumed run (at max_steps)
+            # only validates.
+            sig = preempt.received.name if preempt.received is not None else "?"
+            log.warning("received %s during the final validation: the final checkpoint (step %d) is durable; "
+                        "exiting for requeue, the next start validates and completes", sig, self.step)
+            self.status.update(state=CHECKPOINTED, step=self.step, signal=sig)
+            return TrainResult(CHECKPOINTED, self.step, sig)
+        metrics = final
         if loss_val is not None:
             self.status.update(loss=loss_val)
         self.status.update(state=COMPLETED, step=self.step, metrics=metrics, finished_at=time.time())
@@ -423,11 +491,26 @@ class Trainer:
                            eta_s=eta, train_time_s=self.train_time_s)
         return loss
 
-    def _validate(self) -> dict[str, float]:
+    def _validate(self, should_stop: Callable[[], bool]) -> dict[str, float] | None:
+        """Validate at the current step; None if ``should_stop`` (a preemption signal) cut it short.
+
+        Nothing of a cut-short validation is logged to TensorBoard or status, and ``val_step`` is
+        not advanced, so the resumed run redoes it (see foldhpc.train.validation).
+        """
         if len(self.val_batches) == 0:
+            self.val_step = self.step
             return {}
         t0 = time.monotonic()
-        metrics = evaluate(self.model, self.val_batches, device=self.device)
+        log.info("validating at step %d (%d batches)", self.step, len(self.val_batches))
+        try:
+            metrics = evaluate(self.model, debug_delayed(self.val_batches), device=self.device,
+                               should_stop=should_stop)
+        except EvaluationStopped as e:
+            log.warning("validation at step %d stopped by a preemption signal after %d of %d batches (%.2fs); "
+                        "it is redone after the resume", self.step, e.batches_done, len(self.val_batches),
+                        time.monotonic() - t0)
+            return None
+        self.val_step = self.step
         for k, v in metrics.items():
             self.writer.scalar(f"val/{k}", v, self.step)
         log.info("validation at step %d (%.1fs): %s", self.step, time.monotonic() - t0,
