@@ -4,6 +4,13 @@ Scalars at step ``s`` describe the state after optimizer step ``s``. After a res
 checkpoint at step ``k`` the writer purges events *after* ``k`` (``purge_step=k+1``): those were
 logged by steps that a crash lost and the resumed run replays, so they are not drawn twice. A
 restart marker is recorded at ``k``.
+
+The trainer calls :meth:`RunWriter.flush` before every checkpoint write and when a checkpoint is
+committed, so the curves up to any durable checkpoint are on disk whatever kills the process; the
+30 s timer only bounds the loss of events after the newest checkpoint, which a resume replays.
+(With TensorBoard's own local writer, used when TensorFlow is not installed, each event is appended
+by a background thread as it is dequeued; TensorFlow's gfile and object-store paths buffer until a
+flush, which is where the timer alone left a gap.)
 """
 
 from __future__ import annotations
