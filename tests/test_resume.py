@@ -31,9 +31,10 @@ def overrides(run: Path, **extra: object) -> list[str]:
     return tiny_overrides(run, **{**SLOW, **extra})
 
 
-def start(run: Path, **extra: object) -> subprocess.Popen:
+def start(run: Path, env: dict[str, str] | None = None, **extra: object) -> subprocess.Popen:
     return subprocess.Popen(foldhpc_cmd("train", "--config", str(TINY), *set_args(overrides(run, **extra))),
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **(env or {})))
 
 
 def wait_for_log(run: Path, pattern: str, proc: subprocess.Popen, timeout: float = 120) -> re.Match:
@@ -149,7 +150,12 @@ def test_sigkill_resumes_from_last_durable_checkpoint_and_replays(tmp_path, refe
 
 
 def test_signal_just_after_timed_save_and_during_async_save(tmp_path, reference):
-    """Timed saves every 1 s; a signal right after one is committed, then one while one is in flight."""
+    """Timed saves every 1 s; a signal right after one is committed, then one while one is in flight.
+
+    In-flight is proven, not hoped for: the second process slows every write by 1 s (the checkpoint
+    manager's FOLDHPC_DEBUG_WRITE_DELAY_S hook); the signal is sent after the save has started, and
+    when the trainer handles it (after it arrived) it finds that save still in flight and says so.
+    """
     _, ref_state, ref_digest = reference
     run = tmp_path / "run"
     proc = start(run, **{"checkpoint.interval": "1s"})
@@ -157,23 +163,50 @@ def test_signal_just_after_timed_save_and_during_async_save(tmp_path, reference)
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=120) == 75
     first = read_json(run / "status.json")["step"]
-    proc = start(run, **{"checkpoint.interval": "1s"})
+    proc = start(run, env={"FOLDHPC_DEBUG_WRITE_DELAY_S": "1"}, **{"checkpoint.interval": "1s"})
     wait_for_log(run, r"resumed from", proc)
     log_len = len((run / "train.log").read_text())
     # the next background write after the resume: signal it the moment the snapshot is taken
     deadline = time.monotonic() + 60
-    while "writing in the background" not in (run / "train.log").read_text()[log_len:]:
+    while not (m := re.search(r"checkpoint step (\d+): staging and writing in the background",
+                              (run / "train.log").read_text()[log_len:])):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.002)
+    in_flight_step = int(m.group(1))
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 75
     second = read_json(run / "status.json")["step"]
-    assert first < second < STEPS
+    assert first < in_flight_step <= second < STEPS
+    log = (run / "train.log").read_text()[log_len:]
+    assert re.search(rf"received SIGTERM: saving a checkpoint at step {second}, then exiting for requeue "
+                     r"\(waiting for the background save in flight first\)", log), log[-2000:]
+    assert in_flight_step in {e.step for e in CheckpointManager(run / "checkpoints").entries()}  # it committed
     assert CheckpointManager(run / "checkpoints").load_latest().entry.step == second
     finish(run, **{"checkpoint.interval": "1s"})
     state, digest = final_state(run)
     assert_identical(state, ref_state)
     assert digest == ref_digest
+
+
+def test_synchronous_saves_resume_bit_exact(tmp_path, reference):
+    """checkpoint.async_save = false: step saves written on the training thread, then a signal."""
+    ref_run, ref_state, ref_digest = reference
+    run = tmp_path / "run"
+    sync = {"checkpoint.async_save": False, "checkpoint.every_steps": 10}
+    proc = start(run, **sync)
+    wait_for_log(run, r"step 24/", proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75
+    log = (run / "train.log").read_text()
+    assert re.search(r"checkpoint step 20 saved \(steps", log)
+    assert "in the background" not in log  # every save really was synchronous
+    signal_step = CheckpointManager(run / "checkpoints").load_latest().entry.step
+    assert signal_step == last_logged_step(run) >= 24
+    finish(run, **sync)
+    state, digest = final_state(run)
+    assert_identical(state, ref_state)
+    assert digest == ref_digest
+    assert loss_curve(run) == loss_curve(ref_run)
 
 
 def test_timed_saves_follow_the_interval(tmp_path):
