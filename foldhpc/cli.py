@@ -83,10 +83,10 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_checkpoints(args: argparse.Namespace) -> int:
-    from foldhpc.checkpoint.listing import format_table, list_checkpoints
+    from foldhpc.checkpoint.listing import checkpoint_dir_of, format_table, list_checkpoints
 
     rows = list_checkpoints(Path(args.run_dir), verify=args.verify)
-    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows, checkpoint_dir_of(Path(args.run_dir))))
     return 1 if args.verify and any(r["verified"] is False for r in rows) else 0
 
 
@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from step 0 (existing checkpoints are moved aside, not deleted)")
     g.add_argument("--resume", metavar="PATH", help="resume from this checkpoint file")
     p.add_argument("--force-resume", action="store_true",
-                   help="resume even if the checkpoint's model/data config differs")
+                   help="resume even if the checkpoint was written with a model, data or train config that "
+                        "changes the training trajectory (the differences are listed)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("data", help="prepare and inspect the structure dataset")

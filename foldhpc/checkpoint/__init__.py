@@ -1,8 +1,25 @@
-"""Checkpointing: complete training state, durable verified files, async saves, signals."""
+"""Checkpointing: complete training state, durable self-verifying files, async saves, signals.
 
-from foldhpc.checkpoint.digest import state_digest
-from foldhpc.checkpoint.manager import CheckpointEntry, CheckpointError, CheckpointManager, LoadedCheckpoint
-from foldhpc.checkpoint.signals import PreemptionSignals, ignore_signals
+The names are imported on first use (PEP 562): ``foldhpc.checkpoint.signals`` must be importable
+without torch, so that ``foldhpc train`` can start recording preemption signals before the
+second or two that importing torch takes (a signal in that window would otherwise kill it).
+"""
 
-__all__ = ["CheckpointEntry", "CheckpointError", "CheckpointManager", "LoadedCheckpoint",
-           "PreemptionSignals", "ignore_signals", "state_digest"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CheckpointEntry": "foldhpc.checkpoint.manager", "CheckpointError": "foldhpc.checkpoint.manager",
+    "CheckpointManager": "foldhpc.checkpoint.manager", "LoadedCheckpoint": "foldhpc.checkpoint.manager",
+    "PreemptionSignals": "foldhpc.checkpoint.signals", "ignore_signals": "foldhpc.checkpoint.signals",
+    "state_digest": "foldhpc.checkpoint.digest",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'foldhpc.checkpoint' has no attribute {name!r}")
