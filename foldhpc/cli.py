@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit_mod.add_arguments(p)
     p.set_defaults(func=submit_mod.run)
 
-    from foldhpc import status as status_mod
+    from foldhpc.monitor import report as status_mod
 
     p = sub.add_parser("status", help="state of runs and Slurm jobs (sacct + run directories)")
     status_mod.add_arguments(p)

@@ -1,6 +1,8 @@
 """``python -m foldhpc.submit --config FILE [--set ...]``: submit a training run to Slurm."""
 
-from foldhpc.slurm.submit import main
+import sys
+
+from foldhpc.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["submit", *sys.argv[1:]]))

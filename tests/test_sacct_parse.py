@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from foldhpc import status as st
+from foldhpc.monitor import report as st
 from foldhpc.slurm import sacct
 from foldhpc.slurm.sacct import SlurmCommandError, group_runs, job_from_runs, map_state, parse_sacct
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from foldhpc import status
+from foldhpc.monitor import report as status
 from foldhpc.slurm import sacct
 
 FIX = Path(__file__).parent / "fixtures" / "sacct"

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from foldhpc.config import Config, ConfigError, load_config, parse_duration
@@ -94,8 +93,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"submitted job {job_id}\nrun directory {cfg.run_dir.resolve()}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    from foldhpc.cli import main as cli_main
-
-    return cli_main(["submit", *(sys.argv[1:] if argv is None else argv)])

@@ -9,7 +9,7 @@ One module-scoped set of plain ``sbatch --wrap`` jobs, started together so the f
   run, pushed out by a ``high`` job needing every CPU the timeout job leaves free.
 
 Each is checked in both the table and the ``--json`` output, state and restart count, plus the exit
-status of the command. The status command runs in a subprocess through ``foldhpc.status.main``.
+status of the command. The status command runs in a subprocess through ``foldhpc.monitor.report.main``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 
 from .helpers import cancel_all_jobs, run, sbatch, wait_for_state, wait_sacct_row
 
-STATUS = [sys.executable, "-c", "import sys; from foldhpc.status import main; sys.exit(main(sys.argv[1:]))"]
+STATUS = [sys.executable, "-c", "import sys; from foldhpc.monitor.report import main; sys.exit(main(sys.argv[1:]))"]
 # second run of the job (SLURM_RESTART_COUNT=1) ends after a few seconds, the first one waits to be preempted
 REQUEUE_SCRIPT = 'if [ "${SLURM_RESTART_COUNT:-0}" -ge 1 ]; then sleep 3; exit 0; fi; sleep 300'
 

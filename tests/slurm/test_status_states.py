@@ -10,7 +10,7 @@ import sys
 
 from .helpers import cancel_all_jobs, run, sbatch, wait_for_state
 
-STATUS = [sys.executable, "-c", "import sys; from foldhpc.status import main; sys.exit(main(sys.argv[1:]))"]
+STATUS = [sys.executable, "-c", "import sys; from foldhpc.monitor.report import main; sys.exit(main(sys.argv[1:]))"]
 
 
 def status_json(*ids: str) -> tuple[int, dict]:

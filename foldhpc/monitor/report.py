@@ -495,7 +495,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -c 'from foldhpc.status import main; main()'``)."""
+    """Stand-alone entry point (``python -c 'from foldhpc.monitor.report import main; main()'``)."""
     parser = argparse.ArgumentParser(prog="foldhpc status")
     add_arguments(parser)
     return run(parser.parse_args(argv))
