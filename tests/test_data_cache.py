@@ -13,6 +13,7 @@ import pytest
 
 from foldhpc.config import DataConfig
 from foldhpc.data import cache as cache_mod
+from foldhpc.data import structure as structure_mod
 from foldhpc.data import DataError, DatasetReport, load_dataset, prepare_dataset, resolve_cache_dir
 
 HERE = Path(__file__).resolve().parent
@@ -101,9 +102,9 @@ def test_second_prepare_is_a_cache_hit(tmp_path: Path) -> None:
         np.testing.assert_array_equal(a[k].atom_mask, b[k].atom_mask)
         np.testing.assert_array_equal(a[k].residue_index, b[k].residue_index)
         np.testing.assert_array_equal(a[k].aatype, b[k].aatype)
-    # also without the whole-dataset pack (per-file entries) and without the index
-    for p in (tmp_path / "cache").glob("pack-*.npz"):
-        p.unlink()
+    # also without the whole-dataset store (per-file entries) and without the index
+    for p in (tmp_path / "cache").glob("store-*"):
+        shutil.rmtree(p)
     (tmp_path / "cache" / "index.json").unlink()
     third = prepare(data, tmp_path / "cache")
     assert third.n_parsed == 0 and sorted(by_id(third)) == sorted(a)
@@ -125,7 +126,7 @@ def test_changed_file_and_parser_version_are_reparsed(tmp_path: Path, monkeypatc
     short = prepare(data, tmp_path / "cache", max_length=100)
     assert short.n_parsed == 0 and all(len(r) <= 100 for r in short.records)
     assert "1A4W.pdb.gz" in dict(short.skipped)
-    monkeypatch.setattr(cache_mod, "PARSER_VERSION", cache_mod.PARSER_VERSION + 1)
+    monkeypatch.setattr(structure_mod, "PARSER_VERSION", structure_mod.PARSER_VERSION + 1)
     assert prepare(data, tmp_path / "cache").n_parsed == 9
 
 
@@ -133,14 +134,23 @@ def test_corrupt_cache_entry_and_pack_are_recovered(tmp_path: Path, caplog) -> N
     data = make_dataset(tmp_path, with_bad=False)
     cache = tmp_path / "cache"
     prepare(data, cache)
-    (pack,) = cache.glob("pack-*.npz")
-    pack.write_bytes(pack.read_bytes()[: pack.stat().st_size // 2])  # torn write of the pack
+    (store,) = cache.glob("store-*")
+    coords = store / "coords.npy"
+    coords.write_bytes(coords.read_bytes()[: coords.stat().st_size // 2])  # torn store array
     with caplog.at_level(logging.WARNING):
         report = prepare(data, cache)
     assert report.n_parsed == 0 and report.n_cached == 9  # fell back to per-file entries
-    assert "corrupt dataset pack" in caplog.text
-    for p in cache.glob("pack-*.npz"):
-        p.unlink()
+    assert "corrupt dataset store" in caplog.text
+    caplog.clear()
+    (store,) = cache.glob("store-*")  # rebuilt; now flip bytes: only the crc32 can tell
+    raw = bytearray(coords.read_bytes())
+    raw[-64:] = bytes(b ^ 0xFF for b in raw[-64:])
+    coords.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING):
+        report = prepare(data, cache)
+    assert report.n_parsed == 0 and "crc32 mismatch in coords.npy" in caplog.text
+    for p in cache.glob("store-*"):
+        shutil.rmtree(p)
     entries = sorted(cache.glob("entries/*/*.npz"))
     assert len(entries) == 9
     raw = bytearray(entries[0].read_bytes())

@@ -1,0 +1,254 @@
+"""The dataset store: every chain of a prepared dataset in a few flat, memory-mapped arrays.
+
+A warm start must not cost more per process than the data it really uses: with the
+records in each process's heap, every DataLoader worker and every rank pays the whole
+dataset again.  So a prepared dataset is one folder ``store-<key>/`` of ``.npy`` files
+(residue arrays concatenated over all chains, plus per-chain lengths and completeness and
+per-file chain counts) opened with ``mmap``: the records are read-only views into the
+page cache, which all processes on a node share, and only the pages a batch touches
+are ever read.
+
+Written to a temp folder and renamed into place, so a store exists whole or not at all.
+``meta.json`` holds the names, shapes and a crc32 per array: opening checks the shapes
+(a truncated file fails), a rescan (``foldhpc data prepare``) also checks the crc32s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import structure
+from .entries import Entry
+from .files import UMASK
+from .structure import ProteinChain, chain_id_prefix
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = 1
+META = "meta.json"
+# name -> (dtype, trailing shape); leading dimension: files (F), chains (C) or residues (N)
+ARRAYS: dict[str, tuple[type, tuple[int, ...], str]] = {
+    "file_chains": (np.int64, (), "F"),
+    "chain_length": (np.int64, (), "C"),
+    "chain_completeness": (np.float64, (), "C"),
+    "aatype": (np.int8, (), "N"),
+    "coords": (np.float32, (4, 3), "N"),
+    "atom_mask": (np.bool_, (4,), "N"),
+    "residue_index": (np.int32, (), "N"),
+    "sequence": (np.uint8, (), "N"),  # one-letter codes, ASCII
+}
+
+
+def store_dir(cache: Path, key: str) -> Path:
+    return cache / f"store-{key}"
+
+
+@dataclass
+class DatasetStore:
+    """All files of one prepared dataset: their relative paths, errors and chains."""
+
+    key: str
+    rels: list[str]  # per file, sorted as scanned
+    errors: dict[int, str]  # file number -> why it has no chain (parse result, cached)
+    chain_ids: list[str]  # per chain
+    arrays: dict[str, np.ndarray]
+    path: Path | None = None  # the folder when opened from disk (arrays memory-mapped)
+
+    # ------------------------------------------------------------ build / write / open
+    @classmethod
+    def from_entries(cls, key: str, rows: list[tuple[str, Entry]]) -> DatasetStore:
+        """Concatenate per-file entries (in memory) into one store."""
+        entries = [e for _, e in rows]
+        chain_length = (np.concatenate([e.lengths for e in entries]) if entries
+                        else np.zeros(0, np.int64)).astype(np.int64)
+        atom_mask = _cat([e.atom_mask for e in entries], (4,), np.bool_)
+        seq = "".join(s for e in entries for s in e.sequences)
+        arrays = {
+            "file_chains": np.array([len(e.lengths) for e in entries], dtype=np.int64),
+            "chain_length": chain_length,
+            "chain_completeness": _completeness(atom_mask, chain_length),
+            "aatype": _cat([e.aatype for e in entries], (), np.int8),
+            "coords": _cat([e.coords for e in entries], (4, 3), np.float32),
+            "atom_mask": atom_mask,
+            "residue_index": _cat([e.residue_index for e in entries], (), np.int32),
+            "sequence": np.frombuffer(seq.encode("ascii"), dtype=np.uint8).copy(),
+        }
+        store = cls(key=key, rels=[r for r, _ in rows],
+                    errors={i: e.error for i, e in enumerate(entries) if e.error},
+                    chain_ids=[c for e in entries for c in e.chain_ids], arrays=arrays)
+        store.validate()
+        return store
+
+    def write(self, cache: Path) -> Path:
+        """Write to ``store-<key>/`` atomically (temp folder + rename); returns the folder.
+
+        A store with this key that is already there (a concurrent prepare, the same input)
+        is kept: same key, same content.
+        """
+        final = store_dir(cache, self.key)
+        if (final / META).exists():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".store-{self.key}.", suffix=".tmp", dir=cache))
+        try:
+            os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700; a shared cache must be readable
+            crcs = {}
+            for name, arr in self.arrays.items():
+                with open(tmp / f"{name}.npy", "wb") as f:
+                    np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+                crcs[name] = zlib.crc32(np.ascontiguousarray(arr).data)
+            meta = {"format": STORE_FORMAT, "key": self.key, "parser_version": structure.PARSER_VERSION,
+                    "counts": self.counts(), "crc32": crcs, "rels": self.rels,
+                    "errors": {str(i): e for i, e in self.errors.items()}, "chain_ids": self.chain_ids}
+            (tmp / META).write_text(json.dumps(meta))
+            for p in tmp.iterdir():
+                os.chmod(p, 0o666 & ~UMASK)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / META).exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    @classmethod
+    def open(cls, cache: Path, key: str, verify: bool) -> DatasetStore:
+        """Memory-map ``store-<key>/``; raises ValueError/OSError if it is unusable.
+
+        ``verify`` also reads every byte to check the crc32s (``foldhpc data prepare``);
+        without it only shapes and file sizes are checked, which costs a few ``stat``s.
+        """
+        path = store_dir(cache, key)
+        meta = json.loads((path / META).read_text())
+        if meta.get("format") != STORE_FORMAT or meta.get("key") != key:
+            raise ValueError(f"not a format-{STORE_FORMAT} store with key {key}")
+        if meta.get("parser_version") != structure.PARSER_VERSION:
+            raise ValueError("parser version mismatch")
+        counts = meta["counts"]
+        arrays: dict[str, np.ndarray] = {}
+        for name in ARRAYS:
+            n = counts[ARRAYS[name][2]]
+            f = path / f"{name}.npy"
+            # np.load refuses an empty mmap; a zero-length array is read (it is tiny)
+            arr = np.load(f, mmap_mode="r" if n else None, allow_pickle=False)
+            arrays[name] = np.asarray(arr)  # plain ndarray view, the mapping stays alive
+            if verify and zlib.crc32(np.ascontiguousarray(arrays[name]).data) != meta["crc32"][name]:
+                raise ValueError(f"crc32 mismatch in {f.name}")
+        store = cls(key=key, rels=list(meta["rels"]),
+                    errors={int(i): str(e) for i, e in meta["errors"].items()},
+                    chain_ids=list(meta["chain_ids"]), arrays=arrays, path=path)
+        store.validate()
+        return store
+
+    def counts(self) -> dict[str, int]:
+        return {"F": len(self.rels), "C": len(self.chain_ids), "N": int(self.arrays["aatype"].shape[0])}
+
+    def validate(self) -> None:
+        counts = self.counts()
+        for name, (dtype, trailing, dim) in ARRAYS.items():
+            arr = self.arrays[name]
+            if arr.dtype != np.dtype(dtype) or arr.shape != (counts[dim], *trailing):
+                raise ValueError(f"array {name}: {arr.dtype}{arr.shape}, expected "
+                                 f"{np.dtype(dtype)}{(counts[dim], *trailing)}")
+        if int(self.arrays["file_chains"].sum()) != counts["C"]:
+            raise ValueError("chain counts do not add up")
+        if int(self.arrays["chain_length"].sum()) != counts["N"]:
+            raise ValueError("chain lengths do not add up")
+
+    # ------------------------------------------------------------ selection
+    def select(self, min_length: int, max_length: int, min_completeness: float
+               ) -> tuple[list[ProteinChain], list[tuple[str, str]]]:
+        """One chain per file, the rule of :func:`structure.select_chain` on whole arrays.
+
+        Returns the records (views into the store's arrays) and (file, reason) for every
+        file without one.  Vectorised because at 200k files a per-chain Python pass (the
+        old path built every chain of every file) was most of a warm start.
+        """
+        a = self.arrays
+        length, comp, file_chains = a["chain_length"], a["chain_completeness"], a["file_chains"]
+        n_files = len(self.rels)
+        chain_file = np.repeat(np.arange(n_files, dtype=np.int64), file_chains)
+        ok = (comp >= min_completeness) & (length >= min_length) & (length <= max_length)
+        idx = np.flatnonzero(ok)
+        # per file: longest fitting chain, first in file order on ties
+        order = np.lexsort((idx, -length[idx], chain_file[idx]))
+        ranked = idx[order]
+        first = np.ones(ranked.size, dtype=bool)
+        first[1:] = chain_file[ranked][1:] != chain_file[ranked][:-1]
+        chosen = ranked[first]
+        res_start = np.zeros(length.size + 1, dtype=np.int64)
+        np.cumsum(length, out=res_start[1:])
+        records = []
+        seq, aatype, coords = a["sequence"], a["aatype"], a["coords"]
+        atom_mask, residue_index = a["atom_mask"], a["residue_index"]
+        for c, f in zip(chosen.tolist(), chain_file[chosen].tolist()):
+            lo, hi = int(res_start[c]), int(res_start[c + 1])
+            rel, cid = self.rels[f], self.chain_ids[c]
+            records.append(ProteinChain(
+                id=f"{record_prefix(rel)}_{cid.strip() or '-'}", source=rel, chain=cid,
+                sequence=seq[lo:hi].tobytes().decode("ascii"), aatype=aatype[lo:hi],
+                coords=coords[lo:hi], atom_mask=atom_mask[lo:hi], residue_index=residue_index[lo:hi]))
+        has = np.zeros(n_files, dtype=bool)
+        has[chain_file[chosen]] = True
+        file_start = np.zeros(n_files + 1, dtype=np.int64)
+        np.cumsum(file_chains, out=file_start[1:])
+        skipped = []
+        for f in np.flatnonzero(~has).tolist():
+            if f in self.errors:
+                skipped.append((self.rels[f], self.errors[f]))
+                continue
+            lo, hi = int(file_start[f]), int(file_start[f + 1])
+            skipped.append((self.rels[f], skip_reason(length[lo:hi], comp[lo:hi], min_length, max_length,
+                                                      min_completeness)))
+        return records, skipped
+
+    def describe(self) -> dict[str, Any]:
+        return {"key": self.key, "path": str(self.path or ""), **self.counts()}
+
+
+def record_prefix(rel: str) -> str:
+    """Chain id prefix of a file: its name without suffixes, with its sub-folder if any."""
+    return str(Path(rel).parent / chain_id_prefix(rel)) if "/" in rel else chain_id_prefix(rel)
+
+
+def skip_reason(lengths: np.ndarray, completeness: np.ndarray, min_length: int, max_length: int,
+                min_completeness: float) -> str:
+    """Why no chain of a file was selected: the exact words of :func:`structure.select_chain`."""
+    if lengths.size == 0:
+        return "no protein chain"
+    complete = completeness >= min_completeness
+    if not complete.any():
+        best = float(completeness.max())
+        return f"no chain with backbone completeness >= {min_completeness:g} (best {best:.2f})"
+    ls = sorted({int(n) for n in lengths[complete]})
+    return (f"no chain with {min_length}-{max_length} residues "
+            f"(lengths: {', '.join(map(str, ls[:5]))}{'...' if len(ls) > 5 else ''})")
+
+
+def _cat(parts: list[np.ndarray], trailing: tuple[int, ...], dtype: type) -> np.ndarray:
+    if not parts:
+        return np.zeros((0, *trailing), dtype=dtype)
+    return np.concatenate(parts).astype(dtype, copy=False)
+
+
+def _completeness(atom_mask: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Per chain: share of residues with N, CA and C, bit-identical to
+    ``ProteinChain.completeness`` (a mean of booleans is an exact count / length)."""
+    full = np.zeros(atom_mask.shape[0] + 1, dtype=np.int64)
+    np.cumsum(atom_mask[:, :3].all(axis=1), out=full[1:])
+    ends = np.cumsum(lengths)
+    counts = full[ends] - full[ends - lengths]
+    out = np.zeros(lengths.shape, dtype=np.float64)
+    nz = lengths > 0
+    out[nz] = counts[nz] / lengths[nz]
+    return out
