@@ -71,10 +71,15 @@ def _debug_hold_after_train() -> None:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from foldhpc.data.cache import load_dataset
+    """``prepare`` re-validates every file and re-seals the dataset manifest (``--shard I/N``:
+    one part of a split preparation, merged by a plain ``prepare``); ``info`` reads the sealed
+    manifest like a training start does."""
+    from foldhpc.data.cache import load_dataset, parse_shard
 
     cfg = load_config(args.config, args.overrides)
-    report = load_dataset(cfg.data, run_dir=cfg.run_dir, progress=True)
+    prepare = args.data_command == "prepare"
+    shard = parse_shard(args.shard) if prepare and args.shard else None
+    report = load_dataset(cfg.data, run_dir=cfg.run_dir, progress=True, rescan=prepare, shard=shard)
     if args.json:
         print(report.to_json())
     else:
@@ -117,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         dp = dsub.add_parser(name, help=helptext, description=helptext)
         _add_config_args(dp)
         dp.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "prepare":
+            dp.add_argument("--shard", metavar="I/N",
+                            help="parse only every N-th file starting at I (0 <= I < N), e.g. "
+                                 "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT in a Slurm array; "
+                                 "then run prepare once without --shard to merge")
         dp.set_defaults(func=_cmd_data)
 
     from foldhpc.slurm import submit as submit_mod
