@@ -5,7 +5,7 @@ Measures, on the default CPU demo (configs/default.toml: examples/data, 329 real
 (a) cold preparation: ``prepare_dataset`` into a fresh cache directory (temp dir), with the
     default parser processes (``data.prepare_workers = 0`` = one per CPU) and with 1 process:
     structures parsed per second (scan + hash + parse + cache write, files in the OS page cache);
-(b) warm start: ``prepare_dataset`` on the filled cache (one pack file read) in chains/s, then
+(b) warm start: ``prepare_dataset`` on the filled cache (a rescan: stat per file, the mapped store) in chains/s, then
     ``TrainBatches.__getitem__`` at the default batch/crop in samples/s, and the same batches
     delivered through the Trainer's DataLoader (``data.num_workers`` 1 = default, and 0);
 (c) share of training-step time spent waiting for data on the default config (goal <= 1 %):
@@ -142,7 +142,7 @@ def bench_warm(cfg: Config, repeats: int, n_batches: int, tmp: Path) -> dict[str
            "batch_size": t.batch_size, "crop_size": cfg.data.crop_size, "n_batches": n_batches}
     print_table("(b) warm cache and batch building (default batch/crop)",
                 ["what", "figure"],
-                [["warm prepare_dataset (pack hit)", fmt_summary(summary(load_s), "s", digits=3)],
+                [["warm prepare_dataset (rescan, store hit)", fmt_summary(summary(load_s), "s", digits=3)],
                  ["  = chains/s", fmt_summary(res["warm_load_chains_per_s"], "/s", digits=0)],
                  [f"TrainBatches[step] (B={t.batch_size}, crop={cfg.data.crop_size})",
                   fmt_summary(res["getitem_samples_per_s"], "samples/s", digits=0)],

@@ -1,8 +1,9 @@
 """Structure files -> cached backbone records -> deterministic training batches.
 
 ``structure`` parses one file, ``cache`` prepares a whole folder (parallel, cached,
-reported), ``dataset`` splits by sequence and serves batches that depend only on
-(seed, step).  The torch-dependent names are imported lazily so that parser worker
+reported, sealed for warm starts that do not scan; helpers in ``files``, ``entries``,
+``index``, ``parallel``, ``store``, ``manifest``, ``report``), ``dataset`` splits by sequence
+and serves batches that depend only on (seed, step).  See docs/data.md.  The torch-dependent names are imported lazily so that parser worker
 processes and ``foldhpc prepare`` do not pay for importing torch.
 """
 
