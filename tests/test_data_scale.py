@@ -8,6 +8,7 @@ import json
 import logging
 import mmap
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -16,10 +17,11 @@ import pytest
 import torch
 
 from foldhpc.config import DataConfig
-from foldhpc.data import DataError, TrainBatches, parse_structure, prepare_dataset, select_chain
+from foldhpc.data import (DataError, TrainBatches, ValBatches, parse_structure, prepare_dataset, select_chain,
+                          split_by_sequence)
 from foldhpc.data.cache import load_dataset, load_sealed, parse_shard
 from foldhpc.data.entries import Entry
-from foldhpc.data.store import DatasetStore
+from foldhpc.data.store import DatasetStore, RecordTable
 from foldhpc.data.structure import ProteinChain, StructureError, is_structure_file
 
 from conftest import TINY, run_foldhpc
@@ -87,6 +89,25 @@ def test_trusted_batches_are_bit_identical(tmp_path: Path) -> None:
     for step in range(7):
         x, y = a[step], b[step]
         assert all(torch.equal(x[k], y[k]) for k in x)
+    # a table (records made on access) and a plain list of the same records: same split, same batches
+    table = trusted.records
+    assert isinstance(table, RecordTable)
+    listed = list(table)
+    for fraction in (0.2, 0.5):
+        (t_train, t_val), (l_train, l_val) = split_by_sequence(table, fraction, 3), split_by_sequence(listed, fraction, 3)
+        assert isinstance(t_train, RecordTable) and isinstance(t_val, RecordTable)
+        assert_same_records(list(t_train), l_train) and assert_same_records(list(t_val), l_val)
+    t_b, l_b = TrainBatches(t_train, 2, 40, 1), TrainBatches(l_train, 2, 40, 1)
+    for step in range(5):
+        x, y = t_b[step], l_b[step]
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    x, y = ValBatches(t_val, 2, 40)[0], ValBatches(l_val, 2, 40)[0]
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    # pickled (a spawned DataLoader worker): maps the store again, same records
+    again = pickle.loads(pickle.dumps(t_train))
+    assert again.store is not t_train.store and again.store.path == t_train.store.path
+    assert_same_records(list(again), list(t_train))
+    assert len(pickle.dumps(t_train)) < 2000  # indices only, not the arrays
     # the records are views into the mapped store, not copies in this process's heap
     base = trusted.records[0].coords
     while isinstance(base, np.ndarray):

@@ -129,7 +129,6 @@ def prepare_dataset(
     records, why = store.select(min_length, max_length, min_completeness)
     outside = sorted(skipped)  # files that are not in the store, with their reason
     skipped = sorted(skipped + why)
-    records.sort(key=lambda r: r.id)
     report = DatasetReport(
         records=records, n_files=n_files, n_parsed=n_parsed, n_cached=n_cached, skipped=skipped,
         data_path=str(root), cache_dir=str(cache), elapsed_s=0.0,
@@ -188,7 +187,6 @@ def load_sealed(
                     store_dir(cache, manifest.store), path, e)
         return None
     records, why = store.select(min_length, max_length, min_completeness)
-    records.sort(key=lambda r: r.id)
     skipped = sorted([(r, w) for r, w in manifest.skipped] + why)
     report = DatasetReport(
         records=records, n_files=manifest.n_files, n_parsed=0, n_cached=len(store.rels), skipped=skipped,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .store import RecordTable
 from .structure import ProteinChain
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def _group_score(seed: int, sequence: str) -> float:
 
 
 def split_by_sequence(records: Sequence[ProteinChain], val_fraction: float, seed: int
-                      ) -> tuple[list[ProteinChain], list[ProteinChain]]:
+                      ) -> tuple[Sequence[ProteinChain], Sequence[ProteinChain]]:
     """(train, val), identical sequences always on the same side (no leakage through
     re-deposited structures of the same protein).  Input order is kept within each split.
 
@@ -47,18 +48,31 @@ def split_by_sequence(records: Sequence[ProteinChain], val_fraction: float, seed
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    scores = {seq: _group_score(seed, seq) for seq in {r.sequence for r in records}}
+    table = records if isinstance(records, RecordTable) else None
+    sequences = ([table.sequence(i) for i in range(len(table))] if table is not None
+                 else [r.sequence for r in records])
+    scores = {seq: _group_score(seed, seq) for seq in set(sequences)}
     val_seqs = {s for s, u in scores.items() if u < val_fraction}
     if len(scores) >= 2 and val_fraction > 0:
         if not val_seqs:
             val_seqs = {min(scores, key=scores.__getitem__)}
         elif len(val_seqs) == len(scores):
             val_seqs.discard(max(scores, key=scores.__getitem__))
-    train = [r for r in records if r.sequence not in val_seqs]
-    val = [r for r in records if r.sequence in val_seqs]
+    in_val = [s in val_seqs for s in sequences]
+    if table is not None:  # stays a table: no long-lived object per record
+        train: Sequence[ProteinChain] = table.subset([i for i, v in enumerate(in_val) if not v])
+        val: Sequence[ProteinChain] = table.subset([i for i, v in enumerate(in_val) if v])
+    else:
+        train = [r for r, v in zip(records, in_val) if not v]
+        val = [r for r, v in zip(records, in_val) if v]
     log.info("split: %d train / %d validation chains (%d / %d distinct sequences)",
              len(train), len(val), len(scores) - len(val_seqs), len(val_seqs))
     return train, val
+
+
+def _keep(records: Sequence[ProteinChain]) -> Sequence[ProteinChain]:
+    """A record table as it is (records made on access, arrays shared), anything else as a list."""
+    return records if isinstance(records, RecordTable) else list(records)
 
 
 def _collate(records: Sequence[ProteinChain], starts: Sequence[int], crop_size: int) -> Batch:
@@ -106,7 +120,7 @@ class TrainBatches(Dataset[Batch]):
             raise ValueError("TrainBatches needs at least one record")
         if batch_size < 1 or crop_size < 1:
             raise ValueError("batch_size and crop_size must be >= 1")
-        self.records = list(records)
+        self.records = _keep(records)
         self.batch_size = batch_size
         self.crop_size = crop_size
         self.seed = int(seed)
@@ -157,7 +171,7 @@ class ValBatches(Sequence[Batch]):
     def __init__(self, records: Sequence[ProteinChain], batch_size: int, crop_size: int) -> None:
         if batch_size < 1 or crop_size < 1:
             raise ValueError("batch_size and crop_size must be >= 1")
-        self.records = list(records)
+        self.records = _keep(records)
         self.batch_size = batch_size
         self.crop_size = crop_size
 

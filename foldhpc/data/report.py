@@ -24,7 +24,7 @@ class DataError(Exception):
 class DatasetReport:
     """What :func:`prepare_dataset` found: the selected chains and an account of the rest."""
 
-    records: list[ProteinChain]
+    records: Sequence[ProteinChain]  # sorted by id; a store.RecordTable (made on access) or a list
     n_files: int  # files considered (structure-like or not), README/MANIFEST/hidden excluded
     n_parsed: int  # parsed in this call
     n_cached: int  # taken from the cache
@@ -44,7 +44,7 @@ class DatasetReport:
         ``bins`` is a list of edges (lengths from the last edge on form a final bin, shown
         only if not empty) or a number of equal-width bins between the shortest and longest.
         """
-        lengths = np.array([len(r) for r in self.records], dtype=np.int64)
+        lengths = self.lengths()
         top = int(lengths.max()) + 1 if lengths.size else 1
         open_bin = False
         if isinstance(bins, int):
@@ -59,6 +59,13 @@ class DatasetReport:
         if open_bin and out[-1][2] == 0:
             out.pop()
         return out
+
+    def lengths(self) -> np.ndarray:
+        """Residues per record (without making every record when the table can tell)."""
+        fast = getattr(self.records, "lengths", None)
+        if fast is not None:
+            return np.asarray(fast(), dtype=np.int64)
+        return np.array([len(r) for r in self.records], dtype=np.int64)
 
     def reason_counts(self) -> dict[str, int]:
         """Skips grouped by the reason's leading words (details after ':' or '(' dropped)."""
@@ -79,10 +86,10 @@ class DatasetReport:
             f = self.filters
             lines.append(f"filters: {f.get('min_length')}-{f.get('max_length')} residues, "
                          f"backbone completeness >= {f.get('min_completeness')}")
-        if self.records:
-            lengths = [len(r) for r in self.records]
-            lines.append(f"chain length: min {min(lengths)}, median {int(np.median(lengths))}, "
-                         f"max {max(lengths)}, total {sum(lengths)} residues")
+        if len(self.records):
+            lengths = self.lengths()
+            lines.append(f"chain length: min {lengths.min()}, median {int(np.median(lengths))}, "
+                         f"max {lengths.max()}, total {lengths.sum()} residues")
             hist = self.length_histogram()
             top = max(c for _, _, c in hist) or 1
             for lo, hi, c in hist:

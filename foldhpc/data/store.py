@@ -23,7 +23,8 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
 
 import numpy as np
 
@@ -63,6 +64,7 @@ class DatasetStore:
     chain_ids: list[str]  # per chain
     arrays: dict[str, np.ndarray]
     path: Path | None = None  # the folder when opened from disk (arrays memory-mapped)
+    res_start: np.ndarray | None = None  # first residue of each chain (+ total), made on demand
 
     # ------------------------------------------------------------ build / write / open
     @classmethod
@@ -167,11 +169,12 @@ class DatasetStore:
 
     # ------------------------------------------------------------ selection
     def select(self, min_length: int, max_length: int, min_completeness: float
-               ) -> tuple[list[ProteinChain], list[tuple[str, str]]]:
+               ) -> tuple[RecordTable, list[tuple[str, str]]]:
         """One chain per file, the rule of :func:`structure.select_chain` on whole arrays.
 
-        Returns the records (views into the store's arrays) and (file, reason) for every
-        file without one.  Vectorised because at 200k files a per-chain Python pass (the
+        Returns the records sorted by id (a :class:`RecordTable`: records are made on
+        access as views into the store's arrays) and (file, reason) for every file without
+        one.  Vectorised because at 200k files a per-chain Python pass (the
         old path built every chain of every file) was most of a warm start.
         """
         a = self.arrays
@@ -186,20 +189,13 @@ class DatasetStore:
         first = np.ones(ranked.size, dtype=bool)
         first[1:] = chain_file[ranked][1:] != chain_file[ranked][:-1]
         chosen = ranked[first]
-        res_start = np.zeros(length.size + 1, dtype=np.int64)
-        np.cumsum(length, out=res_start[1:])
-        records = []
-        seq, aatype, coords = a["sequence"], a["aatype"], a["coords"]
-        atom_mask, residue_index = a["atom_mask"], a["residue_index"]
-        for c, f in zip(chosen.tolist(), chain_file[chosen].tolist()):
-            lo, hi = int(res_start[c]), int(res_start[c + 1])
-            rel, cid = self.rels[f], self.chain_ids[c]
-            records.append(ProteinChain(
-                id=f"{record_prefix(rel)}_{cid.strip() or '-'}", source=rel, chain=cid,
-                sequence=seq[lo:hi].tobytes().decode("ascii"), aatype=aatype[lo:hi],
-                coords=coords[lo:hi], atom_mask=atom_mask[lo:hi], residue_index=residue_index[lo:hi]))
+        chosen_file = chain_file[chosen]
+        ids = [f"{record_prefix(self.rels[f])}_{self.chain_ids[c].strip() or '-'}"
+               for c, f in zip(chosen.tolist(), chosen_file.tolist())]
+        by_id = np.array(sorted(range(len(ids)), key=ids.__getitem__), dtype=np.int64)  # stable
+        records = RecordTable(self, chosen[by_id], chosen_file[by_id])
         has = np.zeros(n_files, dtype=bool)
-        has[chain_file[chosen]] = True
+        has[chosen_file] = True
         file_start = np.zeros(n_files + 1, dtype=np.int64)
         np.cumsum(file_chains, out=file_start[1:])
         skipped = []
@@ -214,6 +210,77 @@ class DatasetStore:
 
     def describe(self) -> dict[str, Any]:
         return {"key": self.key, "path": str(self.path or ""), **self.counts()}
+
+
+class RecordTable(Sequence[ProteinChain]):
+    """The selected records of a store as a sequence that makes each :class:`ProteinChain`
+    when it is accessed (arrays are views into the store, nothing is copied).
+
+    Why not a list: at 200k chains the long-lived Python objects (a dataclass, a sequence
+    string and four array views per chain) are most of what each process holds privately,
+    and a forked DataLoader worker copies the pages they live on as soon as it touches them
+    (reference counts).  A table holds two integer arrays instead; slicing and
+    :meth:`subset` give tables, so the train/validation split stays one too.  Pickled (a
+    spawned worker), a table from a store on disk maps the store again instead of copying it.
+    """
+
+    def __init__(self, store: DatasetStore, chains: np.ndarray, files: np.ndarray) -> None:
+        self.store = store
+        self.chains = np.asarray(chains, dtype=np.int64)  # chain number per record
+        self.files = np.asarray(files, dtype=np.int64)  # file number per record
+        if store.res_start is None:
+            store.res_start = np.zeros(store.arrays["chain_length"].size + 1, dtype=np.int64)
+            np.cumsum(store.arrays["chain_length"], out=store.res_start[1:])
+
+    def __len__(self) -> int:
+        return int(self.chains.size)
+
+    @overload
+    def __getitem__(self, i: int) -> ProteinChain: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> RecordTable: ...
+
+    def __getitem__(self, i: int | slice) -> ProteinChain | RecordTable:
+        if isinstance(i, slice):
+            return RecordTable(self.store, self.chains[i], self.files[i])
+        c, f = int(self.chains[i]), int(self.files[i])  # IndexError past the end, as a list
+        st, a = self.store, self.store.arrays
+        assert st.res_start is not None
+        lo, hi = int(st.res_start[c]), int(st.res_start[c + 1])
+        rel, cid = st.rels[f], st.chain_ids[c]
+        return ProteinChain(
+            id=f"{record_prefix(rel)}_{cid.strip() or '-'}", source=rel, chain=cid,
+            sequence=a["sequence"][lo:hi].tobytes().decode("ascii"), aatype=a["aatype"][lo:hi],
+            coords=a["coords"][lo:hi], atom_mask=a["atom_mask"][lo:hi], residue_index=a["residue_index"][lo:hi])
+
+    def __iter__(self) -> Iterator[ProteinChain]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> RecordTable:
+        idx = np.asarray(indices, dtype=np.int64)
+        return RecordTable(self.store, self.chains[idx], self.files[idx])
+
+    def lengths(self) -> np.ndarray:
+        return self.store.arrays["chain_length"][self.chains]
+
+    def sequence(self, i: int) -> str:
+        assert self.store.res_start is not None
+        c = int(self.chains[i])
+        return self.store.arrays["sequence"][self.store.res_start[c]:self.store.res_start[c + 1]].tobytes().decode("ascii")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self.store.path is not None:
+            return (_reopen, (str(self.store.path.parent), self.store.key, self.chains, self.files))
+        return (RecordTable, (self.store, self.chains, self.files))
+
+    def __repr__(self) -> str:
+        return f"RecordTable({len(self)} records of store {self.store.key})"
+
+
+def _reopen(cache: str, key: str, chains: np.ndarray, files: np.ndarray) -> RecordTable:
+    return RecordTable(DatasetStore.open(Path(cache), key, verify=False), chains, files)
 
 
 def record_prefix(rel: str) -> str:
