@@ -88,6 +88,7 @@ def prepare_dataset(
     t0 = time.perf_counter()
     root = Path(data_path)
     cache = Path(cache_dir)
+    cache_existed = cache.exists()
     root_mtime = _mtime_ns(root)  # before the walk: a file added during it counts as a change
     files, skipped = scan_tree(root, cache)
     n_files = len(files) + len(skipped)
@@ -100,6 +101,8 @@ def prepare_dataset(
         files = files[i::n]
         skipped = skipped if i == 0 else []  # non-structure files are reported once
     ensure_writable(cache)
+    if not cache_existed and os.path.dirname(os.path.realpath(cache)) == root_key(root):
+        root_mtime = _mtime_ns(root)  # making <data>/.foldhpc-cache is not a change of the data
     index = FileIndex.load(cache, fold_shards=shard is None)
 
     # 1) content hash per file (stat shortcut via the index), unreadable files are skipped
@@ -145,6 +148,8 @@ def prepare_dataset(
         return report
     if store.path is not None:
         new_manifest(root, root_mtime, store.key, n_files, outside).write(manifest_path(cache, root))
+    else:  # nothing sealed: an older manifest must not be trusted for this (newer) content
+        manifest_path(cache, root).unlink(missing_ok=True)
     index.save(cache)
     _remove_unused_stores(cache, index)
     cleanup_stale_tmp(cache)
