@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator, Sequence
-from typing import Any, overload
+from typing import IO, Any, overload
 
 import numpy as np
 
@@ -107,11 +107,14 @@ class DatasetStore:
             for name, arr in self.arrays.items():
                 with open(tmp / f"{name}.npy", "wb") as f:
                     np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+                    _durable(f)
                 crcs[name] = zlib.crc32(np.ascontiguousarray(arr).data)
             meta = {"format": STORE_FORMAT, "key": self.key, "parser_version": structure.PARSER_VERSION,
                     "counts": self.counts(), "crc32": crcs, "rels": self.rels,
                     "errors": {str(i): e for i, e in self.errors.items()}, "chain_ids": self.chain_ids}
-            (tmp / META).write_text(json.dumps(meta))
+            with open(tmp / META, "w") as f:
+                f.write(json.dumps(meta))
+                _durable(f)
             for p in tmp.iterdir():
                 os.chmod(p, 0o666 & ~UMASK)
             try:
@@ -300,6 +303,14 @@ def skip_reason(lengths: np.ndarray, completeness: np.ndarray, min_length: int, 
     ls = sorted({int(n) for n in lengths[complete]})
     return (f"no chain with {min_length}-{max_length} residues "
             f"(lengths: {', '.join(map(str, ls[:5]))}{'...' if len(ls) > 5 else ''})")
+
+
+def _durable(f: IO[Any]) -> None:
+    """On disk before the rename (and before a manifest names the store): a trusted start
+    checks shapes, not every byte, so a crash must not leave a store of the right size
+    with missing data behind its name."""
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _cat(parts: list[np.ndarray], trailing: tuple[int, ...], dtype: type) -> np.ndarray:
