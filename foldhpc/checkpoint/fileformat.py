@@ -29,8 +29,8 @@ Why this layout:
   small thread pool (zlib releases the GIL), 8 MiB at a time, so hashing runs in parallel with the
   I/O and with itself. The state digest (bit-exactness) is derived from the same crc32s rather than
   from a second pass: see :mod:`foldhpc.checkpoint.digest`.
-* **Zero-copy load.** The data section is read into one buffer and every large tensor is a view
-  into it (no second copy); crc32s are checked by the pool while the rest of the file is read.
+* **One copy on load.** Each tensor's bytes are read straight into its own storage by the I/O
+  pool's threads, which check the crc32s of what they read while the others still read.
 
 Format 1 (``b"FOLDHPC1"``, header first, integrity only through the manifest's sha256) is still read.
 """
@@ -61,8 +61,7 @@ PIECE = 8 << 20  # bytes per crc32: small enough to spread over threads, large e
 _FOOTER = struct.Struct("<QQI4x8s")
 _LEN = struct.Struct("<Q")
 _MAX_HEADER = 256 << 20
-_READ_CHUNK = 64 << 20
-_VIEW_MIN_BYTES = 1 << 20  # tensors at least this big are views into the read buffer
+
 
 POOL_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 _pool: ThreadPoolExecutor | None = None
@@ -277,17 +276,6 @@ def read_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def _buffer(n: int) -> tuple[torch.Tensor, memoryview]:
-    """``n`` writable bytes for the data section, as one tensor the loaded tensors are views of.
-
-    Plain memory on purpose: transparent huge pages (MADV_HUGEPAGE) made first touch of 1 GiB
-    0.07-0.18 s instead of ~0.4 s here, but 1.8-2.1 s whenever the kernel had to compact memory
-    first -- and a restart is exactly when that is not affordable.
-    """
-    t = torch.empty(max(n, 1), dtype=torch.uint8)[:n]
-    return t, memoryview(t.numpy())
-
-
 def read(path: Path, verify: bool = True) -> dict[str, Any]:
     """Load a checkpoint file: ``{"format", "info", "meta", "state", "bytes"}``.
 
@@ -307,15 +295,18 @@ def read(path: Path, verify: bool = True) -> dict[str, Any]:
             if not (isinstance(n, list) and len(n) == 5 and isinstance(n[2], int) and isinstance(n[3], int)
                     and ALIGN <= n[2] and n[2] + n[3] <= data_end and isinstance(n[4], list)):
                 raise FormatError(f"{path}: tensor entry {n!r:.80} out of range")
-        buf, mv = _buffer(data_end)
-        # The data are read by the pool's threads, each a contiguous share, each checking the crc32s
-        # of what it read: page faults of the fresh buffer, copies out of the page cache and crc32s
-        # all run on every core at once (measured 0.5 s instead of 0.85-1.0 s sequentially for 1 GiB).
+        # Every tensor gets its own storage and its bytes are read straight into it: no second copy,
+        # and, like torch.load, allocations a long-lived process can serve from memory it already
+        # has (one 1 GB buffer would be fresh pages, faulted in, every time). The reads are done by
+        # the pool's threads, each a contiguous share of the file, each checking the crc32s of what
+        # it read: page faults, copies out of the page cache and crc32s run on every core at once.
+        bufs = {id(n): torch.empty(n[3], dtype=torch.uint8) for n in nodes}
+        views = {k: memoryview(t.numpy()) if t.numel() else memoryview(bytearray()) for k, t in bufs.items()}
         pieces = [(n, j, a, min(n[3], a + PIECE)) for n in nodes for j, a in enumerate(range(0, n[3], PIECE))]
         pieces.sort(key=lambda u: u[0][2] + u[2])
         pool = checksum_pool()
         shares = _split(pieces, POOL_THREADS)
-        futs = [pool.submit(_read_share, f.fileno(), mv, share, verify) for share in shares]
+        futs = [pool.submit(_read_share, f.fileno(), views, share, verify) for share in shares]
         crcs: dict[int, list[int]] = {id(n): [0] * len(range(0, n[3], PIECE)) for n in nodes}
         for share, fut in zip(shares, futs):
             try:
@@ -332,11 +323,8 @@ def read(path: Path, verify: bool = True) -> dict[str, Any]:
                 raise FormatError(f"{path}: checksum mismatch in the tensor at offset {n[2]} (corrupted data)")
 
     def tensor(node: list[Any]) -> torch.Tensor:
-        dtype, shape, off, nbytes, _ = node
-        t = buf[off:off + nbytes].view(_dtype(dtype)).reshape(shape)
-        # Small tensors get their own storage: some torch APIs mishandle a view at a storage offset
-        # (torch.set_rng_state segfaults on one, torch 2.13), and copying them costs nothing.
-        return t.clone() if nbytes < _VIEW_MIN_BYTES else t
+        dtype, shape, _, _, _ = node
+        return bufs[id(node)].view(_dtype(dtype)).reshape(shape)
 
     return {"format": FORMAT, "info": header["info"], "meta": header.get("meta", {}),
             "state": _decode(header["state"], tensor, path), "bytes": size}
@@ -353,19 +341,21 @@ def _split(pieces: list[tuple[list[Any], int, int, int]], k: int) -> list[list[t
     return [sh for sh in shares if sh]
 
 
-def _read_share(fd: int, mv: memoryview, share: list[tuple[list[Any], int, int, int]], verify: bool) -> list[int]:
-    """Read the file range of ``share`` into ``mv`` (same offsets); crc32 of each piece if ``verify``."""
-    lo = share[0][0][2] + share[0][2]
-    hi = share[-1][0][2] + share[-1][3]
-    pos = lo
-    while pos < hi:
-        got = os.preadv(fd, [mv[pos:min(hi, pos + _READ_CHUNK)]], pos)
-        if not got:
-            raise EOFError
-        pos += got
-    if not verify:
-        return []
-    return [zlib.crc32(mv[n[2] + a:n[2] + b]) for n, _, a, b in share]
+def _read_share(fd: int, views: dict[int, memoryview], share: list[tuple[list[Any], int, int, int]],
+                verify: bool) -> list[int]:
+    """Read each piece of ``share`` into its tensor's buffer; crc32 of each piece if ``verify``."""
+    out = []
+    for n, _, a, b in share:
+        dst = views[id(n)][a:b]
+        pos = 0
+        while pos < b - a:
+            got = os.preadv(fd, [dst[pos:]], n[2] + a + pos)
+            if not got:
+                raise EOFError
+            pos += got
+        if verify:
+            out.append(zlib.crc32(dst))
+    return out
 
 
 def _decode(tree: Any, tensor: Callable[[list[Any]], torch.Tensor], path: Path) -> Any:

@@ -123,7 +123,7 @@ PASS_THROUGH_MIN_BYTES = 1 << 20  # host tensors at least this big are written i
 
 
 def snapshot(obj: Any, pin: bool = False, staging: dict[str, torch.Tensor] | None = None, _path: str = "",
-             *, devices: set[torch.device] | None = None) -> Any:
+             *, devices: set[torch.device] | None = None, copy_small_host: bool = True) -> Any:
     """The nested state with every tensor on the host, detached from training, ready to write.
 
     Device tensors are copied into host buffers (pinned on CUDA, non-blocking); with a ``staging``
@@ -132,6 +132,7 @@ def snapshot(obj: Any, pin: bool = False, staging: dict[str, torch.Tensor] | Non
     are cheap, and some, like AdamW's ``step``, change in place every step). Large host tensors are
     passed through uncopied: the write itself copies them into the page cache, once, instead of a
     staging copy and then a write (half the memory traffic and no second 1 GB of RAM on a CPU run).
+    A blocking save passes ``copy_small_host=False``: nothing runs until it is written.
     ``devices`` collects every device read from -- each CUDA device must be synchronized before its
     buffers are read (a copy on cuda:1 is not finished when cuda:0 is), and ``cpu`` in it means live
     host tensors are referenced: they must not change until the write has read them. The caller
@@ -139,7 +140,7 @@ def snapshot(obj: Any, pin: bool = False, staging: dict[str, torch.Tensor] | Non
     """
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
-        if t.device.type == "cpu" and t.numel() * t.element_size() >= PASS_THROUGH_MIN_BYTES:
+        if t.device.type == "cpu" and (not copy_small_host or t.numel() * t.element_size() >= PASS_THROUGH_MIN_BYTES):
             if devices is not None:
                 devices.add(t.device)
             return t
@@ -153,11 +154,13 @@ def snapshot(obj: Any, pin: bool = False, staging: dict[str, torch.Tensor] | Non
         buf.copy_(t, non_blocking=pin and t.device.type != "cpu")
         return buf
     if isinstance(obj, dict):
-        return {k: snapshot(v, pin, staging, f"{_path}/{k}", devices=devices) for k, v in obj.items()}
+        return {k: snapshot(v, pin, staging, f"{_path}/{k}", devices=devices, copy_small_host=copy_small_host)
+                for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         if not any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
             return list(obj) if isinstance(obj, list) else obj  # e.g. python's RNG state: 625 ints
-        out = [snapshot(v, pin, staging, f"{_path}[{i}]", devices=devices) for i, v in enumerate(obj)]
+        out = [snapshot(v, pin, staging, f"{_path}[{i}]", devices=devices, copy_small_host=copy_small_host)
+               for i, v in enumerate(obj)]
         return out if isinstance(obj, list) else tuple(out)
     return obj  # ints, floats, str, None, bool: immutable
 
@@ -282,13 +285,13 @@ class CheckpointManager:
             self.wait()
         if blocking:
             try:
-                self._stage_and_write(step, state, dict(meta, step=step), reason)
+                self._stage_and_write(step, state, dict(meta, step=step), reason, in_place=True)
             except BaseException as e:  # noqa: BLE001
                 raise CheckpointError(f"checkpoint at step {step} failed: {e}") from e
             return True
         if not self.async_save:
             try:
-                self._stage_and_write(step, state, dict(meta, step=step), reason)
+                self._stage_and_write(step, state, dict(meta, step=step), reason, in_place=True)
             except Exception as e:  # noqa: BLE001 - logged by _write, reported by poll_error
                 self._error = e
             return True
@@ -320,7 +323,8 @@ class CheckpointManager:
                 self._staged.set()
                 self._idle.set()
 
-    def _stage_and_write(self, step: int, state: StateSource, meta: dict[str, Any], reason: str) -> None:
+    def _stage_and_write(self, step: int, state: StateSource, meta: dict[str, Any], reason: str,
+                         in_place: bool = False) -> None:
         """Stage the state (see :func:`snapshot`) and write it; signals ``_staged`` as soon as the
         training thread may change its tensors again: after the device copies, or -- when live host
         tensors are written in place -- once the write has read them (before the fsync)."""
@@ -330,7 +334,7 @@ class CheckpointManager:
             pin = torch.cuda.is_available() and torch.cuda.is_initialized()
             devices: set[torch.device] = set()
             # one save at a time, so the staging buffers are free
-            snap = snapshot(live, pin=pin, staging=self._staging, devices=devices)
+            snap = snapshot(live, pin=pin, staging=self._staging, devices=devices, copy_small_host=not in_place)
             for dev in devices:
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
