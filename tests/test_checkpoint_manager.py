@@ -389,3 +389,28 @@ def test_file_format_round_trips_every_state_type(tmp_path):
     path.write_bytes(data[:-3])
     with pytest.raises(fileformat.FormatError, match="footer"):
         fileformat.read(path)
+
+
+def test_io_error_is_not_damage(tmp_path, monkeypatch, caplog):
+    """An EIO while reading (flaky storage; simulated: this machine cannot make a disk fail) falls
+    back like damage does, but the file is never marked bad or deleted: it may read fine later."""
+    import errno
+
+    from foldhpc.checkpoint import fileformat
+
+    m = CheckpointManager(tmp_path, keep_last=2, async_save=False)
+    saved(m, 1, 2)
+    real_read = fileformat.read
+
+    def flaky(path, verify=True):
+        if Path(path).name == "step_00000002.ckpt":
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read(path, verify)
+
+    monkeypatch.setattr(fileformat, "read", flaky)
+    m2 = CheckpointManager(tmp_path, keep_last=2, async_save=False)
+    assert m2.load_latest().entry.step == 1 and "UNREADABLE" in caplog.text
+    monkeypatch.setattr(fileformat, "read", real_read)
+    saved(m2, 3)
+    assert (tmp_path / "step_00000002.ckpt").is_file()  # kept: keep_last=2 -> 2 and 3
+    assert [e.step for e in m2.entries()] == [2, 3]

@@ -310,9 +310,7 @@ def read(path: Path, verify: bool = True) -> dict[str, Any]:
         crcs: dict[int, list[int]] = {id(n): [0] * len(range(0, n[3], PIECE)) for n in nodes}
         for share, fut in zip(shares, futs):
             try:
-                got = fut.result()
-            except OSError as e:
-                raise FormatError(f"{path}: read failed: {e}") from None
+                got = fut.result()  # an OSError (I/O, not damage) propagates as such
             except EOFError:
                 raise FormatError(f"{path}: file shrank while being read") from None
             for (n, j, _, _), c in zip(share, got):

@@ -61,7 +61,15 @@ StateSource = Union[dict[str, Any], Callable[[], dict[str, Any]]]
 
 
 class CheckpointError(RuntimeError):
-    """No usable checkpoint, or the checkpoint directory cannot be used."""
+    """No usable checkpoint, or the checkpoint directory cannot be used.
+
+    ``damaged`` is False for I/O errors (a file that could not be read now may be fine later): only
+    a damaged file is ever marked bad and deleted.
+    """
+
+    def __init__(self, message: str, damaged: bool = True) -> None:
+        super().__init__(message)
+        self.damaged = damaged
 
 
 @dataclass
@@ -459,7 +467,9 @@ class CheckpointManager:
                 continue
             try:
                 extra.append(CheckpointEntry.from_header(p.name, fileformat.read_header(p)))
-            except (OSError, fileformat.FormatError, KeyError, TypeError, ValueError) as e:
+            except OSError as e:  # I/O, not damage: maybe readable later; never marked bad
+                log.error("checkpoint %s cannot be read now (%s); not used", p, e.strerror or e)
+            except (fileformat.FormatError, KeyError, TypeError, ValueError) as e:
                 try:
                     v1 = fileformat.file_format(p) == 1
                 except (OSError, fileformat.FormatError):
@@ -501,10 +511,14 @@ class CheckpointManager:
         if not path.is_file():
             raise CheckpointError("file is missing")
         if entry.format == 1:
+            try:
+                digest = sha256_file(path)
+            except OSError as e:
+                raise CheckpointError(f"cannot be read: {e.strerror or e}", damaged=False) from None
             size = path.stat().st_size
             if size != entry.bytes:
                 raise CheckpointError(f"size {size} != {entry.bytes} recorded (truncated or half-written)")
-            if sha256_file(path) != entry.sha256:
+            if digest != entry.sha256:
                 raise CheckpointError("sha256 mismatch (corrupted)")
         payload = self.load_file(path)
         if payload["format"] == 2 and int(payload["info"].get("step", -1)) != entry.step:
@@ -530,7 +544,7 @@ class CheckpointManager:
         except fileformat.FormatError as e:
             raise CheckpointError(str(e)) from None
         except OSError as e:
-            raise CheckpointError(f"{path}: cannot be read: {e.strerror or e}") from None
+            raise CheckpointError(f"{path}: cannot be read: {e.strerror or e}", damaged=False) from None
         if not isinstance(payload.get("state"), dict):
             raise CheckpointError(f"{path}: holds no training state")
         return payload
@@ -544,9 +558,10 @@ class CheckpointManager:
                 payload = self._load_entry(entry)
             except CheckpointError as e:
                 why = str(e).removeprefix(f"{self.dir / entry.file}: ")
-                log.error("CHECKPOINT %s (step %d) IS BAD: %s -- falling back to the previous one",
-                          entry.file, entry.step, why)
-                self._bad[entry.file] = why
+                log.error("CHECKPOINT %s (step %d) IS %s: %s -- falling back to the previous one",
+                          entry.file, entry.step, "BAD" if e.damaged else "UNREADABLE", why)
+                if e.damaged:
+                    self._bad[entry.file] = why
                 skipped.append((entry.file, why))
                 continue
             if payload["format"] == 2 and int(payload["info"]["seq"]) != entry.seq:
