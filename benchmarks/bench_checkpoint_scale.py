@@ -62,14 +62,6 @@ def tensor_bytes(x: Any) -> int:
     return 0
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def drop(path: Path) -> None:
     if path.is_dir():
         for p in sorted(path.rglob("*"), reverse=True):
@@ -163,6 +155,7 @@ def save_load(tr: Any, tmp: Path, rounds: int, lim: dict[str, Any]) -> dict[str,
     import torch.distributed.checkpoint as dcp
 
     from foldhpc.checkpoint import CheckpointManager
+    from foldhpc.monitor.status import fsync_dir
 
     state = tr.state_dict()
     meta = tr.checkpoint_meta()
@@ -183,7 +176,7 @@ def save_load(tr: Any, tmp: Path, rounds: int, lim: dict[str, Any]) -> dict[str,
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        fsync_path(tmp)
+        fsync_dir(tmp)
         t["torch_save"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         back = torch.load(p, weights_only=True)

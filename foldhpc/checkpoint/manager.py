@@ -46,7 +46,7 @@ import torch
 
 from foldhpc.checkpoint import fileformat
 from foldhpc.checkpoint.digest import tree_digest
-from foldhpc.monitor.status import atomic_write_text, fsync_dir
+from foldhpc.monitor.status import atomic_write_text, fsync_dir, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +115,6 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 PASS_THROUGH_MIN_BYTES = 1 << 20  # host tensors at least this big are written in place, not copied
@@ -251,7 +241,7 @@ class CheckpointManager:
             tag = p.name.rsplit(".tmp-", 1)[1]
             who, _, pid = tag.rpartition("-")
             try:
-                mine_dead = who == host and pid.isdigit() and not _pid_alive(int(pid))
+                mine_dead = who == host and pid.isdigit() and not pid_alive(int(pid))
                 if mine_dead or now - p.stat().st_mtime > STALE_TMP_S:
                     size = p.stat().st_size
                     p.unlink()

@@ -34,7 +34,7 @@ from typing import Any
 
 from foldhpc.config import ConfigError, load_config
 from foldhpc.monitor.fmt import format_age
-from foldhpc.monitor.status import STATUS_FILE, read_status
+from foldhpc.monitor.status import STATUS_FILE, pid_alive, read_status
 from foldhpc.slurm import sacct
 from foldhpc.slurm.history import HISTORY_FILE, job_ids, read_history
 
@@ -278,7 +278,7 @@ def _merge_local(view: RunView) -> None:
     view.source, view.state = RUN_SOURCE, view.run_state
     view.notes.append("no Slurm job recorded for this run: state is the run's own status.json")
     pid = view.run_pid
-    if view.run_state == sacct.RUNNING and view.run_host == socket.gethostname() and pid and not _pid_alive(pid):
+    if view.run_state == sacct.RUNNING and view.run_host == socket.gethostname() and pid and not pid_alive(pid):
         view.state = sacct.UNKNOWN
         view.notes.append(f"status.json says running, but its process {pid} on this host is gone "
                           "(killed before it could record it?)")
@@ -506,16 +506,6 @@ def _job_ids(run_dir: Path) -> list[str]:
         return job_ids(run_dir)
     except (OSError, ValueError):
         return []
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _int_or_none(v: Any) -> int | None:

@@ -33,6 +33,17 @@ def atomic_write_text(path: Path, text: str, *, fsync: bool = True) -> None:
         fsync_dir(path.parent)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename in ``path`` durable (POSIX needs the directory itself synced)."""
     fd = os.open(path, os.O_RDONLY)
