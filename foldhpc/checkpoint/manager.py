@@ -262,10 +262,10 @@ class CheckpointManager:
         """Snapshot ``state`` and write it (in the background unless ``blocking``).
 
         ``state`` is the nested state dict, or a function returning it. In the background case the
-        function is called and its tensors copied to host memory by the writer thread, overlapping
-        the next forward/backward pass, which does not modify parameters or optimizer state; the
-        training loop calls :meth:`wait_staged` before its next ``optimizer.step()``, so the copy is
-        exactly the state at this step boundary. Anything that changes between steps (RNG states,
+        function is called and its tensors staged (see :func:`snapshot`) and written by the writer
+        thread, overlapping the next forward/backward pass, which does not modify parameters or
+        optimizer state; the training loop calls :meth:`wait_staged` before its next
+        ``optimizer.step()``, so what is written is exactly the state at this step boundary. Anything that changes between steps (RNG states,
         counters) must already be captured when ``save`` is called.
 
         Returns False (and saves nothing) if an asynchronous save is still in flight and
@@ -281,17 +281,13 @@ class CheckpointManager:
             if not blocking:
                 return False
             self.wait()
-        if blocking:
+        if blocking or not self.async_save:  # written on this thread, nothing runs meanwhile
             try:
                 self._stage_and_write(step, state, dict(meta, step=step), reason, in_place=True)
-            except BaseException as e:  # noqa: BLE001
-                raise CheckpointError(f"checkpoint at step {step} failed: {e}") from e
-            return True
-        if not self.async_save:
-            try:
-                self._stage_and_write(step, state, dict(meta, step=step), reason, in_place=True)
-            except Exception as e:  # noqa: BLE001 - logged by _write, reported by poll_error
-                self._error = e
+            except Exception as e:  # noqa: BLE001 - logged by _write
+                if blocking:
+                    raise CheckpointError(f"checkpoint at step {step} failed: {e}") from e
+                self._error = e  # reported by poll_error; training goes on
             return True
         if self._worker is None or not self._worker.is_alive():
             self._worker = threading.Thread(target=self._work, name="ckpt-writer", daemon=True)
@@ -304,7 +300,7 @@ class CheckpointManager:
         return True
 
     def wait_staged(self) -> None:
-        """Block until the save in flight has copied the state (call before mutating it)."""
+        """Block until the save in flight no longer reads the live state (call before mutating it)."""
         self._staged.wait()
 
     def wait(self) -> None:
