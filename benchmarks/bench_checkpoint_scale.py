@@ -15,6 +15,7 @@ L1  durable save and load, interleaved rounds (A B C ... then reversed), medians
     foldhpc sync  = CheckpointManager.save(blocking=True) | foldhpc load = load_latest()
         (finds the newest file, checks every crc32, builds every tensor)
     foldhpc async = save() .. wait() (durable)
+    and both loads again, each in a fresh process (what a restart pays: no memory to reuse)
 L2  training-thread stall of an async save inside a real training loop: real steps of the model;
     per round one plain step and one step that saves at its start, per mode (foldhpc async, DCP
     async_save, foldhpc sync), each save durable before the next step is timed; stall = step
@@ -227,6 +228,17 @@ def save_load(tr: Any, tmp: Path, rounds: int, lim: dict[str, Any]) -> dict[str,
         for fn in order if r % 2 == 0 else order[::-1]:
             fn()
     ck_bytes = sum(p.stat().st_size for p in mgr_dir.glob("step_*.ckpt"))
+    # A restart loads in a fresh process (no memory to reuse): the same files, loaded that way.
+    fresh = {"torch_load_fresh": [], "foldhpc_load_fresh": []}
+    code = {"torch_load_fresh": f"torch.load({str(tmp / 'state.pt')!r}, weights_only=True)",
+            "foldhpc_load_fresh": f"CheckpointManager({str(mgr_dir)!r}).load_latest()"}
+    for r in range(rounds):
+        for k in (list(fresh) if r % 2 == 0 else list(fresh)[::-1]):
+            out = subprocess.run([sys.executable, "-c", "import time, torch; from foldhpc.checkpoint import "
+                                  f"CheckpointManager; t = time.perf_counter(); {code[k]}; "
+                                  "print(time.perf_counter() - t)"], capture_output=True, text=True, check=True)
+            fresh[k].append(float(out.stdout.split()[-1]))
+    t.update(fresh)
     for d in ("state.pt", "dcp-sync", "dcp-async", "foldhpc"):
         drop(tmp / d)
     res: dict[str, Any] = {"state_bytes": nbytes, "file_bytes": ck_bytes, "rounds": rounds,
@@ -235,6 +247,7 @@ def save_load(tr: Any, tmp: Path, rounds: int, lim: dict[str, Any]) -> dict[str,
     res["ratio_save_sync_vs_torch"] = med["foldhpc_sync"] / med["torch_save"]
     res["ratio_save_async_vs_dcp_async"] = med["foldhpc_async_durable"] / med["dcp_async_durable"]
     res["ratio_load_vs_torch"] = med["foldhpc_load"] / med["torch_load"]
+    res["ratio_load_fresh_vs_torch"] = med["foldhpc_load_fresh"] / med["torch_load_fresh"]
     gib = nbytes / 2**30
 
     def frac_w(x: float) -> str:
@@ -259,12 +272,17 @@ def save_load(tr: Any, tmp: Path, rounds: int, lim: dict[str, Any]) -> dict[str,
          frac_r(med["dcp_load"])],
         ["foldhpc load_latest (all crc32s checked)", fmt_summary(res["foldhpc_load"], **s),
          f"{res['ratio_load_vs_torch']:.2f}", frac_r(med["foldhpc_load"])],
+        ["torch.load, fresh process", fmt_summary(res["torch_load_fresh"], **s), "1.00",
+         frac_r(med["torch_load_fresh"])],
+        ["foldhpc load_latest, fresh process", fmt_summary(res["foldhpc_load_fresh"], **s),
+         f"{res['ratio_load_fresh_vs_torch']:.2f}", frac_r(med["foldhpc_load_fresh"])],
     ]
     print_table(f"L1 durable save / load of the trainer state ({gib:.2f} GiB, file {ck_bytes / 2**30:.2f} GiB, "
                 f"{rounds} interleaved rounds)", ["what", "time", "x torch", "throughput"], rows)
     print(f"goals: sync save <= 1.0x torch.save+fsync: {res['ratio_save_sync_vs_torch']:.2f}x; "
           f"async durable <= DCP async: {res['ratio_save_async_vs_dcp_async']:.2f}x; "
-          f"load <= 1.0x torch.load: {res['ratio_load_vs_torch']:.2f}x")
+          f"load <= 1.0x torch.load: {res['ratio_load_vs_torch']:.2f}x (in this long-lived process), "
+          f"{res['ratio_load_fresh_vs_torch']:.2f}x (fresh process, as at a restart)")
     return res
 
 
