@@ -28,7 +28,7 @@ from foldhpc.config import Config, parse_duration
 from foldhpc.monitor.status import COMPLETED
 from foldhpc.slurm.env import slurm_info
 from foldhpc.slurm.history import record_event
-from foldhpc.slurm.requeue import maybe_requeue
+from foldhpc.slurm.requeue import Decision, maybe_requeue
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,12 @@ class SlurmTrainer(submitit.helpers.Checkpointable):
                 log.warning("%s: staying alive %.1fs after training", HOLD_AFTER_TRAIN_ENV, hold)
                 time.sleep(hold)
             return {"step": result.step, "metrics": result.metrics}
-        d = maybe_requeue(cfg.slurm.max_requeues, parse_duration(cfg.slurm.signal_lead), last_signal_time())
-        record_event(cfg.run_dir, "requeued" if d.requeue else "stopped", job_id=job, step=result.step,
-                     signal=result.signal, restart_count=info["restart_count"], why=d.kind, reason=d.reason)
+
+        def record(d: Decision) -> None:  # before scontrol requeue, which may end this process
+            record_event(cfg.run_dir, "requeued" if d.requeue else "stopped", job_id=job, step=result.step,
+                         signal=result.signal, restart_count=info["restart_count"], why=d.kind, reason=d.reason)
+
+        maybe_requeue(cfg.slurm.max_requeues, parse_duration(cfg.slurm.signal_lead), last_signal_time(), record)
         logging.shutdown()
         sys.exit(EXIT_CHECKPOINTED)
 

@@ -50,7 +50,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from foldhpc.slurm.env import slurm_info
 from foldhpc.slurm.sacct import SlurmCommandError, parse_sacct, parse_scontrol, run_command
@@ -186,11 +186,15 @@ def requeue(job_id: str, deadline: float) -> bool:
         pause *= 2
 
 
-def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: float | None = None) -> Decision:
+def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: float | None = None,
+                  record: Callable[[Decision], None] | None = None) -> Decision:
     """Decide for the current job (SLURM_* variables) and requeue if right.
 
     Returns the decision; ``requeue`` is True only if ``scontrol requeue`` succeeded. ``signal_at``
     (``time.time()`` of the signal, if known) tightens the deadline to what is left of the lead.
+    ``record(decision)`` is called *before* ``scontrol requeue``: slurmctld ends the running job as
+    soon as it accepts the requeue, which can kill this process before anything after that call
+    runs (seen in CI: the "requeued" event was lost). A requeue that then fails is recorded again.
     """
     info = slurm_info()
     job_id = info["job_id"]
@@ -198,9 +202,13 @@ def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: fl
     deadline = time.monotonic() + budget
     d = decide(job_id, info["restart_count"], max_requeues, deadline)
     log.warning("requeue decision (within %.0fs): %s", budget, d.reason)
+    if record is not None:
+        record(d)
     if d.requeue and job_id is not None and not requeue(job_id, deadline):
-        return Decision(False, f"{d.reason}, but scontrol requeue failed: resubmit the job to continue",
-                        "requeue_failed")
+        d = Decision(False, f"{d.reason}, but scontrol requeue failed: resubmit the job to continue",
+                     "requeue_failed")
+        if record is not None:
+            record(d)
     return d
 
 
@@ -235,9 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     max_requeues = next(v for v in (args.max_requeues, args.max_requeues_positional, cfg.slurm.max_requeues)
                         if v is not None)
-    d = maybe_requeue(max_requeues, parse_duration(cfg.slurm.signal_lead), args.signal_at)
-    if args.config or args.overrides:
-        _record(cfg, d)
+    record = (lambda d: _record(cfg, d)) if args.config or args.overrides else None
+    d = maybe_requeue(max_requeues, parse_duration(cfg.slurm.signal_lead), args.signal_at, record)
     return EXIT_REQUEUED if d.requeue else EXIT_NOT_REQUEUED
 
 
