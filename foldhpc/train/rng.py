@@ -41,9 +41,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
-    # A fresh contiguous copy: a checkpoint loader may hand out views into one shared buffer, and
-    # torch.set_rng_state on such a view (non-zero storage offset) can crash the process
-    # (seen with torch 2.x on a step-0 checkpoint: SIGSEGV in set_rng_state).
-    torch.set_rng_state(state["torch"].clone(memory_format=torch.contiguous_format))
+    torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.clone(memory_format=torch.contiguous_format) for s in state["cuda"]])
+        torch.cuda.set_rng_state_all(state["cuda"])
