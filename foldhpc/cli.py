@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from foldhpc.config import ConfigError, load_config
 
@@ -29,6 +30,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.nproc > 1:
+        return _launch_ranks(args, cfg)
     # Before the heavy imports: a preemption signal from here on is recorded (and acted on at the first
     # step boundary), not fatal; once training returns, further ones are ignored until exit, so a late
     # signal cannot kill a finished or checkpointed trainer (exit 138) after its work is safe.
@@ -59,6 +62,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = Trainer(cfg, resume=resume, force_resume=args.force_resume).run()
     _debug_hold_after_train()
     return result.exit_code
+
+
+def _launch_ranks(args: argparse.Namespace, cfg: Any) -> int:
+    """``--nproc N``: this process becomes the launcher of N ranks (foldhpc.distributed.launch)."""
+    from foldhpc.distributed.launch import launch
+
+    if "RANK" in os.environ or "SLURM_STEP_NUM_TASKS" in os.environ and os.environ["SLURM_STEP_NUM_TASKS"] != "1":
+        raise ConfigError("--nproc: this process is already one rank of a multi-process launch "
+                          "(RANK or a multi-task Slurm step); drop --nproc")
+    if cfg.train.batch_size % args.nproc:
+        raise ConfigError(f"--nproc {args.nproc}: train.batch_size = {cfg.train.batch_size} is the global batch "
+                          f"and must be a multiple of the number of ranks")
+    child: list[str] = []
+    if args.config:
+        child += ["--config", args.config]
+    for o in args.overrides:
+        child += ["--set", o]
+    if args.no_resume:
+        child.append("--no-resume")
+    if args.resume:
+        child += ["--resume", args.resume]
+    if args.force_resume:
+        child.append("--force-resume")
+    return launch(child, args.nproc, cfg.distributed.timeout_s)
 
 
 def _debug_hold_after_train() -> None:
@@ -113,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-resume", action="store_true",
                    help="resume even if the checkpoint was written with a model, data or train config that "
                         "changes the training trajectory (the differences are listed)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N ranks on this machine (torch.distributed, gloo on CPU), for development "
+                        "without Slurm; train.batch_size is the global batch. On Slurm, ranks come from srun "
+                        "(slurm.nodes, slurm.gpus): see foldhpc submit")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("data", help="prepare and inspect the structure dataset")

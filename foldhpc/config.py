@@ -206,7 +206,9 @@ class SlurmConfig:
     """Resources and behaviour of the Slurm job (``foldhpc submit``)."""
 
     partition: str = ""
-    gpus: int = 1
+    nodes: int = 1
+    gpus: int = 1  # GPUs per node; one training process (task, rank) per GPU
+    tasks_per_node: int = 0  # ranks per node; 0 = one per GPU (one if gpus = 0)
     cpus_per_task: int = 2
     mem: str = "8G"
     time: str = "4h"  # job time limit
@@ -220,8 +222,18 @@ class SlurmConfig:
     extra_sbatch: dict[str, str] = field(default_factory=dict)
     logs_dir: str = ""  # default: <run.dir>/slurm
 
+    @property
+    def ntasks_per_node(self) -> int:
+        return self.tasks_per_node or max(1, self.gpus)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ntasks_per_node
+
     def validate(self) -> None:
+        _check(self.nodes >= 1, "nodes must be >= 1")
         _check(self.gpus >= 0, "gpus must be >= 0")
+        _check(self.tasks_per_node >= 0, "tasks_per_node must be >= 0 (0 = one per GPU)")
         _check(self.cpus_per_task >= 1, "cpus_per_task must be >= 1")
         _check(re.fullmatch(r"\d+[KMGT]?", self.mem) is not None, "mem must look like 8G, 16000M or 4096")
         for key in ("time", "signal_lead"):
@@ -237,6 +249,30 @@ class SlurmConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """More than one training process (``torch.distributed``; see foldhpc.distributed)."""
+
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    # Longest a rank waits for the others in a collective (rendezvous, stop agreement, DDP's
+    # gradient exchange, rank 0 writing the signal checkpoint) before the run fails. A rank that
+    # dies is noticed at once on gloo; this bounds a rank that hangs. Keep it above a blocking
+    # checkpoint write and a validation pass (rank 0 validates while the others wait).
+    timeout: str = "10m"
+
+    @property
+    def timeout_s(self) -> float:
+        return parse_duration(self.timeout)
+
+    def validate(self) -> None:
+        _check(self.backend in {"auto", "nccl", "gloo"}, "backend must be auto, nccl or gloo")
+        try:
+            t = parse_duration(self.timeout)
+        except ValueError as e:
+            raise ValueError(f"timeout: {e}") from None
+        _check(t >= 1, "timeout must be at least 1s")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -244,6 +280,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -299,7 +336,7 @@ def _coerce(section: str, key: str, value: Any, typ: Any) -> Any:
             return float(value)
         raise ConfigError(f"{where} = {value!r}: expected a number")
     if typ is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key in {"interval", "time", "signal_lead"}:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key in {"interval", "time", "signal_lead", "timeout"}:
             return str(value)
         if isinstance(value, str):
             return value

@@ -113,13 +113,22 @@ class TrainBatches(Dataset[Batch]):
     ``rng([seed, 1, s])``.  Nothing depends on call order, process or restarts.
 
     Padding: positions ``>= length`` have ``mask`` 0, ``aatype`` 0 and zero coordinates.
+
+    With ``world_size`` ranks, ``batch_size`` is the *global* batch: rank ``r`` gets samples
+    ``r*b .. r*b+b-1`` (``b = batch_size / world_size``) of the step's global batch, with the
+    same crops, so every world size trains on the same samples at every step.
     """
 
-    def __init__(self, records: Sequence[ProteinChain], batch_size: int, crop_size: int, seed: int) -> None:
+    def __init__(self, records: Sequence[ProteinChain], batch_size: int, crop_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1) -> None:
         if not records:
             raise ValueError("TrainBatches needs at least one record")
         if batch_size < 1 or crop_size < 1:
             raise ValueError("batch_size and crop_size must be >= 1")
+        if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} cannot be split over {world_size} ranks (rank {rank})")
+        self.rank = rank
+        self.world_size = world_size
         self.records = _keep(records)
         self.batch_size = batch_size
         self.crop_size = crop_size
@@ -156,8 +165,13 @@ class TrainBatches(Dataset[Batch]):
         idx = self.indices(step)
         recs = [self.records[i] for i in idx]
         rng = np.random.default_rng([self.seed, _CROP_STREAM, step])
+        # crops drawn for the whole global batch, so they do not depend on the world size
         starts = [int(rng.integers(0, len(r) - self.crop_size + 1)) if len(r) > self.crop_size else 0
                   for r in recs]
+        if self.world_size > 1:
+            b = self.batch_size // self.world_size
+            mine = slice(self.rank * b, (self.rank + 1) * b)
+            recs, starts = recs[mine], starts[mine]
         return _collate(recs, starts, self.crop_size)
 
 

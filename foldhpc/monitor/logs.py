@@ -11,17 +11,23 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _FILE_HANDLER_NAME = "foldhpc-run-log"
 
 
-def setup_logging(level: str = "INFO", log_file: Path | None = None) -> None:
+def setup_logging(level: str = "INFO", log_file: Path | None = None, rank: int | None = None) -> None:
     """Configure the ``foldhpc`` logger once per process.
 
     A console handler goes to stderr (Slurm's ``.err`` file under a job); the optional file
     handler appends, so a requeued job keeps one continuous log. Calling this again replaces
     the file handler instead of stacking duplicates.
+
+    ``rank``: in a multi-rank run, ranks other than 0 log warnings and errors only, each line
+    marked with its rank (rank 0 tells the run's story; the others only what went wrong).
     """
     logger = logging.getLogger("foldhpc")
-    logger.setLevel(level.upper())
+    tag = "" if rank is None else f"[rank {rank}] "
+    logger.setLevel("WARNING" if rank else level.upper())
     logger.propagate = False
-    fmt = logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S")
+    fmt = logging.Formatter("%(asctime)s %(levelname)s " + tag + "%(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    for h in [h for h in logger.handlers if h.name == "foldhpc-console"]:
+        h.setFormatter(fmt)
     if not any(getattr(h, "name", "") == "foldhpc-console" for h in logger.handlers):
         console = logging.StreamHandler(sys.stderr)
         console.name = "foldhpc-console"
@@ -34,6 +40,6 @@ def setup_logging(level: str = "INFO", log_file: Path | None = None) -> None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(log_file, mode="a", encoding="utf-8")
         fh.name = _FILE_HANDLER_NAME
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [pid " + str(os.getpid()) +
-                                          "] %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [pid " + str(os.getpid()) + "] " + tag +
+                                          "%(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
         logger.addHandler(fh)

@@ -71,6 +71,16 @@ class StatusFile:
         atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n", fsync=False)
 
 
+class NullStatus:
+    """The status of ranks other than 0: rank 0 owns status.json (a failing rank writes it through
+    a :class:`StatusFile` of its own)."""
+
+    data: dict[str, Any] = {}
+
+    def update(self, **fields: Any) -> None:
+        pass
+
+
 def read_status(run_dir: Path) -> dict[str, Any] | None:
     """The status dict, or None if the file is missing. Raises ValueError if it is corrupt."""
     path = Path(run_dir) / STATUS_FILE

@@ -41,3 +41,19 @@ class RunWriter:
 
     def close(self) -> None:
         self._w.close()
+
+
+class NullWriter:
+    """What ranks other than 0 write to TensorBoard: nothing (rank 0 logs the run's curves)."""
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        pass
+
+    def restart_marker(self, step: int, restarts: int, slurm: dict[str, Any]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -134,9 +134,15 @@ def check_resume(old_config: dict[str, Any] | None, new_config: dict[str, Any], 
     return diff
 
 
-def runtime_differences(meta: dict[str, Any], device: str, torch_version: str) -> list[str]:
-    """Run-time facts (device kind, torch version) that differ from when the checkpoint was written."""
+def runtime_differences(meta: dict[str, Any], device: str, torch_version: str, world_size: int = 1) -> list[str]:
+    """Run-time facts (device kind, torch version, number of ranks) that differ from when the
+    checkpoint was written. Another world size trains on the same samples at every step (the global
+    batch is split, see foldhpc.data.dataset.TrainBatches) and the same loss, but the gradient
+    is summed in another order: the same run, not the same bits."""
     out = []
+    old_world = int(meta.get("world_size", 1))
+    if old_world != world_size:
+        out.append(f"ranks: {old_world} -> {world_size}")
     old_dev = meta.get("device")
     if old_dev is not None and old_dev != device:
         out.append(f"device: {old_dev!r} -> {device!r}")

@@ -52,13 +52,17 @@ from foldhpc.checkpoint import CheckpointError, CheckpointManager, PreemptionSig
 from foldhpc.config import Config, ConfigError, config_to_toml
 from foldhpc.data.cache import load_dataset
 from foldhpc.data.dataset import StepSampler, TrainBatches, ValBatches, split_by_sequence
+from foldhpc.distributed import ranks
+from foldhpc.distributed.env import DistEnv, from_environ
+from foldhpc.distributed.group import PeerFailure, SoloGroup, open_group
 from foldhpc.model.loss import distogram_loss
 from foldhpc.model.metrics import EvaluationStopped, evaluate
 from foldhpc.model.model import StructureModel
 from foldhpc.monitor.fmt import format_duration
 from foldhpc.monitor.logs import setup_logging
-from foldhpc.monitor.status import CHECKPOINTED, COMPLETED, FAILED, RUNNING, StatusFile, atomic_write_text
-from foldhpc.monitor.tensorboard import RunWriter
+from foldhpc.monitor.status import (CHECKPOINTED, COMPLETED, FAILED, RUNNING, NullStatus, StatusFile,
+                                    atomic_write_text)
+from foldhpc.monitor.tensorboard import NullWriter, RunWriter
 from foldhpc.slurm.env import slurm_info
 from foldhpc.train.compat import check_resume, runtime_differences
 from foldhpc.train.rng import capture_rng_state, restore_rng_state, step_seed
@@ -71,8 +75,10 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CHECKPOINTED = 75  # EX_TEMPFAIL: state saved on a preemption signal, requeue me
 
-# Fault injection for recovery tests (local and on Slurm): raise after this optimizer step.
+# Fault injection for recovery tests (local and on Slurm): raise after this optimizer step
+# (on every rank, or only on rank $FOLDHPC_FAIL_ON_RANK).
 _FAIL_AT_STEP = int(os.environ.get("FOLDHPC_FAIL_AT_STEP", "0") or 0)
+_FAIL_ON_RANK = os.environ.get("FOLDHPC_FAIL_ON_RANK", "")
 
 
 @dataclass
@@ -81,19 +87,24 @@ class TrainResult:
     step: int
     signal: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    rank: int = 0  # in a multi-rank run only rank 0 records the job's story and requeues it
 
     @property
     def exit_code(self) -> int:
         return EXIT_OK if self.state == COMPLETED else EXIT_CHECKPOINTED
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``train.device`` for this process; with several ranks per node, "auto" and "cuda" mean the
+    GPU of this rank's local rank (Slurm may show each task all of the node's GPUs, or only its own)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device = {name!r}: CUDA is not available on {socket.gethostname()}; "
                           "use \"auto\" or \"cpu\"")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     return dev
 
 
@@ -121,8 +132,12 @@ class Trainer:
     starts over (existing checkpoints are moved aside, never deleted), or a checkpoint path.
     """
 
-    def __init__(self, cfg: Config, resume: str = "auto", force_resume: bool = False) -> None:
+    def __init__(self, cfg: Config, resume: str = "auto", force_resume: bool = False,
+                 env: DistEnv | None = None) -> None:
         self.cfg = cfg
+        self.env = env if env is not None else from_environ()
+        self.main = self.env.is_main  # rank 0 writes checkpoints, status, logs and TensorBoard
+        self.group: SoloGroup = SoloGroup(self.env)
         self.resume = resume
         self.force_resume = force_resume
         self.run_dir = cfg.run_dir
@@ -171,7 +186,7 @@ class Trainer:
         slurm = slurm_info()
         return {"config_fingerprint": self.cfg.fingerprint(), "config": self.cfg.to_dict(),
                 "foldhpc_version": foldhpc.__version__, "torch_version": str(torch.__version__),
-                "device": self.device_kind,
+                "device": self.device_kind, "world_size": self.env.world_size,
                 "saved_at": time.time(), "host": socket.gethostname(),
                 "slurm_job_id": slurm["job_id"] or "", "slurm_restart_count": slurm["restart_count"]}
 
@@ -182,7 +197,10 @@ class Trainer:
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.device = resolve_device(t.device)
+        self.device = resolve_device(t.device, self.env.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self._join()
         self.device_kind = (f"cuda ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda"
                             else self.device.type)
         if t.deterministic:
@@ -192,23 +210,26 @@ class Trainer:
         torch.manual_seed(t.seed)
 
         t0 = time.monotonic()
+        if not self.main:  # rank 0 first: it prepares (and seals) the dataset, the others read it
+            self.group.barrier("waiting for rank 0 to load the dataset")
         report = load_dataset(cfg.data, run_dir=self.run_dir)
+        if self.main and self.group.world_size > 1:
+            self.group.barrier("waiting for the other ranks after loading the dataset")
         train_recs, val_recs = split_by_sequence(report.records, cfg.data.val_fraction, cfg.data.split_seed)
         if t.val_max_samples:
             val_recs = val_recs[: t.val_max_samples]
         log.info("data: %d structures (%d skipped) -> %d train / %d validation, loaded in %.2fs",
                  len(report.records), len(report.skipped), len(train_recs), len(val_recs), time.monotonic() - t0)
         self.n_train = len(train_recs)
-        self.train_batches = TrainBatches(train_recs, t.batch_size, cfg.data.crop_size, t.seed)
+        self.train_batches = TrainBatches(train_recs, t.batch_size, cfg.data.crop_size, t.seed,
+                                          self.env.rank, self.env.world_size)
         self.val_batches = ValBatches(val_recs, t.batch_size, cfg.data.crop_size)
         self.timings["data_s"] = time.monotonic() - t0
 
         self.model = StructureModel(cfg.model).to(self.device)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("model: %d parameters on %s", n_params, self.device)
-        self.forward = self.model
-        if t.compile and self.device.type == "cuda":
-            self.forward = torch.compile(self.model)
+        self.forward: Any = self.model  # what a training step calls: DDP and torch.compile wrap it (_run)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(lr_factor, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
@@ -219,34 +240,59 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
 
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
-        est = 3 * n_params * 4 + (1 << 20)  # params + 2 Adam moments, fp32, + overhead
-        self.ckpt.preflight(est, cfg.checkpoint.min_free_mb << 20)
+        if self.main:  # the writer; preflight also removes dead writers' temporary files
+            est = 3 * n_params * 4 + (1 << 20)  # params + 2 Adam moments, fp32, + overhead
+            self.ckpt.preflight(est, cfg.checkpoint.min_free_mb << 20)
+
+    def _join(self) -> None:
+        """Meet the other ranks (nothing to do for one process); see foldhpc.distributed."""
+        env, t = self.env, self.cfg.train
+        if not env.distributed:
+            return
+        if t.batch_size % env.world_size:
+            raise ConfigError(f"train.batch_size = {t.batch_size} cannot be split over {env.world_size} ranks: "
+                              f"use a multiple of {env.world_size} (it is the global batch)")
+        self.group = open_group(env, self.cfg.distributed.backend, self.device.type, self.cfg.distributed.timeout_s)
+        self.timings["rendezvous_s"] = getattr(self.group, "join_s", 0.0)
+        layout = self.group.all_gather({"rank": env.rank, "node": env.node, "host": socket.gethostname(),
+                                        "pid": os.getpid(), "device": str(self.device)}, "exchanging rank layout")
+        if self.main:
+            ranks.remove_stale(self.run_dir, env.world_size)
+            nodes = sorted({r["node"] for r in layout})
+            log.info("%d ranks on %d node(s) %s, %s backend", env.world_size, len(nodes), ",".join(nodes),
+                     getattr(self.group, "backend", "?"))
+            self.status.update(world_size=env.world_size, nodes=nodes, ranks=layout)
 
     def _restore(self) -> None:
-        """Resume according to ``self.resume``; leaves step 0 if there is nothing to resume."""
+        """Resume according to ``self.resume``; leaves step 0 if there is nothing to resume.
+
+        Rank 0 picks the checkpoint (and repairs the index if it must); the others load the
+        file it picked, so every rank starts from the same state.
+        """
         t0 = time.monotonic()
         self.timings["setup_s"] = t0 - self._t_setup
-        if self.resume == "never":
-            if self.ckpt.entries() or any(self.ckpt.dir.glob("step_*.ckpt")):
-                aside = self.ckpt.dir.with_name(f"{self.ckpt.dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-                log.warning("--no-resume: moving existing checkpoints %s aside to %s", self.ckpt.dir, aside)
-                shutil.move(str(self.ckpt.dir), aside)
-                self.ckpt.dir.mkdir(parents=True)
+        picked: tuple[dict[str, Any], dict[str, Any], Path] | None = None
+        error: CheckpointError | None = None
+        if self.main:
+            try:
+                picked = self._pick_checkpoint()
+            except CheckpointError as e:
+                error = e
+        if self.group.world_size > 1:
+            choice = self.group.broadcast({"path": str(picked[2]) if picked else None,
+                                           "error": str(error) if error else None},
+                                          "waiting for rank 0 to choose the checkpoint to resume from")
+            if choice["error"] and error is None:
+                raise CheckpointError(f"rank 0 could not resume: {choice['error']}")
+            if not self.main and choice["path"]:
+                path = Path(choice["path"])
+                payload = self.ckpt.load_file(path)
+                picked = (payload["state"], payload["meta"], path)
+        if error is not None:
+            raise error
+        if picked is None:
             return
-        if self.resume == "auto":
-            loaded = self.ckpt.load_latest()
-            if loaded is None:
-                return
-            state, meta, where = loaded.state, loaded.meta, loaded.path
-            self.ckpt.last_committed = loaded.entry
-            if loaded.skipped:
-                self.status.update(warning=f"skipped bad checkpoints: {loaded.skipped}")
-        else:
-            path = Path(self.resume)
-            if not path.is_file():
-                raise CheckpointError(f"--resume {path}: no such checkpoint file")
-            payload = self.ckpt.load_file(path)
-            state, meta, where = payload["state"], payload["meta"], path
+        state, meta, where = picked
         self._check_compatible(meta, where)
         self.load_state_dict(state)
         if self.force_resume:
@@ -255,6 +301,29 @@ class Trainer:
         self.timings["checkpoint_load_s"] = time.monotonic() - t0
         log.info("resumed from %s at step %d (restart #%d, checkpoint load %.2fs)",
                  where, self.step, self.restarts, self.timings["checkpoint_load_s"])
+
+    def _pick_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any], Path] | None:
+        """(state, meta, file) to resume from according to ``self.resume``, or None."""
+        if self.resume == "never":
+            if self.ckpt.entries() or any(self.ckpt.dir.glob("step_*.ckpt")):
+                aside = self.ckpt.dir.with_name(f"{self.ckpt.dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                log.warning("--no-resume: moving existing checkpoints %s aside to %s", self.ckpt.dir, aside)
+                shutil.move(str(self.ckpt.dir), aside)
+                self.ckpt.dir.mkdir(parents=True)
+            return None
+        if self.resume == "auto":
+            loaded = self.ckpt.load_latest()
+            if loaded is None:
+                return None
+            self.ckpt.last_committed = loaded.entry
+            if loaded.skipped:
+                self.status.update(warning=f"skipped bad checkpoints: {loaded.skipped}")
+            return loaded.state, loaded.meta, loaded.path
+        path = Path(self.resume)
+        if not path.is_file():
+            raise CheckpointError(f"--resume {path}: no such checkpoint file")
+        payload = self.ckpt.load_file(path)
+        return payload["state"], payload["meta"], path
 
     def _check_compatible(self, meta: dict[str, Any], where: Path) -> None:
         """Refuse a checkpoint whose config would change the trajectory (see foldhpc.train.compat)."""
@@ -267,7 +336,7 @@ class Trainer:
                 raise CheckpointError(msg)
             log.warning("--force-resume: %s", msg)
         check_resume(old, self.cfg.to_dict(), where, self.force_resume)
-        changed = runtime_differences(meta, self.device_kind, str(torch.__version__))
+        changed = runtime_differences(meta, self.device_kind, str(torch.__version__), self.env.world_size)
         if changed:
             log.warning("checkpoint %s was written with %s: training continues, but not bit-identically to an "
                         "uninterrupted run", where, "; ".join(changed))
@@ -291,25 +360,58 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> TrainResult:
-        cfg = self.cfg
+        cfg, env = self.cfg, self.env
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(cfg.run.log_level, self.run_dir / "train.log")
-        atomic_write_text(self.run_dir / "config.toml", config_to_toml(cfg))
-        self.status = StatusFile(self.run_dir)
+        setup_logging(cfg.run.log_level, self.run_dir / "train.log", env.rank if env.distributed else None)
+        self._started_at = time.time()
+        if self.main:
+            atomic_write_text(self.run_dir / "config.toml", config_to_toml(cfg))
+        self.status: StatusFile | NullStatus = StatusFile(self.run_dir) if self.main else NullStatus()
         slurm = slurm_info()
-        self.status.update(state=RUNNING, max_steps=cfg.train.max_steps, started_at=time.time(), error=None,
-                           signal=None, slurm_job_id=slurm["job_id"], slurm_restart_count=slurm["restart_count"])
+        self.status.update(state=RUNNING, max_steps=cfg.train.max_steps, started_at=self._started_at, error=None,
+                           signal=None, slurm_job_id=slurm["job_id"], slurm_restart_count=slurm["restart_count"],
+                           world_size=env.world_size, failed_ranks=None)
+        if env.distributed:
+            ranks.write_record(self.run_dir, env, ranks.RUNNING)
         self.timings: dict[str, float] = {"imports_s": process_age_s()}
         try:
-            return self._run()
+            result = self._run()
         except BaseException as e:
             if isinstance(e, SystemExit) and e.code in (0, None):
                 raise
-            msg = f"{type(e).__name__}: {e}"
-            log.error("run failed at step %d: %s", self.step, msg, exc_info=not isinstance(e, (CheckpointError,
-                                                                                             ConfigError)))
-            self.status.update(state=FAILED, step=self.step, error=msg)
+            self._record_failure(e)
             raise
+        if env.distributed:
+            ranks.write_record(self.run_dir, env, ranks.DONE, result=result.state, step=result.step)
+            self.group.close()
+        return result
+
+    def _record_failure(self, e: BaseException) -> None:
+        """Log the failure and put it in status.json; with several ranks, name the rank to blame
+        (see foldhpc.distributed.ranks): every failing rank writes it, they agree on the culprit."""
+        msg = f"{type(e).__name__}: {e}"
+        log.error("run failed at step %d: %s", self.step, msg,
+                  exc_info=not isinstance(e, (CheckpointError, ConfigError, PeerFailure)))
+        if not self.env.distributed:
+            self.status.update(state=FAILED, step=self.step, error=msg)
+            return
+        env = self.env
+        blamed: list[dict[str, Any]] = []
+        try:
+            if isinstance(e, PeerFailure):
+                ranks.write_record(self.run_dir, env, ranks.ABORTED, error=msg, step=self.step)
+                blamed = ranks.culprits(self.run_dir, env, self._started_at)
+            else:
+                ranks.write_record(self.run_dir, env, ranks.FAILED, error=msg, step=self.step)
+                blamed = [{"rank": env.rank, "node": env.node, "pid": os.getpid(), "why": msg}]
+            if blamed:
+                msg = ranks.describe(blamed)
+                log.error("run failed: %s", msg)
+            status = self.status if isinstance(self.status, StatusFile) else StatusFile(self.run_dir)
+            status.update(state=FAILED, step=self.step, error=msg,
+                          failed_ranks=[{k: c.get(k) for k in ("rank", "node", "host", "pid", "why")} for c in blamed])
+        except OSError as err:  # the run directory itself may be the problem
+            log.error("cannot record the failure in %s: %s", self.run_dir, err)
 
     def _run(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
@@ -317,7 +419,13 @@ class Trainer:
         with PreemptionSignals(sigs) as preempt:
             self._setup()
             self._restore()
-            self.writer = RunWriter(self.run_dir / "tensorboard", start_step=self.step)
+            if self.env.distributed:  # after the restore: DDP broadcasts rank 0's weights (identical anyway)
+                self.forward = torch.nn.parallel.DistributedDataParallel(
+                    self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if t.compile and self.device.type == "cuda":
+                self.forward = torch.compile(self.forward)
+            self.writer: RunWriter | NullWriter = (RunWriter(self.run_dir / "tensorboard", start_step=self.step)
+                                                   if self.main else NullWriter())
             if self.restarts:
                 self.writer.restart_marker(self.step, self.restarts, slurm_info())
             self.status.update(step=self.step, restarts=self.restarts)
@@ -371,11 +479,33 @@ class Trainer:
             self.writer.scalar("checkpoint/step", last.step, last.step)
             self.writer.flush()  # durable checkpoint, durable curves (incl. the scalars just above)
 
+    def _save_for_exit(self, reason: str, seen: list[Any]) -> None:
+        """A blocking save that every rank waits for (rank 0 writes; the state is replicated).
+
+        No rank may exit on a checkpoint that is not durable yet: the job would be requeued onto
+        an older one. A failure on rank 0 is raised on every rank.
+        """
+        error: str | None = None
+        if self.main:
+            try:
+                self._save(reason, blocking=True)
+                self._note_checkpoint(seen)
+            except CheckpointError as e:
+                if self.group.world_size == 1:
+                    raise
+                error = str(e)
+                self.group.broadcast(error, "telling the other ranks that the checkpoint failed")
+                raise
+        error = self.group.broadcast(error, "waiting for rank 0 to commit the checkpoint")
+        if error is not None:
+            raise CheckpointError(f"rank 0 could not write the checkpoint: {error}")
+
     def _loop(self, preempt: PreemptionSignals) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         interval = cfg.checkpoint.interval_s
         every = cfg.checkpoint.every_steps
         dev = self.device
+        world = self.group.world_size
         seen: list[Any] = []
         it = iter(self._make_loader()) if self.step < t.max_steps else iter(())
         last_save_t = time.monotonic()
@@ -383,6 +513,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         loss_val: float | None = None  # mean loss of the latest log window
         first_step_logged = False
+        start_step = self.step
 
         def stop() -> bool:
             return preempt.received is not None
@@ -392,29 +523,50 @@ class Trainer:
             # validation that a signal cut short before this checkpoint was saved
             self._validate(stop)
         while True:
-            if preempt.received is not None:
-                sig = preempt.received.name
+            # The step boundary. With several ranks they agree here, every step, on whether to
+            # stop (a signal may have reached only some of them) and whether the save timer has
+            # run out (their clocks differ): all stop, or save, at the same step.
+            received = int(preempt.received) if preempt.received is not None else 0
+            timer_due = interval > 0 and time.monotonic() - last_save_t >= interval
+            signum, timer_due = self.group.agree(received, timer_due)
+            if signum:
+                sig = signal.Signals(signum).name
+                if not received:
+                    log.warning("another rank received %s: stopping at step %d with it", sig, self.step)
                 in_flight = self.ckpt.in_flight
                 log.warning("received %s: saving a checkpoint at step %d, then exiting for requeue%s", sig, self.step,
                             " (waiting for the background save in flight first)" if in_flight else "")
                 t0 = time.monotonic()
-                self._save(f"signal:{sig}", blocking=True)
-                self._note_checkpoint(seen)
+                self._save_for_exit(f"signal:{sig}", seen)
                 log.warning("checkpoint at step %d durable %.2fs after the step boundary; exit %d",
                             self.step, time.monotonic() - t0, EXIT_CHECKPOINTED)
                 self.status.update(state=CHECKPOINTED, step=self.step, signal=sig)
-                return TrainResult(CHECKPOINTED, self.step, sig)
+                return TrainResult(CHECKPOINTED, self.step, sig, rank=self.env.rank)
             if self.step >= t.max_steps:
                 break
+            by_steps = bool(every) and self.step > start_step and self.step % every == 0
+            if by_steps or timer_due:
+                if not self.main or self._save("steps" if by_steps else "timer", blocking=False):
+                    last_save_t = time.monotonic()
             t_start = time.monotonic()
             batch = next(it)
             t_data = time.monotonic() - t_start
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-            torch.manual_seed(step_seed(t.seed, self.step))  # dropout etc.: a function of (seed, step)
+            torch.manual_seed(step_seed(t.seed, self.step, self.env.rank))  # dropout etc.: (seed, step, rank)
             self.model.train()
             with torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext():
                 out = self.forward(batch)
-                loss, _ = distogram_loss(out["distogram_logits"].float(), batch)
+                loss, stats = distogram_loss(out["distogram_logits"].float(), batch)
+            share = loss.detach()  # this rank's part of the global batch's loss
+            if world > 1:
+                # The loss is a mean over the residue pairs of the *global* batch: weigh this
+                # rank's mean by its share of the pairs, so that DDP's average of the ranks'
+                # gradients is the gradient of the global mean whatever the world size.
+                pairs = stats["per_example_pairs"].sum().detach().float()
+                total = self.group.sum_(pairs.clone())
+                weight = pairs * world / total.clamp(min=1.0)
+                loss = loss * weight
+                share = loss.detach() / world
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
@@ -424,7 +576,7 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             self.step += 1
-            if self.step == _FAIL_AT_STEP:
+            if self.step == _FAIL_AT_STEP and _FAIL_ON_RANK in ("", str(self.env.rank)):
                 raise RuntimeError(f"injected failure at step {self.step} (FOLDHPC_FAIL_AT_STEP)")
             step_s = time.monotonic() - t_start
             self.train_time_s += step_s
@@ -438,37 +590,35 @@ class Trainer:
                 self.status.update(startup=self.timings)
             win["data"] += t_data
             win["steps"] += 1
-            win["loss"] += loss.detach()  # no host sync per step; read at log time
+            win["loss"] += share  # no host sync per step; read at log time
             if self.step % cfg.run.log_every == 0 or self.step == t.max_steps:
+                if world > 1:
+                    win["loss"] = self.group.sum_(torch.as_tensor(win["loss"], device=dev).clone())
                 loss_val = self._log_progress(win, lr, float(gnorm))
                 win = {"t0": time.monotonic(), "data": 0.0, "steps": 0, "loss": 0.0}
             if validation_due(self.step, t.val_every, t.max_steps):
                 metrics = self._validate(stop) or metrics
                 win["t0"] = time.monotonic()  # validation is not training throughput
             self._note_checkpoint(seen)
-            by_steps = bool(every) and self.step % every == 0
-            by_time = interval > 0 and time.monotonic() - last_save_t >= interval
-            if (by_steps or by_time) and preempt.received is None:
-                if self._save("steps" if by_steps else "timer", blocking=False):
-                    last_save_t = time.monotonic()
         # end of training
-        self._save("final", blocking=True)
-        self._note_checkpoint(seen)
+        self._save_for_exit("final", seen)
         final = self._validate(stop)
-        if final is None:
+        final_state = self.group.broadcast(CHECKPOINTED if final is None else COMPLETED,
+                                           "waiting for rank 0's final validation")
+        if final_state == CHECKPOINTED:
             # The final checkpoint is durable; exit for requeue, the resumed run (at max_steps)
             # only validates.
             sig = preempt.received.name if preempt.received is not None else "?"
             log.warning("received %s during the final validation: the final checkpoint (step %d) is durable; "
                         "exiting for requeue, the next start validates and completes", sig, self.step)
             self.status.update(state=CHECKPOINTED, step=self.step, signal=sig)
-            return TrainResult(CHECKPOINTED, self.step, sig)
-        metrics = final
+            return TrainResult(CHECKPOINTED, self.step, sig, rank=self.env.rank)
+        metrics = final or {}
         if loss_val is not None:
             self.status.update(loss=loss_val)
         self.status.update(state=COMPLETED, step=self.step, metrics=metrics, finished_at=time.time())
         log.info("training completed at step %d: %s", self.step, json.dumps(metrics))
-        return TrainResult(COMPLETED, self.step, None, metrics)
+        return TrainResult(COMPLETED, self.step, None, metrics, rank=self.env.rank)
 
     def _log_progress(self, win: dict[str, Any], lr: float, gnorm: float) -> float:
         """One progress line + scalars for the steps since the last one; returns their mean loss."""
@@ -497,6 +647,8 @@ class Trainer:
         Nothing of a cut-short validation is logged to TensorBoard or status, and ``val_step`` is
         not advanced, so the resumed run redoes it (see foldhpc.train.validation).
         """
+        if not self.main:  # rank 0 validates (the weights are the same on every rank)
+            return {}
         if len(self.val_batches) == 0:
             self.val_step = self.step
             return {}

@@ -15,9 +15,11 @@ import numpy as np
 import torch
 
 
-def step_seed(seed: int, step: int) -> int:
-    """A 63-bit seed that depends only on (seed, step)."""
-    digest = hashlib.sha256(f"foldhpc:{seed}:{step}".encode()).digest()
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A 63-bit seed that depends only on (seed, step) and, for ranks other than 0, the rank
+    (each rank draws its own dropout masks; rank 0's stream is that of a one-process run)."""
+    key = f"foldhpc:{seed}:{step}" + (f":{rank}" if rank else "")
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 

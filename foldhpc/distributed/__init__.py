@@ -1,0 +1,2 @@
+"""More than one process: who am I (:mod:`.env`), talking to the others (:mod:`.group`),
+per-rank records and failure attribution (:mod:`.ranks`), a local launcher (:mod:`.launch`)."""
