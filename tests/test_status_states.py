@@ -91,3 +91,95 @@ def test_stopped_at_the_requeue_limit_is_not_failed_exit_75():
     # without the run's record of it, exit 75 stays a failure (nothing says it was deliberate)
     bare = status.merge(status.RunView(name="-", job_id="15"), job)
     assert bare.state == "failed"
+
+
+# ------------------------------------------------------------------ multi-rank runs (hand-written run dirs)
+def _multirank_run(tmp_path: Path, state: str, **extra) -> Path:
+    """A run dir as a 2-rank run leaves it: status.json (rank 0's layout) and ranks/rank-N.json."""
+    import json
+
+    recs = extra.pop("_records", None) or [("running", 101, "h1"), ("running", 202, "h2")]
+    run = tmp_path / "run"
+    (run / "ranks").mkdir(parents=True)
+    layout = [{"rank": 0, "node": "n1", "host": "h1", "pid": 101, "device": "cpu"},
+              {"rank": 1, "node": "n2", "host": "h2", "pid": 202, "device": "cpu"}]
+    st = {"state": state, "step": 7, "max_steps": 10, "world_size": 2, "nodes": ["n1", "n2"], "ranks": layout,
+          "host": "h1", "pid": 101, "updated_at": time.time(), **extra}
+    (run / "status.json").write_text(json.dumps(st))
+    for rank, (rstate, pid, host) in enumerate(recs):
+        (run / "ranks" / f"rank-{rank}.json").write_text(json.dumps(
+            {"rank": rank, "world_size": 2, "node": f"n{rank + 1}", "host": host, "pid": pid, "state": rstate,
+             "updated_at": time.time()}))
+    return run
+
+
+def test_multirank_run_shows_its_ranks_and_nodes(tmp_path):
+    run = _multirank_run(tmp_path, "completed", _records=[("done", 101, "h1"), ("done", 999, "h2")])
+    view = status.merge(status.read_run(run), None)
+    assert (view.state, view.world_size, view.nodes, view.ranks_text) == ("completed", 2, ["n1", "n2"], "2 on n1,n2")
+    # rank 0's record is of the same process as the layout; rank 1's (pid 999) is of another start
+    assert [(r["rank"], r["node"], r.get("state")) for r in view.ranks] == [(0, "n1", "done"), (1, "n2", None)]
+    report = status.StatusReport([view])
+    lines = status.format_table(report).splitlines()
+    assert lines[0].split() == ["RUN", "JOB", "STATE", "RESTARTS", "ELAPSED", "STEP", "LOSS", "CHECKPOINT", "RANKS",
+                                "REASON"]
+    assert "2 on n1,n2" in lines[1] and lines[1].split()[:3] == ["run", "-", "completed"]
+    d = report.to_dict()["runs"][0]
+    assert (d["world_size"], d["nodes"], d["failed_ranks"]) == (2, ["n1", "n2"], None)
+    assert [r["pid"] for r in d["ranks"]] == [101, 202]
+
+
+def test_single_rank_runs_keep_the_table_without_a_ranks_column(tmp_path):
+    run = tmp_path / "one"
+    run.mkdir()
+    (run / "status.json").write_text('{"state": "completed", "step": 3, "max_steps": 3, "world_size": 1}')
+    view = status.merge(status.read_run(run), None)
+    assert (view.world_size, view.ranks_text, view.ranks, view.nodes) == (1, "1", None, None)
+    assert "RANKS" not in status.format_table(status.StatusReport([view])).splitlines()[0]
+
+
+def test_failed_multirank_run_names_the_failed_rank_with_its_node(tmp_path):
+    """What the trainer writes when rank 1 was SIGKILLed: rank 0's collective failed and it blamed rank 1."""
+    why = "died without reporting an error (killed by a signal such as SIGKILL, the OOM killer, or a crash in native code)"
+    run = _multirank_run(tmp_path, "failed", error=f"rank 1 on n2 (pid 202): {why}",
+                         failed_ranks=[{"rank": 1, "node": "n2", "host": "h2", "pid": 202, "why": why}])
+    job = jobs_of("sacct_all_duplicates.txt")["3"]  # a real FAILED job (exit 3)
+    view = status.merge(status.read_run(run, "3"), job)
+    assert view.state == "failed", view
+    assert "run error: rank 1 on n2 (pid 202): died without reporting an error" in view.reason, view.reason
+    assert view.reason.count("rank 1 on n2") == 1, view.reason  # the error names it: not repeated
+    report = status.StatusReport([view])
+    assert report.exit_status == status.EXIT_FAILED
+    table = status.format_table(report)
+    assert f"failed rank: run: rank 1 on n2 (host h2, pid 202): {why}" in table, table
+    d = report.to_dict()["runs"][0]
+    assert d["failed_ranks"] == [{"rank": 1, "node": "n2", "host": "h2", "pid": 202, "why": why}]
+    # without Slurm (foldhpc train --nproc): the run's own record says the same
+    local_view = status.merge(status.read_run(run), None)
+    assert local_view.state == "failed" and local_view.reason.startswith("rank 1 on n2 (pid 202)"), local_view
+
+
+def test_failed_rank_is_named_even_if_the_error_does_not_name_it(tmp_path):
+    run = _multirank_run(tmp_path, "failed", error="PeerFailure: the stop agreement failed",
+                         failed_ranks=[{"rank": 1, "node": "n2", "host": "h2", "pid": 202, "why": "RuntimeError: x"}])
+    view = status.merge(status.read_run(run), None)
+    assert view.reason == ("PeerFailure: the stop agreement failed; failed: rank 1 on n2 (host h2, pid 202): "
+                           "RuntimeError: x"), view.reason
+
+
+def test_running_multirank_run_notes_a_rank_gone_on_this_host(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    me = socket.gethostname()
+    run = _multirank_run(tmp_path, "running", host=me, pid=os.getpid(),
+                         ranks=[{"rank": 0, "node": "n1", "host": me, "pid": os.getpid(), "device": "cpu"},
+                                {"rank": 1, "node": "n1", "host": me, "pid": dead.pid, "device": "cpu"}],
+                         _records=[("running", os.getpid(), me), ("running", dead.pid, me)])
+    view = status.merge(status.read_run(run), None)
+    assert view.state == "running"
+    assert any(f"rank 1 on n1 (pid {dead.pid}) is gone" in n for n in view.notes), view.notes

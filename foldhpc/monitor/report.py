@@ -100,6 +100,21 @@ class RunView:
     submitted_at: float | None = None
     first_started_at: float | None = None
     stop_event: dict[str, Any] | None = None
+    # a multi-rank run (status.json + ranks/rank-N.json): how many ranks, on which nodes, and
+    # each rank's node/host/pid/device and, where its record belongs to the same start, its state
+    world_size: int | None = None
+    nodes: list[str] | None = None
+    ranks: list[dict[str, Any]] | None = None
+    failed_ranks: list[dict[str, Any]] | None = None  # the rank(s) the run blamed: rank, node, host, pid, why
+
+    @property
+    def ranks_text(self) -> str:
+        """``"2 on n1,n2"`` for a multi-rank run, ``"1"`` for one process, ``"-"`` if unknown."""
+        if self.world_size is None:
+            return "-"
+        if self.world_size <= 1:
+            return "1"
+        return f"{self.world_size} on {','.join(self.nodes)}" if self.nodes else str(self.world_size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,6 +224,7 @@ def read_run(run_dir: Path, job_id: str | None = None) -> RunView:
         sid = _str_or_none(status.get("slurm_job_id"))
         if sid and sid not in view.job_ids:
             view.job_ids.insert(0, sid)  # jobs.jsonl, where it has ids, knows better which one is newest
+        _read_ranks(view, run_dir, status)
     if view.job_id is None and view.job_ids:
         view.job_id = view.job_ids[-1]  # the newest submission is the one that matters now
     if view.job_id is not None:
@@ -222,6 +238,54 @@ def read_run(run_dir: Path, job_id: str | None = None) -> RunView:
         view.notes.append(f"{HISTORY_FILE} records no job id")
     view.last_checkpoint = _last_checkpoint(run_dir, status, view.notes)
     return view
+
+
+def _read_ranks(view: RunView, run_dir: Path, status: dict[str, Any]) -> None:
+    """world_size, nodes, ranks and failed_ranks from status.json (written by rank 0, or by the
+    rank that recorded the failure), each rank's state from its ``ranks/rank-N.json`` record when
+    that record is of the same process (same pid and host as in status.json's layout)."""
+    from foldhpc.distributed.ranks import read_records  # no torch import
+
+    view.world_size = _int_or_none(status.get("world_size"))
+    layout = status.get("ranks")
+    if view.world_size is None or view.world_size <= 1:
+        return
+    nodes = status.get("nodes")
+    if isinstance(nodes, list):
+        view.nodes = [str(n) for n in nodes]
+    try:
+        records = {int(r["rank"]): r for r in read_records(run_dir, view.world_size) if isinstance(r.get("rank"), int)}
+    except (OSError, ValueError, KeyError, TypeError):
+        records = {}
+    if isinstance(layout, list):
+        view.ranks = []
+        for item in layout:
+            if not isinstance(item, dict):
+                continue
+            entry = {k: item.get(k) for k in ("rank", "node", "host", "pid", "device")}
+            rec = records.get(item.get("rank"))  # type: ignore[arg-type]
+            if rec is not None and rec.get("pid") == item.get("pid") and rec.get("host") == item.get("host"):
+                entry["state"] = rec.get("state")
+                if rec.get("error"):
+                    entry["error"] = rec.get("error")
+            view.ranks.append(entry)
+        view.ranks.sort(key=lambda r: r["rank"] if isinstance(r.get("rank"), int) else -1)
+    if view.nodes is None and view.ranks:
+        view.nodes = sorted({str(r["node"]) for r in view.ranks if r.get("node")})
+    failed = status.get("failed_ranks")
+    if isinstance(failed, list) and failed:
+        view.failed_ranks = [{k: f.get(k) for k in ("rank", "node", "host", "pid", "why")}
+                             for f in failed if isinstance(f, dict)]
+
+
+def describe_failed_ranks(failed: list[dict[str, Any]]) -> str:
+    """``rank 1 on n2 (host h, pid 123): why``, ``; ``-joined."""
+    out = []
+    for f in failed:
+        where = ", ".join(f"{k} {f[k]}" for k in ("host", "pid") if f.get(k) not in (None, ""))
+        out.append(f"rank {f.get('rank', '?')} on {f.get('node') or '?'}" + (f" ({where})" if where else "")
+                   + (f": {f['why']}" if f.get("why") else ""))
+    return "; ".join(out)
 
 
 def _last_checkpoint(run_dir: Path, status: dict[str, Any] | None, notes: list[str]) -> dict[str, Any] | None:
@@ -282,8 +346,16 @@ def _merge_local(view: RunView) -> None:
         view.state = sacct.UNKNOWN
         view.notes.append(f"status.json says running, but its process {pid} on this host is gone "
                           "(killed before it could record it?)")
+    if view.run_state == sacct.RUNNING:
+        host = socket.gethostname()
+        for r in view.ranks or []:
+            rpid = r.get("pid")
+            if (r.get("rank") != 0 and r.get("host") == host and isinstance(rpid, int) and rpid > 0
+                    and r.get("state") in (None, "running") and not pid_alive(rpid)):
+                view.notes.append(f"rank {r.get('rank')} on {r.get('node')} (pid {rpid}) is gone while the run "
+                                  "says running (killed?); the other ranks stop when their next collective fails")
     if view.run_state == sacct.FAILED:
-        view.reason = view.error
+        view.reason = _run_error(view)
 
 
 def _reason(view: RunView, job: sacct.SlurmJob) -> str | None:
@@ -329,9 +401,20 @@ def _reason(view: RunView, job: sacct.SlurmJob) -> str | None:
             parts.append(label)
         if state != sacct.TIMEOUT:  # a timed-out job's exit code is just the SIGTERM that ended it
             parts.append(describe_exit(job.exit_code))
-    if state in FAILURE_STATES | {sacct.CANCELLED} and view.error:
-        parts.append(f"run error: {view.error}")
+    if state in FAILURE_STATES | {sacct.CANCELLED} and (view.error or view.failed_ranks):
+        parts.append(f"run error: {_run_error(view)}")
     return "; ".join(p for p in parts if p) or None
+
+
+def _run_error(view: RunView) -> str | None:
+    """The run's error; with the failed rank(s) named, where the error does not name them itself
+    (the trainer's own error of a multi-rank run starts with "rank N on NODE")."""
+    if not view.failed_ranks:
+        return view.error
+    named = describe_failed_ranks(view.failed_ranks)
+    if view.error and all(f"rank {f.get('rank')} on " in view.error for f in view.failed_ranks):
+        return view.error
+    return f"{view.error}; failed: {named}" if view.error else f"failed: {named}"
 
 
 def _exit_status(code: str) -> int | None:
@@ -408,17 +491,25 @@ def format_duration(seconds: float | None) -> str:
 
 
 def format_table(report: StatusReport) -> str:
-    header = ("RUN", "JOB", "STATE", "RESTARTS", "ELAPSED", "STEP", "LOSS", "CHECKPOINT", "REASON")
-    rows = []
+    """One row per run; a RANKS column (``2 on n1,n2``) only when a run has several ranks, and
+    below the table one ``failed rank`` line per rank a failed run blamed (node, host, pid, why)."""
+    multi = any((r.world_size or 1) > 1 for r in report.runs)
+    header: tuple[str, ...] = ("RUN", "JOB", "STATE", "RESTARTS", "ELAPSED", "STEP", "LOSS", "CHECKPOINT", "REASON")
+    if multi:
+        header = (*header[:-1], "RANKS", header[-1])
+    rows: list[tuple[str, ...]] = []
     for r in report.runs:
         step = "-" if r.step is None else f"{r.step}/{r.max_steps}" if r.max_steps else str(r.step)
         ck = r.last_checkpoint
         ck_text = "-"
         if ck and ck.get("step") is not None:
             ck_text = f"{ck['step']}" + (f" ({format_age(ck['age_s'])} ago)" if ck.get("age_s") is not None else "")
-        rows.append((r.name, r.job_id or "-", r.state, "?" if r.restarts is None else str(r.restarts),
-                     format_duration(r.elapsed_s), step, "-" if r.loss is None else f"{r.loss:.4f}", ck_text,
-                     r.reason or ""))
+        row: tuple[str, ...] = (r.name, r.job_id or "-", r.state, "?" if r.restarts is None else str(r.restarts),
+                                format_duration(r.elapsed_s), step, "-" if r.loss is None else f"{r.loss:.4f}",
+                                ck_text, r.reason or "")
+        if multi:
+            row = (*row[:-1], r.ranks_text, row[-1])
+        rows.append(row)
     lines: list[str] = []
     if rows:
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
@@ -426,6 +517,8 @@ def format_table(report: StatusReport) -> str:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
     for r in report.runs:
         label = r.name if r.name != "-" else f"job {r.job_id}"
+        if r.state in FAILURE_STATES | {sacct.CANCELLED, sacct.UNKNOWN} or r.run_state == sacct.FAILED:
+            lines += [f"failed rank: {label}: {describe_failed_ranks([f])}" for f in r.failed_ranks or []]
         lines += [f"note: {label}: {n}" for n in r.notes]
     lines += [f"note: {n}" for n in report.notes]
     if report.runs and report.source not in ("sacct", "none"):
