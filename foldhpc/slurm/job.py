@@ -10,6 +10,11 @@ the trainer is listening: it returns a fresh job that finds its state in the run
 in a pickle. Once training has returned (completed or checkpointed) the signals are ignored until
 the process exits: submitit's handler, active again, would otherwise requeue a finished job on a
 late signal.
+
+With several ranks (``slurm.nodes`` x one task per GPU, started by submitit's ``srun``) every
+task runs this object. Rank 0 alone records the job's story and decides the requeue; the other
+ranks return normally once the checkpoint is committed (exit 0, so that a non-zero exit of theirs
+cannot make Slurm kill rank 0 while it requeues).
 """
 
 from __future__ import annotations
@@ -56,19 +61,27 @@ class SlurmTrainer(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         from foldhpc.train.loop import EXIT_CHECKPOINTED, Trainer
 
+        from foldhpc.distributed.env import from_environ
+
         cfg = self.cfg
         info = slurm_info()
         job = info["job_id"]
-        record_event(cfg.run_dir, "started", job_id=job, restart_count=info["restart_count"])
+        env = from_environ()
+        where = {"rank": env.rank, "node": env.node} if env.distributed else {}
+        if env.is_main:
+            record_event(cfg.run_dir, "started", job_id=job, restart_count=info["restart_count"],
+                         **({"world_size": env.world_size} if env.distributed else {}))
         # When the trainer stops listening, its signals are ignored rather than handed back to
         # submitit's handler, which would requeue a job whose training has already returned.
         ignore_after_training()
         try:
-            result = Trainer(cfg, resume="auto").run()
+            result = Trainer(cfg, resume="auto", env=env).run()
         except BaseException as e:
-            record_event(cfg.run_dir, "failed", job_id=job, error=f"{type(e).__name__}: {e}")
+            record_event(cfg.run_dir, "failed", job_id=job, error=f"{type(e).__name__}: {e}", **where)
             raise
         ignore_signals(_preemption_signals(cfg))  # also submitit's own signal, if it is not one of ours
+        if not env.is_main:
+            return {"step": result.step, "state": result.state, "rank": env.rank}
         if result.state == COMPLETED:
             record_event(cfg.run_dir, "completed", job_id=job, step=result.step)
             hold = float(os.environ.get(HOLD_AFTER_TRAIN_ENV, "0") or 0)

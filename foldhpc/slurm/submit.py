@@ -1,8 +1,11 @@
 """``python -m foldhpc.submit`` / ``foldhpc submit``: send a training run to Slurm via submitit.
 
-The job is a single-GPU (``slurm.gpus``) Slurm job running :class:`~foldhpc.slurm.job.SlurmTrainer`
-with ``--requeue`` and ``--signal=<slurm.signal>@<slurm.signal_lead>``. ``--local`` runs the same
-job in a local subprocess (submitit's local executor) without Slurm.
+The job runs :class:`~foldhpc.slurm.job.SlurmTrainer` with ``--requeue`` and
+``--signal=<slurm.signal>@<slurm.signal_lead>`` on ``slurm.nodes`` nodes with ``slurm.gpus`` GPUs
+each and one task (rank) per GPU (``slurm.tasks_per_node`` overrides that), which submitit starts
+with ``srun``; the default is one node, one GPU, one process. ``--local`` runs the same job in a
+local subprocess (submitit's local executor) without Slurm, one rank only (``foldhpc train
+--nproc N`` is the local multi-rank run).
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ def check_submittable(cfg: Config) -> None:
         raise ConfigError(f"slurm.signal = {cfg.slurm.signal!r} is not in checkpoint.signals = "
                           f"{cfg.checkpoint.signals}: the job would be killed by its own preemption signal. "
                           f"Add \"{sig}\" to checkpoint.signals.")
+    world = cfg.slurm.world_size
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is the global batch and must be a multiple of "
+                          f"the job's {world} ranks (slurm.nodes = {cfg.slurm.nodes} x {cfg.slurm.ntasks_per_node} "
+                          "tasks per node)")
     if parse_duration(cfg.slurm.signal_lead) >= parse_duration(cfg.slurm.time):
         raise ConfigError(f"slurm.signal_lead = {cfg.slurm.signal_lead!r} must be shorter than "
                           f"slurm.time = {cfg.slurm.time!r}")
@@ -45,6 +53,10 @@ def executor_for(cfg: Config, local: bool = False):
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = sig  # exported to the job: submitit's handler listens on it
     timeout_min = max(1, math.ceil(parse_duration(cfg.slurm.time) / 60))
     if local:
+        if cfg.slurm.world_size > 1:
+            raise ConfigError(f"--local runs one rank; this config asks for {cfg.slurm.world_size} "
+                              f"(slurm.nodes x tasks per node). Use `foldhpc train --nproc {cfg.slurm.world_size}` "
+                              "to train with several ranks on this machine.")
         ex = submitit.LocalExecutor(folder=folder)
         ex.update_parameters(timeout_min=timeout_min)
         return ex
@@ -56,7 +68,8 @@ def executor_for(cfg: Config, local: bool = False):
     extra: dict[str, str | bool] = {"requeue": True, "signal": f"{sig}@{lead}"}
     extra.update(s.extra_sbatch)
     params: dict[str, object] = dict(job_name=s.job_name, time=timeout_min, cpus_per_task=s.cpus_per_task,
-                                     mem=s.mem, signal_delay_s=lead, additional_parameters=extra)
+                                     mem=s.mem, signal_delay_s=lead, additional_parameters=extra,
+                                     nodes=s.nodes, ntasks_per_node=s.ntasks_per_node)
     if s.gpus:
         params["gpus_per_node"] = s.gpus
     for key, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos),
