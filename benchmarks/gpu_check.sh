@@ -10,6 +10,8 @@
 #      async stall in a real GPU training loop),
 #   3. runs the CUDA tests (tests/test_cuda.py: bit-exact resume with deterministic algorithms, with
 #      bf16 autocast and with torch.compile; a signal during an async save; pinned staging),
+#   4. trains with one rank per GPU over NCCL (`foldhpc train --nproc NGPU`) where there are >= 2 GPUs,
+#      or checks NCCL itself with one GPU,
 # and writes everything to one results file. Without a GPU it says so, skips the CUDA parts and runs
 # the same plumbing on the CPU (the benchmark in --quick mode), so the script cannot rot: CI runs
 # that mode (tests/test_gpu_check.py).
@@ -56,18 +58,40 @@ fi
 
 rc=0
 if [ "$CUDA" = 1 ]; then
-  say "1/2 checkpoint benchmark, large model, state on the GPU"
+  say "1/3 checkpoint benchmark, large model, state on the GPU"
   timeout 300 "$PY" benchmarks/bench_checkpoint_scale.py --device cuda --parts l0,l1,l2 --rounds 3 \
     --out "$(dirname "$RESULTS")/bench_checkpoint_scale_cuda.json" || { say "benchmark FAILED ($?)"; rc=1; }
-  say "2/2 CUDA tests"
+  say "2/3 CUDA tests"
   timeout 240 "$PY" -m pytest tests/test_cuda.py -v -p no:cacheprovider -o addopts="" --timeout 200 || { say "CUDA tests FAILED"; rc=1; }
 else
-  say "1/2 checkpoint benchmark, CPU smoke mode (--quick)"
+  say "1/3 checkpoint benchmark, CPU smoke mode (--quick)"
   timeout 300 "$PY" benchmarks/bench_checkpoint_scale.py --quick --parts l0,l1,l2 \
     --out "$(dirname "$RESULTS")/bench_checkpoint_scale_quick.json" || { say "benchmark FAILED ($?)"; rc=1; }
-  say "2/2 CUDA tests (all skipped without a GPU)"
+  say "2/3 CUDA tests (all skipped without a GPU)"
   timeout 120 "$PY" -m pytest tests/test_cuda.py -v -rs -p no:cacheprovider -o addopts="" || { r=$?; [ $r = 5 ] || rc=1; }
 fi
+# 3. several ranks: NCCL across the machine's GPUs (gloo ranks on the CPU without a GPU)
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+MR_RUN=$(mktemp -d "${TMPDIR:-/tmp}/foldhpc-gpucheck-mr.XXXXXX")
+if [ "$NGPU" -ge 2 ]; then
+  say "3/3 multi-rank: foldhpc train --nproc $NGPU, NCCL, configs/gpu.toml, 60 steps"
+  timeout 300 "$PY" -m foldhpc train --config configs/gpu.toml --nproc "$NGPU" --set run.dir="$MR_RUN" \
+    --set distributed.backend=nccl --set train.max_steps=60 --set run.log_every=20 --set train.val_every=0 \
+    --set train.batch_size=$((4 * NGPU)) || { say "multi-rank NCCL run FAILED"; rc=1; }
+elif [ "$NGPU" = 1 ]; then
+  say "3/3 multi-rank: one GPU only, so no NCCL between ranks; NCCL world-size-1 all-reduce smoke"
+  MASTER_ADDR=127.0.0.1 MASTER_PORT=29533 timeout 120 "$PY" -c "
+import torch, torch.distributed as d
+d.init_process_group('nccl', rank=0, world_size=1)
+x = torch.ones(4, device='cuda'); d.all_reduce(x); torch.cuda.synchronize()
+print('NCCL', torch.cuda.nccl.version(), 'all_reduce ok:', x.tolist()); d.destroy_process_group()" ||
+    { say "NCCL smoke FAILED"; rc=1; }
+else
+  say "3/3 multi-rank: CPU mode, foldhpc train --nproc 2 (gloo), tiny config"
+  timeout 300 "$PY" -m foldhpc train --config configs/tiny.toml --nproc 2 --set run.dir="$MR_RUN" \
+    --set train.batch_size=4 --set train.max_steps=20 || { say "multi-rank gloo run FAILED"; rc=1; }
+fi
+rm -rf "$MR_RUN"
 say "done, exit $rc; results in $RESULTS"
 return $rc
 }

@@ -23,3 +23,4 @@ def test_gpu_check_runs_in_cpu_mode_and_says_so(tmp_path):
     assert "L1 durable save / load" in text and "L2 training-thread stall" in text  # the benchmark ran
     assert "SKIPPED" in text and "needs a CUDA GPU" in text  # the CUDA tests were collected and skipped
     assert (tmp_path / "bench_checkpoint_scale_quick.json").is_file()
+    assert "3/3 multi-rank: CPU mode" in text and "training completed at step 20" in text  # 2 gloo ranks ran
