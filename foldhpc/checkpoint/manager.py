@@ -23,6 +23,16 @@ deletes the rest only after a newer one is committed; files found bad (truncated
 never counted as kept and are deleted at the next commit. Loading walks the index newest first and
 uses the first file that verifies and parses -- the format holds no pickle, so a checkpoint can
 never run code -- logging loudly for each one it has to skip.
+
+Several ranks. With DDP the state is replicated, so rank 0 alone owns a manager that writes;
+the other ranks only load (the file rank 0 picked, see ``Trainer._restore``), and every rank
+waits for the commit of a checkpoint it is about to exit on. A file holds no rank count (the
+header's meta records ``world_size`` for the log), so a checkpoint written by N ranks resumes
+on M. Sharded state (FSDP through ``torch.distributed.checkpoint``) fits the same run directory
+without a layout change: one checkpoint becomes a *directory* ``step_XXXXXXXX.dcp/`` of per-rank
+shards written under a temporary name by every rank and renamed by rank 0 after a barrier (the
+rename is still the commit), indexed in the same ``manifest.json`` with its own format field;
+loading dispatches on the suffix. Nothing of that exists yet: only replicated state is written.
 """
 
 from __future__ import annotations

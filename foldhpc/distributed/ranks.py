@@ -81,16 +81,20 @@ def culprits(run_dir: Path, env: DistEnv, started_at: float, settle_s: float = 2
         time.sleep(0.2)
     if failed:
         return failed
-    out = []
+    out, silent = [], []
     for r in recs:
         if r.get("state") != RUNNING:
             continue
-        if r.get("host") == host:
-            if not pid_alive(int(r.get("pid", 0))):
-                out.append(dict(r, why="died without reporting an error (killed by a signal such as SIGKILL, "
-                                       "the OOM killer, or a crash in native code)"))
-        else:
+        if r.get("host") != host:
             out.append(dict(r, why="stopped responding (no error recorded; see its node's log)"))
+        elif not pid_alive(int(r.get("pid", 0))):
+            out.append(dict(r, why="died without reporting an error (killed by a signal such as SIGKILL, "
+                                   "the OOM killer, or a crash in native code)"))
+        else:  # alive here: only to blame if nobody died (the other survivors are still running too)
+            silent.append(dict(r, why="alive but did not answer within distributed.timeout (hung, stopped, "
+                                      "or in a phase longer than the timeout)"))
+    if not out:
+        out = silent
     seen = {int(r.get("rank", -1)) for r in recs}
     for rank in range(env.world_size):
         if rank != env.rank and rank not in seen:
