@@ -64,11 +64,11 @@ def remove_stale(run_dir: Path, world_size: int) -> None:
             _path(run_dir, int(rec["rank"])).unlink(missing_ok=True)
 
 
-def culprits(run_dir: Path, env: DistEnv, started_at: float, settle_s: float = 2.0) -> list[dict[str, Any]]:
+def culprits(run_dir: Path, env: DistEnv, started_at: float, settle_s: float = 5.0) -> list[dict[str, Any]]:
     """The ranks to blame for a failed collective, each with a ``why`` (see the module docstring).
 
-    Waits up to ``settle_s`` for a failing rank to write its record. Records older than this
-    start (``started_at``) are ignored.
+    Waits up to ``settle_s`` for a failing rank, and for the other survivors, to write their
+    records. Records older than this start (``started_at``) are ignored.
     """
     host = socket.gethostname()
     deadline = time.monotonic() + settle_s
@@ -76,7 +76,10 @@ def culprits(run_dir: Path, env: DistEnv, started_at: float, settle_s: float = 2
         recs = [r for r in read_records(run_dir, env.world_size)
                 if r.get("rank") != env.rank and float(r.get("updated_at", 0)) >= started_at - 1]
         failed = [dict(r, why=r.get("error") or "failed") for r in recs if r.get("state") == FAILED]
-        if failed or time.monotonic() >= deadline:
+        # survivors that have not written "aborted" yet (their collective fails too, a moment later)
+        pending = [r for r in recs if r.get("state") == RUNNING
+                   and (r.get("host") != host or pid_alive(int(r.get("pid", 0))))]
+        if failed or not pending or time.monotonic() >= deadline:
             break
         time.sleep(0.2)
     if failed:
