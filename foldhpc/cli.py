@@ -91,7 +91,9 @@ def _launch_ranks(args: argparse.Namespace, cfg: Any) -> int:
 def _debug_hold_after_train() -> None:
     """Test hook: stay alive ``$FOLDHPC_DEBUG_HOLD_AFTER_TRAIN_S`` seconds after training returned,
     so a test can send a late signal to a finished trainer (it must be ignored)."""
-    hold = float(os.environ.get("FOLDHPC_DEBUG_HOLD_AFTER_TRAIN_S", "0") or 0)
+    from foldhpc import faults
+
+    hold = faults.seconds(faults.HOLD_AFTER_TRAIN)
     if hold > 0:
         log.warning("FOLDHPC_DEBUG_HOLD_AFTER_TRAIN_S: staying alive %.1fs after training", hold)
         time.sleep(hold)

@@ -54,6 +54,7 @@ from typing import Any, Callable, Union
 
 import torch
 
+from foldhpc import faults
 from foldhpc.checkpoint import fileformat
 from foldhpc.checkpoint.digest import tree_digest
 from foldhpc.monitor.status import atomic_write_text, fsync_dir, pid_alive
@@ -64,8 +65,9 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
 FORMAT_VERSION = fileformat.FORMAT
 STALE_TMP_S = 3600.0  # a temporary file this old is a dead writer's, whoever wrote it
-# Debug hook for tests: seconds every write sleeps before its rename (keeps a save "in flight").
-WRITE_DELAY_ENV = "FOLDHPC_DEBUG_WRITE_DELAY_S"
+# Debug hook for tests (foldhpc.faults): seconds every write sleeps before its rename (keeps a
+# save "in flight").
+WRITE_DELAY_ENV = faults.WRITE_DELAY
 
 StateSource = Union[dict[str, Any], Callable[[], dict[str, Any]]]
 
@@ -192,7 +194,7 @@ class CheckpointManager:
         self._error: BaseException | None = None  # of the last background save, reported once
         self._staging: dict[str, torch.Tensor] = {}  # host buffers reused by every snapshot
         self._bad: dict[str, str] = {}  # file -> why: found bad by this process, deleted at the next commit
-        self._write_delay = float(os.environ.get(WRITE_DELAY_ENV, "0") or 0)
+        self._write_delay = faults.seconds(WRITE_DELAY_ENV)
         self.last_committed: CheckpointEntry | None = None
 
     # ------------------------------------------------------------------ preflight

@@ -28,6 +28,7 @@ from typing import Any
 
 import submitit
 
+from foldhpc import faults
 from foldhpc.checkpoint.signals import ignore_after_training, ignore_signals, last_signal_time
 from foldhpc.config import Config, parse_duration
 from foldhpc.monitor.status import COMPLETED
@@ -38,9 +39,9 @@ from foldhpc.slurm.requeue import Decision, maybe_requeue
 log = logging.getLogger(__name__)
 
 
-#: debug hook for tests: seconds to stay alive after training completed (a late signal can then
-#: be sent to a finished job)
-HOLD_AFTER_TRAIN_ENV = "FOLDHPC_DEBUG_HOLD_AFTER_TRAIN_S"
+#: debug hook for tests (foldhpc.faults): seconds to stay alive after training completed (a late
+#: signal can then be sent to a finished job)
+HOLD_AFTER_TRAIN_ENV = faults.HOLD_AFTER_TRAIN
 
 
 def _preemption_signals(cfg: Config) -> set[signal.Signals]:
@@ -84,7 +85,7 @@ class SlurmTrainer(submitit.helpers.Checkpointable):
             return {"step": result.step, "state": result.state, "rank": env.rank}
         if result.state == COMPLETED:
             record_event(cfg.run_dir, "completed", job_id=job, step=result.step)
-            hold = float(os.environ.get(HOLD_AFTER_TRAIN_ENV, "0") or 0)
+            hold = faults.seconds(HOLD_AFTER_TRAIN_ENV)
             if hold > 0:
                 log.warning("%s: staying alive %.1fs after training", HOLD_AFTER_TRAIN_ENV, hold)
                 time.sleep(hold)

@@ -48,6 +48,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import foldhpc
+from foldhpc import faults
 from foldhpc.checkpoint import CheckpointError, CheckpointManager, PreemptionSignals, ignore_signals
 from foldhpc.config import Config, ConfigError, config_to_toml
 from foldhpc.data.cache import load_dataset
@@ -75,10 +76,6 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CHECKPOINTED = 75  # EX_TEMPFAIL: state saved on a preemption signal, requeue me
 
-# Fault injection for recovery tests (local and on Slurm): raise after this optimizer step
-# (on every rank, or only on rank $FOLDHPC_FAIL_ON_RANK).
-_FAIL_AT_STEP = int(os.environ.get("FOLDHPC_FAIL_AT_STEP", "0") or 0)
-_FAIL_ON_RANK = os.environ.get("FOLDHPC_FAIL_ON_RANK", "")
 
 
 @dataclass
@@ -576,8 +573,7 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             self.step += 1
-            if self.step == _FAIL_AT_STEP and _FAIL_ON_RANK in ("", str(self.env.rank)):
-                raise RuntimeError(f"injected failure at step {self.step} (FOLDHPC_FAIL_AT_STEP)")
+            faults.after_step(self.step, self.env.rank)  # test hooks; nothing unless set (foldhpc.faults)
             step_s = time.monotonic() - t_start
             self.train_time_s += step_s
             if not first_step_logged:

@@ -11,18 +11,19 @@ due but missing validates first, so the curves equal those of an uninterrupted r
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
+
+from foldhpc import faults
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Debug hook for tests: sleep this long before each validation batch, so a signal can be
-#: delivered while a validation is demonstrably in progress. Never set it in production.
-DELAY_ENV = "FOLDHPC_DEBUG_VAL_BATCH_DELAY_S"
+#: Debug hook for tests (foldhpc.faults): sleep this long before each validation batch, so a
+#: signal can be delivered while a validation is demonstrably in progress.
+DELAY_ENV = faults.VAL_BATCH_DELAY
 
 
 def validation_due(step: int, val_every: int, max_steps: int) -> bool:
@@ -34,15 +35,10 @@ def validation_due(step: int, val_every: int, max_steps: int) -> bool:
 
 def debug_delayed(batches: Iterable[T]) -> Iterable[T]:
     """``batches``, slowed by ``$FOLDHPC_DEBUG_VAL_BATCH_DELAY_S`` per batch when that is set."""
-    raw = os.environ.get(DELAY_ENV, "")
-    try:
-        delay = float(raw) if raw else 0.0
-    except ValueError:
-        log.warning("ignoring %s=%r: not a number of seconds", DELAY_ENV, raw)
-        delay = 0.0
+    delay = faults.seconds(DELAY_ENV)
     if delay <= 0:
         return batches
-    log.warning("%s=%s: validation batches are slowed down (debug hook)", DELAY_ENV, raw)
+    log.warning("%s=%s: validation batches are slowed down (debug hook)", DELAY_ENV, delay)
     return _slowed(batches, delay)
 
 
