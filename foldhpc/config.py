@@ -273,6 +273,51 @@ class DistributedConfig:
 
 
 @dataclass
+class FaultConfig:
+    """What happens when training fails in a way that is not a preemption (foldhpc.resilience)."""
+
+    # In-allocation restarts: a trainer that crashes (exception, SIGSEGV, SIGKILL by the OOM
+    # killer, a hang) is restarted from the newest good checkpoint at once, up to this many
+    # times per job; 0 runs the trainer without a supervisor. The same step failing twice in a
+    # row is deterministic: no more restarts.
+    max_restarts: int = 3
+    restart_backoff: str = "2s"  # wait before a restart (doubles each time)
+    # Hang watchdog: no heartbeat (steps, validation batches, checkpoint writes) for this long
+    # kills the trainer (after dumping its stacks) and restarts it. "auto" = the larger of
+    # hang_floor and 20 x the median step time; "0" = off.
+    hang_timeout: str = "auto"
+    hang_floor: str = "2m"
+    startup_timeout: str = "30m"  # before the first step: imports, data, checkpoint load
+    # Non-finite guard: a step whose loss or gradient norm is not finite is skipped; after this
+    # many in a row, training rolls back to the newest good checkpoint.
+    nonfinite_rollback: int = 3
+    # One writer per run directory: a lock whose holder shows no sign of life for this long
+    # (heartbeat) is taken over.
+    lock_stale_after: str = "5m"
+
+    def validate(self) -> None:
+        _check(self.max_restarts >= 0, "max_restarts must be >= 0 (0 disables in-job restarts)")
+        _check(self.nonfinite_rollback >= 1, "nonfinite_rollback must be >= 1")
+        for key in ("restart_backoff", "hang_floor", "startup_timeout", "lock_stale_after"):
+            try:
+                parse_duration(getattr(self, key))
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
+        if self.hang_timeout != "auto":
+            try:
+                parse_duration(self.hang_timeout)
+            except ValueError as e:
+                raise ValueError(f"hang_timeout: {e} (or \"auto\")") from None
+
+    def hang_timeout_s(self, median_step_s: float | None) -> float:
+        """Seconds without a heartbeat that count as a hang; 0 = never."""
+        if self.hang_timeout != "auto":
+            return parse_duration(self.hang_timeout)
+        floor = parse_duration(self.hang_floor)
+        return max(floor, 20 * median_step_s) if median_step_s else floor
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -281,6 +326,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -336,7 +382,8 @@ def _coerce(section: str, key: str, value: Any, typ: Any) -> Any:
             return float(value)
         raise ConfigError(f"{where} = {value!r}: expected a number")
     if typ is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key in {"interval", "time", "signal_lead", "timeout"}:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key in {"interval", "time", "signal_lead", "timeout", "restart_backoff", "hang_timeout",
+                                                                   "hang_floor", "startup_timeout", "lock_stale_after"}:
             return str(value)
         if isinstance(value, str):
             return value
