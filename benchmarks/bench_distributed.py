@@ -59,7 +59,7 @@ def agree_worker(calls: int, out: Path) -> None:
 
 
 def measure_agree(calls: int) -> dict[str, float]:
-    from foldhpc.distributed.launch import free_port
+    from foldhpc.resilience.supervisor import free_port
 
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "agree.txt"

@@ -30,31 +30,28 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    if args.nproc > 1:
-        return _launch_ranks(args, cfg)
+    from foldhpc.resilience.supervisor import SUPERVISED_ENV
+
+    supervised = os.environ.get(SUPERVISED_ENV) == "1"
+    if not supervised and _wants_supervisor(args, cfg):
+        return _supervise(args, cfg)
     # Before the heavy imports: a preemption signal from here on is recorded (and acted on at the first
     # step boundary), not fatal; once training returns, further ones are ignored until exit, so a late
     # signal cannot kill a finished or checkpointed trainer (exit 138) after its work is safe.
     from foldhpc.checkpoint.signals import hold_early_signals, ignore_after_training
+    from foldhpc.resilience.heartbeat import heartbeat
 
     hold_early_signals(cfg.checkpoint.signal_numbers())
     ignore_after_training()
+    heartbeat().beat(-1, "startup")  # tells a supervisor that signals may be forwarded now
     from foldhpc.slurm.env import slurm_info
     from foldhpc.slurm.history import record_event
     from foldhpc.train.loop import Trainer
 
-    resume = "never" if args.no_resume else (args.resume or "auto")
     slurm = slurm_info()
-    if slurm["restart_count"] > 0 and resume != "auto":
-        # sbatch replays the job's arguments on every requeue: --no-resume would throw away the
-        # checkpoint the previous run just saved, --resume PATH would go back to an old one.
-        given = "--no-resume" if args.no_resume else f"--resume {args.resume}"
-        log.warning("%s is ignored: this is restart %d of Slurm job %s (a requeue), so training resumes from the "
-                    "newest checkpoint in run.dir; %s applied to the job's first run only", given,
-                    slurm["restart_count"], slurm["job_id"], given)
-        resume = "auto"
-    if slurm["job_id"]:  # the story of the job for `foldhpc status` (submitit jobs record it in foldhpc.slurm.job)
-        try:
+    resume = _resume_mode(args, slurm)
+    if slurm["job_id"] and not supervised:  # the story of the job for `foldhpc status` (submitit jobs record
+        try:                                # it in foldhpc.slurm.job, supervised ones in the supervisor)
             record_event(cfg.run_dir, "started", job_id=slurm["job_id"], restart_count=slurm["restart_count"],
                          backend="sbatch")
         except OSError as e:
@@ -64,28 +61,65 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _launch_ranks(args: argparse.Namespace, cfg: Any) -> int:
-    """``--nproc N``: this process becomes the launcher of N ranks (foldhpc.distributed.launch)."""
-    from foldhpc.distributed.launch import launch
+def _resume_mode(args: argparse.Namespace, slurm: dict[str, Any]) -> str:
+    """"never", "auto" or a checkpoint path; a requeued Slurm job always resumes ("auto")."""
+    resume = "never" if args.no_resume else (args.resume or "auto")
+    if slurm["restart_count"] > 0 and resume != "auto":
+        # sbatch replays the job's arguments on every requeue: --no-resume would throw away the
+        # checkpoint the previous run just saved, --resume PATH would go back to an old one.
+        given = "--no-resume" if args.no_resume else f"--resume {args.resume}"
+        log.warning("%s is ignored: this is restart %d of Slurm job %s (a requeue), so training resumes from the "
+                    "newest checkpoint in run.dir; %s applied to the job's first run only", given,
+                    slurm["restart_count"], slurm["job_id"], given)
+        resume = "auto"
+    return resume
 
-    if "RANK" in os.environ or "SLURM_STEP_NUM_TASKS" in os.environ and os.environ["SLURM_STEP_NUM_TASKS"] != "1":
-        raise ConfigError("--nproc: this process is already one rank of a multi-process launch "
-                          "(RANK or a multi-task Slurm step); drop --nproc")
-    if cfg.train.batch_size % args.nproc:
-        raise ConfigError(f"--nproc {args.nproc}: train.batch_size = {cfg.train.batch_size} is the global batch "
-                          f"and must be a multiple of the number of ranks")
-    child: list[str] = []
-    if args.config:
-        child += ["--config", args.config]
+
+def _wants_supervisor(args: argparse.Namespace, cfg: Any) -> bool:
+    """Several local ranks always need one; otherwise ``--supervise``/``--no-supervise``, and by
+    default inside a Slurm job (where a restart saves a trip through the queue) when
+    ``fault.max_restarts`` > 0."""
+    if args.nproc > 1:
+        return True
+    if args.supervise is not None:
+        return bool(args.supervise)
+    return bool(os.environ.get("SLURM_JOB_ID")) and cfg.fault.max_restarts > 0
+
+
+def _supervise(args: argparse.Namespace, cfg: Any) -> int:
+    """This process becomes the supervisor of the trainer (``--nproc N``: of N local ranks)."""
+    from foldhpc.resilience.supervisor import Supervisor
+    from foldhpc.slurm.env import slurm_info
+    from foldhpc.slurm.history import record_event
+
+    if args.nproc > 1:
+        if "RANK" in os.environ or os.environ.get("SLURM_STEP_NUM_TASKS", "1") != "1":
+            raise ConfigError("--nproc: this process is already one rank of a multi-process launch "
+                              "(RANK or a multi-task Slurm step); drop --nproc")
+        if cfg.train.batch_size % args.nproc:
+            raise ConfigError(f"--nproc {args.nproc}: train.batch_size = {cfg.train.batch_size} is the global batch "
+                              f"and must be a multiple of the number of ranks")
+    slurm = slurm_info()
+    resume = _resume_mode(args, slurm)
+    if slurm["job_id"]:
+        try:
+            record_event(cfg.run_dir, "started", job_id=slurm["job_id"], restart_count=slurm["restart_count"],
+                         backend="sbatch", supervised=True)
+        except OSError as e:
+            log.warning("cannot record the job in %s: %s", cfg.run_dir, e)
+    common: list[str] = ["--config", args.config] if args.config else []
     for o in args.overrides:
-        child += ["--set", o]
-    if args.no_resume:
-        child.append("--no-resume")
-    if args.resume:
-        child += ["--resume", args.resume]
+        common += ["--set", o]
+    first = list(common)
+    if resume == "never":
+        first.append("--no-resume")
+    elif resume != "auto":
+        first += ["--resume", resume]
     if args.force_resume:
-        child.append("--force-resume")
-    return launch(child, args.nproc, cfg.distributed.timeout_s)
+        first.append("--force-resume")
+    rc = Supervisor(cfg, first, common, nproc=args.nproc).run()
+    _debug_hold_after_train()
+    return rc
 
 
 def _debug_hold_after_train() -> None:
@@ -142,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-resume", action="store_true",
                    help="resume even if the checkpoint was written with a model, data or train config that "
                         "changes the training trajectory (the differences are listed)")
+    p.add_argument("--supervise", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the trainer under a supervisor that restarts it after a crash or hang "
+                        "(fault.max_restarts times); default: on inside a Slurm job, off otherwise")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="train with N ranks on this machine (torch.distributed, gloo on CPU), for development "
                         "without Slurm; train.batch_size is the global batch. On Slurm, ranks come from srun "

@@ -29,12 +29,13 @@ class RunWriter:
     def scalar(self, tag: str, value: float, step: int) -> None:
         self._w.add_scalar(tag, value, step)
 
-    def restart_marker(self, step: int, restarts: int, slurm: dict[str, Any]) -> None:
-        """A visible event at each resume: a scalar step-change and a text note."""
+    def restart_marker(self, step: int, restarts: int, slurm: dict[str, Any], note: str = "") -> None:
+        """A visible event at each resume: a scalar step-change and a text note (``note``: why,
+        for a restart inside the job after a crash or hang)."""
         self._w.add_scalar("run/restarts", restarts, step)
         job = slurm.get("job_id") or "-"
         self._w.add_text("run/events", f"resumed at step {step} (restart #{restarts}, slurm job {job}, "
-                                       f"SLURM_RESTART_COUNT={slurm.get('restart_count', 0)})", step)
+                                       f"SLURM_RESTART_COUNT={slurm.get('restart_count', 0)}){note}", step)
 
     def flush(self) -> None:
         self._w.flush()
@@ -49,7 +50,7 @@ class NullWriter:
     def scalar(self, tag: str, value: float, step: int) -> None:
         pass
 
-    def restart_marker(self, step: int, restarts: int, slurm: dict[str, Any]) -> None:
+    def restart_marker(self, step: int, restarts: int, slurm: dict[str, Any], note: str = "") -> None:
         pass
 
     def flush(self) -> None:

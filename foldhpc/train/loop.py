@@ -64,6 +64,8 @@ from foldhpc.monitor.logs import setup_logging
 from foldhpc.monitor.status import (CHECKPOINTED, COMPLETED, FAILED, RUNNING, NullStatus, StatusFile,
                                     atomic_write_text)
 from foldhpc.monitor.tensorboard import NullWriter, RunWriter
+from foldhpc.resilience import heartbeat as hb
+from foldhpc.resilience.supervisor import RESTART_INFO_ENV, SUPERVISED_ENV
 from foldhpc.slurm.env import slurm_info
 from foldhpc.train.compat import check_resume, runtime_differences
 from foldhpc.train.rng import capture_rng_state, restore_rng_state, step_seed
@@ -370,6 +372,11 @@ class Trainer:
                            world_size=env.world_size, failed_ranks=None)
         if env.distributed:
             ranks.write_record(self.run_dir, env, ranks.RUNNING)
+        self.hb = hb.heartbeat()
+        self.restart_info: dict[str, Any] = json.loads(os.environ.get(RESTART_INFO_ENV) or "{}")
+        if os.environ.get(SUPERVISED_ENV) == "1":
+            hb.enable_stack_dump(self.run_dir / "stacks.log")
+            self.status.update(in_job_restarts=self.restart_info.get("in_job_restarts", 0))
         self.timings: dict[str, float] = {"imports_s": process_age_s()}
         try:
             result = self._run()
@@ -424,7 +431,12 @@ class Trainer:
             self.writer: RunWriter | NullWriter = (RunWriter(self.run_dir / "tensorboard", start_step=self.step)
                                                    if self.main else NullWriter())
             if self.restarts:
-                self.writer.restart_marker(self.step, self.restarts, slurm_info())
+                failure = self.restart_info.get("last_failure")
+                note = (f"; restarted inside the job after: {failure['reason']} at step {failure['step']}"
+                        if failure else "")
+                self.writer.restart_marker(self.step, self.restarts, slurm_info(), note)
+                if failure:
+                    self.writer.scalar("run/in_job_restarts", self.restart_info.get("in_job_restarts", 0), self.step)
             self.status.update(step=self.step, restarts=self.restarts)
             log.info("training steps %d..%d, batch %d, crop %d, checkpoint every %s%s, signals %s",
                      self.step, t.max_steps, t.batch_size, cfg.data.crop_size, cfg.checkpoint.interval,
@@ -450,6 +462,7 @@ class Trainer:
 
     def _save(self, reason: str, blocking: bool) -> bool:
         if blocking:
+            self.hb.beat(self.step, "checkpoint")
             self.ckpt.wait()
         last = self.ckpt.last_committed
         if last is not None and last.step == self.step and not self.ckpt.in_flight:
@@ -523,6 +536,7 @@ class Trainer:
             # The step boundary. With several ranks they agree here, every step, on whether to
             # stop (a signal may have reached only some of them) and whether the save timer has
             # run out (their clocks differ): all stop, or save, at the same step.
+            self.hb.beat(self.step, "train")
             received = int(preempt.received) if preempt.received is not None else 0
             timer_due = interval > 0 and time.monotonic() - last_save_t >= interval
             signum, timer_due = self.group.agree(received, timer_due)
@@ -637,6 +651,12 @@ class Trainer:
                            eta_s=eta, train_time_s=self.train_time_s)
         return loss
 
+    def _beating(self, batches: Any) -> Any:
+        """``batches``, with a heartbeat before each (validation can outlast many steps)."""
+        for b in batches:
+            self.hb.beat(self.step, "validation")
+            yield b
+
     def _validate(self, should_stop: Callable[[], bool]) -> dict[str, float] | None:
         """Validate at the current step; None if ``should_stop`` (a preemption signal) cut it short.
 
@@ -651,7 +671,7 @@ class Trainer:
         t0 = time.monotonic()
         log.info("validating at step %d (%d batches)", self.step, len(self.val_batches))
         try:
-            metrics = evaluate(self.model, debug_delayed(self.val_batches), device=self.device,
+            metrics = evaluate(self.model, self._beating(debug_delayed(self.val_batches)), device=self.device,
                                should_stop=should_stop)
         except EvaluationStopped as e:
             log.warning("validation at step %d stopped by a preemption signal after %d of %d batches (%.2fs); "

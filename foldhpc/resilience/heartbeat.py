@@ -1,0 +1,98 @@
+"""A trainer's sign of life, written for its supervisor at every step and around long phases.
+
+The supervisor (:mod:`foldhpc.resilience.supervisor`) passes the path of a small file in
+``$FOLDHPC_HEARTBEAT_FILE`` (on tmpfs, ``/dev/shm``, where there is one: never the shared file
+system, a beat costs one ``pwrite`` of 20 bytes). The trainer overwrites it with (beat counter,
+step, phase). The supervisor only compares successive reads, with its own clock, so nothing
+depends on two processes' clocks agreeing.
+
+Phases: ``startup`` (imports, data, checkpoint load: before the first step; the supervisor
+allows ``fault.startup_timeout``), ``train`` (one beat per step), ``validation`` (one per
+batch), ``checkpoint`` (before a blocking write), ``done``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+HEARTBEAT_ENV = "FOLDHPC_HEARTBEAT_FILE"
+PHASES = ("startup", "train", "validation", "checkpoint", "done")
+_FMT = struct.Struct("<QqI")
+
+
+@dataclass(frozen=True)
+class Beat:
+    count: int  # 0: no beat yet
+    step: int
+    phase: str
+
+
+class Heartbeat:
+    """The trainer's side: ``beat(step, phase)``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        self._count = 0
+
+    def beat(self, step: int, phase: str = "train") -> None:
+        self._count += 1
+        try:
+            os.pwrite(self._fd, _FMT.pack(self._count, step, PHASES.index(phase)), 0)
+        except OSError:
+            pass  # a sign of life must never fail the training
+
+
+class NoHeartbeat:
+    """Not supervised: beats go nowhere."""
+
+    def beat(self, step: int, phase: str = "train") -> None:
+        pass
+
+
+_current: Heartbeat | NoHeartbeat | None = None
+
+
+def heartbeat() -> Heartbeat | NoHeartbeat:
+    """This process's heartbeat (from ``$FOLDHPC_HEARTBEAT_FILE``), made once."""
+    global _current
+    if _current is None:
+        path = os.environ.get(HEARTBEAT_ENV)
+        _current = Heartbeat(Path(path)) if path else NoHeartbeat()
+    return _current
+
+
+def read(path: Path) -> Beat:
+    """The newest beat in ``path`` (count 0 if there is none yet)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_FMT.size)
+    except OSError:
+        data = b""
+    if len(data) < _FMT.size:
+        return Beat(0, -1, "startup")
+    count, step, phase = _FMT.unpack(data)
+    return Beat(count, step, PHASES[phase] if phase < len(PHASES) else "startup")
+
+
+_stack_file = None
+
+
+def enable_stack_dump(path: Path) -> None:
+    """On SIGQUIT (sent by the supervisor to a hung trainer) write every thread's Python stack to
+    ``path`` (appended). faulthandler does it in C, so it works even when the GIL is held by a
+    deadlocked thread."""
+    import faulthandler
+    import signal
+    import time
+
+    global _stack_file
+    if _stack_file is None:
+        _stack_file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the handler
+        _stack_file.write(f"# stacks of pid {os.getpid()} (started {time.strftime('%Y-%m-%d %H:%M:%S')}) follow "
+                          "when its supervisor found it hung\n")
+        _stack_file.flush()
+    faulthandler.register(signal.SIGQUIT, file=_stack_file, all_threads=True)
