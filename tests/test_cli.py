@@ -26,15 +26,15 @@ def test_data_prepare_and_info_report_counts_and_skipped_files(tmp_path):
         shutil.copy(f, data / f.name)
     p = run_foldhpc("data", "prepare", "--config", str(TINY), "--set", f"data.path={data}")
     assert p.returncode == 0, p.stderr
-    assert "19 files -> 9 chains" in p.stdout and "skipped 10" in p.stdout, p.stdout
+    assert "23 files -> 9 chains" in p.stdout and "skipped 14" in p.stdout, p.stdout
     for name in ("empty.pdb", "truncated.pdb.gz", "garbage.pdb.gz", "structure.txt", "dna_only.pdb"):
         assert name in p.stdout  # every skipped file is listed with its reason
     p = run_foldhpc("data", "info", "--config", str(TINY), "--set", f"data.path={data}", "--json")
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout)
-    assert info["n_files"] == 19 and info["n_parsed"] == 0  # second call: nothing re-parsed
-    assert info["n_cached"] == 18  # all but the .txt file, which is never parsed
-    assert info["n_records"] == 9 and len(info["skipped"]) == 10
+    assert info["n_files"] == 23 and info["n_parsed"] == 0  # second call: nothing re-parsed
+    assert info["n_cached"] == 22  # all but the .txt file, which is never parsed
+    assert info["n_records"] == 9 and len(info["skipped"]) == 14
     assert {s["file"]: s["reason"] for s in info["skipped"]}["empty.pdb"] == "empty file"
 
 

@@ -33,6 +33,10 @@ EXPECTED_SKIPS = {
     "bad/structure.txt": "unsupported extension",
     "bad/truncated_mid_atom.pdb": "truncated file",
     "bad/broken_loop.cif": "corrupt mmCIF",
+    "bad/nan_coords.pdb": "non-finite coordinates",
+    "bad/inf_coords.cif": "non-finite coordinates",
+    "bad/far_coords.cif": "absurd coordinates",
+    "bad/collapsed.pdb": "absurd coordinates",
     "bad/dangling.pdb.gz": "unreadable",
     "bad/folder.cif": "unreadable",
 }
@@ -76,10 +80,11 @@ def test_bad_files_are_skipped_with_reasons(tmp_path: Path) -> None:
     assert sorted(by_id(report)) == ["101M_A", "1A4W_H", "1A7G_E", "1A8O_A", "1K6P_A", "1LCD_A",
                                      "1UBI_A", "4GCN_A", "5GOB_A"]
     assert report.n_files == 9 + len(EXPECTED_SKIPS)
-    assert report.n_parsed == 9 + 9  # structure-named files that could be read
+    assert report.n_parsed == 9 + 13  # structure-named files that could be read
     assert report.n_cached == 0
     counts = report.reason_counts()
     assert counts["corrupt gzip"] == 2 and counts["unreadable"] == 2 and counts["no protein chain"] == 2
+    assert counts["non-finite coordinates"] == 2 and counts["absurd coordinates"] == 2
     text = report.format()
     assert "bad/broken_loop.cif: corrupt mmCIF" in text and "100-199" in text
     d = json.loads(report.to_json())
@@ -205,7 +210,7 @@ def test_all_files_skipped_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         prepare(data, tmp_path / "cache")
     msg = str(info.value)
-    assert "all 10 files were skipped" in msg and "2 x corrupt gzip" in msg and "data.min_length" in msg
+    assert "all 14 files were skipped" in msg and "2 x corrupt gzip" in msg and "data.min_length" in msg
     # good files, but filters exclude every chain
     with pytest.raises(DataError, match="no chain with 2000-3000 residues"):
         prepare(make_dataset(tmp_path / "x", with_bad=False), tmp_path / "cache2",

@@ -152,6 +152,11 @@ BAD_REASONS = {
     "structure.txt": "unsupported extension",
     "truncated_mid_atom.pdb": "truncated file",
     "broken_loop.cif": "corrupt mmCIF",
+    # 12 residues of a real entry with one number made impossible (parser version 2)
+    "nan_coords.pdb": "non-finite coordinates: chain A residue 156 CA x = nan",
+    "inf_coords.cif": "non-finite coordinates: chain E residue 296 CA y = inf",
+    "far_coords.cif": "absurd coordinates: chain E residue 298 CA x = 123456.789",
+    "collapsed.pdb": "absurd coordinates: chain A: the CA atoms of residues 152 and 153 are 0.00 A apart",
 }
 
 
