@@ -111,6 +111,7 @@ class Supervisor:
         self.run_dir = cfg.run_dir
         self.pending: signal.Signals | None = None  # newest preemption signal not yet forwarded
         self.preempted: signal.Signals | None = None
+        self.preempted_at: float | None = None  # time.time() of the first preemption signal
         self.procs: list[subprocess.Popen[bytes]] = []
         self._forwarded: list[bool] = []
         self._hb_dir = Path(tempfile.mkdtemp(prefix=f"foldhpc-hb-{os.getpid()}-",
@@ -122,7 +123,8 @@ class Supervisor:
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002
         sig = signal.Signals(signum)
-        self.preempted = self.preempted or sig
+        if self.preempted is None:
+            self.preempted, self.preempted_at = sig, time.time()
         self.pending = sig
         self._forward()
 

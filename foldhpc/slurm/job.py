@@ -75,8 +75,12 @@ class SlurmTrainer(submitit.helpers.Checkpointable):
         # When the trainer stops listening, its signals are ignored rather than handed back to
         # submitit's handler, which would requeue a job whose training has already returned.
         ignore_after_training()
+        signal_at: float | None = None
         try:
-            result = Trainer(cfg, resume="auto", env=env).run()
+            if cfg.fault.max_restarts > 0:  # in-job restarts: the trainer runs as a supervised child
+                result, signal_at = self._supervised(job)
+            else:
+                result = Trainer(cfg, resume="auto", env=env).run()
         except BaseException as e:
             record_event(cfg.run_dir, "failed", job_id=job, error=f"{type(e).__name__}: {e}", **where)
             raise
@@ -95,9 +99,40 @@ class SlurmTrainer(submitit.helpers.Checkpointable):
             record_event(cfg.run_dir, "requeued" if d.requeue else "stopped", job_id=job, step=result.step,
                          signal=result.signal, restart_count=info["restart_count"], why=d.kind, reason=d.reason)
 
-        maybe_requeue(cfg.slurm.max_requeues, parse_duration(cfg.slurm.signal_lead), last_signal_time(), record)
+        maybe_requeue(cfg.slurm.max_requeues, parse_duration(cfg.slurm.signal_lead), signal_at or last_signal_time(),
+                      record)
         logging.shutdown()
         sys.exit(EXIT_CHECKPOINTED)
+
+    def _supervised(self, job: str | None) -> tuple[Any, float | None]:
+        """Train in a child ``foldhpc train`` under :class:`~foldhpc.resilience.supervisor.Supervisor`
+        (restarted in this allocation after a crash or hang); the outcome as a TrainResult and
+        the time of the preemption signal, if one came."""
+        from foldhpc.config import config_to_toml
+        from foldhpc.monitor.status import atomic_write_text, read_status
+        from foldhpc.resilience.supervisor import EXIT_CHECKPOINTED, EXIT_OK, Supervisor
+        from foldhpc.train.loop import TrainResult
+
+        cfg = self.cfg
+        path = cfg.run_dir / "slurm" / f"config-{job or 'local'}.toml"  # the child's config: this job's
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, config_to_toml(cfg), fsync=False)
+        args = ["--config", str(path)]
+        sup = Supervisor(cfg, args, args, extra_signals=tuple(_preemption_signals(cfg)))
+        rc = sup.run()
+        try:
+            st = read_status(cfg.run_dir) or {}
+        except ValueError:
+            st = {}
+        from foldhpc.distributed.env import from_environ
+
+        rank = from_environ().rank
+        if rc == EXIT_OK:
+            return TrainResult(COMPLETED, int(st.get("step", 0)), None, st.get("metrics") or {}, rank=rank), None
+        if rc == EXIT_CHECKPOINTED:
+            sig = st.get("signal") or (sup.preempted.name if sup.preempted else None)
+            return TrainResult("checkpointed", int(st.get("step", 0)), sig, rank=rank), sup.preempted_at
+        raise RuntimeError(st.get("error") or f"the supervised trainer failed (exit status {rc})")
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(SlurmTrainer(self.cfg))

@@ -652,9 +652,14 @@ class Trainer:
         return loss
 
     def _beating(self, batches: Any) -> Any:
-        """``batches``, with a heartbeat before each (validation can outlast many steps)."""
-        for b in batches:
+        """``batches``, with a heartbeat before each is fetched (validation can outlast many steps)."""
+        it = iter(batches)
+        while True:
             self.hb.beat(self.step, "validation")
+            try:
+                b = next(it)
+            except StopIteration:
+                return
             yield b
 
     def _validate(self, should_stop: Callable[[], bool]) -> dict[str, float] | None:
