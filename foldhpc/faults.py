@@ -17,6 +17,15 @@ Tests set them on the trainer's process (locally or through Slurm's environment 
 ``FOLDHPC_DEBUG_WRITE_DELAY_S=S``   every checkpoint write sleeps S before its rename
 ``FOLDHPC_DEBUG_VAL_BATCH_DELAY_S`` sleep before each validation batch
 ``FOLDHPC_DEBUG_HOLD_AFTER_TRAIN_S`` stay alive S seconds after training returned
+``FOLDHPC_NAN_AT_STEPS=LIST``       make optimizer step N non-finite for each N in LIST
+                                    (``12``, ``12-14``, ``5,20-22``; see ``FOLDHPC_NAN_KIND``)
+``FOLDHPC_NAN_KIND=K``              ``loss`` (default: the loss and so every gradient is NaN),
+                                    ``value`` (only the loss value is NaN, the gradients stay
+                                    finite), ``weights`` (a weight becomes NaN during the
+                                    step and stays NaN: later steps and saves see it)
+``FOLDHPC_NAN_ON_RANK=R``           only rank R (default: every rank)
+``FOLDHPC_NAN_ONCE=PATH``           each listed step fires once: PATH records the steps that
+                                    fired, so a rolled-back or restarted run passes them
 ==================================  ==========================================================
 """
 
@@ -27,6 +36,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +48,11 @@ STEP_DELAY = "FOLDHPC_DEBUG_STEP_DELAY_S"
 WRITE_DELAY = "FOLDHPC_DEBUG_WRITE_DELAY_S"
 VAL_BATCH_DELAY = "FOLDHPC_DEBUG_VAL_BATCH_DELAY_S"
 HOLD_AFTER_TRAIN = "FOLDHPC_DEBUG_HOLD_AFTER_TRAIN_S"
+NAN_AT_STEPS = "FOLDHPC_NAN_AT_STEPS"
+NAN_KIND = "FOLDHPC_NAN_KIND"
+NAN_ON_RANK = "FOLDHPC_NAN_ON_RANK"
+NAN_ONCE = "FOLDHPC_NAN_ONCE"
+NAN_KINDS = ("loss", "value", "weights")
 
 KINDS = ("exception", "segfault", "kill", "exit", "hang", "stop")
 
@@ -83,7 +98,7 @@ def after_step(step: int, rank: int = 0) -> None:
         if marker.exists():
             return
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{os.getpid()} step {step}\n")
+        marker.write_text(f"{os.getpid()} step {step} at {time.time():.6f}\n")  # read by bench_restart.py
     kind = os.environ.get(FAIL_KIND, "exception") or "exception"
     log.warning("%s=%d %s=%s: injecting a fault on rank %d (debug hook)", FAIL_AT_STEP, at, FAIL_KIND, kind, rank)
     for h in logging.getLogger("foldhpc").handlers:
@@ -102,3 +117,51 @@ def after_step(step: int, rank: int = 0) -> None:
     elif kind != "exception":
         log.warning("unknown %s=%r; raising an exception instead (kinds: %s)", FAIL_KIND, kind, ", ".join(KINDS))
     raise InjectedFailure(f"injected failure at step {step} ({FAIL_AT_STEP})")
+
+
+def _steps(spec: str) -> set[int]:
+    """``"5,12-14"`` -> {5, 12, 13, 14}; a malformed item is ignored with a warning."""
+    out: set[int] = set()
+    for item in spec.replace(" ", "").split(","):
+        if not item:
+            continue
+        lo, _, hi = item.partition("-")
+        try:
+            out.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            log.warning("ignoring %r in %s=%r: not N or N-M", item, NAN_AT_STEPS, spec)
+    return out
+
+
+def nan_loss(loss: Any, step: int, rank: int = 0, model: Any = None) -> Any:
+    """Called by the training loop with the loss of optimizer step ``step`` (numbered like
+    ``after_step``: the step that completes as ``step``): the loss, or a non-finite one where
+    ``FOLDHPC_NAN_AT_STEPS`` says so (see the table above). ``model``: for ``weights``."""
+    spec = os.environ.get(NAN_AT_STEPS, "")
+    if not spec or step not in _steps(spec):
+        return loss
+    only = os.environ.get(NAN_ON_RANK, "")
+    if only and only != str(rank):
+        return loss
+    once = os.environ.get(NAN_ONCE, "")
+    if once:
+        marker = Path(once)
+        fired = marker.read_text().split() if marker.exists() else []
+        if str(step) in fired:
+            return loss
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with open(marker, "a") as f:
+            f.write(f"{step}\n")
+    kind = os.environ.get(NAN_KIND, "loss") or "loss"
+    if kind not in NAN_KINDS:
+        log.warning("unknown %s=%r; using 'loss' (kinds: %s)", NAN_KIND, kind, ", ".join(NAN_KINDS))
+        kind = "loss"
+    log.warning("%s=%s %s=%s: making step %d non-finite on rank %d (debug hook)", NAN_AT_STEPS, spec, NAN_KIND,
+                kind, step, rank)
+    if kind == "value":  # the value is NaN, the gradient is the loss's own (finite)
+        return loss + (loss.new_tensor(float("nan")) - loss).detach()
+    if kind == "weights" and model is not None:
+        # .data: no autograd version bump, so this step's backward runs (through the NaN weight)
+        next(iter(model.parameters())).data.view(-1)[0] = float("nan")
+        return loss
+    return loss * float("nan")
