@@ -1,2 +1,3 @@
 """More than one process: who am I (:mod:`.env`), talking to the others (:mod:`.group`),
-per-rank records and failure attribution (:mod:`.ranks`), a local launcher (:mod:`.launch`)."""
+per-rank records and failure attribution (:mod:`.ranks`). ``foldhpc train --nproc N`` starts local
+ranks through :mod:`foldhpc.resilience.supervisor`."""
