@@ -1,22 +1,39 @@
 #!/usr/bin/env bash
-# tests/slurm/cluster.sh - a REAL single-node Slurm 22.05 test cluster on Debian 12,
-# as root, without systemd: munged + mariadbd + slurmdbd + slurmctld + slurmd.
+# tests/slurm/cluster.sh - a REAL two-node Slurm 22.05 test cluster on ONE Debian 12 host,
+# as root, without systemd: munged + mariadbd + slurmdbd + slurmctld + one slurmd per node.
+#
+# Layout (one layout for every Slurm test; it is never switched):
+#   nodes       n1 and n2, both on this host (NodeHostname=$(hostname -s), NodeAddr=127.0.0.1),
+#               one slurmd each (`slurmd -N n1` on port 17001, `slurmd -N n2` on port 17002).
+#               Each advertises FOLDHPC_SLURM_CPUS CPUs, FOLDHPC_SLURM_GPUS fake GPUs and half of
+#               80% of this host's memory. Multi-node jobs (-N 2, srun, torch.distributed over
+#               127.0.0.1) really run one part on each node.
+#   partitions  debug (default; PriorityTier=1, PreemptMode=REQUEUE, GraceTime=20) and
+#               high (PriorityTier=10; its jobs preempt debug jobs), both Nodes=n[1-2].
+#               NB: with two nodes a high job only preempts when it does not fit on the idle
+#               CPUs of the nodes it may use: pin victim and preemptor to one node (--nodelist)
+#               or let the preemptor need every CPU of both nodes.
+#   per-node files  /run/slurm/slurmd-n1.pid, /var/spool/slurmd-n1/, $LOGDIR/slurmd-n1.log (%n).
 #
 # Usage: tests/slurm/cluster.sh up|down|status
 #   up      install packages if missing (apt), write configs, start what is not running.
 #           Idempotent: when everything is already up it only checks (~0.3 s).
+#           Migrates from the old single-node layout: its slurmd (/run/slurm/slurmd.pid) is
+#           stopped, and the config change restarts slurmctld (slurmctld -c: old jobs dropped).
 #   down    stop only the daemons that `up` started (PIDs in /run/foldhpc-slurm/).
-#   status  print daemon liveness and sinfo; exit 0 if the cluster is usable, 1 if not.
+#   status  print daemon liveness and sinfo; exit 0 if the cluster is usable (both nodes
+#           idle/mixed/allocated), 1 if not.
 #
 # Knobs (env):
 #   FOLDHPC_SLURM_PROFILE=fast|defaults
 #                 fast (default): AuthInfo=cred_expire=5 and
 #                 SchedulerParameters=bf_interval=1,sched_interval=1, so a requeued job
 #                 runs again after ~6 s. defaults: leave both at Slurm's defaults
-#                 (a requeued job waits ~150 s). Switching restarts slurmctld+slurmd.
-#   FOLDHPC_SLURM_CPUS=4        CPUs advertised by the node (config_overrides lets it
-#                               exceed the real core count)
-#   FOLDHPC_SLURM_GPUS=2        fake GPUs (gres/gpu, /dev/null symlinks); 0 disables
+#                 (a requeued job waits ~150 s). Switching restarts slurmctld + both slurmds.
+#   FOLDHPC_SLURM_CPUS=4        CPUs advertised by EACH node (config_overrides lets them
+#                               exceed the real core count; 2 nodes x 4 = 8 on a 2-core host)
+#   FOLDHPC_SLURM_GPUS=1        fake GPUs PER NODE (gres/gpu, /dev/null symlinks; n1 gets
+#                               fakegpu0..G-1, n2 fakegpuG..2G-1); 0 disables gres
 #   FOLDHPC_SLURM_KEEP_STATE=1  keep slurmctld's job state when (re)starting it
 #                               (default: slurmctld -c, old jobs dropped; job ids keep growing)
 #   FOLDHPC_SLURM_NO_INSTALL=1  never call apt-get (fail if packages are missing)
@@ -28,13 +45,15 @@ exec </dev/null
 CLUSTER=foldhpc
 PROFILE=${FOLDHPC_SLURM_PROFILE:-fast}
 CPUS=${FOLDHPC_SLURM_CPUS:-4}
-GPUS=${FOLDHPC_SLURM_GPUS:-2}
+GPUS=${FOLDHPC_SLURM_GPUS:-1}     # per node
+NODES="n1 n2"                    # node names; slurmd -N NAME, port 17000 + index
 DBPASS=foldhpc-slurmdbd        # local-only test cluster; mariadb is bound to 127.0.0.1
 PKGS="munge slurmctld slurmd slurm-client slurmdbd mariadb-server"
 LOGDIR=/var/log/foldhpc-slurm
 STATE=/run/foldhpc-slurm       # <daemon>.pid for each daemon THIS script started
 LOCK=/run/foldhpc-slurm.lock
-DAEMONS="munged mariadbd slurmdbd slurmctld slurmd"
+SLURMDS="slurmd-n1 slurmd-n2"    # daemon keys of the per-node slurmds (pidfiles /run/slurm/<key>.pid)
+DAEMONS="munged mariadbd slurmdbd slurmctld $SLURMDS"
 T0=$EPOCHREALTIME
 ME="cluster.sh ${1:-}"
 
@@ -49,10 +68,12 @@ tails() {
   return 0
 }
 die() { trap - ERR; echo "$ME: ERROR: $*" >&2; tails; echo "$ME: all logs are in $LOGDIR" >&2; exit 1; }
-DAEMON_LOGS="$LOGDIR/munged.log $LOGDIR/mariadbd.log $LOGDIR/slurmdbd.log $LOGDIR/slurmctld.log $LOGDIR/slurmd.log"
+DAEMON_LOGS="$LOGDIR/munged.log $LOGDIR/mariadbd.log $LOGDIR/slurmdbd.log $LOGDIR/slurmctld.log"
+DAEMON_LOGS="$DAEMON_LOGS $LOGDIR/slurmd-n1.log $LOGDIR/slurmd-n2.log"
 DAEMON_LOGS="$DAEMON_LOGS $LOGDIR/munged.out $LOGDIR/mariadbd.out $LOGDIR/slurmdbd.out $LOGDIR/slurmctld.out $LOGDIR/slurmd.out"
 
-# pidfile of each daemon (written by the daemon itself)
+# pidfile of each daemon key (written by the daemon itself). Keys: munged mariadbd slurmdbd
+# slurmctld slurmd-<node>, and `slurmd` = the slurmd of the old single-node layout.
 pidfile() {
   case $1 in
     munged) echo /run/munge/munged.pid ;;
@@ -60,13 +81,15 @@ pidfile() {
     *) echo "/run/slurm/$1.pid" ;;
   esac
 }
+# process name (/proc/PID/comm) of a daemon key
+comm_of() { case $1 in slurmd-*) echo slurmd ;; *) echo "$1" ;; esac; }
 # pid_alive PID COMM -> 0 if PID is a live (non-zombie) process named COMM
 pid_alive() {
   [ -n "$1" ] && [ -r "/proc/$1/comm" ] && [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ] &&
     [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]
 }
 # alive NAME -> 0 if the pid in NAME's pidfile is a live process named NAME
-alive() { local f p; f=$(pidfile "$1"); [ -s "$f" ] || return 1; p=$(cat "$f" 2>/dev/null) || return 1; pid_alive "$p" "$1"; }
+alive() { local f p; f=$(pidfile "$1"); [ -s "$f" ] || return 1; p=$(cat "$f" 2>/dev/null) || return 1; pid_alive "$p" "$(comm_of "$1")"; }
 waitfor() {
   local n=$1 what=$2 i; shift 2
   for ((i = 0; i < n * 10; i++)); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
@@ -84,7 +107,7 @@ stop_pid() {
   return 0
 }
 record() { cat "$(pidfile "$1")" > "$STATE/$1.pid"; }
-node_name() { hostname -s; }
+host_name() { hostname -s; }
 node_ok() { timeout 10 sinfo -h -n "$1" -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated|completing)$'; }
 
 # ===================================================================== up
@@ -98,7 +121,7 @@ cmd_up() {
   flock -w 900 9 || die "could not lock $LOCK (another cluster.sh running?)"
   trap 'die "command failed (line $LINENO): $BASH_COMMAND"' ERR
 
-  local H; H=$(node_name)
+  local H; H=$(host_name)
 
   # ------------------------------------------------------------- 1. packages
   local missing="" p
@@ -133,14 +156,16 @@ cmd_up() {
   TAILS=$DAEMON_LOGS
 
   mkdir -p /run/munge /var/log/munge /var/lib/munge /run/mysqld /run/slurm \
-           /var/spool/slurmctld /var/spool/slurmd /var/lib/slurm /etc/slurm
+           /var/spool/slurmctld /var/lib/slurm /etc/slurm
+  local n
+  for n in $NODES; do mkdir -p "/var/spool/slurmd-$n"; done
   chown munge:munge /run/munge /var/log/munge /var/lib/munge
   chown mysql:mysql /run/mysqld
   chown slurm:slurm /run/slurm /var/spool/slurmctld /var/lib/slurm
   chgrp slurm "$LOGDIR"; chmod 775 "$LOGDIR"   # slurmdbd/slurmctld chdir() there
   # log files the daemons open themselves after dropping privileges
   local f
-  for f in munged.log:munge mariadbd.log:mysql slurmdbd.log:slurm slurmctld.log:slurm slurmd.log:root; do
+  for f in munged.log:munge mariadbd.log:mysql slurmdbd.log:slurm slurmctld.log:slurm slurmd-n1.log:root slurmd-n2.log:root; do
     touch "$LOGDIR/${f%%:*}"; chown "${f##*:}" "$LOGDIR/${f%%:*}"
   done
 
@@ -199,13 +224,29 @@ EOF
     rm -f "$tmp"
   }
 
-  local MEM_MB GRES_LINE="" GRES_TYPES="" FAST=""
-  MEM_MB=$(awk '/MemTotal/ {printf "%d", $2/1024*0.8}' /proc/meminfo)
+  local MEM_MB GRES_LINE="" GRES_TYPES="" FAST="" NODE_LINES="" GRES_CONF="" idx=0 first
+  # 80% of this host's memory, split evenly between the nodes (bookkeeping only: no cgroups)
+  MEM_MB=$(awk -v n="$(echo $NODES | wc -w)" '/MemTotal/ {printf "%d", $2/1024*0.8/n}' /proc/meminfo)
   if [ "$GPUS" -gt 0 ]; then
     # gres File= must stat() as a character device, else CUDA_VISIBLE_DEVICES stays empty
-    for ((i = 0; i < GPUS; i++)); do ln -sfn /dev/null /var/lib/slurm/fakegpu$i; done
+    for ((i = 0; i < GPUS * $(echo $NODES | wc -w); i++)); do ln -sfn /dev/null /var/lib/slurm/fakegpu$i; done
     GRES_LINE=" Gres=gpu:$GPUS"; GRES_TYPES="GresTypes=gpu"
   fi
+  for n in $NODES; do
+    idx=$((idx + 1))
+    NODE_LINES="${NODE_LINES}NodeName=$n NodeHostname=$H NodeAddr=127.0.0.1 Port=$((17000 + idx)) CPUs=$CPUS RealMemory=$MEM_MB$GRES_LINE State=UNKNOWN
+"
+    if [ "$GPUS" -gt 0 ]; then
+      first=$(((idx - 1) * GPUS))
+      if [ "$GPUS" = 1 ]; then GRES_CONF="${GRES_CONF}NodeName=$n Name=gpu File=/var/lib/slurm/fakegpu$first
+"
+      else GRES_CONF="${GRES_CONF}NodeName=$n Name=gpu File=/var/lib/slurm/fakegpu[$first-$((first + GPUS - 1))]
+"
+      fi
+    fi
+  done
+  GRES_CONF=${GRES_CONF%$'\n'}   # the here-document adds the last newline
+  local NODESET; NODESET=$(echo $NODES | tr ' ' ',')
   if [ "$PROFILE" = fast ]; then
     # cred_expire also sets how long a requeued job waits before it may start again
     # (default 120 s; 5 is the minimum accepted). Scheduler passes every second.
@@ -229,7 +270,7 @@ EOF
   local DBD_CHANGED=$CHANGED; CHANGED=0
 
   write_if_changed /etc/slurm/slurm.conf 644 root:root <<EOF
-# generated by foldhpc tests/slurm/cluster.sh - single-node test cluster
+# generated by foldhpc tests/slurm/cluster.sh - two-node test cluster (n1, n2) on one host
 # profile: $PROFILE
 ClusterName=$CLUSTER
 SlurmctldHost=$H(127.0.0.1)
@@ -239,11 +280,11 @@ AuthType=auth/munge
 CredType=cred/munge
 $FAST
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+SlurmdSpoolDir=/var/spool/slurmd-%n
 SlurmctldPidFile=/run/slurm/slurmctld.pid
-SlurmdPidFile=/run/slurm/slurmd.pid
+SlurmdPidFile=/run/slurm/slurmd-%n.pid
 SlurmctldLogFile=$LOGDIR/slurmctld.log
-SlurmdLogFile=$LOGDIR/slurmd.log
+SlurmdLogFile=$LOGDIR/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SwitchType=switch/none
@@ -270,14 +311,13 @@ PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
 SlurmdParameters=config_overrides
 $GRES_TYPES
-NodeName=$H NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB$GRES_LINE State=UNKNOWN
-PartitionName=debug Nodes=$H Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=20
-PartitionName=high Nodes=$H Default=NO MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+${NODE_LINES}PartitionName=debug Nodes=$NODESET Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=20
+PartitionName=high Nodes=$NODESET Default=NO MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 EOF
   if [ "$GPUS" -gt 0 ]; then
     write_if_changed /etc/slurm/gres.conf 644 root:root <<EOF
 AutoDetect=off
-NodeName=$H Name=gpu File=/var/lib/slurm/fakegpu[0-$((GPUS - 1))]
+$GRES_CONF
 EOF
   elif [ -e /etc/slurm/gres.conf ]; then
     rm -f /etc/slurm/gres.conf; CHANGED=1
@@ -299,11 +339,21 @@ EOF
     timeout 20 sacctmgr -i add cluster "$CLUSTER" >/dev/null || die "sacctmgr add cluster failed"
   fi
 
-  # ------------------------------------------------------------- 6. slurmctld + slurmd
-  if [ "$CONF_CHANGED" = 1 ] && { alive slurmd || alive slurmctld; }; then
-    log "slurm.conf/gres.conf changed (profile=$PROFILE): restarting slurmctld and slurmd"
-    alive slurmd && stop_pid "$(cat /run/slurm/slurmd.pid)" slurmd
-    alive slurmctld && stop_pid "$(cat /run/slurm/slurmctld.pid)" slurmctld
+  # ------------------------------------------------------------- 6. slurmctld + slurmds
+  # the single slurmd of the old one-node layout (no -N; pidfile /run/slurm/slurmd.pid): its
+  # node is gone from slurm.conf, so it always goes
+  if alive slurmd; then
+    log "stopping the single-node layout's slurmd (pid $(cat /run/slurm/slurmd.pid))"
+    stop_pid "$(cat /run/slurm/slurmd.pid)" slurmd
+  fi
+  rm -f /run/slurm/slurmd.pid "$STATE/slurmd.pid"
+  local d any=0
+  for d in $SLURMDS slurmctld; do alive "$d" && any=1; done
+  if [ "$CONF_CHANGED" = 1 ] && [ $any = 1 ]; then
+    log "slurm.conf/gres.conf changed (profile=$PROFILE): restarting slurmctld and the slurmds"
+    for d in $SLURMDS slurmctld; do
+      if alive "$d"; then stop_pid "$(cat "$(pidfile "$d")")" "$(comm_of "$d")"; fi
+    done
   fi
   if ! alive slurmctld; then
     log "starting slurmctld (profile=$PROFILE)"
@@ -312,22 +362,26 @@ EOF
     waitfor 30 slurmctld timeout 5 scontrol ping
     record slurmctld
   fi
-  if ! alive slurmd; then
-    log "starting slurmd"
-    /usr/sbin/slurmd 9>&- </dev/null >>"$LOGDIR/slurmd.out" 2>&1 || die "slurmd failed to start"
-    waitfor 10 slurmd alive slurmd
-    record slurmd
-  fi
-  local st
-  for ((i = 0; i < 300; i++)); do
-    node_ok "$H" && break
-    st=$(timeout 10 sinfo -h -n "$H" -o '%T' 2>/dev/null | head -1) || true
-    case "$st" in down* | drain* | fail* | *'*') timeout 10 scontrol update nodename="$H" state=resume >/dev/null 2>&1 || true ;; esac
-    sleep 0.1
+  for n in $NODES; do
+    if ! alive "slurmd-$n"; then
+      log "starting slurmd -N $n"
+      /usr/sbin/slurmd -N "$n" 9>&- </dev/null >>"$LOGDIR/slurmd.out" 2>&1 || die "slurmd -N $n failed to start"
+      waitfor 10 "slurmd -N $n" alive "slurmd-$n"
+      record "slurmd-$n"
+    fi
   done
-  node_ok "$H" || die "node $H not usable: $(timeout 10 sinfo -h -N -o '%N %T %E' 2>&1)"
+  local st
+  for n in $NODES; do
+    for ((i = 0; i < 300; i++)); do
+      node_ok "$n" && break
+      st=$(timeout 10 sinfo -h -n "$n" -o '%T' 2>/dev/null | head -1) || true
+      case "$st" in down* | drain* | fail* | *'*') timeout 10 scontrol update nodename="$n" state=resume >/dev/null 2>&1 || true ;; esac
+      sleep 0.1
+    done
+    node_ok "$n" || die "node $n not usable: $(timeout 10 sinfo -h -N -o '%N %T %E' 2>&1)"
+  done
   trap - ERR
-  log "cluster up (profile=$PROFILE): $(timeout 10 sinfo -h -o '%P %a %D %T' | tr '\n' ';')"
+  log "cluster up (profile=$PROFILE): $(timeout 10 sinfo -h -N -o '%N %P %a %T' | tr '\n' ';')"
 }
 
 # ===================================================================== down
@@ -337,13 +391,13 @@ cmd_down() {
   exec 9>"$LOCK"
   flock -w 900 9 || die "could not lock $LOCK"
   local name f pid
-  for name in slurmd slurmctld slurmdbd mariadbd munged; do
+  for name in $SLURMDS slurmd slurmctld slurmdbd mariadbd munged; do   # slurmd: old one-node layout
     f=$STATE/$name.pid
     [ -s "$f" ] || continue
     pid=$(cat "$f")
-    if pid_alive "$pid" "$name"; then
+    if pid_alive "$pid" "$(comm_of "$name")"; then
       log "stopping $name (pid $pid)"
-      stop_pid "$pid" "$name"
+      stop_pid "$pid" "$(comm_of "$name")"
     else
       log "$name (pid $pid) not running"
     fi
@@ -355,7 +409,7 @@ cmd_down() {
 
 # ===================================================================== status
 cmd_status() {
-  local name pid mine rc=0 H; H=$(node_name)
+  local name pid mine rc=0 n
   for name in $DAEMONS; do
     pid=$(cat "$(pidfile "$name")" 2>/dev/null) || pid=""
     mine=""; [ -n "$pid" ] && [ "$(cat "$STATE/$name.pid" 2>/dev/null)" = "$pid" ] && mine=" (started by cluster.sh)"
@@ -366,8 +420,8 @@ cmd_status() {
   if ! timeout 10 sacctmgr -n list cluster >/dev/null 2>&1; then echo "slurmdbd: sacctmgr cannot reach it"; rc=1; fi
   if timeout 5 scontrol ping >/dev/null 2>&1; then
     echo "profile:   $(sed -n 's/^# profile: //p' /etc/slurm/slurm.conf 2>/dev/null)"
-    timeout 10 sinfo || rc=1
-    node_ok "$H" || { echo "node $H not usable"; rc=1; }
+    timeout 10 sinfo -N -o '%N %P %a %T %c %m %G' || rc=1
+    for n in $NODES; do node_ok "$n" || { echo "node $n not usable"; rc=1; }; done
   else
     echo "slurmctld: scontrol ping FAILED"; rc=1
   fi
