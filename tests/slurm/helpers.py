@@ -122,6 +122,14 @@ def sacct_rows(job_id: str | int, duplicates: bool = True, fields: str = SACCT_F
     return rows
 
 
+def job_nodes(job_id: str | int) -> str:
+    """NodeList of a running job from slurmctld (e.g. "n1" or "n[1-2]"); RuntimeError if it has none yet."""
+    nodes = scontrol_job(job_id).get("NodeList", "")
+    if not nodes or nodes == "(null)":
+        raise RuntimeError(f"job {job_id} has no nodes (not running?): {scontrol_job(job_id)}")
+    return nodes
+
+
 def job_restarts(job_id: str | int) -> int:
     """Restarts=N from `scontrol show job -o` (sacct 22.05 has no Restarts field)."""
     value = scontrol_job(job_id).get("Restarts")

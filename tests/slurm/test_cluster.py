@@ -1,7 +1,9 @@
-"""The local Slurm test cluster itself works: partitions, jobs, fake GPUs, failures, preemption.
+"""The local Slurm test cluster itself works: two nodes, partitions, jobs, fake GPUs, failures,
+preemption.
 
-Real daemons, real jobs (tests/slurm/cluster.sh). About 40 s in all, most of it the preemption test
-(debug's GraceTime=20 s before the preempted job is killed and requeued).
+Real daemons, real jobs (tests/slurm/cluster.sh: nodes n1 and n2 on this host). About 45 s in all,
+most of it the preemption test (debug's GraceTime=20 s before the preempted job is killed and
+requeued).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pytest
 from .helpers import (
     CLUSTER_SH,
     cancel_all_jobs,
+    job_nodes,
     job_restarts,
     run,
     sacct_rows,
@@ -42,6 +45,11 @@ def test_cluster_is_up(slurm_cluster):
         assert parts[p][0] == "up", out
         assert parts[p][1] in {"idle", "mixed", "allocated", "completing"}, out
     assert "debug*" in out  # default partition
+    # both nodes in both partitions, each with the advertised CPUs and fake GPUs
+    nodes = run(["sinfo", "-N", "-h", "-o", "%N|%P|%c|%G"]).split()
+    want = {f"{n}|{p}|{slurm_cluster.cpus}|gpu:{slurm_cluster.gpus}" if slurm_cluster.gpus else
+            f"{n}|{p}|{slurm_cluster.cpus}|(null)" for n in ("n1", "n2") for p in ("debug*", "high")}
+    assert slurm_cluster.nodes == ("n1", "n2") and set(nodes) == want, nodes
     status = subprocess.run(["bash", str(CLUSTER_SH), "status"], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stdout + status.stderr
 
@@ -53,7 +61,8 @@ def test_trivial_job_completes(slurm_cluster, jobs, tmp_path):
     wait_for_state(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=60)
     row = wait_sacct_row(jid, "COMPLETED")
     assert out.read_text().strip() == "hi"
-    assert (row["ExitCode"], row["Partition"], row["NodeList"]) == ("0:0", "debug", slurm_cluster.hostname), row
+    assert (row["ExitCode"], row["Partition"]) == ("0:0", "debug"), row
+    assert row["NodeList"] in slurm_cluster.nodes, row  # one node, not the host name
 
 
 def test_gpu_job_sees_cuda_visible_devices(slurm_cluster, jobs, tmp_path):
@@ -74,22 +83,25 @@ def test_failing_job_is_failed_with_exit_code(slurm_cluster, jobs, tmp_path):
 
 
 def test_debug_job_is_preempted_and_requeued_by_high_job(slurm_cluster, jobs, tmp_path):
+    # both jobs on one node: unpinned, the high job would just start on the other, idle node
+    node = slurm_cluster.nodes[0]
     low = sbatch(
-        "-J", "t_low", "-p", slurm_cluster.default_partition, "--requeue", "--open-mode=append",
-        "-o", str(tmp_path / "low.out"),
+        "-J", "t_low", "-p", slurm_cluster.default_partition, f"--nodelist={node}", "--requeue",
+        "--open-mode=append", "-o", str(tmp_path / "low.out"),
         "--wrap", 'echo "run restart=${SLURM_RESTART_COUNT:-0}"; sleep 300',
     )  # fmt: skip
     jobs.append(low)
     wait_for_state(low, "RUNNING", timeout=30)
-    # the high job needs every CPU of the node, so the running debug job must go
+    assert job_nodes(low) == node
+    # the high job needs every CPU of that node, so the running debug job must go
     high = sbatch(
-        "-J", "t_high", "-p", slurm_cluster.high_partition, "-c", str(slurm_cluster.cpus),
+        "-J", "t_high", "-p", slurm_cluster.high_partition, f"--nodelist={node}", "-c", str(slurm_cluster.cpus),
         "-o", str(tmp_path / "high.out"), "--wrap", "sleep 2",
     )  # fmt: skip
     jobs.append(high)
     # GraceTime=20 s on debug, then TERM (sleep dies at once), then the high job starts
     wait_for_state(high, {"RUNNING", "COMPLETED"}, timeout=60)
-    wait_sacct_row(high, "COMPLETED", timeout=30)
+    assert wait_sacct_row(high, "COMPLETED", timeout=30)["NodeList"] == node
 
     assert job_restarts(low) >= 1
     deadline = time.monotonic() + 30

@@ -6,7 +6,9 @@ One module-scoped set of plain ``sbatch --wrap`` jobs, started together so the f
 * timeout   ``-p high --time=1``, sleeps: started first, checked last;
 * completed / failed (exit 3) / cancelled (scancel while running) in ``debug``;
 * preempted -> requeued -> completed: a ``--requeue`` job in ``debug`` that finishes on its second
-  run, pushed out by a ``high`` job needing every CPU the timeout job leaves free.
+  run, pushed out by a ``high`` job needing every CPU the timeout job leaves free. The timeout job,
+  the victim and the preemptor are all pinned to the first node (``--nodelist``): the cluster has
+  two, and an unpinned preemptor would simply start on the idle one.
 
 Each is checked in both the table and the ``--json`` output, state and restart count, plus the exit
 status of the command. The status command runs in a subprocess through ``foldhpc.monitor.report.main``.
@@ -75,11 +77,12 @@ def jobs(slurm_cluster, tmp_path_factory):
         started[key] = sbatch("-J", f"st_{key}", "-o", str(out / f"{key}.out"), *args)
 
     try:
-        submit("timeout", "-p", slurm_cluster.high_partition, "--time=1", "--wrap", "sleep 300")
+        node = f"--nodelist={slurm_cluster.nodes[0]}"  # timeout, low and the preemptor share it
+        submit("timeout", "-p", slurm_cluster.high_partition, node, "--time=1", "--wrap", "sleep 300")
         submit("completed", "--wrap", "true")
         submit("failed", "--wrap", "echo failing; exit 3")
         submit("cancelled", "--wrap", "sleep 300")
-        submit("low", "-p", slurm_cluster.default_partition, "--requeue", "--wrap", REQUEUE_SCRIPT)
+        submit("low", "-p", slurm_cluster.default_partition, node, "--requeue", "--wrap", REQUEUE_SCRIPT)
         yield started
     finally:
         cancel_all_jobs(list(started.values()))
@@ -110,10 +113,11 @@ def test_preempted_requeued_completed(slurm_cluster, jobs, tmp_path):
     low = jobs["low"]
     wait_for_state(low, "RUNNING", timeout=30)
     wait_for_state(jobs["timeout"], "RUNNING", timeout=30)
-    # every CPU but the timeout job's: the running debug job has to go (GraceTime=20 s, then requeue)
+    # every CPU of their node but the timeout job's: the running debug job has to go
+    # (GraceTime=20 s, then requeue)
     jobs["preemptor"] = sbatch("-J", "st_preemptor", "-p", slurm_cluster.high_partition,
-                               "-c", str(slurm_cluster.cpus - 1), "-o", str(tmp_path / "high.out"),
-                               "--wrap", "sleep 1")
+                               f"--nodelist={slurm_cluster.nodes[0]}", "-c", str(slurm_cluster.cpus - 1),
+                               "-o", str(tmp_path / "high.out"), "--wrap", "sleep 1")
     seen: list[tuple[str, int | None]] = []
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
