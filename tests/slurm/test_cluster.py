@@ -1,5 +1,5 @@
-"""The local Slurm test cluster itself works: two nodes, partitions, jobs, fake GPUs, failures,
-preemption.
+"""The local Slurm test cluster itself works: two nodes, partitions, jobs, fake GPUs, a two-node
+job, failures, preemption.
 
 Real daemons, real jobs (tests/slurm/cluster.sh: nodes n1 and n2 on this host). About 45 s in all,
 most of it the preemption test (debug's GraceTime=20 s before the preempted job is killed and
@@ -73,6 +73,38 @@ def test_gpu_job_sees_cuda_visible_devices(slurm_cluster, jobs, tmp_path):
     cvd = out.read_text().strip().removeprefix("CVD=")
     assert cvd in {str(i) for i in range(slurm_cluster.gpus)}, out.read_text()
     assert "gres/gpu=1" in row["AllocTRES"], row
+
+
+def test_two_node_job_runs_one_task_per_node_each_with_its_own_gpu(slurm_cluster, jobs, tmp_path):
+    """`sbatch -N 2 --ntasks-per-node=1 --gpus-per-node=1` + srun: rank 0 on n1, rank 1 on n2, each
+    task with one fake GPU of its own node (the index is per node, so both see GPU 0)."""
+    out = tmp_path / "two.out"
+    gpu = ["--gpus-per-node=1"] if slurm_cluster.gpus else []
+    task = ('echo "TASK node=$SLURMD_NODENAME rank=$SLURM_PROCID nodelist=$SLURM_JOB_NODELIST '
+            'ntasks=$SLURM_NTASKS cvd=${CUDA_VISIBLE_DEVICES-unset} stepgpus=${SLURM_STEP_GPUS-unset}"')
+    jid = sbatch("-J", "t_two", "-N", "2", "--ntasks-per-node=1", *gpu, "-o", str(out),
+                 "--wrap", f"srun bash -c '{task}'")
+    jobs.append(jid)
+    row = wait_sacct_row(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=60)
+    assert (row["State"], row["ExitCode"], row["NodeList"]) == ("COMPLETED", "0:0", "n[1-2]"), row
+    tasks = {}
+    for line in out.read_text().splitlines():
+        if line.startswith("TASK "):
+            kv = dict(item.split("=", 1) for item in line.split()[1:])
+            tasks[kv["node"]] = kv
+    assert sorted(tasks) == ["n1", "n2"], out.read_text()
+    assert {n: t["rank"] for n, t in tasks.items()} == {"n1": "0", "n2": "1"}, tasks  # block distribution
+    for t in tasks.values():
+        assert (t["nodelist"], t["ntasks"]) == ("n[1-2]", "2"), tasks
+        if slurm_cluster.gpus:
+            assert t["cvd"] == t["stepgpus"] == "0", tasks  # exactly one GPU, its node's own
+        else:
+            assert t["stepgpus"] == "unset", tasks
+    step = [r for r in sacct_rows(jid, duplicates=False) if r["JobID"] == f"{jid}.0"]
+    assert len(step) == 1 and step[0]["State"] == "COMPLETED" and step[0]["NodeList"] == "n[1-2]", step
+    assert "node=2" in step[0]["AllocTRES"], step
+    if slurm_cluster.gpus:
+        assert "gres/gpu=2" in row["AllocTRES"] and "gres/gpu=2" in step[0]["AllocTRES"], (row, step)
 
 
 def test_failing_job_is_failed_with_exit_code(slurm_cluster, jobs, tmp_path):
