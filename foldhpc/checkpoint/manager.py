@@ -6,7 +6,8 @@ The manager
 
 1. *snapshots* it at the step boundary -- every tensor copied to host memory (pinned on CUDA) --
    so training can go on mutating its parameters while the copy is written (a blocking save of a
-   host state skips the copy: nothing runs meanwhile);
+   host state skips the copy: nothing runs meanwhile); a state with a NaN or inf in any floating
+   tensor is refused here, before anything is written (:mod:`foldhpc.resilience.nonfinite`);
 2. writes it (in a background thread, at most one save in flight) to a temporary name, fsyncs,
    renames it to ``step_XXXXXXXX.ckpt`` and fsyncs the directory. **The rename is the commit**:
    a file only ever appears under its final name once it is complete, and every file verifies
@@ -58,6 +59,7 @@ from foldhpc import faults
 from foldhpc.checkpoint import fileformat
 from foldhpc.checkpoint.digest import tree_digest
 from foldhpc.monitor.status import atomic_write_text, fsync_dir, pid_alive
+from foldhpc.resilience.nonfinite import nonfinite_tensors
 
 log = logging.getLogger(__name__)
 
@@ -351,6 +353,15 @@ class CheckpointManager:
         if not any(d.type == "cpu" for d in devices):
             self._staged.set()
         try:
+            # Never a checkpoint with NaN/inf in it: it would become "the newest good checkpoint"
+            # that every resume and rollback goes back to. Checked on what is about to be written
+            # (host copies, or the live host tensors a blocking save writes in place).
+            bad = nonfinite_tensors(snap)
+            if bad:
+                log.error("checkpoint at step %d REFUSED: non-finite values in %s; nothing written, previous "
+                          "checkpoint kept", step, "; ".join(bad))
+                raise CheckpointError(f"refused: the state holds non-finite values ({'; '.join(bad)}); nothing "
+                                      "was written, the previous checkpoint is kept", damaged=False)
             self._write(step, snap, meta, reason)
         finally:
             self._staged.set()

@@ -64,6 +64,7 @@ from foldhpc.monitor.logs import setup_logging
 from foldhpc.monitor.status import (CHECKPOINTED, COMPLETED, FAILED, RUNNING, NullStatus, StatusFile,
                                     atomic_write_text)
 from foldhpc.monitor.tensorboard import NullWriter, RunWriter
+from foldhpc.resilience.nonfinite import NonFiniteError, NonFiniteGuard
 from foldhpc.resilience import heartbeat as hb
 from foldhpc.resilience.supervisor import RESTART_INFO_ENV, SUPERVISED_ENV
 from foldhpc.slurm.env import slurm_info
@@ -144,6 +145,7 @@ class Trainer:
         self.train_time_s = 0.0  # accumulated over all restarts
         self.restarts = 0
         self.val_step = -1  # last step whose validation completed (checkpointed; see foldhpc.train.validation)
+        self.guard = NonFiniteGuard(cfg.fault.nonfinite_rollback)  # non-finite steps: foldhpc.resilience.nonfinite
 
     # ------------------------------------------------------------------ state protocol
     def state_dict(self) -> dict[str, Any]:
@@ -159,7 +161,8 @@ class Trainer:
         rng = capture_rng_state()
         train = {"step": self.step, "train_time_s": self.train_time_s, "restarts": self.restarts,
                  "val_step": self.val_step, "tb_step": self.step, "samples_seen": self.step * self.cfg.train.batch_size,
-                 "epoch": self.step * self.cfg.train.batch_size // max(1, self.n_train)}
+                 "epoch": self.step * self.cfg.train.batch_size // max(1, self.n_train),
+                 "nonfinite": self.guard.state_dict()}
 
         def capture() -> dict[str, Any]:
             return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -180,6 +183,7 @@ class Trainer:
         # Checkpoints written before val_step existed were always saved after the validation of
         # their step had completed.
         self.val_step = int(state["train"].get("val_step", self.step))
+        self.guard.load_state_dict(state["train"].get("nonfinite"))
 
     def checkpoint_meta(self) -> dict[str, Any]:
         slurm = slurm_info()
@@ -395,7 +399,7 @@ class Trainer:
         (see foldhpc.distributed.ranks): every failing rank writes it, they agree on the culprit."""
         msg = f"{type(e).__name__}: {e}"
         log.error("run failed at step %d: %s", self.step, msg,
-                  exc_info=not isinstance(e, (CheckpointError, ConfigError, PeerFailure)))
+                  exc_info=not isinstance(e, (CheckpointError, ConfigError, PeerFailure, NonFiniteError)))
         if not self.env.distributed:
             self.status.update(state=FAILED, step=self.step, error=msg)
             return
@@ -568,13 +572,15 @@ class Trainer:
             with torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext():
                 out = self.forward(batch)
                 loss, stats = distogram_loss(out["distogram_logits"].float(), batch)
+            loss = faults.nan_loss(loss, self.step + 1, self.env.rank, self.model)  # test hook, off unless set
             share = loss.detach()  # this rank's part of the global batch's loss
+            bad = self.guard.loss_flag(loss)  # 1 where this rank's loss is not finite (no host sync)
             if world > 1:
                 # The loss is a mean over the residue pairs of the *global* batch: weigh this
                 # rank's mean by its share of the pairs, so that DDP's average of the ranks'
                 # gradients is the gradient of the global mean whatever the world size.
                 pairs = stats["per_example_pairs"].sum().detach().float()
-                total = self.group.sum_(pairs.clone())
+                total, bad = self.group.sum_(torch.stack([pairs, bad])).unbind()  # bad: any rank's loss
                 weight = pairs * world / total.clamp(min=1.0)
                 loss = loss * weight
                 share = loss.detach() / world
@@ -583,13 +589,21 @@ class Trainer:
             max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
             self.ckpt.wait_staged()  # a background save still copying the last step's weights
-            self.optimizer.step()
+            # a non-finite loss or gradient norm: the update is skipped, the step consumed (same verdict on every rank)
+            applied = self.guard.check(self.step + 1, bad, gnorm, self.writer, self.status)
+            if applied:
+                self.optimizer.step()
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             self.step += 1
             faults.after_step(self.step, self.env.rank)  # test hooks; nothing unless set (foldhpc.faults)
             step_s = time.monotonic() - t_start
             self.train_time_s += step_s
+            if self.guard.rollback_due:  # K non-finite steps in a row: back to the newest good checkpoint
+                self.guard.rollback(self)
+                it = iter(self._make_loader())
+                win = {"t0": time.monotonic(), "data": 0.0, "steps": 0, "loss": 0.0}
+                continue
             if not first_step_logged:
                 first_step_logged = True
                 self.timings["first_step_s"] = step_s
@@ -600,7 +614,10 @@ class Trainer:
                 self.status.update(startup=self.timings)
             win["data"] += t_data
             win["steps"] += 1
-            win["loss"] += share  # no host sync per step; read at log time
+            if applied:
+                win["loss"] += share  # no host sync per step; read at log time
+            else:
+                win["skipped"] = win.get("skipped", 0) + 1  # not finite: left out of the mean loss
             if self.step % cfg.run.log_every == 0 or self.step == t.max_steps:
                 if world > 1:
                     win["loss"] = self.group.sum_(torch.as_tensor(win["loss"], device=dev).clone())
@@ -624,7 +641,7 @@ class Trainer:
             self.status.update(state=CHECKPOINTED, step=self.step, signal=sig)
             return TrainResult(CHECKPOINTED, self.step, sig, rank=self.env.rank)
         metrics = final or {}
-        if loss_val is not None:
+        if loss_val is not None and math.isfinite(loss_val):
             self.status.update(loss=loss_val)
         self.status.update(state=COMPLETED, step=self.step, metrics=metrics, finished_at=time.time())
         log.info("training completed at step %d: %s", self.step, json.dumps(metrics))
@@ -635,20 +652,22 @@ class Trainer:
         t = self.cfg.train
         dt = max(1e-9, time.monotonic() - win["t0"])
         n = max(1, int(win["steps"]))
-        loss = float(win["loss"]) / n
+        finite = n - int(win.get("skipped", 0))  # skipped (non-finite) steps are not in the mean
+        loss = float(win["loss"]) / finite if finite > 0 else math.nan
         sps = n * t.batch_size / dt
         wait = win["data"] / dt
         eta = (t.max_steps - self.step) * dt / n
         log.info("step %d/%d loss %.4f lr %.2e gnorm %.3f | %.1f samples/s, data wait %.1f%% | ETA %s",
                  self.step, t.max_steps, loss, lr, gnorm, sps, 100 * wait, format_duration(eta))
         w = self.writer
-        w.scalar("train/loss", loss, self.step)
+        if finite > 0:  # a window of skipped steps only has no loss to draw
+            w.scalar("train/loss", loss, self.step)
         w.scalar("train/lr", lr, self.step)
         w.scalar("train/grad_norm", gnorm, self.step)
         w.scalar("perf/samples_per_s", sps, self.step)
         w.scalar("perf/data_wait_frac", wait, self.step)
-        self.status.update(step=self.step, loss=loss, samples_per_s=sps, data_wait_frac=wait,
-                           eta_s=eta, train_time_s=self.train_time_s)
+        self.status.update(step=self.step, samples_per_s=sps, data_wait_frac=wait, eta_s=eta,
+                           train_time_s=self.train_time_s, **({"loss": loss} if finite > 0 else {}))
         return loss
 
     def _beating(self, batches: Any) -> Any:
