@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     from foldhpc.checkpoint.manager import CheckpointError
     from foldhpc.data.cache import DataError
     from foldhpc.monitor.logs import setup_logging
+    from foldhpc.resilience.runlock import RunDirLocked
 
     args = build_parser().parse_args(argv)
     setup_logging("INFO")
@@ -240,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"foldhpc: data error: {e}", file=sys.stderr)
         return 1
+    except RunDirLocked as e:  # another trainer holds run.dir: nothing was started or written
+        print(f"foldhpc: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("foldhpc: interrupted", file=sys.stderr)
         return 130

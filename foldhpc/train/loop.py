@@ -66,6 +66,7 @@ from foldhpc.monitor.status import (CHECKPOINTED, COMPLETED, FAILED, RUNNING, Nu
 from foldhpc.monitor.tensorboard import NullWriter, RunWriter
 from foldhpc.resilience.nonfinite import NonFiniteError, NonFiniteGuard
 from foldhpc.resilience import heartbeat as hb
+from foldhpc.resilience import runlock
 from foldhpc.resilience.supervisor import RESTART_INFO_ENV, SUPERVISED_ENV
 from foldhpc.slurm.env import slurm_info
 from foldhpc.train.compat import check_resume, runtime_differences
@@ -363,9 +364,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> TrainResult:
+        """Train, holding the run directory's lock (rank 0; foldhpc.resilience.runlock) from before
+        anything is written there until training returns or fails: a second trainer on a run
+        directory in use raises :class:`~foldhpc.resilience.runlock.RunDirLocked` (exit 2)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock: runlock.RunLock | runlock.NoLock = runlock.NoLock()
+        if self.main:
+            try:
+                self.lock = runlock.acquire(self.run_dir, self.cfg.fault.lock_stale_after)
+            except runlock.RunDirLocked as e:
+                runlock.record_refusal(self.run_dir, e)
+                raise
+        try:
+            return self._run_locked()
+        finally:
+            self.lock.release()
+
+    def _run_locked(self) -> TrainResult:
         cfg, env = self.cfg, self.env
         self.run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(cfg.run.log_level, self.run_dir / "train.log", env.rank if env.distributed else None)
+        self.lock.log_acquired()
         self._started_at = time.time()
         if self.main:
             atomic_write_text(self.run_dir / "config.toml", config_to_toml(cfg))
@@ -385,8 +404,8 @@ class Trainer:
         try:
             result = self._run()
         except BaseException as e:
-            if isinstance(e, SystemExit) and e.code in (0, None):
-                raise
+            if isinstance(e, SystemExit) and e.code in (0, None) or isinstance(e, runlock.RunDirLocked):
+                raise  # RunDirLocked: the run directory is someone else's now; write nothing more
             self._record_failure(e)
             raise
         if env.distributed:
@@ -541,6 +560,7 @@ class Trainer:
             # stop (a signal may have reached only some of them) and whether the save timer has
             # run out (their clocks differ): all stop, or save, at the same step.
             self.hb.beat(self.step, "train")
+            self.lock.check()  # taken over by another trainer (foldhpc.resilience.runlock): stop, write nothing
             received = int(preempt.received) if preempt.received is not None else 0
             timer_due = interval > 0 and time.monotonic() - last_save_t >= interval
             signum, timer_due = self.group.agree(received, timer_due)

@@ -1,0 +1,561 @@
+"""One writer per run directory: ``<run.dir>/lock/``.
+
+A trainer (rank 0 of it) takes the lock before it writes anything to the run directory
+(``config.toml``, ``status.json``, ``train.log``, checkpoints) and gives it back on every way
+out, exit 75 included. A second trainer -- another Slurm job, a local ``foldhpc train`` -- on a
+run directory whose holder is alive refuses to start (:class:`RunDirLocked`, exit status 2),
+naming the holder: host, pid, Slurm job id, since when, last heartbeat. A holder that is gone is
+taken over, with a log line saying why it counts as gone.
+
+How a lock is held (made for shared file systems, where ``flock`` cannot be trusted alone):
+
+* The lock is a *generation*: a file ``lock/gen-NNNNNNNN`` holding a JSON record (host, boot
+  id, pid and its start time, Slurm job id, restart count and cluster, user, since, token). It
+  is created complete, under its final name, by ``link(2)`` of a private temporary file -- the
+  classic NFS-safe lock recipe (``open(2)``: "create a unique file on the same file system ...
+  link(2) ... if link() returns 0 [or the unique file's link count is 2] the lock is held"); where
+  hard links are not supported, by ``open(O_CREAT|O_EXCL)``. Both are atomic on a local file
+  system, on NFSv3 and later and on Lustre (a single MDS operation): of two processes creating
+  the same name, exactly one succeeds.
+* The newest generation is the lock. Taking over a gone holder of generation N means creating
+  generation N+1 -- the same exclusive create, so of two contenders taking over at the same time
+  exactly one wins and the other sees a live holder and refuses. No file is ever replaced,
+  renamed over or deleted while it may still be the lock: nothing can be lost to a race between
+  "this holder is gone" and "remove its lock". A released lock is renamed ``gen-N.released`` (kept
+  so that generation numbers only grow); a new holder deletes the generations below its own.
+* The holder refreshes the file's modification time every ``fault.lock_stale_after`` / 6 (at
+  most 30 s, at least 0.2 s) from a small thread: the *heartbeat*. The same thread notices when
+  the lock was taken over (a newer generation, or its own file gone) and the trainer then stops at
+  its next step boundary without writing anything more (:meth:`RunLock.check`).
+* ``flock(LOCK_EX)`` on the generation file is held as well, as a hint: where it is coherent
+  across processes (local file systems; NFS, where Linux maps it to a POSIX lock on the server;
+  Lustre mounted with ``-o flock``) a contender that cannot get it knows the holder is alive. It
+  never decides the other way: on Lustre with ``localflock`` it only sees the own node, with
+  ``noflock`` (or NFS ``nolock``) it fails, and that is fine.
+
+When is a holder gone (checked in this order; the first that applies decides)?
+
+1. it is an earlier run of *this* Slurm job (same job id and cluster, lower restart count): a
+   requeued job takes its own lock back at once;
+2. it ran on this host (same host name and boot id): gone exactly when its pid is not running
+   (or is now another process: the start time differs; or a zombie). A live process on this host
+   is never taken over -- a restart of the trainer inside the same job (the supervisor) takes
+   over its dead predecessor at once;
+3. someone holds its ``flock`` (see above): alive;
+4. it was a Slurm job of this cluster and ``scontrol`` says that job is no longer running
+   (ended, requeued and pending again, restarted since, or unknown to slurmctld any more): gone;
+   a job that is ``COMPLETING`` is still saving: alive (a contender waits up to a minute for it);
+5. its heartbeat is older than ``fault.lock_stale_after`` (default 5 min; "0" = never stale by
+   age): gone. Otherwise alive.
+
+On NFS, attribute caching (``acregmax``, 60 s by default) can make a heartbeat look up to a
+minute older than it is, and the clocks of the holder's file server and the contender's node are
+compared: keep ``lock_stale_after`` at a few minutes there (the default is fine). Lustre's
+metadata is coherent across clients.
+
+In a multi-rank run rank 0 holds the lock; the other ranks do not look at it (if rank 0 is
+refused, the rendezvous fails and the launcher ends them).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import getpass
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LOCK_DIR = "lock"
+EXIT_LOCKED = 2  # `foldhpc train` exit status when the run directory is held by another trainer
+_GEN_RE = re.compile(r"^gen-(\d+)(\.released)?$")
+#: Slurm job states in which the holder's processes may still be alive
+ALIVE_JOB_STATES = frozenset({"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "RESIZING",
+                              "SIGNALING", "STAGE_OUT"})
+ENDING_WAIT_S = 60.0  # how long a contender waits for a holder whose Slurm job is COMPLETING
+SCONTROL_TIMEOUT_S = 10.0
+_ATTEMPTS = 50
+
+
+class RunDirLocked(RuntimeError):
+    """Another live trainer holds the run directory (or has taken it over from this one)."""
+
+    exit_code = EXIT_LOCKED
+
+    def __init__(self, message: str, holder: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder or {}
+
+
+# ------------------------------------------------------------------ who am I
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _proc_start(pid: int) -> tuple[int, str] | None:
+    """(start time in clock ticks since boot, state letter) of a process on this host; None if none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19]), fields[0]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def identity() -> dict[str, Any]:
+    """This process, as a lock record describes its holder."""
+    env = os.environ
+    job = env.get("SLURM_JOB_ID")
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
+    start = _proc_start(os.getpid())
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
+            "pid_start": start[0] if start else None, "user": user,
+            "job_id": job, "restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+            "cluster": env.get("SLURM_CLUSTER_NAME") if job else None,
+            "node": env.get("SLURMD_NODENAME") if job else None}
+
+
+# ------------------------------------------------------------------ the lock directory
+def _generations(lock_dir: Path) -> dict[int, bool]:
+    """{generation: released} of the files in ``lock_dir``."""
+    gens: dict[int, bool] = {}
+    try:
+        names = os.listdir(lock_dir)
+    except FileNotFoundError:
+        return gens
+    for name in names:
+        m = _GEN_RE.match(name)
+        if m:
+            n = int(m.group(1))
+            gens[n] = gens.get(n, False) or bool(m.group(2))
+    return gens
+
+
+def _gen_path(lock_dir: Path, n: int, released: bool = False) -> Path:
+    return lock_dir / (f"gen-{n:08d}" + (".released" if released else ""))
+
+
+def _top(lock_dir: Path) -> int:
+    """The newest generation: from a listing, then by name upwards (a cached listing may lag)."""
+    gens = _generations(lock_dir)
+    n = max(gens, default=0)
+    while _gen_path(lock_dir, n + 1).exists() or _gen_path(lock_dir, n + 1, True).exists():
+        n += 1
+    return n
+
+
+def _read(lock_dir: Path, n: int) -> tuple[dict[str, Any] | None, os.stat_result | None, bool]:
+    """(record, stat, released) of generation ``n``; (None, None, True) if it is gone."""
+    for released in (False, True):
+        path = _gen_path(lock_dir, n, released)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                raw = f.read(65536)
+        except FileNotFoundError:
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            return (rec if isinstance(rec, dict) else {}), st, released
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return {}, st, released
+    return None, None, True
+
+
+def read_holder(run_dir: Path) -> dict[str, Any] | None:
+    """The current holder's record, with ``heartbeat_age_s`` and ``generation``; None if the run
+    directory is not locked (for ``foldhpc status``; judges nothing)."""
+    lock_dir = Path(run_dir) / LOCK_DIR
+    n = _top(lock_dir)
+    if n == 0:
+        return None
+    rec, st, released = _read(lock_dir, n)
+    if rec is None or st is None or released:
+        return None
+    return {**rec, "generation": n, "heartbeat_age_s": max(0.0, time.time() - st.st_mtime)}
+
+
+# ------------------------------------------------------------------ is the holder alive?
+@dataclass(frozen=True)
+class Verdict:
+    alive: bool
+    why: str
+    ending: bool = False  # alive, but its Slurm job is ending (worth waiting for)
+
+
+def _flock_held(path: Path) -> bool:
+    """True if another open file description holds an flock on ``path`` (see the module docstring)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _local_cluster() -> str | None:
+    name = os.environ.get("SLURM_CLUSTER_NAME")
+    if name:
+        return name
+    from foldhpc.slurm.sacct import SlurmCommandError, run_command
+
+    try:
+        out = run_command(["scontrol", "show", "config"], timeout=SCONTROL_TIMEOUT_S)
+    except SlurmCommandError:
+        return None
+    m = re.search(r"^ClusterName\s*=\s*(\S+)", out, re.M)
+    return m.group(1) if m else None
+
+
+def slurm_job_state(job_id: str) -> tuple[str | None, int | None]:
+    """(JobState, Restarts) from slurmctld; ("GONE", None) if it no longer knows the job; (None, None)
+    if it does not answer."""
+    from foldhpc.slurm.sacct import SlurmCommandError, parse_scontrol, run_command
+
+    try:
+        out = run_command(["scontrol", "show", "job", "--oneliner", job_id], timeout=SCONTROL_TIMEOUT_S)
+    except SlurmCommandError as e:
+        if "invalid job id" in str(e).lower():
+            return "GONE", None
+        return None, None
+    info = parse_scontrol(out).get(job_id)
+    if not info:
+        return "GONE", None
+    restarts = info.get("Restarts", "")
+    return info.get("JobState", "").upper() or None, int(restarts) if restarts.isdigit() else None
+
+
+def judge(rec: dict[str, Any], mtime: float, stale_after_s: float, me: dict[str, Any] | None = None,
+          path: Path | None = None, now: float | None = None) -> Verdict:
+    """Is the holder described by ``rec`` (lock file modified at ``mtime``) alive? See the module docstring."""
+    me = identity() if me is None else me
+    now = time.time() if now is None else now
+    age = max(0.0, now - mtime)
+    job, cluster = rec.get("job_id"), rec.get("cluster")
+    same_cluster = not (cluster and me.get("cluster") and cluster != me.get("cluster"))
+    if not rec:
+        if stale_after_s > 0 and age > stale_after_s:
+            return Verdict(False, f"its lock record is unreadable and {age:.0f}s old")
+        return Verdict(True, "its lock record is being written or unreadable")
+    if job and job == me.get("job_id") and same_cluster and int(rec.get("restart_count") or 0) < me["restart_count"]:
+        return Verdict(False, f"it was run {rec.get('restart_count')} of this same Slurm job {job}, which Slurm "
+                              f"has restarted since (this is restart {me['restart_count']})")
+    pid = rec.get("pid")
+    if rec.get("host") == me["host"] and me["boot_id"] and rec.get("boot_id") == me["boot_id"] and isinstance(pid, int):
+        if pid == me["pid"] and rec.get("pid_start") == me["pid_start"]:
+            return Verdict(False, "it is this very process (a lock left by an earlier run in it)")
+        proc = _proc_start(pid)
+        if proc is None or proc[1] in ("Z", "X"):
+            return Verdict(False, f"its process {pid} on this host is gone")
+        if rec.get("pid_start") is not None and proc[0] != rec.get("pid_start"):
+            return Verdict(False, f"its process {pid} on this host is gone (the pid now belongs to another process)")
+        return Verdict(True, f"its process {pid} on this host is running")
+    if path is not None and _flock_held(path):
+        return Verdict(True, "it holds the lock file's flock")
+    if job and same_cluster:
+        if cluster and not me.get("cluster"):
+            local = _local_cluster()
+            if local and local != cluster:  # another cluster's job id means nothing to our slurmctld
+                return _by_heartbeat(age, stale_after_s, f"its Slurm job {job} runs on cluster {cluster}")
+        state, restarts = slurm_job_state(str(job))
+        if state == "GONE":
+            return Verdict(False, f"its Slurm job {job} is no longer known to slurmctld (ended)")
+        if state is not None and state not in ALIVE_JOB_STATES:
+            return Verdict(False, f"its Slurm job {job} is {state}")
+        if state is not None and restarts is not None and restarts > int(rec.get("restart_count") or 0):
+            return Verdict(False, f"its Slurm job {job} has been restarted since (restart {restarts})")
+        if state == "COMPLETING":
+            return Verdict(True, f"its Slurm job {job} is COMPLETING (still saving?)", ending=True)
+        if state is not None:
+            return _by_heartbeat(age, stale_after_s, f"its Slurm job {job} is {state}")
+    return _by_heartbeat(age, stale_after_s, "")
+
+
+def _by_heartbeat(age: float, stale_after_s: float, context: str) -> Verdict:
+    prefix = f"{context}, but " if context else ""
+    if stale_after_s > 0 and age > stale_after_s:
+        return Verdict(False, f"{prefix}no heartbeat for {age:.0f}s (fault.lock_stale_after = {stale_after_s:g}s)")
+    return Verdict(True, (f"{context}; " if context else "") + f"heartbeat {age:.0f}s ago")
+
+
+def describe(rec: dict[str, Any], run_dir: Path | None = None, age: float | None = None) -> str:
+    """``pid 12 on host n1 (Slurm job 34, restart 0) since 2026-11-27 10:00:01 (3m ago)``."""
+    from foldhpc.monitor.fmt import format_age
+
+    who = f"pid {rec.get('pid', '?')} on host {rec.get('host', '?')}"
+    if rec.get("user"):
+        who += f" (user {rec['user']})"
+    if rec.get("job_id"):
+        who += f", Slurm job {rec['job_id']}" + (f" restart {rec['restart_count']}" if rec.get("restart_count") else "")
+        if rec.get("node") and rec.get("node") != rec.get("host"):
+            who += f" on node {rec['node']}"
+    since = rec.get("since")
+    if isinstance(since, (int, float)):
+        who += (f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))} "
+                f"({format_age(time.time() - since)} ago)")
+    if age is not None:
+        who += f", heartbeat {format_age(age)} ago"
+    return who
+
+
+# ------------------------------------------------------------------ taking and holding it
+def _create(lock_dir: Path, n: int, record: dict[str, Any]) -> int:
+    """Create generation ``n`` holding ``record``, exclusively; an fd open on it. FileExistsError if taken."""
+    target = _gen_path(lock_dir, n)
+    data = json.dumps(record, sort_keys=True).encode() + b"\n"
+    tmp = lock_dir / f".tmp-{record['token']}-{n}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS, errno.EXDEV):
+                return _create_excl(target, data)  # no hard links here (some FUSE/object mounts)
+            if os.stat(tmp).st_nlink != 2:  # NFS: a retransmitted LINK may report an error that did succeed
+                raise
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    return os.open(target, os.O_RDWR)
+
+
+def _create_excl(target: Path, data: bytes) -> int:
+    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(fd, data)
+    os.fsync(fd)
+    return fd
+
+
+def heartbeat_interval_s(stale_after_s: float) -> float:
+    return 30.0 if stale_after_s <= 0 else max(0.2, min(30.0, stale_after_s / 6))
+
+
+class RunLock:
+    """A held run-directory lock (see :func:`acquire`)."""
+
+    def __init__(self, run_dir: Path, lock_dir: Path, gen: int, fd: int, record: dict[str, Any],
+                 stale_after_s: float, took_over: str | None) -> None:
+        self.run_dir, self.lock_dir, self.gen, self.fd, self.record = run_dir, lock_dir, gen, fd, record
+        self.path = _gen_path(lock_dir, gen)
+        self.ino = os.fstat(fd).st_ino
+        self.stale_after_s = stale_after_s
+        self.took_over = took_over  # what was taken over, and why it counted as gone
+        self.lost: str | None = None  # set by the heartbeat thread when someone took it over
+        self._stop = threading.Event()
+        self._released = False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.flock = True
+        except OSError:
+            self.flock = False  # unsupported here (noflock, nolock): the generation file is the lock
+        self._thread = threading.Thread(target=self._beat_loop, name="foldhpc-runlock", daemon=True)
+        self._thread.start()
+
+    def describe(self) -> str:
+        return f"{self.path} (generation {self.gen}{', flock held' if self.flock else ', no flock here'})"
+
+    def log_acquired(self) -> None:
+        if self.took_over:
+            log.warning("run directory lock: took over %s", self.took_over)
+        log.info("run directory lock: holding %s", self.describe())
+
+    def _beat_loop(self) -> None:
+        interval = heartbeat_interval_s(self.stale_after_s)
+        warned = False
+        while not self._stop.wait(interval):
+            try:
+                self._beat()
+            except OSError as e:
+                if not warned:
+                    log.warning("run directory lock: heartbeat failed (%s); retrying", e)
+                    warned = True
+            if self.lost:
+                log.error("run directory lock lost: %s", self.lost)
+                return
+
+    def _beat(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        newer = _top(self.lock_dir)
+        if st is None or st.st_ino != self.ino or newer > self.gen:
+            rec, fst, _ = _read(self.lock_dir, newer) if newer > self.gen else (None, None, False)
+            who = describe(rec or {}) if rec else "another trainer"
+            self.lost = f"{self.run_dir} was taken over by {who} (generation {newer}; this one held {self.gen})"
+            return
+        os.utime(self.fd)
+
+    def check(self) -> None:
+        """Raise :class:`RunDirLocked` if the lock was taken over (call at step boundaries)."""
+        if self.lost:
+            raise RunDirLocked(f"run directory lock lost: {self.lost}; stopping without writing anything more")
+
+    def release(self) -> None:
+        """Give the lock back (idempotent). A lock that was taken over is left to its new holder."""
+        if self._released:
+            return
+        self._released = True
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        try:
+            if not self.lost:
+                os.rename(self.path, _gen_path(self.lock_dir, self.gen, released=True))
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                log.warning("run directory lock: could not release %s: %s", self.path, e)
+        finally:
+            try:
+                os.close(self.fd)  # drops the flock
+            except OSError:
+                pass
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class NoLock:
+    """What ranks other than 0 hold: nothing."""
+
+    took_over = None
+    lost = None
+
+    def log_acquired(self) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+def _clean(lock_dir: Path, gen: int) -> None:
+    """Delete the generations below ``gen`` and temporary files older than an hour (crashed creators)."""
+    for old, released in _generations(lock_dir).items():
+        if old < gen:
+            for path in {_gen_path(lock_dir, old, released), _gen_path(lock_dir, old)}:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+    for tmp in lock_dir.glob(".tmp-*"):
+        try:
+            if time.time() - tmp.stat().st_mtime > 3600:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
+def acquire(run_dir: Path, stale_after: float | str, ending_wait_s: float = ENDING_WAIT_S) -> RunLock:
+    """Take ``<run_dir>/lock``, taking over a holder that is gone; :class:`RunDirLocked` if one is alive.
+
+    ``stale_after``: ``fault.lock_stale_after`` (seconds or a duration such as ``"5m"``; 0 = a
+    heartbeat never goes stale). Creates ``run_dir/lock/`` and nothing else. Logs nothing: call
+    :meth:`RunLock.log_acquired` once logging to the run directory is set up.
+    """
+    from foldhpc.config import parse_duration
+
+    stale_after_s = parse_duration(stale_after)
+    run_dir = Path(run_dir)
+    lock_dir = run_dir / LOCK_DIR
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    me = identity()
+    record = {**me, "since": time.time(), "token": secrets.token_hex(8),
+              "heartbeat_interval_s": heartbeat_interval_s(stale_after_s)}
+    wait_until = time.monotonic() + ending_wait_s
+    n = _top(lock_dir)
+    took_over: str | None
+    for _ in range(_ATTEMPTS):
+        took_over = None
+        if n > 0:
+            rec, st, released = _read(lock_dir, n)
+            if rec is None:  # generation n vanished: a newer holder has cleaned it up
+                newer = _top(lock_dir)
+                if newer > n:
+                    n = newer
+                    continue
+            elif not released:
+                if not rec:  # the O_EXCL fallback writes after creating: give it a moment
+                    time.sleep(0.2)
+                    rec, st, released = _read(lock_dir, n)
+                    if rec is None or released:
+                        continue
+                assert st is not None
+                v = judge(rec, st.st_mtime, stale_after_s, me, _gen_path(lock_dir, n))
+                if v.alive:
+                    if v.ending and time.monotonic() < wait_until:
+                        time.sleep(1.0)
+                        n = max(n, _top(lock_dir))
+                        continue
+                    age = max(0.0, time.time() - st.st_mtime)
+                    raise RunDirLocked(
+                        f"run directory {run_dir} is in use by another trainer: {describe(rec, age=age)} "
+                        f"({v.why}). Wait for it to end (or scancel its job), or train into another run.dir",
+                        {**rec, "generation": n})
+                took_over = f"{describe(rec)}: {v.why}"
+        try:
+            fd = _create(lock_dir, n + 1, record)
+        except FileExistsError:
+            n = max(n + 1, _top(lock_dir))
+            continue
+        lock = RunLock(run_dir, lock_dir, n + 1, fd, record, stale_after_s, took_over)
+        _clean(lock_dir, lock.gen)
+        return lock
+    raise RunDirLocked(f"run directory {run_dir}: could not take its lock after {_ATTEMPTS} attempts "
+                       "(several trainers starting at once?)")
+
+
+def record_refusal(run_dir: Path, err: RunDirLocked) -> None:
+    """A refused Slurm job in ``jobs.jsonl`` (``foldhpc status`` then keeps showing the holder's job
+    as the run's current one); nothing for a run outside Slurm, which has no job story."""
+    me = identity()
+    if not me["job_id"]:
+        return
+    from foldhpc.slurm.history import record_event
+
+    holder = {k: err.holder.get(k) for k in ("host", "pid", "job_id", "since") if err.holder.get(k) is not None}
+    try:
+        record_event(run_dir, "refused", job_id=me["job_id"], restart_count=me["restart_count"], holder=holder,
+                     reason=str(err))
+    except OSError as e:
+        log.warning("cannot record the refusal in %s: %s", run_dir, e)
