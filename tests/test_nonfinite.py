@@ -139,8 +139,9 @@ def test_a_run_with_a_skipped_step_resumes_bit_exact(tmp_path):
     p = train(ref, nan_env("12"))
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "run"
+    slowed = nan_env("12", **{faults.STEP_DELAY: "0.05"})  # time to signal mid-run; changes no number
     proc = subprocess.Popen(cmd(run), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=nan_env("12"))
+                            env=slowed)
     wait_for_log(run, r"step 1[4-9]/", proc)
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=120) == 75
