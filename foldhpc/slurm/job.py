@@ -34,6 +34,7 @@ from foldhpc.config import Config, parse_duration
 from foldhpc.monitor.status import COMPLETED
 from foldhpc.slurm.env import slurm_info
 from foldhpc.slurm.history import record_event
+from foldhpc.slurm.followup import SubmititFollowUp
 from foldhpc.slurm.requeue import Decision, maybe_requeue
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,9 @@ class SlurmTrainer(submitit.helpers.Checkpointable):
             record_event(cfg.run_dir, "requeued" if d.requeue else "stopped", job_id=job, step=result.step,
                          signal=result.signal, restart_count=info["restart_count"], why=d.kind, reason=d.reason)
 
+        # where Slurm will not requeue, the run continues in a follow-up job (foldhpc.slurm.followup)
         maybe_requeue(cfg.slurm.max_requeues, parse_duration(cfg.slurm.signal_lead), signal_at or last_signal_time(),
-                      record)
+                      record, followup=SubmititFollowUp(cfg))
         logging.shutdown()
         sys.exit(EXIT_CHECKPOINTED)
 

@@ -41,6 +41,17 @@ Hence the rules, slurmctld first:
 All of it, including retries of a failed ``scontrol requeue`` (with backoff), runs under one
 deadline that fits in what is left of ``slurm.signal_lead`` after the save, with short timeouts per
 Slurm command, so the job is not killed by its time limit in the middle of deciding.
+
+**When Slurm will not requeue** (measured: a job with ``Requeue=0`` -- ``--no-requeue``, a cluster
+with ``JobRequeue=0`` and no ``--requeue``, or ``scontrol update JobId=N Requeue=0`` -- gets
+"Requested operation is presently disabled for job N"; a user without the right gets "Access/
+permission denied"): a refusal is final, not retried, and where the caller passes a
+:class:`~foldhpc.slurm.followup.FollowUp` the run continues in a follow-up job instead (same run
+directory and resources, ``--dependency=afterany:<this job>``; :mod:`foldhpc.slurm.followup`).
+``Requeue=0`` in slurmctld's record is known before trying: the follow-up is then the decision.
+``slurm.max_requeues`` counts over the whole chain of follow-up jobs (their restarts are in
+``jobs.jsonl``). The same happens when ``scontrol requeue`` keeps failing until the deadline
+while slurmctld still says the job is RUNNING (it was not requeued).
 """
 
 from __future__ import annotations
@@ -57,10 +68,11 @@ from foldhpc.slurm.sacct import SlurmCommandError, parse_sacct, parse_scontrol, 
 
 if TYPE_CHECKING:
     from foldhpc.config import Config
+    from foldhpc.slurm.followup import FollowUp
 
 log = logging.getLogger(__name__)
 
-EXIT_REQUEUED, EXIT_NOT_REQUEUED, EXIT_USAGE = 0, 3, 2
+EXIT_REQUEUED, EXIT_NOT_REQUEUED, EXIT_USAGE = 0, 3, 2  # EXIT_REQUEUED: also "a follow-up job was submitted"
 #: per Slurm command; a healthy slurmctld/slurmdbd answers in milliseconds
 CALL_TIMEOUT_S = 10.0
 #: left unused before the end of the signal lead (the time-limit kill, a slow exit)
@@ -73,6 +85,8 @@ BACKOFF_S = 0.5
 
 #: slurmctld job states in which requeueing is right (the job is alive and not ending)
 REQUEUEABLE_CTL_STATES = frozenset({"RUNNING"})
+#: ``scontrol requeue`` errors that no retry changes (Requeue=0 / JobRequeue=0; no permission)
+_REFUSALS = ("presently disabled", "permission denied", "not permitted", "access denied", "not supported")
 
 
 @dataclass(frozen=True)
@@ -80,8 +94,25 @@ class Decision:
     requeue: bool
     reason: str
     #: why, for jobs.jsonl and ``foldhpc status``: requeue | requeue_limit | ending | cancelled | unknown |
-    #: not_slurm | requeue_failed
+    #: not_slurm | requeue_failed | requeue_refused | followup | followup_failed
     kind: str = ""
+    followup_job_id: str | None = None  # kind "followup": the job that continues the run
+
+    @property
+    def continues(self) -> bool:
+        """The run goes on by itself: requeued, or a follow-up job submitted."""
+        return self.requeue or self.followup_job_id is not None
+
+    @property
+    def event(self) -> str:
+        """The jobs.jsonl event for this decision."""
+        return "requeued" if self.requeue else "followup" if self.followup_job_id else "stopped"
+
+
+def refused(error: str) -> bool:
+    """Whether an ``scontrol requeue`` error is a refusal that retrying cannot change."""
+    low = error.lower()
+    return any(r in low for r in _REFUSALS)
 
 
 def _word(state: str | None) -> str | None:
@@ -89,11 +120,15 @@ def _word(state: str | None) -> str | None:
 
 
 def decide_from(job_id: str | None, restart_count: int, max_requeues: int,
-                ctl_state: str | None, acct_state: str | None) -> Decision:
+                ctl_state: str | None, acct_state: str | None, requeue_allowed: bool | None = None,
+                chain_restarts: int = 0) -> Decision:
     """The requeue decision from what Slurm said (pure, so every case is unit tested).
 
     ``ctl_state``: ``scontrol show job`` JobState, None if slurmctld did not answer;
-    ``acct_state``: sacct State of the current run (e.g. ``"CANCELLED by 0"``), None if unavailable.
+    ``acct_state``: sacct State of the current run (e.g. ``"CANCELLED by 0"``), None if unavailable;
+    ``requeue_allowed``: slurmctld's ``Requeue=`` flag of the job (False: ``scontrol requeue`` will
+    be refused), None if unknown; ``restart_count`` counts the whole chain of follow-up jobs, of
+    which ``chain_restarts`` came before this job.
     """
     if not job_id:
         return Decision(False, "not running under Slurm", "not_slurm")
@@ -108,20 +143,31 @@ def decide_from(job_id: str | None, restart_count: int, max_requeues: int,
         return Decision(False, f"job {job_id} was cancelled (sacct State={acct_state!r}); not undoing that", "cancelled")
     if ctl not in REQUEUEABLE_CTL_STATES:
         return Decision(False, f"job {job_id} is {ctl} in slurmctld, not RUNNING; not requeueing", "ending")
+    over = f", {chain_restarts} of them in earlier jobs of its chain" if chain_restarts else ""
     if restart_count >= max_requeues:
-        return Decision(False, f"job {job_id} already restarted {restart_count} times "
+        return Decision(False, f"job {job_id} already restarted {restart_count} times{over} "
                                f"(slurm.max_requeues={max_requeues}): stopped at the requeue limit", "requeue_limit")
+    if requeue_allowed is False:
+        return Decision(False, f"job {job_id} may not be requeued (Requeue=0 in slurmctld: submitted with "
+                               f"--no-requeue, or JobRequeue=0 on this cluster); restarts {restart_count}{over} "
+                               f"< slurm.max_requeues={max_requeues}", "requeue_refused")
     return Decision(True, f"job {job_id} (JobState={ctl}, sacct {acct_state or 'unavailable'}, restarts "
-                          f"{restart_count} < slurm.max_requeues={max_requeues}) will be requeued", "requeue")
+                          f"{restart_count}{over} < slurm.max_requeues={max_requeues}) will be requeued", "requeue")
 
 
-def _ctl_state(job_id: str, timeout: float) -> str | None:
+def _ctl_job(job_id: str, timeout: float) -> dict[str, str] | None:
+    """slurmctld's record of the job (``scontrol show job``); None if it does not answer."""
     try:
         out = run_command(["scontrol", "show", "job", "--oneliner", job_id], timeout=timeout)
     except SlurmCommandError as e:
         log.warning("scontrol unavailable for the requeue decision: %s", e)
         return None
-    return parse_scontrol(out).get(job_id, {}).get("JobState")
+    return parse_scontrol(out).get(job_id, {})
+
+
+def _ctl_state(job_id: str, timeout: float) -> str | None:
+    info = _ctl_job(job_id, timeout)
+    return info.get("JobState") if info is not None else None
 
 
 def _acct_state(job_id: str, timeout: float) -> str | None:
@@ -145,13 +191,17 @@ def budget_s(signal_lead_s: float, signal_at: float | None, now: float | None = 
     return max(MIN_BUDGET_S, min(MAX_BUDGET_S, left))
 
 
-def decide(job_id: str | None, restart_count: int, max_requeues: int, deadline: float) -> Decision:
+def decide(job_id: str | None, restart_count: int, max_requeues: int, deadline: float,
+           chain_restarts: int = 0) -> Decision:
     """Ask slurmctld, then sacct (each with a timeout that ends by ``deadline``, a monotonic time)."""
     if not job_id:
         return decide_from(job_id, restart_count, max_requeues, None, None)
-    ctl = _ctl_state(job_id, _timeout(deadline))
+    info = _ctl_job(job_id, _timeout(deadline))
+    ctl = info.get("JobState") if info is not None else None
     acct = _acct_state(job_id, _timeout(deadline)) if ctl is not None else None
-    return decide_from(job_id, restart_count, max_requeues, ctl, acct)
+    flag = (info or {}).get("Requeue")
+    allowed = {"0": False, "1": True}.get(flag or "")
+    return decide_from(job_id, restart_count, max_requeues, ctl, acct, allowed, chain_restarts)
 
 
 def _timeout(deadline: float) -> float:
@@ -161,8 +211,15 @@ def _timeout(deadline: float) -> float:
 def requeue(job_id: str, deadline: float) -> bool:
     """``scontrol requeue``, retried with backoff until ``deadline`` while the job is still RUNNING.
 
-    A refusal because the job is ending meanwhile (cancelled during the save) is final, not retried.
+    A refusal because the job is ending meanwhile (cancelled during the save) is final, not retried;
+    so is a refusal that no retry can change (Requeue=0, no permission: :func:`refused`).
     """
+    return _requeue(job_id, deadline)[0]
+
+
+def _requeue(job_id: str, deadline: float) -> tuple[bool, str]:
+    """(requeued, why not): "" | "refused" (final refusal, job still running) | "ending" (the job is
+    no longer RUNNING) | "deadline" (kept failing; the job was RUNNING at the last look) | "unknown"."""
     pause, attempt = BACKOFF_S, 0
     while True:
         attempt += 1
@@ -170,24 +227,27 @@ def requeue(job_id: str, deadline: float) -> bool:
             run_command(["scontrol", "requeue", job_id], timeout=_timeout(deadline))
             if attempt > 1:
                 log.warning("scontrol requeue %s succeeded on attempt %d", job_id, attempt)
-            return True
+            return True, ""
         except SlurmCommandError as e:
             err = e
         state = _word(_ctl_state(job_id, _timeout(deadline)))
         if state is not None and state not in REQUEUEABLE_CTL_STATES:
             log.error("scontrol requeue %s failed (%s) and the job is now %s: not retrying", job_id, err, state)
-            return False
+            return False, "ending"
+        if refused(str(err)) and state is not None:
+            log.error("scontrol requeue %s refused: %s; not retrying (Slurm will not requeue this job)", job_id, err)
+            return False, "refused"
         if time.monotonic() + pause >= deadline:
             log.error("scontrol requeue %s failed %d time(s), last: %s; giving up (deadline): the checkpoint is "
                       "durable, resubmit the job to continue", job_id, attempt, err)
-            return False
+            return False, "deadline" if state is not None else "unknown"
         log.warning("scontrol requeue %s failed (attempt %d): %s; retrying in %.1fs", job_id, attempt, err, pause)
         time.sleep(pause)
         pause *= 2
 
 
 def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: float | None = None,
-                  record: Callable[[Decision], None] | None = None) -> Decision:
+                  record: Callable[[Decision], None] | None = None, followup: "FollowUp | None" = None) -> Decision:
     """Decide for the current job (SLURM_* variables) and requeue if right.
 
     Returns the decision; ``requeue`` is True only if ``scontrol requeue`` succeeded. ``signal_at``
@@ -195,34 +255,73 @@ def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: fl
     ``record(decision)`` is called *before* ``scontrol requeue``: slurmctld ends the running job as
     soon as it accepts the requeue, which can kill this process before anything after that call
     runs (seen in CI: the "requeued" event was lost). A requeue that then fails is recorded again.
+
+    ``followup``: how to submit a follow-up job (:mod:`foldhpc.slurm.followup`) when Slurm will not
+    requeue this one; its "followup" event is recorded by the hand-over itself (``record`` is not
+    called for it). Without it, a refused requeue stops the run (recorded, resubmit to continue).
     """
     info = slurm_info()
     job_id = info["job_id"]
     budget = budget_s(signal_lead_s, signal_at)
     deadline = time.monotonic() + budget
-    d = decide(job_id, info["restart_count"], max_requeues, deadline)
+    chain = 0
+    if followup is not None and job_id:
+        from foldhpc.slurm.followup import chain_restarts
+
+        chain = chain_restarts(followup.run_dir, job_id)
+    restarts = info["restart_count"] + chain
+    d = decide(job_id, restarts, max_requeues, deadline, chain)
     log.warning("requeue decision (within %.0fs): %s", budget, d.reason)
+    if d.kind == "requeue_refused" and followup is not None and job_id:
+        return _follow_up(followup, job_id, restarts, d.reason, record)
     if record is not None:
         record(d)
-    if d.requeue and job_id is not None and not requeue(job_id, deadline):
-        d = Decision(False, f"{d.reason}, but scontrol requeue failed: resubmit the job to continue",
-                     "requeue_failed")
+    if d.requeue and job_id is not None:
+        ok, why = _requeue(job_id, deadline)
+        if not ok:
+            if followup is not None and why in ("refused", "deadline"):
+                return _follow_up(followup, job_id, restarts,
+                                  f"{d.reason}, but scontrol requeue was {why}", record)
+            d = Decision(False, f"{d.reason}, but scontrol requeue failed: resubmit the job to continue",
+                         "requeue_failed")
+            if record is not None:
+                record(d)
+    return d
+
+
+def _follow_up(followup: "FollowUp", job_id: str, restarts: int, why: str,
+               record: Callable[[Decision], None] | None) -> Decision:
+    from foldhpc.slurm.followup import hand_over
+
+    try:
+        new = hand_over(followup, job_id, restarts, why)
+    except (SlurmCommandError, OSError) as e:
+        log.error("could not submit a follow-up job for %s: %s", job_id, e)
+        d = Decision(False, f"{why}; submitting a follow-up job failed ({e}): resubmit to continue",
+                     "followup_failed")
         if record is not None:
             record(d)
-    return d
+        return d
+    return Decision(False, f"{why}; the run continues in follow-up job {new} (afterany:{job_id})", "followup", new)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m foldhpc.slurm.requeue",
         description="Inside a Slurm job that checkpointed on a signal: requeue it unless it is being cancelled "
-                    "or slurm.max_requeues is reached. Exit 0 if requeued, 3 if not, 2 on bad usage.")
+                    "or slurm.max_requeues is reached; where Slurm refuses the requeue and --followup-script "
+                    "is given, submit a follow-up job instead. Exit 0 if requeued or followed up, 3 if not, "
+                    "2 on bad usage.")
     p.add_argument("max_requeues_positional", nargs="?", type=int, help=argparse.SUPPRESS)  # old form: MAX_REQUEUES
     p.add_argument("--config", "-c", metavar="FILE", help="the job's config (slurm.max_requeues, slurm.signal_lead)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override, as given to the trainer (repeatable)")
     p.add_argument("--max-requeues", type=int, help="instead of slurm.max_requeues")
     p.add_argument("--signal-at", type=float, metavar="EPOCH", help="when the signal arrived (date +%%s)")
+    p.add_argument("--followup-script", metavar="SCRIPT",
+                   help="the job's batch script (in sbatch/train.sbatch: \"$0\"); if Slurm will not requeue the "
+                        "job, it is submitted again as 'SCRIPT CONFIG [--set ...] [--force-resume]' with the job's "
+                        "resources and --dependency=afterany:$SLURM_JOB_ID (foldhpc.slurm.followup)")
     # The sbatch template passes the trainer's arguments through: these do not concern the decision.
     p.add_argument("--no-resume", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--force-resume", action="store_true", help=argparse.SUPPRESS)
@@ -241,11 +340,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log.error("requeue: config error: %s; not requeueing", e)
         return EXIT_USAGE
+    # An scancel during the decision sends SIGTERM here too: finish deciding (it sees the job
+    # ending and does nothing), rather than die between submitting a follow-up and recording it.
+    import signal
+
+    for sig in {signal.SIGTERM, *cfg.checkpoint.signal_numbers()}:
+        signal.signal(sig, signal.SIG_IGN)
     max_requeues = next(v for v in (args.max_requeues, args.max_requeues_positional, cfg.slurm.max_requeues)
                         if v is not None)
     record = (lambda d: _record(cfg, d)) if args.config or args.overrides else None
-    d = maybe_requeue(max_requeues, parse_duration(cfg.slurm.signal_lead), args.signal_at, record)
-    return EXIT_REQUEUED if d.requeue else EXIT_NOT_REQUEUED
+    followup = None
+    if args.followup_script and args.config:
+        from foldhpc.slurm.followup import SbatchFollowUp
+
+        script_args = [args.config] + [a for o in args.overrides for a in ("--set", o)]
+        if args.force_resume:
+            script_args.append("--force-resume")
+        followup = SbatchFollowUp(cfg.run_dir, args.followup_script, script_args)
+    d = maybe_requeue(max_requeues, parse_duration(cfg.slurm.signal_lead), args.signal_at, record, followup)
+    return EXIT_REQUEUED if d.continues else EXIT_NOT_REQUEUED
 
 
 def _record(cfg: "Config", d: Decision) -> None:
@@ -256,7 +369,7 @@ def _record(cfg: "Config", d: Decision) -> None:
     if not info["job_id"]:
         return  # not a Slurm job: nothing to tell about it
     try:
-        record_event(cfg.run_dir, "requeued" if d.requeue else "stopped", job_id=info["job_id"],
+        record_event(cfg.run_dir, d.event, job_id=info["job_id"],
                      restart_count=info["restart_count"], why=d.kind, reason=d.reason)
     except OSError as e:
         log.error("could not record the requeue decision in %s: %s", cfg.run_dir, e)

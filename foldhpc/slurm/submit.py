@@ -80,16 +80,23 @@ def executor_for(cfg: Config, local: bool = False):
     return ex
 
 
-def submit(cfg: Config, local: bool = False) -> str:
-    """Submit the run; returns the job id. The run directory gets the job in jobs.jsonl."""
+def submit(cfg: Config, local: bool = False, dependency: str | None = None, **record: object) -> str:
+    """Submit the run; returns the job id. The run directory gets the job in jobs.jsonl.
+
+    ``dependency`` (e.g. ``"afterany:123"``) and the extra ``record`` fields of the "submitted"
+    event are for follow-up jobs (:mod:`foldhpc.slurm.followup`).
+    """
     from foldhpc.slurm.job import SlurmTrainer
 
     check_submittable(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     ex = executor_for(cfg, local=local)
+    if dependency:
+        ex.update_parameters(additional_parameters={**ex.parameters.get("additional_parameters", {}),
+                                                    "dependency": dependency})
     job = ex.submit(SlurmTrainer(cfg))
     record_event(cfg.run_dir, "submitted", job_id=str(job.job_id), backend="local" if local else "slurm",
-                 partition=cfg.slurm.partition)
+                 partition=cfg.slurm.partition, **record)
     return str(job.job_id)
 
 
