@@ -1,7 +1,11 @@
 """``foldhpc`` command line: ``train``, ``data``, ``checkpoints``, ``submit``, ``status``.
 
-Exit codes: 0 success; 1 the command failed; 2 bad usage or config (nothing was started);
-75 training stopped on a preemption signal after a durable checkpoint (requeue it).
+Exit codes: 0 success; 1 the command failed (during training: the reason is in status.json and the
+log; an unexpected error prints a traceback); 2 a user error, printed as one line without a
+traceback: bad usage or config, a missing or empty dataset, an unusable checkpoint directory or no
+usable checkpoint to resume, or run.dir in use by another trainer (nothing was started; a
+supervisor never retries it); 75 training stopped on a preemption signal after a durable
+checkpoint (requeue it); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -28,8 +32,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config key, e.g. --set train.max_steps=200 (repeatable)")
 
 
+def check_run_dir(cfg: Any) -> None:
+    """run.dir must be creatable before anything starts: a ConfigError (exit 2), not a traceback."""
+    try:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.dir = '{cfg.run_dir}' cannot be created ({e.strerror or e}); "
+                          "set run.dir to a writable folder, e.g. --set run.dir=runs/try1") from None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    check_run_dir(cfg)
     from foldhpc.resilience.supervisor import SUPERVISED_ENV
 
     supervised = os.environ.get(SUPERVISED_ENV) == "1"
@@ -152,8 +166,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _cmd_checkpoints(args: argparse.Namespace) -> int:
     from foldhpc.checkpoint.listing import checkpoint_dir_of, format_table, list_checkpoints
+    from foldhpc.checkpoint.manager import CheckpointError
 
-    rows = list_checkpoints(Path(args.run_dir), verify=args.verify)
+    try:
+        rows = list_checkpoints(Path(args.run_dir), verify=args.verify)
+    except CheckpointError as e:  # no such run directory, unreadable config: a usage error
+        e.exit_code = EXIT_USAGE  # type: ignore[attr-defined]
+        raise
     print(json.dumps(rows, indent=1) if args.json else format_table(rows, checkpoint_dir_of(Path(args.run_dir))))
     return 1 if args.verify and any(r["verified"] is False for r in rows) else 0
 
@@ -161,7 +180,9 @@ def _cmd_checkpoints(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="foldhpc", description="Train a protein structure model on Slurm without losing work.",
-        epilog="Exit codes: 0 ok, 1 failed, 2 bad usage/config, 75 checkpointed on a preemption signal.")
+        epilog="Exit codes: 0 ok; 1 failed (a traceback means a bug); 2 user error, one line, nothing started "
+               "(usage, config, data path, checkpoint directory, no usable checkpoint, run.dir in use); "
+               "75 checkpointed on a preemption signal (requeue); 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('foldhpc').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -235,12 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"foldhpc: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except CheckpointError as e:
+    except CheckpointError as e:  # exit 2 when raised before training started (see Trainer._run)
         print(f"foldhpc: checkpoint error: {e}", file=sys.stderr)
-        return 1
+        return int(getattr(e, "exit_code", 1))
     except DataError as e:
         print(f"foldhpc: data error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     except RunDirLocked as e:  # another trainer holds run.dir: nothing was started or written
         print(f"foldhpc: {e}", file=sys.stderr)
         return e.exit_code

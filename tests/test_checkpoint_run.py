@@ -17,7 +17,7 @@ def test_unusable_checkpoint_dir_fails_at_preflight(tmp_path):
     run = tmp_path / "run"
     p = run_foldhpc("train", "--config", str(TINY),
                     *set_args(tiny_overrides(run, **{"checkpoint.dir": str(blocker / "ckpt")})))
-    assert p.returncode == 1
+    assert p.returncode == 2  # a user error: one line, no traceback (tests/test_cli_errors.py)
     assert "cannot create checkpoint directory" in p.stderr and "checkpoint.dir" in p.stderr
     assert read_json(run / "status.json")["state"] == "failed"
     assert "step 1/" not in (run / "train.log").read_text()  # found out before training, not after
@@ -71,7 +71,7 @@ def test_resume_from_explicit_path_and_verify_flags_damage(tmp_path):
     assert p.returncode == 1
     assert re.search(r"BAD .*step_00000008\.ckpt.*checksum mismatch", p.stdout), p.stdout
     p = run_foldhpc("checkpoints", str(tmp_path / "nope"))
-    assert p.returncode == 1 and "no such run directory" in p.stderr
+    assert p.returncode == 2 and "no such run directory" in p.stderr
 
 
 def _train(run, cwd=ROOT, *extra_args: str, **overrides) -> subprocess.CompletedProcess:

@@ -41,7 +41,7 @@ def test_data_prepare_and_info_report_counts_and_skipped_files(tmp_path):
 def test_empty_dataset_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     p = run_foldhpc("data", "info", "--config", str(TINY), "--set", f"data.path={tmp_path / 'empty'}")
-    assert p.returncode == 1
+    assert p.returncode == 2
     assert "data error" in p.stderr and "empty" in p.stderr
 
 

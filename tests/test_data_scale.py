@@ -276,4 +276,4 @@ def test_cli_shards_merge_and_info(tmp_path: Path) -> None:
     r = run_foldhpc("data", "info", "--json", *sets)
     assert r.returncode == 0 and json.loads(r.stdout)["trusted_manifest"], r.stderr
     r = run_foldhpc("data", "prepare", "--shard", "2/2", *sets)
-    assert r.returncode == 1 and "need 0 <= I < N" in r.stderr
+    assert r.returncode == 2 and "need 0 <= I < N" in r.stderr

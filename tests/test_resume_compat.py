@@ -56,7 +56,7 @@ def test_trajectory_change_is_refused_naming_keys_and_force_resume_applies_it(tm
     assert train(run).returncode == 0
     changed = {"train.max_steps": SECOND, "train.lr": 1e-3, "train.seed": 3, "train.warmup_steps": 2}
     p = train(run, **changed)
-    assert p.returncode == 1, p.stderr[-2000:]
+    assert p.returncode == 2, p.stderr[-2000:]  # refused before training: a user error
     for item in ("train.lr: 0.002 -> 0.001", "train.seed: 0 -> 3", f"train.max_steps: {FIRST} -> {SECOND}",
                  "train.warmup_steps: 5 -> 2"):
         assert item in p.stderr, (item, p.stderr[-2000:])

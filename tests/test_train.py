@@ -78,7 +78,7 @@ def test_missing_dataset_fails_clearly_and_records_why(tmp_path):
     run = tmp_path / "run"
     p = run_foldhpc("train", "--config", str(TINY), "--set", f"run.dir={run}",
                     "--set", f"data.path={tmp_path / 'no-such-data'}")
-    assert p.returncode == 1
+    assert p.returncode == 2
     assert "no-such-data" in p.stderr and "does not exist" in p.stderr
     st = read_json(run / "status.json")
     assert st["state"] == "failed" and "no-such-data" in st["error"]

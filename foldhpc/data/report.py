@@ -17,7 +17,13 @@ from .structure import ProteinChain
 
 
 class DataError(Exception):
-    """The dataset as a whole is unusable; the message says which path and what to do."""
+    """The dataset as a whole is unusable; the message says which path and what to do.
+
+    A user error: ``foldhpc`` prints the message without a traceback and exits 2, which a
+    supervisor never retries (a restart cannot create a missing data folder).
+    """
+
+    exit_code = 2
 
 
 @dataclass

@@ -32,6 +32,8 @@ def setup_logging(level: str = "INFO", log_file: Path | None = None, rank: int |
         console = logging.StreamHandler(sys.stderr)
         console.name = "foldhpc-console"
         console.setFormatter(fmt)
+        # extra={"console": False}: for train.log only (a user error the command line prints itself)
+        console.addFilter(lambda record: getattr(record, "console", True))
         logger.addHandler(console)
     for h in [h for h in logger.handlers if h.name == _FILE_HANDLER_NAME]:
         logger.removeHandler(h)

@@ -51,7 +51,7 @@ import foldhpc
 from foldhpc import faults
 from foldhpc.checkpoint import CheckpointError, CheckpointManager, PreemptionSignals, ignore_signals
 from foldhpc.config import Config, ConfigError, config_to_toml
-from foldhpc.data.cache import load_dataset
+from foldhpc.data.cache import DataError, load_dataset
 from foldhpc.data.dataset import StepSampler, TrainBatches, ValBatches, split_by_sequence
 from foldhpc.distributed import ranks
 from foldhpc.distributed.env import DistEnv, from_environ
@@ -78,6 +78,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_USAGE = 2  # a user error before training started (config, data, checkpoint directory): never retried
 EXIT_CHECKPOINTED = 75  # EX_TEMPFAIL: state saved on a preemption signal, requeue me
 
 
@@ -417,8 +418,12 @@ class Trainer:
         """Log the failure and put it in status.json; with several ranks, name the rank to blame
         (see foldhpc.distributed.ranks): every failing rank writes it, they agree on the culprit."""
         msg = f"{type(e).__name__}: {e}"
+        # A user error (exit 2: config, data, checkpoint directory) is in train.log, not a second
+        # time on the console, where `foldhpc` prints it as one line; tracebacks are for bugs.
+        user_error = isinstance(e, ConfigError) or getattr(e, "exit_code", None) == EXIT_USAGE
         log.error("run failed at step %d: %s", self.step, msg,
-                  exc_info=not isinstance(e, (CheckpointError, ConfigError, PeerFailure, NonFiniteError)))
+                  exc_info=not isinstance(e, (CheckpointError, ConfigError, DataError, PeerFailure, NonFiniteError)),
+                  extra={"console": False} if user_error else None)
         if not self.env.distributed:
             self.status.update(state=FAILED, step=self.step, error=msg)
             return
@@ -444,8 +449,14 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         sigs = cfg.checkpoint.signal_numbers()
         with PreemptionSignals(sigs) as preempt:
-            self._setup()
-            self._restore()
+            try:
+                self._setup()
+                self._restore()
+            except CheckpointError as e:
+                # Before the first step (checkpoint directory unusable, no usable checkpoint, a
+                # resume refused): nothing is lost and a restart cannot fix it -- the user must act.
+                e.exit_code = EXIT_USAGE  # type: ignore[attr-defined]
+                raise
             if self.env.distributed:  # after the restore: DDP broadcasts rank 0's weights (identical anyway)
                 self.forward = torch.nn.parallel.DistributedDataParallel(
                     self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
