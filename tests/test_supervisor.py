@@ -171,3 +171,13 @@ def test_two_ranks_restart_together_after_one_is_killed(tmp_path):
     (restarted,) = [e for e in events(run) if e["event"] == "restarted"]
     assert restarted["rank"] == 1 and restarted["reason"] == "trainer killed by SIGKILL"
     assert not pid_alive(rank1)
+
+
+def test_nonfinite_failure_is_not_restarted(tmp_path):
+    """The non-finite guard has already rolled back and replayed: a restart could only repeat it."""
+    run = tmp_path / "run"
+    p = run_to_end(run, {"FOLDHPC_NAN_AT_STEPS": "12-14"})
+    assert p.returncode == 1
+    st = read_json(run / "status.json")
+    assert st["state"] == "failed" and st["error"].startswith("NonFiniteError") and "cannot cure it" in st["error"]
+    assert [e["event"] for e in events(run)] == ["gave_up"]  # no restart

@@ -40,8 +40,9 @@ class Heartbeat:
 
     def beat(self, step: int, phase: str = "train") -> None:
         self._count += 1
+        code = PHASES.index(phase) if phase in PHASES else 0  # an unknown phase still counts as a beat
         try:
-            os.pwrite(self._fd, _FMT.pack(self._count, step, PHASES.index(phase)), 0)
+            os.pwrite(self._fd, _FMT.pack(self._count, step, code), 0)
         except OSError:
             pass  # a sign of life must never fail the training
 

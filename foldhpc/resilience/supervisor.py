@@ -57,6 +57,8 @@ READY_FILE_ENV = "FOLDHPC_READY_FILE"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHECKPOINTED = 0, 1, 2, 75
 POLL_S = 0.1
 GRACE_S = 10.0  # after one rank failed, how long the others get to notice and record it
+# Failures a restart cannot cure: the non-finite guard has already rolled back and replayed.
+NO_RETRY_ERRORS = ("NonFiniteError",)
 
 
 def free_port() -> int:
@@ -261,12 +263,15 @@ class Supervisor:
         except (OSError, ValueError) as e:
             log.warning("cannot update %s/status.json: %s", self.run_dir, e)
 
-    def _give_up(self, why: str, failure: Failure) -> int:
+    def _child_error(self) -> str:
+        """The error the (dead) trainer wrote into status.json, if any."""
         try:
-            child_error = StatusFile(self.run_dir).data.get("error")
+            return str(StatusFile(self.run_dir).data.get("error") or "")
         except (OSError, ValueError):
-            child_error = None
-        error = f"{child_error or failure.reason} ({why})"
+            return ""
+
+    def _give_up(self, why: str, failure: Failure) -> int:
+        error = f"{self._child_error() or failure.reason} ({why})"
         log.error("supervisor: giving up: %s", error)
         self._status(state="failed", error=error, step=failure.step, in_job_restarts=self.restarts,
                      last_failure=failure.__dict__)
@@ -308,6 +313,9 @@ class Supervisor:
                             "the job is requeued and resumes from the newest checkpoint", self.preempted.name,
                             failure.reason, EXIT_CHECKPOINTED)
                 return EXIT_CHECKPOINTED
+            child_error = self._child_error()
+            if child_error.startswith(NO_RETRY_ERRORS):
+                return self._give_up("a restart replays the same steps and cannot cure it", failure)
             if len(self.failures) >= 2 and self.failures[-2].step == failure.step:
                 return self._give_up(f"failed twice in a row at {failure.where()}: deterministic, not restarted "
                                      "again", failure)
