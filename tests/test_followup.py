@@ -93,3 +93,18 @@ def test_successor_environment_has_none_of_the_jobs_own_variables():
                          "SUBMITIT_PREEMPT_SIGNAL": "USR1"})
     assert env == {"PATH": "/bin", "SLURM_CONF": "/etc/s.conf", "FOLDHPC_PYTHON": "/py",
                    "SUBMITIT_PREEMPT_SIGNAL": "USR1"}
+
+
+def test_status_follows_the_chain_and_skips_a_refused_job(tmp_path):
+    from foldhpc.monitor.report import read_run
+
+    record_event(tmp_path, "submitted", job_id="10")
+    record_event(tmp_path, "started", job_id="10")
+    record_event(tmp_path, "submitted", job_id="11", followup_of="10", chain_restarts=1)
+    record_event(tmp_path, "followup", job_id="10", followup_job_id="11", chain_restarts=1)
+    record_event(tmp_path, "started", job_id="11")
+    record_event(tmp_path, "started", job_id="12")  # a second job on the same run directory...
+    record_event(tmp_path, "refused", job_id="12", reason="run directory x is in use by another trainer: ...")
+    view = read_run(tmp_path)
+    assert (view.job_id, view.chain, view.chain_restarts) == ("11", ["10", "11"], 1)
+    assert "job 12 refused to start: run directory x is in use by another trainer: ..." in view.notes

@@ -78,7 +78,7 @@ class RunView:
     state: str = sacct.UNKNOWN
     source: str = "none"  # sacct | scontrol | squeue | run-dir | none
     slurm_state: str | None = None  # raw, e.g. "CANCELLED by 0"
-    restarts: int | None = None  # Slurm restarts of the current job (requeues)
+    restarts: int | None = None  # Slurm restarts of the current job (requeues), plus its chain's (follow-ups)
     elapsed_s: int | None = None  # current run of the job
     step: int | None = None
     max_steps: int | None = None
@@ -106,6 +106,10 @@ class RunView:
     nodes: list[str] | None = None
     ranks: list[dict[str, Any]] | None = None
     failed_ranks: list[dict[str, Any]] | None = None  # the rank(s) the run blamed: rank, node, host, pid, why
+    # a chain of follow-up jobs (Slurm would not requeue: foldhpc.slurm.followup): its job ids up to
+    # the current one, oldest first, and the restarts used before the current job
+    chain: list[str] | None = None
+    chain_restarts: int | None = None
 
     @property
     def ranks_text(self) -> str:
@@ -226,7 +230,28 @@ def read_run(run_dir: Path, job_id: str | None = None) -> RunView:
             view.job_ids.insert(0, sid)  # jobs.jsonl, where it has ids, knows better which one is newest
         _read_ranks(view, run_dir, status)
     if view.job_id is None and view.job_ids:
-        view.job_id = view.job_ids[-1]  # the newest submission is the one that matters now
+        # the newest submission is the one that matters now -- unless it refused to start because
+        # another trainer held the run directory (foldhpc.resilience.runlock): the holder's job is
+        refused = {str(e.get("job_id")): e for e in events if e.get("event") == "refused"}
+        live = [j for j in view.job_ids if j not in refused]
+        view.job_id = (live or view.job_ids)[-1]
+        successor = {str(e.get("job_id")): str(e["followup_job_id"]) for e in events
+                     if e.get("event") == "followup" and e.get("followup_job_id")}
+        seen = {view.job_id}
+        while view.job_id in successor and successor[view.job_id] not in seen:
+            view.job_id = successor[view.job_id]  # a chain's newest job, whatever the order of the events
+            seen.add(view.job_id)
+        for jid in [j for j in view.job_ids if j in refused][-3:]:
+            view.notes.append(f"job {jid} refused to start: {refused[jid].get('reason') or 'run directory in use'}")
+    if view.job_id is not None:
+        from foldhpc.slurm.followup import chain_of
+
+        chain = chain_of(events, view.job_id)
+        if len(chain) > 1:
+            view.chain = chain
+            link = next((e for e in reversed(events) if e.get("event") == "followup"
+                         and str(e.get("followup_job_id")) == view.job_id), {})
+            view.chain_restarts = _int_or_none(link.get("chain_restarts")) or len(chain) - 1
     if view.job_id is not None:
         mine = [e for e in events if str(e.get("job_id")) == view.job_id and isinstance(e.get("time"), (int, float))]
         view.submitted_at = min((e["time"] for e in mine if e.get("event") == "submitted"), default=None)
@@ -323,6 +348,8 @@ def merge(view: RunView, job: sacct.SlurmJob | None) -> RunView:
         view.reason = "no Slurm record" + (f"; the run's status.json says {view.run_state}" if view.run_state else "")
         return view
     view.slurm_state, view.restarts, view.elapsed_s = job.raw_state, job.restarts, job.elapsed_s
+    if view.chain_restarts and view.restarts is not None:
+        view.restarts += view.chain_restarts  # a chain of follow-up jobs is one run: its restarts add up
     view.exit_code = job.exit_code or None
     view.state = job.state
     if job.state == sacct.PENDING and job.restarts:
@@ -365,7 +392,7 @@ def _reason(view: RunView, job: sacct.SlurmJob) -> str | None:
     if state == STOPPED:
         ev = view.stop_event or {}
         if ev.get("why") == "requeue_limit":
-            parts.append(f"stopped at the requeue limit ({job.restarts if job.restarts is not None else '?'} "
+            parts.append(f"stopped at the requeue limit ({view.restarts if view.restarts is not None else '?'} "
                          "restart(s), slurm.max_requeues reached)")
         else:
             parts.append("checkpointed on a signal and not requeued"
@@ -382,6 +409,12 @@ def _reason(view: RunView, job: sacct.SlurmJob) -> str | None:
         why = {sacct.PREEMPTED: "preemption", sacct.TIMEOUT: "time limit", sacct.NODE_FAIL: "node failure",
                sacct.REQUEUED: "requeue"}.get(prev or "", "requeue")
         parts.append(f"pending after {why}" + (f" ({job.reason})" if job.reason else ""))
+        ck = view.last_checkpoint
+        if ck and ck.get("step") is not None:
+            parts.append(f"resumes from step {ck['step']}")
+    elif state == sacct.PENDING and view.chain:
+        parts.append(f"follow-up of job {view.chain[-2]} (Slurm would not requeue it), starts when that job has "
+                     "ended" + (f" ({job.reason})" if job.reason else ""))
         ck = view.last_checkpoint
         if ck and ck.get("step") is not None:
             parts.append(f"resumes from step {ck['step']}")
@@ -519,6 +552,8 @@ def format_table(report: StatusReport) -> str:
         label = r.name if r.name != "-" else f"job {r.job_id}"
         if r.state in FAILURE_STATES | {sacct.CANCELLED, sacct.UNKNOWN} or r.run_state == sacct.FAILED:
             lines += [f"failed rank: {label}: {describe_failed_ranks([f])}" for f in r.failed_ranks or []]
+        if r.chain:
+            lines.append(f"chain: {label}: jobs {' -> '.join(r.chain)} (follow-up jobs: Slurm would not requeue)")
         lines += [f"note: {label}: {n}" for n in r.notes]
     lines += [f"note: {n}" for n in report.notes]
     if report.runs and report.source not in ("sacct", "none"):
