@@ -1,4 +1,4 @@
-"""``foldhpc`` command line: ``train``, ``data``, ``checkpoints``, ``submit``, ``status``.
+"""``foldhpc`` command line: ``train``, ``data``, ``checkpoints``, ``init``, ``submit``, ``status``.
 
 Exit codes: 0 success; 1 the command failed (during training: the reason is in status.json and the
 log; an unexpected error prints a traceback); 2 a user error, printed as one line without a
@@ -219,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT in a Slurm array; "
                                  "then run prepare once without --shard to merge")
         dp.set_defaults(func=_cmd_data)
+
+    from foldhpc import starter
+
+    p = sub.add_parser("init", help="write a commented starter config (presets: tiny, default, gpu, large)",
+                       description="Write a starter config with comments (how to get going, every section's "
+                                   "keys). The presets are the configs/ of the repository, shipped in the "
+                                   "package. An existing FILE is not overwritten without --force.")
+    starter.add_arguments(p)
+    p.set_defaults(func=starter.run)
 
     from foldhpc.slurm import submit as submit_mod
 

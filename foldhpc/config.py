@@ -448,7 +448,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist (see configs/ for examples)")
+            raise ConfigError(f"config file {str(p)!r} does not exist; `foldhpc init {p}` writes a commented "
+                              "starter config (presets: tiny, default, gpu, large)")
         try:
             data = tomllib.loads(p.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -32,9 +32,12 @@ def scan_tree(root: Path, cache: Path) -> tuple[list[tuple[str, Path]], list[tup
     directory entry types), which is what a warm start that does rescan still pays.
     """
     if not root.exists():
+        where = "" if root.is_absolute() else f" (relative to {os.getcwd()})"
         raise DataError(
-            f"data path {root} does not exist; set data.path to a folder of .pdb/.cif files "
-            "(optionally .gz), e.g. examples/data")
+            f"data path {root} does not exist{where}. To get going: put protein structures -- PDB "
+            "(.pdb/.ent) or mmCIF (.cif/.mmcif) files, optionally .gz -- in a folder and set data.path to "
+            "it (in the config, or --set data.path=DIR); `foldhpc init --data DIR my.toml` writes a "
+            "commented starter config. A clone of the repository ships examples/data (329 PDB entries).")
     if not root.is_dir():
         raise DataError(f"data path {root} is not a folder; set data.path to the folder that "
                         "holds the structure files")
