@@ -120,7 +120,7 @@ def test_hung_trainer_is_detected_dumped_and_restarted(tmp_path, reference):
     assert_identical(state, ref_state)
     assert digest == ref_digest
     (restarted,) = [e for e in events(run) if e["event"] == "restarted"]
-    assert restarted["reason"].startswith("hung at step 24 in train: no heartbeat for")
+    assert restarted["reason"].startswith("hung at step 25 in train: no heartbeat for")
     stacks = (run / "stacks.log").read_text()
     assert "Current thread" in stacks or "Thread 0x" in stacks  # faulthandler's dump of the stopped trainer
     assert "foldhpc/faults.py" in stacks

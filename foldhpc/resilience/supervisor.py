@@ -279,7 +279,16 @@ class Supervisor:
         return EXIT_FAILED
 
     def run(self) -> int:
+        from foldhpc.distributed.env import from_environ
+        from foldhpc.monitor.logs import setup_logging
+
         previous = {s: signal.signal(s, self._on_signal) for s in self.signals}
+        try:
+            rank = from_environ().rank if self.nproc == 1 else None  # an srun task's rank
+        except Exception:  # noqa: BLE001 - the trainer reports a bad environment itself
+            rank = None
+        # the supervisor's story (restarts, hangs) and the requeue decision after it belong in train.log
+        setup_logging(self.cfg.run.log_level, self.run_dir / "train.log", rank or None)
         ready = os.environ.get(READY_FILE_ENV)
         if ready:
             try:
