@@ -8,8 +8,10 @@ per node (1 fake GPU each), gloo on CPU, deterministic tiny config.
   every rank stops at the same step, requeued, bit-exact;
 * a real partition preemption (a ``high`` job that needs both nodes) of the template job:
   requeued once (no duplicate run), finishes bit-exact;
-* rank 1 SIGKILLed: the job is FAILED in sacct within a bound, status.json and ``foldhpc status``
-  name rank 1 and its node, and no rank process is left;
+* rank 1 SIGKILLed with ``fault.max_restarts = 0``: the job is FAILED in sacct within a bound,
+  status.json and ``foldhpc status`` name rank 1 and its node, and no rank process is left;
+* rank 1 SIGKILLed with the default in-job restarts: both ranks' supervisors restart their
+  trainers on their nodes, the job completes without a requeue, bit-exact;
 * ``scancel`` of a running two-node job: CANCELLED, stays cancelled, no process left.
 
 Every job and process a test starts is ended by the test (the ``jobs`` fixture cancels its jobs).
@@ -286,6 +288,29 @@ def test_template_sigkill_of_one_rank_fails_the_job_and_names_it(tmp_path, jobs)
     left_s = assert_no_process_left(run_dir, pids)
     print(f"no process left {left_s:.1f}s after sacct said FAILED")
     assert job_rows(job) == ["FAILED"]  # never requeued
+
+
+def test_template_sigkill_of_one_rank_restarts_both_in_the_job_bit_exact(tmp_path, jobs, reference):
+    """The default (fault.max_restarts = 3): rank 1's supervisor restarts its trainer, rank 0's restarts
+    its own when the collective fails; both resume on their nodes from the newest checkpoint, inside
+    the same allocation (no requeue), and the run ends bit for bit like the local reference."""
+    run_dir = tmp_path / "run"
+    job, out = template_job(tmp_path, run_dir, **{"checkpoint.every_steps": 10})
+    jobs.append(job)
+    wait_for_step(run_dir, 12)
+    pid = int(rank_record(run_dir, 1, job)["pid"])
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    resumed = re.compile(r"resumed from \S+step_00000010\.ckpt at step 10")
+    wait_for(lambda: resumed.search(text(run_dir / "train.log")), "the ranks did not resume", timeout=120)
+    print(f"SIGKILL of rank 1 -> both ranks resumed at step 10 after {time.monotonic() - t0:.1f}s")
+    row = wait_sacct_row(job, FINAL, timeout=120)
+    assert row["State"] == "COMPLETED", (row, text(out))
+    assert job_rows(job) == ["COMPLETED"], sacct_rows(job)  # restarted in place, never requeued
+    o = text(out)
+    assert "trainer killed by SIGKILL" in o and o.count("restarting the trainer") >= 2, o[-3000:]
+    assert final_digest(run_dir) == reference
+    assert_ranks_on_both_nodes(run_dir, job)
 
 
 def test_scancel_of_a_two_node_job_is_cancelled_for_good(tmp_path, jobs):
