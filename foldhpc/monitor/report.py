@@ -110,6 +110,10 @@ class RunView:
     # the current one, oldest first, and the restarts used before the current job
     chain: list[str] | None = None
     chain_restarts: int | None = None
+    # a task of a sweep (foldhpc.slurm.sweep): the sweep directory, and the run's best validation
+    # (lowest val/distogram_loss: value, step, precision_long)
+    sweep: str | None = None
+    best_val: dict[str, Any] | None = None
 
     @property
     def ranks_text(self) -> str:
@@ -131,6 +135,7 @@ class StatusReport:
     errors: list[str] = field(default_factory=list)  # arguments that name nothing
     source: str = "none"
     generated_at: float = field(default_factory=time.time)
+    sweeps: list[dict[str, Any]] = field(default_factory=list)  # one summary per sweep shown (foldhpc.slurm.sweep)
 
     @property
     def exit_status(self) -> int:
@@ -144,7 +149,8 @@ class StatusReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"generated_at": self.generated_at, "source": self.source, "exit_status": self.exit_status,
-                "runs": [r.to_dict() for r in self.runs], "notes": self.notes, "errors": self.errors}
+                "runs": [r.to_dict() for r in self.runs], "notes": self.notes, "errors": self.errors,
+                "sweeps": self.sweeps}
 
 
 # ------------------------------------------------------------------ targets
@@ -160,9 +166,15 @@ def is_run_dir(path: Path) -> bool:
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Run directories directly under ``root``, by name."""
+    """Run directories directly under ``root``, by name; a sweep's tasks in task order."""
+    from foldhpc.slurm.sweep import task_dirs
+
     try:
-        return sorted(p for p in root.iterdir() if is_run_dir(p))
+        found: list[Path] = []
+        for p in sorted(root.iterdir()):
+            tasks = task_dirs(p) if p.is_dir() else None
+            found += tasks if tasks is not None else [p] if is_run_dir(p) else []
+        return found
     except OSError:
         return []
 
@@ -175,10 +187,13 @@ def resolve(args: list[str], root: Path) -> tuple[list[tuple[Path | None, str | 
     targets: list[tuple[Path | None, str | None]] = []
     errors: list[str] = []
     index: dict[str, Path] | None = None
+    from foldhpc.slurm.sweep import task_dirs
+
     for arg in args:
         path = Path(arg)
         if path.is_dir():
-            targets.append((path, None))
+            tasks = task_dirs(path)  # a sweep: one row per task
+            targets += [(t, None) for t in tasks] if tasks is not None else [(path, None)]
             continue
         items = [a for a in arg.split(",") if a]
         if items and all(_JOB_ARG_RE.fullmatch(a) for a in items):
@@ -508,7 +523,12 @@ def gather(args: list[str], runs_root: Path) -> StatusReport:
     notes += query.notes
     for v in views:
         merge(v, query.jobs.get(v.job_id) if v.job_id else None)
-    return StatusReport(views, notes=notes, errors=errors, source=query.source)
+    from foldhpc.slurm import sweep
+
+    for v in views:
+        if v.run_dir is not None and (sweep_dir := sweep.sweep_of(Path(v.run_dir))) is not None:
+            v.sweep, v.best_val = str(sweep_dir), sweep.best_validation(Path(v.run_dir))
+    return StatusReport(views, notes=notes, errors=errors, source=query.source, sweeps=sweep.summaries(views))
 
 
 # ------------------------------------------------------------------ rendering
@@ -530,6 +550,11 @@ def format_table(report: StatusReport) -> str:
     header: tuple[str, ...] = ("RUN", "JOB", "STATE", "RESTARTS", "ELAPSED", "STEP", "LOSS", "CHECKPOINT", "REASON")
     if multi:
         header = (*header[:-1], "RANKS", header[-1])
+    from foldhpc.slurm.sweep import format_best, summary_line
+
+    sweeps = any(r.sweep for r in report.runs)  # sweep tasks: their best validation loss (and step)
+    if sweeps:
+        header = (*header[:-1], "BEST VAL", header[-1])
     rows: list[tuple[str, ...]] = []
     for r in report.runs:
         step = "-" if r.step is None else f"{r.step}/{r.max_steps}" if r.max_steps else str(r.step)
@@ -542,6 +567,8 @@ def format_table(report: StatusReport) -> str:
                                 ck_text, r.reason or "")
         if multi:
             row = (*row[:-1], r.ranks_text, row[-1])
+        if sweeps:
+            row = (*row[:-1], format_best(r.best_val), row[-1])
         rows.append(row)
     lines: list[str] = []
     if rows:
@@ -555,6 +582,7 @@ def format_table(report: StatusReport) -> str:
         if r.chain:
             lines.append(f"chain: {label}: jobs {' -> '.join(r.chain)} (follow-up jobs: Slurm would not requeue)")
         lines += [f"note: {label}: {n}" for n in r.notes]
+    lines += [summary_line(s) for s in report.sweeps]
     lines += [f"note: {n}" for n in report.notes]
     if report.runs and report.source not in ("sacct", "none"):
         lines.append(f"note: sacct was not available: Slurm states above come from {report.source}")

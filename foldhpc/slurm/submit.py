@@ -105,9 +105,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key (repeatable)")
     p.add_argument("--local", action="store_true", help="run the job locally (no Slurm), in the background")
+    p.add_argument("--sweep", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                   help="sweep: one Slurm job array over the cartesian product of all --sweep values, each task "
+                        "in its own run directory <run.dir>/<key=value,...> (repeatable; foldhpc.slurm.sweep)")
+    p.add_argument("--max-parallel", type=int, default=0, metavar="N",
+                   help="with --sweep: at most N tasks run at once (sbatch --array=...%%N; default: all)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.sweep:
+        from foldhpc.slurm import sweep
+
+        array_id, sweep_dir, tasks = sweep.submit_sweep(args.config, args.overrides, args.sweep, args.max_parallel,
+                                                        local=args.local)
+        sweep.print_submitted(array_id, sweep_dir, tasks, args.max_parallel)
+        return 0
+    if args.max_parallel:
+        raise ConfigError("--max-parallel limits the tasks of a sweep: it needs --sweep")
     cfg = load_config(args.config, args.overrides)
     job_id = submit(cfg, local=args.local)
     print(f"submitted job {job_id}\nrun directory {cfg.run_dir.resolve()}")
