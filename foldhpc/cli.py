@@ -64,7 +64,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     slurm = slurm_info()
     resume = _resume_mode(args, slurm)
-    if slurm["job_id"] and not supervised:  # the story of the job for `foldhpc status` (submitit jobs record
+    if slurm["job_id"] and not supervised and _first_task():  # the story of the job for `foldhpc status` (submitit jobs record
         try:                                # it in foldhpc.slurm.job, supervised ones in the supervisor)
             record_event(cfg.run_dir, "started", job_id=slurm["job_id"], restart_count=slurm["restart_count"],
                          backend="sbatch")
@@ -73,6 +73,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = Trainer(cfg, resume=resume, force_resume=args.force_resume).run()
     _debug_hold_after_train()
     return result.exit_code
+
+
+def _first_task() -> bool:
+    """Whether this process is rank 0 (or the only one): under srun every task runs ``foldhpc
+    train``, and only one of them tells the job's story in jobs.jsonl."""
+    return os.environ.get("SLURM_PROCID", "0") == "0" and os.environ.get("RANK", "0") == "0"
 
 
 def _resume_mode(args: argparse.Namespace, slurm: dict[str, Any]) -> str:
@@ -115,7 +121,7 @@ def _supervise(args: argparse.Namespace, cfg: Any) -> int:
                               f"and must be a multiple of the number of ranks")
     slurm = slurm_info()
     resume = _resume_mode(args, slurm)
-    if slurm["job_id"]:
+    if slurm["job_id"] and _first_task():
         try:
             record_event(cfg.run_dir, "started", job_id=slurm["job_id"], restart_count=slurm["restart_count"],
                          backend="sbatch", supervised=True)

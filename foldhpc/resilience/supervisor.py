@@ -28,6 +28,7 @@ restarts are used up or the failure is deterministic (``status.json`` says why).
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -67,9 +68,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def _child_setup(signals: list[signal.Signals]) -> None:  # pragma: no cover - in the child, before exec
     """A trainer must not outlive its supervisor (a kill -9 of the supervisor, e.g. by a test or
-    an admin, would otherwise leave an orphan training on)."""
+    an admin, would otherwise leave an orphan training on). And until the trainer installs its
+    own handlers, preemption signals are ignored, not fatal: Slurm signals every process of a
+    step, the starting trainer included, and the supervisor, which got the same signal, forwards
+    it once the trainer listens (its first heartbeat)."""
+    for s in signals:
+        signal.signal(s, signal.SIG_IGN)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -165,7 +171,7 @@ class Supervisor:
                            LOCAL_WORLD_SIZE=str(self.nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                            FOLDHPC_NODE=socket.gethostname())
             self.procs.append(subprocess.Popen([sys.executable, "-m", "foldhpc", "train", *args], env=env,
-                                               preexec_fn=_die_with_parent))
+                                               preexec_fn=functools.partial(_child_setup, self.signals)))
             self._forwarded.append(False)
         log.info("supervisor: started the trainer%s (pid %s)%s", f" as {self.nproc} ranks" if self.nproc > 1 else "",
                  " ".join(str(p.pid) for p in self.procs),
