@@ -128,3 +128,15 @@ def test_sbatch_array_task_run_dir():
     p = subprocess.run([sys.executable, "-m", "foldhpc.slurm.sweep", "--array-task-dir"], capture_output=True,
                        text=True, env=env, cwd=ROOT)
     assert p.returncode == 2 and "not a task number" in p.stderr
+
+
+def test_pending_array_tasks_are_known_by_their_own_ids():
+    """slurmctld lists an array's not-yet-started tasks as one record (ArrayTaskId=0-2%2); `foldhpc
+    status` of a sweep asks for 123_1: it must be pending, not unknown."""
+    from foldhpc.slurm.sacct import parse_scontrol
+
+    jobs = parse_scontrol("JobId=123 ArrayJobId=123 ArrayTaskId=1-2%2 JobState=PENDING Reason=JobArrayTaskLimit\n"
+                          "JobId=124 ArrayJobId=123 ArrayTaskId=0 JobState=RUNNING\n"
+                          "JobId=130 ArrayJobId=130 ArrayTaskId=2,5-9:2 JobState=PENDING\n")
+    assert sorted(jobs) == ["123_0", "123_1", "123_2", "130_2", "130_5", "130_7", "130_9"]
+    assert jobs["123_2"]["JobState"] == "PENDING" and jobs["123_0"]["JobState"] == "RUNNING"

@@ -283,8 +283,31 @@ def parse_scontrol(text: str) -> dict[str, dict[str, str]]:
         if jid:
             if info.get("ArrayTaskId") and info.get("ArrayJobId"):
                 jid = f"{info['ArrayJobId']}_{info['ArrayTaskId']}"
+                # the array's tasks that have not started yet share one record ("0-3%2", "2,5-7"):
+                # each is known by its own id instead (foldhpc status of a sweep asks for 123_2)
+                pending = _array_task_ids(info["ArrayTaskId"])
+                for task in pending:
+                    jobs.setdefault(f"{info['ArrayJobId']}_{task}", info)
+                if pending:
+                    continue
             jobs[jid] = info
     return jobs
+
+
+def _array_task_ids(spec: str, limit: int = 10000) -> list[int]:
+    """Task ids of a pending array record's ``ArrayTaskId`` (``0-3%2``, ``2,5-7:2``); [] for one task."""
+    spec = spec.split("%", 1)[0]
+    if spec.isdigit():
+        return []
+    out: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part)
+        if not m:
+            return []
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) else lo
+        out += range(lo, min(hi, lo + limit) + 1, int(m.group(3) or 1))
+    return out[:limit]
 
 
 def job_from_scontrol(job_id: str, info: dict[str, str]) -> SlurmJob:
@@ -389,7 +412,9 @@ def query_jobs(job_ids: list[str]) -> SlurmQuery:
             # an array parent id: its tasks (sacct's where it has them; slurmctld's while sacct lags,
             # when it shows the parent as one job named "allocation" for ~2 s, measured)
             tasks = {k: job_from_scontrol(k, v) for k, v in (live or {}).items() if k.startswith(f"{jid}_")}
-            tasks.update({k: v for k, v in found.items() if k.startswith(f"{jid}_")})
+            # sacct's one row for the tasks still pending ("123_[2-5%2]") only where slurmctld, which
+            # lists them one by one (parse_scontrol), did not answer
+            tasks.update({k: v for k, v in found.items() if k.startswith(f"{jid}_") and not (live and "[" in k)})
             parent = array_parent(jid, tasks)
             if parent is not None:
                 if job is not None:
