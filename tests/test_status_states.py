@@ -183,3 +183,21 @@ def test_running_multirank_run_notes_a_rank_gone_on_this_host(tmp_path):
     view = status.merge(status.read_run(run), None)
     assert view.state == "running"
     assert any(f"rank 1 on n1 (pid {dead.pid}) is gone" in n for n in view.notes), view.notes
+
+
+def test_restarts_inside_the_job_are_shown_with_their_cause(tmp_path):
+    """What the supervisor leaves in status.json after restarting a crashed trainer."""
+    run = tmp_path / "crashy"
+    run.mkdir()
+    (run / "status.json").write_text('{"state": "running", "step": 40, "max_steps": 100, "in_job_restarts": 2, '
+                                     '"last_failure": {"rank": 0, "step": 31, "phase": "train", '
+                                     '"reason": "trainer killed by SIGSEGV"}}')
+    view = status.merge(status.read_run(run), None)
+    assert (view.in_job_restarts, view.last_failure["step"]) == (2, 31)
+    table = status.format_table(status.StatusReport([view]))
+    assert "restarted in job: crashy: 2 time(s); latest after: trainer killed by SIGSEGV at step 31" in table, table
+    quiet = tmp_path / "quiet"
+    quiet.mkdir()
+    (quiet / "status.json").write_text('{"state": "completed", "step": 3, "max_steps": 3, "in_job_restarts": 0}')
+    assert "restarted in job" not in status.format_table(status.StatusReport([status.merge(status.read_run(quiet),
+                                                                                          None)]))

@@ -114,6 +114,10 @@ class RunView:
     # (lowest val/distogram_loss: value, step, precision_long)
     sweep: str | None = None
     best_val: dict[str, Any] | None = None
+    # restarts inside the current job after a crash or hang (foldhpc.resilience.supervisor), and
+    # the failure that caused the latest one: step, phase, reason
+    in_job_restarts: int | None = None
+    last_failure: dict[str, Any] | None = None
 
     @property
     def ranks_text(self) -> str:
@@ -233,6 +237,9 @@ def read_run(run_dir: Path, job_id: str | None = None) -> RunView:
         view.notes.append(f"{HISTORY_FILE} unreadable: {e}")
     if status:
         view.run_state = _str_or_none(status.get("state"))
+        view.in_job_restarts = _int_or_none(status.get("in_job_restarts"))
+        lf = status.get("last_failure")
+        view.last_failure = lf if isinstance(lf, dict) else None
         view.step, view.max_steps = _int_or_none(status.get("step")), _int_or_none(status.get("max_steps"))
         view.loss = status.get("loss") if isinstance(status.get("loss"), (int, float)) else None
         view.error = _str_or_none(status.get("error"))
@@ -579,6 +586,10 @@ def format_table(report: StatusReport) -> str:
         label = r.name if r.name != "-" else f"job {r.job_id}"
         if r.state in FAILURE_STATES | {sacct.CANCELLED, sacct.UNKNOWN} or r.run_state == sacct.FAILED:
             lines += [f"failed rank: {label}: {describe_failed_ranks([f])}" for f in r.failed_ranks or []]
+        if r.in_job_restarts:
+            lf = r.last_failure or {}
+            lines.append(f"restarted in job: {label}: {r.in_job_restarts} time(s); latest after: "
+                         f"{lf.get('reason', '?')} at step {lf.get('step', '?')}")
         if r.chain:
             lines.append(f"chain: {label}: jobs {' -> '.join(r.chain)} (follow-up jobs: Slurm would not requeue)")
         lines += [f"note: {label}: {n}" for n in r.notes]
