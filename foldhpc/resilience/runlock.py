@@ -67,6 +67,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -395,6 +396,9 @@ class RunLock:
         log.info("run directory lock: holding %s", self.describe())
 
     def _beat_loop(self) -> None:
+        # Signals are the main thread's business (preemption handlers, faulthandler dumps of a hung
+        # trainer): the kernel must not pick this thread to take a process-directed one.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         interval = heartbeat_interval_s(self.stale_after_s)
         warned = False
         while not self._stop.wait(interval):
