@@ -291,8 +291,10 @@ class FaultConfig:
     # Non-finite guard: a step whose loss or gradient norm is not finite is skipped; after this
     # many in a row, training rolls back to the newest good checkpoint.
     nonfinite_rollback: int = 3
-    # One writer per run directory: a lock whose holder shows no sign of life for this long
-    # (heartbeat) is taken over.
+    # One writer per run directory (foldhpc.resilience.runlock): a lock whose holder shows no sign
+    # of life for this long (heartbeat) is taken over; "0" = never by age alone (a dead pid on the
+    # same host, an ended Slurm job or a requeue of the same job still are). Keep it at minutes
+    # on NFS (attribute caching can age a heartbeat by up to a minute).
     lock_stale_after: str = "5m"
 
     def validate(self) -> None:
