@@ -9,7 +9,8 @@ Tests set them on the trainer's process (locally or through Slurm's environment 
 ``FOLDHPC_FAIL_KIND=K``             ``exception`` (default), ``segfault`` (SIGSEGV to itself),
                                     ``kill`` (SIGKILL to itself, as the OOM killer does),
                                     ``exit`` (``os._exit(3)``), ``hang`` (sleeps forever, with
-                                    no heartbeat), ``stop`` (SIGSTOP to itself)
+                                    no heartbeat), ``stop`` (SIGSTOP to itself; hangs if
+                                    continued)
 ``FOLDHPC_FAIL_ON_RANK=R``          only rank R fails (default: every rank)
 ``FOLDHPC_FAIL_ONCE=PATH``          fire only if PATH does not exist, and create it: the
                                     restarted trainer then passes step N (a transient fault)
@@ -109,9 +110,10 @@ def after_step(step: int, rank: int = 0) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind == "exit":
         os._exit(3)
-    elif kind == "stop":
-        os.kill(os.getpid(), signal.SIGSTOP)
-    elif kind == "hang":
+    elif kind in ("stop", "hang"):
+        if kind == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        # hung (and, after a SIGCONT, still hung): the stacks a watchdog dumps show this line
         while True:
             time.sleep(3600)
     elif kind != "exception":
