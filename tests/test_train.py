@@ -101,7 +101,7 @@ def test_incompatible_resume_is_refused_unless_forced(tmp_path):
     assert run_foldhpc("train", "--config", str(TINY), *set_args(base)).returncode == 0
     changed = base + ["model.d_pair=8", "train.max_steps=8"]
     p = run_foldhpc("train", "--config", str(TINY), *set_args(changed))
-    assert p.returncode == 1
+    assert p.returncode == 2  # a user error: nothing was lost, a restart cannot fix it
     assert "model.d_pair: 16 -> 8" in p.stderr and "--force-resume" in p.stderr
     # --no-resume keeps the old checkpoints aside instead of deleting them
     p = run_foldhpc("train", "--config", str(TINY), "--no-resume", *set_args(changed))
