@@ -52,6 +52,20 @@ def run_foldhpc(*args: str, timeout: float = 300, env: dict[str, str] | None = N
                           cwd=ROOT)
 
 
+def wait_for(pred, what: str, timeout: float = 120, poll: float = 0.1):
+    """Poll ``pred`` until it returns something truthy and return that; TimeoutError(``what``) after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(poll)
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, foldhpc_cmd, read_json, set_args, tiny_overrides
+from conftest import ROOT, TINY, foldhpc_cmd, read_json, set_args, tiny_overrides, wait_for
 from foldhpc.resilience import runlock
 
 SLOW = {"train.max_steps": 10**6, "run.log_every": 1, "checkpoint.interval": "0"}
@@ -32,16 +32,6 @@ def train_cmd(run: Path, *flags: str, **extra: object) -> list[str]:
     return foldhpc_cmd("train", "--config", str(TINY), *set_args(tiny_overrides(run, **extra)), "--no-supervise",
                        *flags)
 
-
-def wait_for(pred, what: str, timeout: float = 60.0, poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(poll)
 
 
 def log_text(run: Path) -> str:

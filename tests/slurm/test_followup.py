@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, read_json, run_foldhpc, set_args
+from conftest import ROOT, TINY, read_json, run_foldhpc, set_args, wait_for
 from foldhpc.slurm.history import read_history
 from .helpers import cancel_all_jobs, job_nodes, run, sacct_rows, sbatch, scontrol_job, wait_for_state, \
     wait_sacct_row
@@ -47,16 +47,6 @@ def jobs(slurm_cluster):
 def events(run_dir: Path) -> list[dict]:
     return read_history(run_dir)[0]
 
-
-def wait_for(pred, what: str, timeout: float = 120, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(poll)
 
 
 def followup_of(run_dir: Path, job: str) -> str | None:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, read_json, run_foldhpc, set_args, tiny_overrides
+from conftest import ROOT, TINY, read_json, run_foldhpc, set_args, tiny_overrides, wait_for
 from foldhpc.checkpoint.manager import CheckpointManager
 from foldhpc.monitor.status import pid_alive
 from foldhpc.slurm.history import read_history
@@ -89,16 +89,6 @@ def final_digest(run_dir: Path) -> str:
 def text(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 
-
-def wait_for(pred, what: str, timeout: float = 120, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(poll)
 
 
 def wait_for_step(run_dir: Path, step: int, timeout: float = 180) -> None:

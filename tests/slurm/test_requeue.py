@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, read_json, run_foldhpc, set_args, tiny_overrides
+from conftest import ROOT, TINY, read_json, run_foldhpc, set_args, tiny_overrides, wait_for
 from foldhpc.slurm.history import read_history
 from .helpers import CLUSTER_SH, cancel_all_jobs, run, sacct_rows, sbatch, scontrol_state, wait_for_state, \
     wait_sacct_row
@@ -48,16 +48,6 @@ def template_job(tmp_path: Path, run_dir: Path, *args: str, env: str = "", **ext
                  *set_args(tiny_overrides(run_dir, **{**TRAIN, **extra})), *args)
     return job, Path(str(out).replace("%j", job))
 
-
-def wait_for(pred, what: str, timeout: float = 120, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(poll)
 
 
 def text(path: Path) -> str:
