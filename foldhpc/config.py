@@ -201,6 +201,10 @@ class CheckpointConfig:
         return [signal.Signals[s.upper()] for s in self.signals]
 
 
+#: ``slurm.resume``: how a job that checkpointed on a signal continues (foldhpc.slurm.requeue)
+RESUME_MODES = ("chain", "requeue")
+
+
 @dataclass
 class SlurmConfig:
     """Resources and behaviour of the Slurm job (``foldhpc submit``)."""
@@ -218,7 +222,11 @@ class SlurmConfig:
     job_name: str = "foldhpc"
     signal: str = "USR1"  # sent before the time limit / on preemption
     signal_lead: str = "120s"  # how long before the time limit the signal arrives
-    max_requeues: int = 20  # time-limit/preemption requeues before giving up
+    max_requeues: int = 20  # time-limit/preemption requeues before giving up (counted across a chain)
+    #: how a signalled job continues: "chain" submits a follow-up job (afterany on this one) and exits,
+    #: resuming seconds after it ends on any Slurm; "requeue" = scontrol requeue (one job id, but
+    #: Slurm holds a requeued job ~2 minutes with its default settings). See README "Resume modes".
+    resume: str = "chain"
     extra_sbatch: dict[str, str] = field(default_factory=dict)
     logs_dir: str = ""  # default: <run.dir>/slurm
 
@@ -244,6 +252,7 @@ class SlurmConfig:
         _check(("SIG" + self.signal.upper().removeprefix("SIG")) in _KNOWN_SIGNALS,
                f"signal must be one of {sorted(s[3:] for s in _KNOWN_SIGNALS)}")
         _check(self.max_requeues >= 0, "max_requeues must be >= 0")
+        _check(self.resume in RESUME_MODES, f"resume must be one of {', '.join(RESUME_MODES)}")
         _check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.job_name) is not None,
                "job_name may contain only letters, digits, '_', '.', '-'")
 

@@ -89,3 +89,54 @@ def test_main_reads_max_requeues_from_the_config(tmp_path, monkeypatch):
     assert requeue.main(["--set", f"run.dir={tmp_path}", "--set", "slurm.max_requeues=3"]) == requeue.EXIT_NOT_REQUEUED
     assert not (tmp_path / "jobs.jsonl").exists()  # not a Slurm job: nothing recorded
     assert requeue.main(["--set", "slurm.max_requeues=-1"]) == requeue.EXIT_USAGE
+
+
+# ---------------------------------------------------------------- slurm.resume = "chain"; PreemptMode=CANCEL
+def test_chain_mode_continues_in_a_followup_where_a_requeue_would_be_right():
+    d = decide_from("42", 3, 20, "RUNNING", "RUNNING", mode="chain")
+    assert (d.requeue, d.kind) == (False, "chain") and "slurm.resume=chain" in d.reason, d
+
+
+@pytest.mark.parametrize("ctl, acct, restarts, kind", [
+    ("COMPLETING", "CANCELLED by 0", 0, "ending"),  # scancel: never a follow-up, whatever the mode
+    ("RUNNING", "CANCELLED by 0", 0, "cancelled"),
+    ("RUNNING", "RUNNING", 20, "requeue_limit"),  # the limit counts in chain mode too
+    (None, "RUNNING", 0, "unknown"),
+])
+def test_chain_mode_keeps_every_reason_not_to_continue(ctl, acct, restarts, kind):
+    assert decide_from("42", restarts, 20, ctl, acct, mode="chain").kind == kind
+
+
+@pytest.mark.parametrize("mode", ["requeue", "chain"])
+def test_preemption_that_cancels_the_job_gets_a_followup(mode):
+    """PreemptMode=CANCEL, SIGTERM only (measured: COMPLETING, Restarts unchanged, sacct PREEMPTED):
+    nothing else would resume the run."""
+    d = decide_from("42", 0, 20, "COMPLETING", "PREEMPTED", slurm_requeues=False, mode=mode)
+    assert (d.requeue, d.kind) == (False, "preempted_cancel") and "PreemptMode=CANCEL" in d.reason, d
+    assert decide_from("42", 20, 20, "COMPLETING", "PREEMPTED", slurm_requeues=False).kind == "requeue_limit"
+
+
+@pytest.mark.parametrize("slurm_requeues", [True, None])
+def test_preemption_that_slurm_requeues_itself_gets_nothing_more(slurm_requeues):
+    """PreemptMode=REQUEUE (measured: Restarts already one more than SLURM_RESTART_COUNT), or unknown."""
+    d = decide_from("42", 0, 20, "COMPLETING", "PREEMPTED", slurm_requeues=slurm_requeues, mode="chain")
+    assert d.kind == "ending", d
+
+
+def test_decide_tells_slurm_requeueing_from_restarts(monkeypatch):
+    """``decide`` compares slurmctld's Restarts with this job's own SLURM_RESTART_COUNT (not the chain's)."""
+    import time as _time
+
+    monkeypatch.setattr(requeue, "_ctl_job", lambda j, t: {"JobState": "COMPLETING", "Restarts": "2", "Requeue": "1"})
+    monkeypatch.setattr(requeue, "_acct_state", lambda j, t: "PREEMPTED")
+    deadline = _time.monotonic() + 10
+    assert requeue.decide("42", 5, 20, deadline, chain_restarts=3, own_restarts=2).kind == "preempted_cancel"
+    assert requeue.decide("42", 4, 20, deadline, chain_restarts=3, own_restarts=1).kind == "ending"
+
+
+def test_resume_mode_is_validated():
+    from foldhpc.config import ConfigError, load_config
+
+    assert load_config(None, []).slurm.resume == "chain"
+    with pytest.raises(ConfigError, match=r"slurm.resume = 'later': must be one of chain, requeue"):
+        load_config(None, ["slurm.resume=later"])

@@ -28,7 +28,9 @@ its environment (``SLURM_RESTART_COUNT`` of a requeued job would otherwise leak 
 and so are foldhpc's per-process ones (supervisor, heartbeat, ready file).
 
 :class:`FollowUp` is what :func:`foldhpc.slurm.requeue.maybe_requeue` needs: ``submit(after)``.
-A "chain" resume mode (follow-up at every signal instead of a requeue) would use the same object.
+The "chain" resume mode (``slurm.resume = "chain"``: a follow-up at every signal instead of a
+requeue, :func:`foldhpc.slurm.requeue.maybe_requeue`) uses the same object, and so does a job
+that a preemption cancels (PreemptMode=CANCEL).
 """
 
 from __future__ import annotations
@@ -264,7 +266,7 @@ class SbatchFollowUp:
 
 # ------------------------------------------------------------------ the hand-over
 def hand_over(followup: FollowUp, job_id: str, chain_restarts_now: int, why: str,
-              ctl_state: Any = None) -> str:
+              ctl_state: Any = None, last_look: bool = True) -> str:
     """Submit ``job_id``'s successor, record the link, and cancel the successor again if
     ``job_id`` is being cancelled meanwhile. Returns the successor's id; raises SlurmCommandError
     (or OSError) if it could not be submitted.
@@ -273,7 +275,8 @@ def hand_over(followup: FollowUp, job_id: str, chain_restarts_now: int, why: str
     ``chain_restarts`` is one more). ``ctl_state(job_id)`` -> JobState or None (slurmctld's view;
     default: :func:`foldhpc.slurm.requeue` asks ``scontrol``). SIGTERM is held off meanwhile: an
     ``scancel`` must not kill this process between "submitted" and "recorded" (Slurm's SIGKILL
-    after KillWait still ends it).
+    after KillWait still ends it). ``last_look=False`` skips that look: for a job that a preemption
+    is cancelling (PreemptMode=CANCEL), COMPLETING is expected and the successor is the point.
     """
     if ctl_state is None:
         from foldhpc.slurm.requeue import CALL_TIMEOUT_S, _ctl_state
@@ -289,7 +292,7 @@ def hand_over(followup: FollowUp, job_id: str, chain_restarts_now: int, why: str
                      restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), reason=why)
         log.warning("submitted follow-up job %s (afterany:%s) for run directory %s: %s", new, job_id,
                     followup.run_dir, why)
-        state = (ctl_state(job_id) or "").split(" ")[0].upper()
+        state = (ctl_state(job_id) or "").split(" ")[0].upper() if last_look else ""
         if state in _NO_SUCCESSOR_STATES:
             log.warning("job %s is %s (cancelled, or requeued after all, while its follow-up was submitted): "
                         "cancelling follow-up job %s", job_id, state, new)

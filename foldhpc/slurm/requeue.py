@@ -80,6 +80,8 @@ SAFETY_MARGIN_S = 10.0
 #: the decision gets at least this long even if the lead looks used up (the kill may be late)
 MIN_BUDGET_S = 5.0
 MAX_BUDGET_S = 120.0
+#: how long a COMPLETING job's sacct State may take to say CANCELLED or PREEMPTED
+ACCT_SETTLE_S = 4.0
 #: first pause between ``scontrol requeue`` attempts; doubled after each failure
 BACKOFF_S = 0.5
 
@@ -121,14 +123,17 @@ def _word(state: str | None) -> str | None:
 
 def decide_from(job_id: str | None, restart_count: int, max_requeues: int,
                 ctl_state: str | None, acct_state: str | None, requeue_allowed: bool | None = None,
-                chain_restarts: int = 0) -> Decision:
+                chain_restarts: int = 0, slurm_requeues: bool | None = None, mode: str = "requeue") -> Decision:
     """The requeue decision from what Slurm said (pure, so every case is unit tested).
 
     ``ctl_state``: ``scontrol show job`` JobState, None if slurmctld did not answer;
     ``acct_state``: sacct State of the current run (e.g. ``"CANCELLED by 0"``), None if unavailable;
     ``requeue_allowed``: slurmctld's ``Requeue=`` flag of the job (False: ``scontrol requeue`` will
     be refused), None if unknown; ``restart_count`` counts the whole chain of follow-up jobs, of
-    which ``chain_restarts`` came before this job.
+    which ``chain_restarts`` came before this job; ``slurm_requeues``: whether slurmctld counts a
+    restart this job has not seen yet (its ``Restarts=`` above ``SLURM_RESTART_COUNT``: Slurm is
+    requeueing it itself), None if unknown; ``mode``: ``slurm.resume`` ("chain": where a requeue
+    would be right, continue in a follow-up job instead, kind "chain").
     """
     if not job_id:
         return Decision(False, "not running under Slurm", "not_slurm")
@@ -136,6 +141,17 @@ def decide_from(job_id: str | None, restart_count: int, max_requeues: int,
     if ctl is None:
         return Decision(False, f"slurmctld did not say what job {job_id} is doing (scontrol failed); it may be "
                                "cancelled, so not requeueing (the checkpoint is durable: resubmit to continue)", "unknown")
+    over = f", {chain_restarts} of them in earlier jobs of its chain" if chain_restarts else ""
+    if ctl == "COMPLETING" and acct == "PREEMPTED" and slurm_requeues is False:
+        # PreemptMode=CANCEL (measured: COMPLETING, Restarts unchanged, sacct PREEMPTED): nobody
+        # would resume this run; only a follow-up job can (foldhpc.slurm.followup)
+        if restart_count >= max_requeues:
+            return Decision(False, f"job {job_id} was preempted and cancelled (PreemptMode=CANCEL) and already "
+                                   f"restarted {restart_count} times{over} (slurm.max_requeues={max_requeues}): "
+                                   "stopped at the requeue limit", "requeue_limit")
+        return Decision(False, f"job {job_id} was preempted and Slurm is not requeueing it (PreemptMode=CANCEL: "
+                               f"JobState=COMPLETING, sacct {acct_state}, Restarts unchanged); restarts "
+                               f"{restart_count}{over} < slurm.max_requeues={max_requeues}", "preempted_cancel")
     if ctl in ("COMPLETING", "CANCELLED"):
         return Decision(False, f"slurmctld says job {job_id} is {ctl}: it is ending (scancel, or a preemption that "
                                f"Slurm requeues itself); not requeueing (sacct: {acct_state or 'unavailable'})", "ending")
@@ -143,7 +159,6 @@ def decide_from(job_id: str | None, restart_count: int, max_requeues: int,
         return Decision(False, f"job {job_id} was cancelled (sacct State={acct_state!r}); not undoing that", "cancelled")
     if ctl not in REQUEUEABLE_CTL_STATES:
         return Decision(False, f"job {job_id} is {ctl} in slurmctld, not RUNNING; not requeueing", "ending")
-    over = f", {chain_restarts} of them in earlier jobs of its chain" if chain_restarts else ""
     if restart_count >= max_requeues:
         return Decision(False, f"job {job_id} already restarted {restart_count} times{over} "
                                f"(slurm.max_requeues={max_requeues}): stopped at the requeue limit", "requeue_limit")
@@ -151,6 +166,10 @@ def decide_from(job_id: str | None, restart_count: int, max_requeues: int,
         return Decision(False, f"job {job_id} may not be requeued (Requeue=0 in slurmctld: submitted with "
                                f"--no-requeue, or JobRequeue=0 on this cluster); restarts {restart_count}{over} "
                                f"< slurm.max_requeues={max_requeues}", "requeue_refused")
+    if mode == "chain":
+        return Decision(False, f"job {job_id} (JobState={ctl}, sacct {acct_state or 'unavailable'}, restarts "
+                               f"{restart_count}{over} < slurm.max_requeues={max_requeues}) continues in a follow-up "
+                               "job (slurm.resume=chain)", "chain")
     return Decision(True, f"job {job_id} (JobState={ctl}, sacct {acct_state or 'unavailable'}, restarts "
                           f"{restart_count}{over} < slurm.max_requeues={max_requeues}) will be requeued", "requeue")
 
@@ -192,16 +211,29 @@ def budget_s(signal_lead_s: float, signal_at: float | None, now: float | None = 
 
 
 def decide(job_id: str | None, restart_count: int, max_requeues: int, deadline: float,
-           chain_restarts: int = 0) -> Decision:
-    """Ask slurmctld, then sacct (each with a timeout that ends by ``deadline``, a monotonic time)."""
+           chain_restarts: int = 0, own_restarts: int | None = None, mode: str = "requeue") -> Decision:
+    """Ask slurmctld, then sacct (each with a timeout that ends by ``deadline``, a monotonic time).
+
+    ``own_restarts``: this job's ``SLURM_RESTART_COUNT`` (default: ``restart_count - chain_restarts``),
+    to tell whether Slurm is requeueing the job itself. A job that slurmctld shows ``COMPLETING``
+    while sacct does not say why yet (sacct lags slurmctld) is asked again for up to
+    :data:`ACCT_SETTLE_S`: a cancel and a preemption look alike until then.
+    """
     if not job_id:
-        return decide_from(job_id, restart_count, max_requeues, None, None)
+        return decide_from(job_id, restart_count, max_requeues, None, None, mode=mode)
     info = _ctl_job(job_id, _timeout(deadline))
     ctl = info.get("JobState") if info is not None else None
     acct = _acct_state(job_id, _timeout(deadline)) if ctl is not None else None
+    settle = min(deadline, time.monotonic() + ACCT_SETTLE_S)
+    while _word(ctl) == "COMPLETING" and _word(acct) in (None, "RUNNING", "PENDING", "REQUEUED") and time.monotonic() < settle:
+        time.sleep(0.5)
+        acct = _acct_state(job_id, _timeout(deadline))
     flag = (info or {}).get("Requeue")
     allowed = {"0": False, "1": True}.get(flag or "")
-    return decide_from(job_id, restart_count, max_requeues, ctl, acct, allowed, chain_restarts)
+    own = restart_count - chain_restarts if own_restarts is None else own_restarts
+    ctl_restarts = (info or {}).get("Restarts", "")
+    slurm_requeues = int(ctl_restarts) > own if ctl_restarts.isdigit() else None
+    return decide_from(job_id, restart_count, max_requeues, ctl, acct, allowed, chain_restarts, slurm_requeues, mode)
 
 
 def _timeout(deadline: float) -> float:
@@ -247,7 +279,8 @@ def _requeue(job_id: str, deadline: float) -> tuple[bool, str]:
 
 
 def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: float | None = None,
-                  record: Callable[[Decision], None] | None = None, followup: "FollowUp | None" = None) -> Decision:
+                  record: Callable[[Decision], None] | None = None, followup: "FollowUp | None" = None,
+                  mode: str = "requeue") -> Decision:
     """Decide for the current job (SLURM_* variables) and requeue if right.
 
     Returns the decision; ``requeue`` is True only if ``scontrol requeue`` succeeded. ``signal_at``
@@ -259,6 +292,13 @@ def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: fl
     ``followup``: how to submit a follow-up job (:mod:`foldhpc.slurm.followup`) when Slurm will not
     requeue this one; its "followup" event is recorded by the hand-over itself (``record`` is not
     called for it). Without it, a refused requeue stops the run (recorded, resubmit to continue).
+
+    ``mode`` (``slurm.resume``): "chain" continues in a follow-up job wherever a requeue would be
+    right (falls back to a requeue without ``followup``). Before the hand-over the job is made
+    non-requeueable (``scontrol update Requeue=0``): should a preemption's GraceTime run out before
+    the job exits, Slurm then cancels it instead of requeueing it too, and the run never has two
+    jobs. Whatever the mode, a job that a preemption is *cancelling* (PreemptMode=CANCEL) gets a
+    follow-up where one can be submitted: nothing else would resume the run.
     """
     info = slurm_info()
     job_id = info["job_id"]
@@ -270,10 +310,16 @@ def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: fl
 
         chain = chain_restarts(followup.run_dir, job_id)
     restarts = info["restart_count"] + chain
-    d = decide(job_id, restarts, max_requeues, deadline, chain)
+    if mode == "chain" and followup is None:
+        log.warning("slurm.resume=chain but no way to submit a follow-up job here: requeueing instead")
+        mode = "requeue"
+    d = decide(job_id, restarts, max_requeues, deadline, chain, info["restart_count"], mode)
     log.warning("requeue decision (within %.0fs): %s", budget, d.reason)
-    if d.kind == "requeue_refused" and followup is not None and job_id:
-        return _follow_up(followup, job_id, restarts, d.reason, record)
+    if d.kind in ("requeue_refused", "chain", "preempted_cancel") and followup is not None and job_id:
+        if d.kind == "chain":
+            _not_requeueable(job_id, deadline)
+        # a job being cancelled by its preemption is COMPLETING: that is no reason to cancel its successor
+        return _follow_up(followup, job_id, restarts, d.reason, record, last_look=d.kind != "preempted_cancel")
     if record is not None:
         record(d)
     if d.requeue and job_id is not None:
@@ -289,12 +335,22 @@ def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: fl
     return d
 
 
+def _not_requeueable(job_id: str, deadline: float) -> None:
+    """``scontrol update JobId=N Requeue=0``, best effort (a failure is logged: the run-directory
+    lock still keeps a second job of the run from training)."""
+    try:
+        run_command(["scontrol", "update", f"JobId={job_id}", "Requeue=0"], timeout=_timeout(deadline))
+    except SlurmCommandError as e:
+        log.warning("could not make job %s non-requeueable before its hand-over (%s); should Slurm requeue it "
+                    "too, the run-directory lock makes the second job exit", job_id, e)
+
+
 def _follow_up(followup: "FollowUp", job_id: str, restarts: int, why: str,
-               record: Callable[[Decision], None] | None) -> Decision:
+               record: Callable[[Decision], None] | None, last_look: bool = True) -> Decision:
     from foldhpc.slurm.followup import hand_over
 
     try:
-        new = hand_over(followup, job_id, restarts, why)
+        new = hand_over(followup, job_id, restarts, why, last_look=last_look)
     except (SlurmCommandError, OSError) as e:
         log.error("could not submit a follow-up job for %s: %s", job_id, e)
         d = Decision(False, f"{why}; submitting a follow-up job failed ({e}): resubmit to continue",
@@ -357,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.force_resume:
             script_args.append("--force-resume")
         followup = SbatchFollowUp(cfg.run_dir, args.followup_script, script_args)
-    d = maybe_requeue(max_requeues, parse_duration(cfg.slurm.signal_lead), args.signal_at, record, followup)
+    d = maybe_requeue(max_requeues, parse_duration(cfg.slurm.signal_lead), args.signal_at, record, followup,
+                      mode=cfg.slurm.resume)
     return EXIT_REQUEUED if d.continues else EXIT_NOT_REQUEUED
 
 

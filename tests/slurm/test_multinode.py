@@ -42,7 +42,7 @@ STEPS = 40
 SLOW = {"train.max_steps": STEPS, "data.crop_size": 48, "model.d_pair": 32, "model.n_blocks": 2,
         "train.warmup_steps": 5, "train.batch_size": 2}
 JOB = {"slurm.nodes": 2, "slurm.gpus": 1, "slurm.cpus_per_task": 1, "slurm.mem": "1500M", "slurm.time": "15m",
-       "slurm.signal_lead": "60s", "slurm.partition": "debug"}
+       "slurm.signal_lead": "60s", "slurm.partition": "debug", "slurm.resume": "requeue"}
 FINAL = {"COMPLETED", "FAILED", "CANCELLED"}
 
 

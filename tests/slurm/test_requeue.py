@@ -30,7 +30,7 @@ from .helpers import CLUSTER_SH, cancel_all_jobs, run, sacct_rows, sbatch, scont
 
 TEMPLATE = ROOT / "sbatch" / "train.sbatch"
 TRAIN = {"data.crop_size": 48, "model.d_pair": 32, "model.n_blocks": 2, "train.warmup_steps": 5,
-         "run.log_every": 1}
+         "run.log_every": 1, "slurm.resume": "requeue"}
 
 
 @pytest.fixture

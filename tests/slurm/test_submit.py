@@ -24,7 +24,7 @@ STEPS = 150
 SLOW = {"train.max_steps": STEPS, "data.crop_size": 48, "model.d_pair": 32, "model.n_blocks": 2,
         "train.warmup_steps": 5, "run.log_every": 1}
 JOB = {"slurm.gpus": 1, "slurm.cpus_per_task": 1, "slurm.mem": "2G", "slurm.time": "15m",
-       "slurm.signal_lead": "60s", "slurm.partition": "debug"}
+       "slurm.signal_lead": "60s", "slurm.partition": "debug", "slurm.resume": "requeue"}
 
 
 def overrides(run_dir: Path, **extra: object) -> list[str]:

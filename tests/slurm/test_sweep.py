@@ -29,7 +29,7 @@ SLOW = {"train.max_steps": STEPS, "data.crop_size": 48, "model.d_pair": 32, "mod
         "train.warmup_steps": 5, "run.log_every": 1}
 # gpus = 0: the three tasks fit on the two nodes at once (one fake GPU per node)
 JOB = {"slurm.gpus": 0, "slurm.cpus_per_task": 1, "slurm.mem": "2G", "slurm.time": "15m",
-       "slurm.signal_lead": "60s", "slurm.partition": "debug", "slurm.max_requeues": 1}
+       "slurm.signal_lead": "60s", "slurm.partition": "debug", "slurm.max_requeues": 1, "slurm.resume": "requeue"}
 SEEDS = (1, 2, 3)
 ACT_AT = 20  # step at which each task is signalled / cancelled
 END = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
