@@ -249,6 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
     status_mod.add_arguments(p)
     p.set_defaults(func=status_mod.run)
 
+    from foldhpc.monitor import goodput as goodput_mod, plot as plot_mod  # light: matplotlib/torch load lazily
+
+    p = sub.add_parser("goodput", help="where a run's wall time went: training, recomputed steps, queue, startup, ...",
+                       description="Split a run's wall time (first submission or start to now/its end) into "
+                                   "productive steps, recomputed steps, queue wait, startup, checkpoint, "
+                                   "validation, data wait and idle, from its records; goodput = productive / "
+                                   "(wall - queue wait), also per process start and per Slurm job run.")
+    goodput_mod.add_arguments(p)
+    p.set_defaults(func=goodput_mod.run)
+
+    p = sub.add_parser("plot", help="draw a run's timeline (rows per job/restart, step over time) as a PNG",
+                       description="Draw the run's timeline: one row per process start or Slurm job run, bars "
+                                   "for queue, startup, training, checkpoints, markers for signals, crashes, "
+                                   "restarts and requeues, the step over wall time. Needs matplotlib "
+                                   "(pip install 'foldhpc[plot]').")
+    plot_mod.add_arguments(p)
+    p.set_defaults(func=plot_mod.run)
+
     p = sub.add_parser("checkpoints", help="list a run's checkpoints (step, age, size, digest)",
                        description="List a run's checkpoints with their state digest; --verify checks every file.")
     p.add_argument("run_dir", metavar="RUN_DIR")

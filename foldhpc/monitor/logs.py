@@ -42,6 +42,8 @@ def setup_logging(level: str = "INFO", log_file: Path | None = None, rank: int |
         log_file.parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(log_file, mode="a", encoding="utf-8")
         fh.name = _FILE_HANDLER_NAME
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [pid " + str(os.getpid()) + "] " + tag +
-                                          "%(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+        # milliseconds: `foldhpc goodput` / `foldhpc plot` (foldhpc.monitor.timeline) place each
+        # line on the run's wall clock, and whole seconds are too coarse for startup and checkpoints
+        fh.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s [pid " + str(os.getpid()) + "] " +
+                                          tag + "%(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
         logger.addHandler(fh)

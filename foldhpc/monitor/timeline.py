@@ -1,0 +1,668 @@
+"""A run's wall time as a :class:`Timeline` of segments and events, rebuilt from its records.
+
+``foldhpc goodput`` sums the segments per category and ``foldhpc plot`` draws them; both read
+only what a run already writes, so they work on any run directory, finished, running or long dead:
+
+* ``train.log`` (every process of the run appends to it, each line with its pid and, since this
+  module exists, milliseconds): trainer starts (the supervisor's "started the trainer"), the
+  first-step line with the startup timings of *that* start (``status.json`` keeps only the latest),
+  one progress line per ``run.log_every`` steps with samples/s and the data-wait fraction (so the
+  window's measured loop time is ``steps x batch / samples_per_s``), validation and checkpoint
+  lines, resumes ("resumed from ... at step N"), the supervisor's failure line (the step the trainer
+  was working on when it died), non-finite rollbacks, injected faults.
+* ``jobs.jsonl``: submitted / started / requeued / stopped / completed / failed, with float times:
+  the queue wait of each Slurm job run, refined by sacct's Submit/Start/End where sacct answers.
+* ``status.json``: whether the run is still going (then the timeline ends *now*).
+
+TensorBoard is not read: a resume purges the scalars of the steps a crash lost, and events after
+the last flush die with the process, which are exactly the steps goodput must count as recomputed;
+``train.log`` is flushed line by line.
+
+Every instant between the run's first record (its first submission, else its first process start)
+and its end (now, while it runs) belongs to exactly one segment, so the categories add up to the
+wall time. Inside a progress window the split between data wait, checkpoint stall and compute is
+by measured durations (poured into the window's free time in that order), not by exact instants:
+the window's own lines carry no finer timing. The stall of a background checkpoint (the training
+thread waits for the state copy in the next step) is not logged; it is estimated as the window's
+excess over the attempt's median step time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import socket
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from foldhpc.monitor.status import pid_alive, read_status
+from foldhpc.slurm.history import read_history
+
+log = logging.getLogger(__name__)
+
+PRODUCTIVE, RECOMPUTED, QUEUE, STARTUP = "productive", "recomputed", "queue_wait", "startup"
+CHECKPOINT, VALIDATION, DATA_WAIT, IDLE = "checkpoint", "validation", "data_wait", "idle"
+#: every category of wall time, in the order reports list them
+CATEGORIES = (PRODUCTIVE, RECOMPUTED, QUEUE, STARTUP, CHECKPOINT, VALIDATION, DATA_WAIT, IDLE)
+LOG_FILE = "train.log"
+_SLACK_S = 1.0  # clock/recording slack when matching a process start to the job run it belongs to
+
+_LINE_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:[.,](\d{3}))? (\w+) \[pid (\d+)\] "
+                      r"(?:\[rank (\d+)\] )?([\w.]+): (.*)$")
+_SPAWN_RE = re.compile(r"^supervisor: started the trainer(?: as \d+ ranks)? \(pid ([\d ]+)\)")
+_SUP_FAIL_RE = re.compile(r"^supervisor: (?:rank (\d+) )?(trainer .+?) at (?:step (-?\d+)|startup) \((\w+)\)$")
+_SUP_HANG_RE = re.compile(r"^supervisor: (?:rank (\d+) )?(hung at (?:step (-?\d+)|startup) in \w+)")
+_PROGRESS_RE = re.compile(r"^step (\d+)/(\d+) loss \S+ lr \S+ gnorm \S+ \| ([\d.]+) samples/s, data wait ([\d.]+)%")
+_TRAINING_RE = re.compile(r"^training steps (\d+)\.\.(\d+), batch (\d+)")
+_RESUMED_RE = re.compile(r"^resumed from (\S+) at step (\d+)")
+_FIRST_RE = re.compile(r"^first step \((\d+)\) done in ([\d.]+)s; ([\d.]+)s after process start \((.*)\)$")
+_TIMING_RE = re.compile(r"(\w+_s) ([\d.]+)")
+_VAL_START_RE = re.compile(r"^validating at step (\d+)")
+_VAL_END_RE = re.compile(r"^validation at step (\d+) (?:\(|stopped)")
+_SIGNAL_RE = re.compile(r"^received (SIG\w+): saving a checkpoint at step (\d+)")
+_DURABLE_RE = re.compile(r"^checkpoint at step (\d+) durable ([\d.]+)s after the step boundary")
+_STAGING_RE = re.compile(r"^checkpoint step (\d+): staging and writing in the background")
+_SAVED_RE = re.compile(r"^checkpoint step (\d+) saved \((\w[\w:]*), [\d.]+ MiB, ([\d.]+)s\)")
+_ROLLBACK_RE = re.compile(r"rolled back to the checkpoint at step (\d+)")
+_FAILED_RE = re.compile(r"^run failed at step (\d+): (.*)$")
+_COMPLETED_RE = re.compile(r"^training completed at step (\d+)")
+
+
+# ------------------------------------------------------------------ records
+@dataclass
+class LogLine:
+    time: float
+    precise: bool  # the line has milliseconds (older train.log files have whole seconds)
+    level: str
+    pid: int
+    rank: int | None
+    logger: str
+    msg: str
+
+
+_STAMPS: dict[str, float] = {}
+
+
+def parse_log_line(line: str) -> LogLine | None:
+    """One ``train.log`` line; None for continuation lines (tracebacks) and anything else."""
+    m = _LINE_RE.match(line)
+    if not m:
+        return None
+    stamp, ms, level, pid, rank, logger, msg = m.groups()
+    base = _STAMPS.get(stamp)
+    if base is None:
+        try:
+            base = _STAMPS[stamp] = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
+        except ValueError:
+            return None
+    return LogLine(base + (int(ms) / 1000 if ms else 0.0), ms is not None, level, int(pid),
+                   int(rank) if rank is not None else None, logger, msg)
+
+
+def read_log(run_dir: Path) -> list[LogLine]:
+    """The parsed lines of ``<run_dir>/train.log`` (empty if there is none)."""
+    try:
+        text = (Path(run_dir) / LOG_FILE).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    return [p for p in map(parse_log_line, text.splitlines()) if p is not None]
+
+
+# ------------------------------------------------------------------ the timeline
+@dataclass
+class Segment:
+    """``kind`` (one of :data:`CATEGORIES`) from ``start`` to ``end`` on row ``lane``; training
+    segments carry how many optimizer steps they hold."""
+
+    kind: str
+    start: float
+    end: float
+    lane: int
+    steps: int = 0
+
+    @property
+    def duration(self) -> float:
+        return max(0.0, self.end - self.start)
+
+
+@dataclass
+class Mark:
+    """An instant worth a marker: ``signal``, ``crash``, ``restart``, ``requeue``, ``fault``,
+    ``submitted``, ``completed``, ``gave_up``, ``rollback``."""
+
+    time: float
+    kind: str
+    label: str
+    lane: int | None = None
+
+
+@dataclass
+class Write:
+    """A checkpoint write (background or blocking) as logged: it ended at ``end`` after ``write_s``."""
+
+    lane: int
+    step: int
+    end: float
+    write_s: float
+    reason: str
+
+
+@dataclass
+class Lane:
+    """One row: a trainer process start (or a job run still waiting in the queue)."""
+
+    index: int
+    label: str
+    pid: int | None
+    job_id: str | None
+    job_run: int | None  # SLURM_RESTART_COUNT of the job run it belongs to
+    start: float
+    end: float
+    start_step: int | None = None  # where it started training (resume point), None if it never got there
+    last_step: int | None = None  # the last step it worked on
+    outcome: str = "unknown"  # completed, checkpointed, failed, killed/crashed (the reason), running, pending
+    startup: dict[str, float] = field(default_factory=dict)  # its first-step line's timings
+
+
+@dataclass
+class Timeline:
+    run_dir: str
+    start: float
+    end: float
+    running: bool
+    lanes: list[Lane]
+    segments: list[Segment]
+    marks: list[Mark]
+    writes: list[Write]
+    step_points: list[tuple[float, int]]  # (time, step) of every progress line, in time order
+    notes: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def wall_s(self) -> float:
+        return max(0.0, self.end - self.start)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ per process start
+@dataclass
+class _Attempt:
+    pid: int
+    spawn: float | None = None
+    first_line: float | None = None
+    last_line: float | None = None
+    start_step: int | None = None
+    batch: int | None = None
+    resumed_from: int | None = None
+    first_step_at: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    progress: list[tuple[float, int, float, float]] = field(default_factory=list)  # t, step, samples/s, wait
+    rollbacks: list[tuple[float, int]] = field(default_factory=list)
+    validations: list[tuple[float, float]] = field(default_factory=list)
+    blocking: list[tuple[float, float]] = field(default_factory=list)  # signal and final saves
+    staging: list[float] = field(default_factory=list)
+    failure: tuple[float, int | None, str] | None = None  # supervisor: when, at which step, why
+    outcome: str = "unknown"
+    finished_at: float | None = None
+    _val_open: float | None = None
+    _sig_open: float | None = None
+
+    @property
+    def start(self) -> float:
+        """The process start: the first-step line minus its age then (/proc), else the spawn."""
+        p2f = self.timings.get("process_to_first_step_s")
+        if self.first_step_at is not None and p2f:
+            return self.first_step_at - p2f
+        return min(t for t in (self.spawn, self.first_line) if t is not None)
+
+    @property
+    def end(self) -> float:
+        return max(t for t in (self.last_line, self.finished_at, self.failure[0] if self.failure else None,
+                               self.spawn) if t is not None)
+
+
+def _parse_attempts(lines: list[LogLine], marks: list[Mark]) -> list[_Attempt]:
+    """Trainer process starts in order, from the supervisor's and the trainers' own lines."""
+    attempts: dict[int, _Attempt] = {}
+    order: list[int] = []
+    other_ranks: set[int] = set()
+    current: _Attempt | None = None  # the newest supervised start (the one a failure line is about)
+
+    def get(pid: int) -> _Attempt:
+        if pid not in attempts:
+            attempts[pid] = _Attempt(pid)
+            order.append(pid)
+        return attempts[pid]
+
+    for ln in lines:
+        if ln.rank not in (None, 0) or ln.pid in other_ranks:
+            continue
+        msg = ln.msg
+        if ln.logger.endswith("resilience.supervisor"):
+            if m := _SPAWN_RE.match(msg):
+                pids = [int(p) for p in m.group(1).split()]
+                current = get(pids[0])
+                current.spawn = ln.time
+                other_ranks.update(pids[1:])
+            elif (m := _SUP_FAIL_RE.match(msg)) or (m := _SUP_HANG_RE.match(msg)):
+                if current is not None and current.failure is None:
+                    step = int(m.group(3)) if m.group(3) is not None else None
+                    current.failure = (ln.time, step, m.group(2))
+                    current.outcome = m.group(2)
+                    marks.append(Mark(ln.time, "crash", f"{m.group(2)}" + (f" at step {step}" if step else "")))
+            elif msg.startswith("supervisor: restarting the trainer"):
+                marks.append(Mark(ln.time, "restart", "restart"))
+            elif msg.startswith("supervisor: giving up"):
+                marks.append(Mark(ln.time, "gave_up", "gave up"))
+            elif msg.startswith("supervisor: forwarded"):
+                marks.append(Mark(ln.time, "signal", msg.split()[2]))
+            continue
+        if ln.logger.endswith("faults") and "injecting a fault" in msg:
+            marks.append(Mark(ln.time, "fault", msg.split(":", 1)[0]))
+        is_trainer = ln.logger.startswith(("foldhpc.train", "foldhpc.checkpoint", "foldhpc.resilience.runlock",
+                                           "foldhpc.resilience.nonfinite", "foldhpc.data", "foldhpc.faults"))
+        if not is_trainer:
+            continue
+        a = get(ln.pid)
+        a.first_line = ln.time if a.first_line is None else a.first_line
+        a.last_line = ln.time
+        if m := _PROGRESS_RE.match(msg):
+            a.progress.append((ln.time, int(m.group(1)), float(m.group(3)), float(m.group(4)) / 100))
+        elif m := _STAGING_RE.match(msg):
+            a.staging.append(ln.time)
+        elif m := _SAVED_RE.match(msg):
+            if m.group(2) == "final":  # blocking, right after the last step's progress line
+                t0 = a.progress[-1][0] if a.progress else (a.first_step_at or ln.time)
+                a.blocking.append((t0, ln.time))
+        elif m := _VAL_START_RE.match(msg):
+            a._val_open = ln.time
+        elif m := _VAL_END_RE.match(msg):
+            if a._val_open is not None:
+                a.validations.append((a._val_open, ln.time))
+            a._val_open = None
+        elif m := _TRAINING_RE.match(msg):
+            a.start_step, a.batch = int(m.group(1)), int(m.group(3))
+        elif m := _RESUMED_RE.match(msg):
+            a.resumed_from = int(m.group(2))
+        elif m := _FIRST_RE.match(msg):
+            a.first_step_at = ln.time
+            a.timings = {k: float(v) for k, v in _TIMING_RE.findall(m.group(4))}
+        elif m := _SIGNAL_RE.match(msg):
+            a._sig_open = ln.time
+            marks.append(Mark(ln.time, "signal", m.group(1)))
+        elif m := _DURABLE_RE.match(msg):
+            a.blocking.append((a._sig_open if a._sig_open is not None else ln.time - float(m.group(2)), ln.time))
+            a.outcome = "checkpointed"
+        elif m := _ROLLBACK_RE.search(msg):
+            a.rollbacks.append((ln.time, int(m.group(1))))
+            marks.append(Mark(ln.time, "rollback", f"rollback to {m.group(1)}"))
+        elif m := _FAILED_RE.match(msg):
+            a.outcome = f"failed: {m.group(2)[:80]}"
+            marks.append(Mark(ln.time, "crash", m.group(2)[:60]))
+        elif _COMPLETED_RE.match(msg):
+            a.outcome = "completed"
+        elif "during the final validation" in msg:
+            a.outcome = "checkpointed"
+    return [attempts[p] for p in order]
+
+
+def _executions(a: _Attempt) -> list[tuple[float, int]]:
+    """(time, step it resumed from) of every point where ``a`` (re)starts training: its start and
+    each in-process rollback."""
+    out = []
+    if a.start_step is not None:
+        out.append((a.start, a.start_step))
+    out += a.rollbacks
+    return out
+
+
+def _pour(free: list[tuple[float, float]], parts: list[tuple[str, float, int]], lane: int) -> list[Segment]:
+    """Fill the free intervals, in time order, with ``(kind, seconds, steps)`` parts in order; what
+    does not fit is dropped, free time left over goes to the last part's kind."""
+    out: list[Segment] = []
+    parts = [p for p in parts if p[1] > 0 or p[2] > 0]
+    if not parts:
+        return out
+    i, left = 0, parts[0][1]
+    steps_given = [False] * len(parts)
+    for a, b in free:
+        t = a
+        while t < b and i < len(parts):
+            take = min(b - t, left) if i < len(parts) - 1 else b - t
+            kind, _, steps = parts[i]
+            out.append(Segment(kind, t, t + take, lane, 0 if steps_given[i] else steps))
+            steps_given[i] = True
+            t += take
+            left -= take
+            if left <= 1e-12 and i < len(parts) - 1:
+                i += 1
+                left = parts[i][1]
+    for j, (kind, _, steps) in enumerate(parts):  # steps of a part that got no time still count
+        if not steps_given[j] and steps:
+            end = free[-1][1] if free else 0.0
+            out.append(Segment(kind, end, end, lane, steps))
+    return out
+
+
+def _subtract(span: tuple[float, float], taken: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The parts of ``span`` not covered by the (sorted, disjoint) ``taken`` intervals."""
+    a, b = span
+    out = []
+    for x, y in taken:
+        if y <= a or x >= b:
+            continue
+        if x > a:
+            out.append((a, x))
+        a = max(a, y)
+    if a < b:
+        out.append((a, b))
+    return out
+
+
+def _attempt_segments(a: _Attempt, lane: int, start: float, end: float, later_resume: list[tuple[float, int]],
+                      notes: list[str]) -> list[Segment]:
+    """Segments of one process start over [start, end]: startup, then one progress window after the
+    other (validation, blocking saves at their logged times; data wait, checkpoint stall and compute
+    by duration), then the tail after the last progress line."""
+    placed = sorted([(max(start, x), min(end, y), VALIDATION) for x, y in a.validations]
+                    + [(max(start, x), min(end, y), CHECKPOINT) for x, y in a.blocking])
+    placed = [(x, y, k) for x, y, k in placed if y > x]
+    taken = [(x, y) for x, y, _ in placed]
+    segs = [Segment(k, x, y, lane) for x, y, k in placed]
+
+    def resume_below(t: float) -> int | None:
+        """The lowest step training restarted from after time t (None: it never went back)."""
+        later = [s for when, s in later_resume if when > t]
+        return min(later) if later else None
+
+    def train_parts(t_end: float, lo: int, hi: int) -> list[tuple[str, float, int]]:
+        """(kind, share, steps) of steps lo+1..hi: productive, then those a later resume redid."""
+        n = max(0, hi - lo)
+        mark = resume_below(t_end)
+        wasted = 0 if mark is None else max(0, hi - max(mark, lo))
+        parts = [(PRODUCTIVE, (n - wasted) / n if n else 1.0, n - wasted)]
+        if wasted:
+            parts.append((RECOMPUTED, wasted / n, wasted))
+        return parts
+
+    first = a.first_step_at if a.first_step_at is not None else (a.progress[0][0] if a.progress else None)
+    if first is None:  # never finished a step: all of it was starting up
+        segs += _pour(_subtract((start, end), taken), [(STARTUP, end - start, 0)], lane)
+        return segs
+    first = min(max(first, start), end)
+    segs += _pour(_subtract((start, first), taken), [(STARTUP, first - start, 0)], lane)
+
+    # windows between progress lines; a rollback inside the window restarts the step count
+    batch = a.batch or 1
+    windows: list[tuple[float, float, int, int, float, float, bool]] = []
+    prev_t, prev_s = first, a.start_step if a.start_step is not None else 0
+    rollbacks = list(a.rollbacks)
+    for t, s, sps, wait in a.progress:
+        while rollbacks and rollbacks[0][0] <= t:
+            prev_s = rollbacks.pop(0)[1]
+        t = min(max(t, prev_t), end)
+        n = max(0, s - prev_s)
+        dt = n * batch / sps if sps > 0 else 0.0
+        staged = any(prev_t < x <= t for x in a.staging)
+        windows.append((prev_t, t, prev_s, s, dt, wait, staged))
+        prev_t, prev_s = t, s
+
+    per_step = []  # seconds per step of the plain windows (no save, validation or first step in them)
+    for i, (w0, w1, lo, hi, dt, wait, staged) in enumerate(windows):
+        if i and hi > lo and not staged and not any(x < w1 and y > w0 for x, y in taken):
+            per_step.append((w1 - w0) * (1 - wait * min(1.0, dt / max(w1 - w0, 1e-9))) / (hi - lo))
+    median = statistics.median(per_step) if per_step else None
+    if a.staging and median is None:
+        notes.append(f"pid {a.pid}: every window had a checkpoint; checkpoint stalls not estimated")
+    for w0, w1, lo, hi, dt, wait, staged in windows:
+        free = _subtract((w0, w1), taken)
+        total = sum(y - x for x, y in free)
+        data = wait * min(dt, total)
+        rest = total - data
+        stall = max(0.0, rest - (hi - lo) * median) if staged and median is not None else 0.0
+        parts = [(CHECKPOINT, stall, 0), (DATA_WAIT, data, 0)]
+        parts += [(k, share * (rest - stall), steps) for k, share, steps in train_parts(w1, lo, hi)]
+        segs += _pour(free, parts, lane)
+
+    # after the last progress line: exit saves/validation (placed), steps the process died in
+    tail = _subtract((prev_t, end), taken)
+    if tail:
+        fail_step = a.failure[1] if a.failure is not None and a.failure[1] is not None else None
+        hi = max(prev_s, fail_step) if fail_step is not None else prev_s
+        mark = resume_below(end)
+        if a.outcome in ("completed", "checkpointed") or a.outcome.startswith("failed:") and hi == prev_s:
+            parts = [(IDLE, 1.0, 0)]
+        elif hi > prev_s:  # died working on steps prev_s+1..hi
+            parts = train_parts(end, prev_s, hi)
+        else:  # died or still running with nothing logged since: lost work if a later start went back
+            parts = [(RECOMPUTED if mark is not None and mark < prev_s else PRODUCTIVE if a.outcome == "running"
+                      else IDLE, 1.0, 0)]
+        total = sum(y - x for x, y in tail)
+        segs += _pour(tail, [(k, share * total, steps) for k, share, steps in parts], lane)
+    return segs
+
+
+# ------------------------------------------------------------------ jobs and the queue
+@dataclass
+class _JobRun:
+    job_id: str
+    run: int
+    pending_since: float | None  # submitted / requeued
+    started: float | None
+    ended: float | None = None
+    end_event: str | None = None
+
+
+def _job_runs(events: list[dict[str, Any]]) -> list[_JobRun]:
+    """Job runs (a job id and its SLURM_RESTART_COUNT) from jobs.jsonl: when each was submitted or
+    requeued, started, and how it ended."""
+    runs: list[_JobRun] = []
+    pending: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for e in sorted((e for e in events if isinstance(e.get("time"), (int, float))), key=lambda e: e["time"]):
+        jid = e.get("job_id")
+        if jid in (None, "") or e.get("backend") == "local":
+            continue
+        jid, ev, t = str(jid), e.get("event"), float(e["time"])
+        if ev == "submitted":
+            pending[jid] = t
+        elif ev == "started":
+            rc = e.get("restart_count")
+            run = int(rc) if isinstance(rc, int) else count.get(jid, -1) + 1
+            count[jid] = run
+            if any(r.job_id == jid and r.run == run for r in runs):
+                continue  # the same run recorded twice (a submitit and a supervisor record)
+            runs.append(_JobRun(jid, run, pending.pop(jid, None), t))
+        elif ev in ("requeued", "stopped", "completed", "failed", "gave_up", "refused"):
+            mine = [r for r in runs if r.job_id == jid and r.ended is None]
+            if mine:
+                mine[-1].ended, mine[-1].end_event = t, ev
+            if ev == "requeued":
+                pending[jid] = t
+    for jid, t in pending.items():  # still (or again) in the queue
+        runs.append(_JobRun(jid, count.get(jid, -1) + 1, t, None))
+    return runs
+
+
+def _refine_with_sacct(runs: list[_JobRun], notes: list[str], sources: list[str]) -> None:
+    """Queue waits from sacct (--duplicates: one row per run of a job) where it answers: a run's
+    Start, and its Submit (a requeued run's Submit is its requeue time)."""
+    ids = sorted({r.job_id for r in runs})
+    if not ids or shutil.which("sacct") is None:
+        return
+    from foldhpc.slurm import sacct
+
+    try:
+        jobs, _ = sacct.sacct_jobs(ids)
+    except sacct.SlurmCommandError as e:
+        notes.append(f"sacct unavailable ({e}): queue wait from jobs.jsonl alone")
+        return
+    used = False
+    for r in runs:
+        job = jobs.get(r.job_id)
+        if job is None or r.run >= len(job.runs):
+            continue
+        row = job.runs[r.run].row
+        submit, start = sacct.parse_time(row.get("Submit")), sacct.parse_time(row.get("Start"))
+        if submit is not None and (r.pending_since is None or abs(submit - r.pending_since) < 3600):
+            r.pending_since = min(submit, r.pending_since) if r.pending_since is not None else submit
+            used = True
+        if start is not None and (r.started is None or abs(start - r.started) < 3600):
+            r.started = min(start, r.started) if r.started is not None else start
+            used = True
+    if used:
+        sources.append("sacct")
+
+
+# ------------------------------------------------------------------ building
+def build_timeline(run_dir: Path, now: float | None = None, use_sacct: bool = True) -> Timeline:
+    """The run's timeline from its records; raises FileNotFoundError if ``run_dir`` has none."""
+    run_dir = Path(run_dir)
+    now = time.time() if now is None else now
+    notes: list[str] = []
+    sources: list[str] = []
+    lines = read_log(run_dir)
+    events, bad = read_history(run_dir)
+    try:
+        status = read_status(run_dir) or {}
+    except ValueError as e:
+        status, _ = {}, notes.append(str(e))
+    if not lines and not events and not status:
+        raise FileNotFoundError(f"{run_dir}: no {LOG_FILE}, jobs.jsonl or status.json: not a foldhpc run directory?")
+    if lines:
+        sources.append(LOG_FILE)
+        if not all(ln.precise for ln in lines):
+            notes.append(f"{LOG_FILE} has lines with whole-second times (written before foldhpc logged "
+                         "milliseconds): segments placed by them are accurate to about a second")
+    if events:
+        sources.append("jobs.jsonl")
+    if bad:
+        notes.append(f"{bad} unreadable line(s) in jobs.jsonl")
+    if status:
+        sources.append("status.json")
+    marks: list[Mark] = []
+    attempts = _parse_attempts(lines, marks)
+    attempts = [a for a in attempts if a.spawn is not None or a.first_line is not None]
+    if status.get("finished_at") and attempts and status.get("pid") == attempts[-1].pid:
+        attempts[-1].finished_at = float(status["finished_at"])
+    running = False
+    st = status.get("state")
+    if st in ("running", "restarting"):
+        pid = status.get("pid")
+        here = status.get("host") == socket.gethostname()
+        running = not here or (isinstance(pid, int) and pid_alive(pid))
+        if not running:
+            notes.append(f"status.json says {st}, but its process {pid} is gone: the timeline ends at the last record")
+    if running and attempts and attempts[-1].outcome == "unknown":
+        attempts[-1].outcome = "running"
+
+    jruns = _job_runs(events)
+    if use_sacct:
+        _refine_with_sacct(jruns, notes, sources)
+    if any(r.started is None for r in jruns):
+        running = True  # a job is waiting in the queue: the run goes on
+
+    # the run's span
+    firsts = [a.start for a in attempts] + [r.pending_since for r in jruns if r.pending_since is not None]
+    firsts += [r.started for r in jruns if r.started is not None]
+    firsts += [float(e["time"]) for e in events if e.get("event") == "submitted" and isinstance(e.get("time"), (int, float))]
+    if not firsts:
+        firsts = [ln.time for ln in lines[:1]] or [float(status.get("started_at") or now)]
+    start = min(firsts)
+    lasts = [a.end for a in attempts] + [float(e["time"]) for e in events if isinstance(e.get("time"), (int, float))]
+    lasts += [ln.time for ln in lines[-1:]]
+    end = now if running else max(lasts + [start])
+    end = max(end, start)
+
+    # lanes: one per process start, labelled with the job run it belongs to
+    lanes: list[Lane] = []
+    for i, a in enumerate(attempts):
+        jr = next((r for r in reversed(jruns) if r.started is not None and r.started <= a.start + _SLACK_S), None)
+        label = (f"job {jr.job_id}" + (f" run {jr.run}" if jr.run else "") + f" · pid {a.pid}") if jr else f"pid {a.pid}"
+        last = max([s for _, s, _, _ in a.progress] + [a.failure[1] if a.failure and a.failure[1] else -1]
+                   + [a.start_step if a.start_step is not None else -1])
+        lanes.append(Lane(i, label, a.pid, jr.job_id if jr else None, jr.run if jr else None, a.start, a.end,
+                          a.start_step, last if last >= 0 else None, a.outcome, a.timings))
+    for r in jruns:
+        if r.started is None or not any(ln.job_id == r.job_id and ln.job_run == r.run for ln in lanes):
+            t = r.started if r.started is not None else (r.pending_since or end)
+            lanes.append(Lane(len(lanes), f"job {r.job_id}" + (f" run {r.run}" if r.run else "")
+                              + (" (pending)" if r.started is None else " (no trainer record)"),
+                              None, r.job_id, r.run, t, r.ended or (end if r.started is None else t),
+                              outcome="pending" if r.started is None else (r.end_event or "unknown")))
+    lanes.sort(key=lambda ln: ln.start)
+    for i, ln in enumerate(lanes):
+        ln.index = i
+    by_pid = {ln.pid: ln.index for ln in lanes if ln.pid is not None}
+
+    # segments: process starts first (they win any overlap), then job launch and queue, then idle
+    segments: list[Segment] = []
+    resumes = [x for a in attempts for x in _executions(a)]
+    prev_end = start
+    spans: list[tuple[float, float]] = []
+    for a in attempts:
+        lane = by_pid[a.pid]
+        s0, s1 = max(a.start, prev_end, start), min(max(a.end, a.start), end)
+        if lanes[lane].outcome == "running":
+            s1 = end
+        if s1 <= s0:
+            continue
+        later = [(t, s) for t, s in resumes if t > a.start + 1e-6]
+        segments += _attempt_segments(a, lane, s0, s1, later, notes)
+        spans.append((s0, s1))
+        prev_end = s1
+    for m in marks:
+        m.lane = next((ln.index for ln in lanes if ln.pid is not None and ln.start - _SLACK_S <= m.time <= ln.end + _SLACK_S),
+                      None)
+    spans.sort()
+    extra: list[tuple[float, float, str, int]] = []
+    for r in jruns:
+        lane = next((ln.index for ln in lanes if ln.job_id == r.job_id and ln.job_run == r.run), None)
+        if lane is None:
+            continue
+        if r.pending_since is not None:
+            q_end = r.started if r.started is not None else end
+            extra.append((r.pending_since, q_end, QUEUE, lane))
+            marks.append(Mark(r.pending_since, "requeue" if r.run else "submitted",
+                              "requeued" if r.run else "submitted", lane))
+        if r.started is not None:  # the job run is up, its trainer not yet: launch, supervisor imports
+            first = min((ln.start for ln in lanes if ln.job_id == r.job_id and ln.job_run == r.run
+                         and ln.pid is not None), default=None)
+            if first is not None:
+                extra.append((r.started, first, STARTUP, lane))
+    for x, y, kind, lane in sorted(extra):
+        for a, b in _subtract((max(x, start), min(y, end)), spans):
+            segments.append(Segment(kind, a, b, lane))
+            spans.append((a, b))
+            spans.sort()
+    for a, b in _subtract((start, end), _merge(spans)):  # between starts: restart back-off, unrecorded time
+        lane = max((ln.index for ln in lanes if ln.start <= b + 1e-6), default=0)
+        segments.append(Segment(IDLE, a, b, lane))
+    segments.sort(key=lambda s: (s.start, s.end))
+
+    step_points = sorted((t, s) for a in attempts for t, s, _, _ in a.progress)
+    writes = []
+    for ln in lines:
+        if ln.pid in by_pid and (m := _SAVED_RE.match(ln.msg)):
+            writes.append(Write(by_pid[ln.pid], int(m.group(1)), ln.time, float(m.group(3)), m.group(2)))
+    for e in events:
+        if e.get("event") in ("completed", "stopped", "gave_up") and isinstance(e.get("time"), (int, float)):
+            marks.append(Mark(float(e["time"]), e["event"], str(e["event"]), None))
+    marks.sort(key=lambda m: m.time)
+    return Timeline(str(run_dir), start, end, running, lanes, segments, marks, writes, step_points, notes, sources)
+
+
+def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
