@@ -654,6 +654,9 @@ def build_timeline(run_dir: Path, now: float | None = None, use_sacct: bool = Tr
     for e in events:
         if e.get("event") in ("completed", "stopped", "gave_up") and isinstance(e.get("time"), (int, float)):
             marks.append(Mark(float(e["time"]), e["event"], str(e["event"]), None))
+    for m in marks:  # a job's end (jobs.jsonl) or a supervisor line between starts: the row it closes
+        if m.lane is None and lanes:
+            m.lane = max((ln.index for ln in lanes if ln.start <= m.time), default=0)
     marks.sort(key=lambda m: m.time)
     return Timeline(str(run_dir), start, end, running, lanes, segments, marks, writes, step_points, notes, sources)
 

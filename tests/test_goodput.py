@@ -1,0 +1,189 @@
+"""``foldhpc goodput``: real supervised runs with a SIGKILL after a checkpoint, a plain run, and a
+hand-written Slurm history with a requeue (queue wait from jobs.jsonl's submitted -> started)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY, foldhpc_cmd, run_foldhpc, set_args, tiny_overrides
+from foldhpc.monitor.goodput import compute
+from foldhpc.monitor.timeline import CATEGORIES, build_timeline
+
+STEPS = 30  # configs/tiny.toml
+CKPT_EVERY = 10
+FAIL_AT = 25  # SIGKILL right after this step: the newest checkpoint is step 20
+
+
+def train(run: Path, env: dict[str, str] | None = None, supervise: bool = True) -> subprocess.CompletedProcess:
+    args = ["train", "--config", str(TINY),
+            *set_args(tiny_overrides(run, **{"checkpoint.every_steps": CKPT_EVERY, "fault.restart_backoff": "0.2s"}))]
+    p = subprocess.run(foldhpc_cmd(*args, "--supervise" if supervise else "--no-supervise"), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, **(env or {})))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def killed_run(tmp_path: Path) -> Path:
+    """A supervised tiny run SIGKILLed once right after step FAIL_AT, restarted from step 20."""
+    run = tmp_path / "killed"
+    train(run, {"FOLDHPC_FAIL_AT_STEP": str(FAIL_AT), "FOLDHPC_FAIL_KIND": "kill",
+                "FOLDHPC_FAIL_ONCE": str(tmp_path / "fired")})
+    return run
+
+
+def goodput_json(run: Path, *flags: str) -> dict:
+    p = run_foldhpc("goodput", str(run), "--json", "--no-sacct", *flags)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def assert_adds_up(g: dict) -> None:
+    assert set(g["seconds"]) == set(CATEGORIES)
+    assert all(v >= 0 for v in g["seconds"].values()), g["seconds"]
+    assert sum(g["seconds"].values()) == pytest.approx(g["wall_s"], rel=0.01)
+    assert g["allocated_s"] == pytest.approx(g["wall_s"] - g["seconds"]["queue_wait"], rel=1e-6)
+    for row in g["processes"] + g["jobs"]:
+        assert row["goodput"] is None or 0 <= row["goodput"] <= 1
+
+
+def test_sigkill_after_a_checkpoint_counts_the_recomputed_steps(tmp_path):
+    run = killed_run(tmp_path)
+    log = (run / "train.log").read_text()
+    assert "resumed from" in log and "step_00000020.ckpt" in log  # the newest checkpoint before the kill
+    g = goodput_json(run, "--tensorboard")
+    assert_adds_up(g)
+    ckpt = FAIL_AT // CKPT_EVERY * CKPT_EVERY
+    assert g["steps"]["recomputed"] == FAIL_AT - ckpt == 5
+    assert g["steps"]["productive"] == STEPS
+    # every step executed (one progress line each; the step the trainer died in logged none) is counted once
+    logged = len(re.findall(r"foldhpc\.train\.loop: step \d+/30 loss", log))
+    assert g["steps"]["executed"] == logged + 1 == STEPS + FAIL_AT - ckpt
+    assert g["seconds"]["recomputed"] > 0 and g["seconds"]["productive"] > 0 and g["seconds"]["startup"] > 0
+    assert g["seconds"]["idle"] >= 0.2  # the supervisor's restart back-off
+    assert g["seconds"]["queue_wait"] == 0 and g["jobs"] == []  # no Slurm here
+    first, second = g["processes"]
+    assert (first["start_step"], first["last_step"], second["start_step"], second["last_step"]) == (0, FAIL_AT, ckpt, STEPS)
+    assert "SIGKILL" in first["outcome"] and second["outcome"] == "completed"
+    assert first["steps"]["recomputed"] == 5 and second["steps"]["recomputed"] == 0
+    assert second["startup"]["checkpoint_load_s"] >= 0 and "process_to_first_step_s" in first["startup"]
+    assert g["goodput"] == pytest.approx(g["seconds"]["productive"] / g["allocated_s"])
+    # --tensorboard: the same figures, read back with TensorBoard's reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard" / "goodput"))
+    acc.Reload()
+    assert acc.Scalars("goodput/fraction")[-1].value == pytest.approx(g["goodput"], rel=1e-5)
+    assert acc.Scalars("goodput/recomputed_steps")[-1].value == 5
+    assert acc.Scalars("goodput/recomputed_steps")[-1].step == STEPS
+    # the human table says the same
+    p = run_foldhpc("goodput", str(run), "--no-sacct")
+    assert p.returncode == 0
+    assert re.search(r"^recomputed +[\d.]+ +[\d.]+% +5$", p.stdout, re.M), p.stdout
+    assert "goodput = productive / allocated" in p.stdout
+
+
+def test_uninterrupted_run(tmp_path):
+    run = tmp_path / "plain"
+    train(run, supervise=False)
+    g = goodput_json(run)
+    assert_adds_up(g)
+    assert g["steps"] == {"productive": STEPS, "recomputed": 0, "executed": STEPS}
+    assert g["seconds"]["recomputed"] == 0 and g["seconds"]["queue_wait"] == 0
+    assert len(g["processes"]) == 1 and g["processes"][0]["outcome"] == "completed"
+    assert not g["running"] and 0 < g["goodput"] < 1
+    # the startup the trainer measured is what goodput counts for it (process start to first step)
+    st = json.loads((run / "status.json").read_text())["startup"]
+    assert g["processes"][0]["seconds"]["startup"] == pytest.approx(st["process_to_first_step_s"], abs=0.02)
+
+
+# ------------------------------------------------------------------ a Slurm history, by hand
+JOB = "424242"
+
+
+def _stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(round(t % 1 * 1000)) % 1000:03d}"
+
+
+def write_requeue_fixture(run: Path, base: float = 1_790_000_000.0) -> dict[str, float]:
+    """A run of job JOB: submitted, 30 s in the queue, trains steps 0..4, SIGUSR1, checkpoint, requeued,
+    12 s in the queue again, resumes at 4, completes at 10. Returns the instants it used."""
+    run.mkdir(parents=True)
+    t = {"submitted": base, "started0": base + 30, "p1": base + 30.5, "requeued": base + 40,
+         "started1": base + 52, "p2": base + 52.5, "end": base + 60}
+    events = [("submitted", t["submitted"], {"backend": "slurm"}), ("started", t["started0"], {"restart_count": 0}),
+              ("requeued", t["requeued"], {"step": 4, "signal": "SIGUSR1", "restart_count": 0}),
+              ("started", t["started1"], {"restart_count": 1}), ("completed", t["end"], {"step": 10})]
+    with open(run / "jobs.jsonl", "w") as f:
+        for ev, when, extra in events:
+            f.write(json.dumps({"event": ev, "time": when, "job_id": JOB, "host": "n1", **extra}) + "\n")
+    lines: list[tuple[float, int, str, str]] = []
+
+    def trainer(pid: int, p0: float, s0: int, s1: int, resumed: bool) -> float:
+        lines.append((p0 + 0.5, pid, "foldhpc.resilience.runlock", "run directory lock: holding lock/gen-1"))
+        if resumed:
+            lines.append((p0 + 1.4, pid, "foldhpc.train.loop", f"resumed from ck/step_{s0:08d}.ckpt at step {s0} "
+                                                               "(restart #1, checkpoint load 0.10s)"))
+        lines.append((p0 + 1.5, pid, "foldhpc.train.loop", f"training steps {s0}..10, batch 2, crop 32"))
+        lines.append((p0 + 2.0, pid, "foldhpc.train.loop", f"first step ({s0 + 1}) done in 0.500s; 2.00s after process "
+                                                           "start (imports_s 1.00, data_s 0.10, setup_s 0.40, "
+                                                           "first_step_s 0.50, process_to_first_step_s 2.00)"))
+        for i, s in enumerate(range(s0 + 1, s1 + 1)):  # 0.5 s a step, 10 % of it waiting for data
+            lines.append((p0 + 2.0 + 0.5 * i, pid, "foldhpc.train.loop",
+                          f"step {s}/10 loss 4.0000 lr 1.00e-03 gnorm 0.500 | 4.0 samples/s, data wait 10.0% | ETA 0m01s"))
+        return p0 + 2.0 + 0.5 * (s1 - s0 - 1)
+
+    last = trainer(101, t["p1"], 0, 4, False)
+    lines.append((last + 0.1, 101, "foldhpc.train.loop", "received SIGUSR1: saving a checkpoint at step 4, then exiting"))
+    lines.append((last + 0.4, 101, "foldhpc.train.loop", "checkpoint at step 4 durable 0.30s after the step boundary; "
+                                                          "exit 75"))
+    last = trainer(202, t["p2"], 4, 10, True)
+    lines.append((last + 0.2, 202, "foldhpc.checkpoint.manager", "checkpoint step 10 saved (final, 0.3 MiB, 0.20s) -> "
+                                                                  "ck/step_00000010.ckpt"))
+    lines.append((last + 0.3, 202, "foldhpc.train.loop", "training completed at step 10: {}"))
+    (run / "train.log").write_text("".join(f"{_stamp(w)} INFO [pid {pid}] {name}: {msg}\n"
+                                           for w, pid, name, msg in sorted(lines)))
+    (run / "status.json").write_text(json.dumps({"state": "completed", "step": 10, "max_steps": 10, "pid": 202,
+                                                 "host": "n1", "finished_at": last + 0.35}))
+    return t
+
+
+def test_queue_wait_from_jobs_jsonl_with_a_requeue(tmp_path):
+    run = tmp_path / "slurm-run"
+    t = write_requeue_fixture(run)
+    tl = build_timeline(run, use_sacct=False)
+    g = compute(tl)
+    queue = (t["started0"] - t["submitted"]) + (t["started1"] - t["requeued"])
+    assert g.seconds["queue_wait"] == pytest.approx(queue, abs=1e-6) == 42
+    assert g.start == t["submitted"] and not g.running
+    assert sum(g.seconds.values()) == pytest.approx(g.wall_s, rel=1e-9)
+    assert g.allocated_s == pytest.approx(g.wall_s - queue)
+    assert g.steps == {"productive": 10, "recomputed": 0, "executed": 10}  # a checkpoint on the signal: nothing lost
+    assert g.seconds["checkpoint"] == pytest.approx(0.3 + 0.2, abs=0.01)  # the signal's and the final save
+    assert g.seconds["data_wait"] == pytest.approx(0.1 * 0.5 * 8, abs=0.01)  # 8 windows after the first steps
+    # startup: launch to the trainer's start (0.5 s per job run) + each trainer's 2 s to its first step
+    assert g.seconds["startup"] == pytest.approx(2 * (0.5 + 2.0), abs=0.01)
+    assert [(j.label, j.seconds["queue_wait"]) for j in g.jobs] == [(f"job {JOB}", 30), (f"job {JOB} run 1", 12)]
+    assert [p.label for p in g.processes] == [f"job {JOB} · pid 101", f"job {JOB} run 1 · pid 202"]
+    assert [p.outcome for p in g.processes] == ["checkpointed", "completed"]
+    kinds = [m.kind for m in tl.marks]
+    assert kinds.count("submitted") == 1 and kinds.count("requeue") == 1 and "signal" in kinds
+    # the CLI on it, without sacct
+    p = run_foldhpc("goodput", str(run), "--no-sacct")
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^queue_wait +42\.000 ", p.stdout, re.M), p.stdout
+    assert f"job {JOB} run 1" in p.stdout
+
+
+def test_not_a_run_directory(tmp_path):
+    p = run_foldhpc("goodput", str(tmp_path / "nope"))
+    assert p.returncode == 2 and "no such run directory" in p.stderr
+    (tmp_path / "empty").mkdir()
+    p = run_foldhpc("goodput", str(tmp_path / "empty"))
+    assert p.returncode == 2 and "not a foldhpc run directory" in p.stderr
