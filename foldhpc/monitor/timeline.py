@@ -510,11 +510,15 @@ def _refine_with_sacct(runs: list[_JobRun], notes: list[str], sources: list[str]
             continue
         row = job.runs[r.run].row
         submit, start = sacct.parse_time(row.get("Submit")), sacct.parse_time(row.get("Start"))
-        if submit is not None and (r.pending_since is None or abs(submit - r.pending_since) < 3600):
+        # sacct has whole seconds: jobs.jsonl's time wins within a second of it
+        if submit is not None and (r.pending_since is None or 1.0 <= abs(submit - r.pending_since) < 3600):
             r.pending_since = min(submit, r.pending_since) if r.pending_since is not None else submit
             used = True
         if start is not None and (r.started is None or abs(start - r.started) < 3600):
+            # Slurm's Start: the allocation; up to the job's "started" record it launches (startup)
             r.started = min(start, r.started) if r.started is not None else start
+            if r.pending_since is not None:
+                r.started = max(r.started, r.pending_since)
             used = True
     if used:
         sources.append("sacct")
