@@ -267,6 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
     plot_mod.add_arguments(p)
     p.set_defaults(func=plot_mod.run)
 
+    from foldhpc.chaos import command as chaos_mod  # light: torch and matplotlib load lazily
+
+    p = sub.add_parser("chaos", help="prove recovery: a training under N random faults vs an uninterrupted one",
+                       description="Train the config once without faults (the reference), then again under a "
+                                   "seeded random schedule of N faults (signals, SIGKILL, exceptions, crashes, "
+                                   "hangs, damaged checkpoints, an unwritable checkpoint directory, non-finite "
+                                   "steps), restarting it like a requeue; report recovery, steps lost and time "
+                                   "to resume per kind. Exit 0 only if every fault was recovered and the final "
+                                   "state is bit-exact with the reference.")
+    chaos_mod.add_arguments(p)
+    p.set_defaults(func=chaos_mod.run)
+
     p = sub.add_parser("checkpoints", help="list a run's checkpoints (step, age, size, digest)",
                        description="List a run's checkpoints with their state digest; --verify checks every file.")
     p.add_argument("run_dir", metavar="RUN_DIR")

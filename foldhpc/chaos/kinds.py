@@ -1,0 +1,67 @@
+"""The fault kinds of ``foldhpc chaos``: what each injects and how foldhpc must recover.
+
+Each kind says how the runner treats it, because that decides the cost per fault:
+
+- ``ends_launch``: the whole ``foldhpc train --supervise`` process tree ends (a preemption
+  signal, a SIGKILL of the job, a damaged checkpoint found at the next start) and the runner
+  starts it again, as Slurm would after a requeue.
+- ``hook``: injected through the ``FOLDHPC_FAIL_*`` environment (:mod:`foldhpc.faults`), which
+  a process reads once: one such fault per launch, so a second one needs a fresh launch. A hang
+  is a hook, not a SIGSTOP from outside, on purpose: the watchdog sends SIGCONT with its stack
+  dump request and gives the trainer 3 s to exit, and a trainer stopped from outside resumes
+  training meanwhile (here: ~100 steps, past the next planned faults) before it is killed.
+- ``restarts``: a trainer process restarts (inside the supervisor or by the runner); its
+  time to resume is measured to the first step the new trainer completes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    name: str
+    summary: str
+    ends_launch: bool
+    hook: bool
+    restarts: bool
+    variants: tuple[str, ...] = ("",)
+    span: int = 0  # extra steps the handling may take, kept free of the next fault
+
+
+KINDS: dict[str, KindSpec] = {k.name: k for k in (
+    KindSpec("sigusr1", "SIGUSR1 (Slurm's preemption signal): checkpoint at the next step, exit 75, started again "
+             "like a requeue; 0 steps lost", ends_launch=True, hook=False, restarts=True),
+    KindSpec("sigterm", "SIGTERM (scancel, node shutdown, preemption without a user signal): as SIGUSR1",
+             ends_launch=True, hook=False, restarts=True),
+    KindSpec("sigkill", "SIGKILL of the whole job at a random moment: started again, resumes from the newest "
+             "durable checkpoint (steps lost <= steps since it)", ends_launch=True, hook=False, restarts=True),
+    KindSpec("kill_during_write", "SIGKILL of the job while a checkpoint is being written (its temporary file "
+             "exists; writes slowed by FOLDHPC_DEBUG_WRITE_DELAY_S): the half-written file is never used and is "
+             "removed at the next start", ends_launch=True, hook=False, restarts=True),
+    KindSpec("exception", "an exception inside a training step (FOLDHPC_FAIL_KIND=exception): the supervisor "
+             "restarts the trainer inside the allocation", ends_launch=False, hook=True, restarts=True),
+    KindSpec("crash", "the trainer dies of SIGSEGV or SIGKILL (a library crash, the OOM killer) at a random "
+             "moment: the supervisor restarts it inside the allocation", ends_launch=False, hook=False,
+             restarts=True, variants=("SIGSEGV", "SIGKILL")),
+    KindSpec("hang", "the trainer stops beating after a step (FOLDHPC_FAIL_KIND=stop: SIGSTOP to itself; =hang: "
+             "sleeps forever): the supervisor's watchdog dumps its stacks, kills and restarts it", ends_launch=False,
+             hook=True, restarts=True, variants=("stop", "hang")),
+    KindSpec("corrupt_checkpoint", "the newest checkpoint is damaged while the job is down (bytes flipped, or "
+             "truncated): the next start rejects it and resumes from the previous one", ends_launch=True,
+             hook=False, restarts=True, variants=("flip", "truncate")),
+    KindSpec("unwritable_dir", "the checkpoint directory is unwritable for a while (chmod; chattr +i as root): "
+             "saves fail and are logged, training goes on, the next save after it is writable again succeeds",
+             ends_launch=False, hook=False, restarts=False, span=40),
+    KindSpec("nan", "a non-finite loss at one step (FOLDHPC_NAN_AT_STEPS): the update is skipped; the reference "
+             "run gets the same step, so the end state must still match", ends_launch=False, hook=False,
+             restarts=False),
+)}
+
+DEFAULT_KINDS: tuple[str, ...] = tuple(KINDS)
+
+
+def uses_hook(kind: str) -> bool:
+    """Whether this fault is injected through the launch's ``FOLDHPC_FAIL_*`` environment."""
+    return KINDS[kind].hook

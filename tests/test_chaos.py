@@ -1,0 +1,152 @@
+"""foldhpc chaos: the seeded schedule, the verdict, and real chaos runs on the tiny config.
+
+The real runs drive actual ``foldhpc train --supervise`` processes: one run with one fault of
+every kind must recover from all of them and end bit-exact with its reference; a run whose
+reference deliberately lacks the non-finite steps the chaos run gets (a trajectory that really
+differs) must be reported as NOT bit-exact, with exit status 1 -- the tool cannot pass vacuously.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from conftest import GOOD_DATA, TINY, run_foldhpc
+from foldhpc.chaos import local, report
+from foldhpc.chaos.kinds import KINDS
+from foldhpc.chaos.local import FaultRecord
+from foldhpc.chaos.schedule import Plan, PlanError, PlannedFault, make_plan, parse_kinds, parse_weights
+
+
+# ---------------------------------------------------------------------- schedule
+def test_same_seed_same_plan_and_faults_are_sequential():
+    a, b = make_plan(60, seed=7), make_plan(60, seed=7)
+    assert a.faults == b.faults and a.max_steps == b.max_steps
+    assert make_plan(60, seed=8).faults != a.faults
+    steps = [f.at_step for f in a.faults]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    assert all(y - x >= 12 for x, y in zip(steps, steps[1:]))
+    assert steps[0] > a.every_steps  # a checkpoint exists before the first fault
+    assert a.max_steps > steps[-1]
+    assert a.nan_steps == [f.at_step for f in a.faults if f.kind == "nan"]
+    assert all(f.variant in KINDS[f.kind].variants for f in a.faults)
+
+
+def test_weights_are_respected():
+    plan = make_plan(2000, seed=1, kinds=["sigkill", "nan", "hang"], weights={"sigkill": 3, "nan": 1, "hang": 0})
+    counts = Counter(f.kind for f in plan.faults)
+    assert counts["hang"] == 0
+    assert 0.70 < counts["sigkill"] / 2000 < 0.80  # 3:1
+    assert counts["sigkill"] + counts["nan"] == 2000
+
+
+def test_kinds_filter_and_bad_specs():
+    plan = make_plan(100, seed=3, kinds=parse_kinds("crash,corrupt_checkpoint"))
+    assert {f.kind for f in plan.faults} == {"crash", "corrupt_checkpoint"}
+    assert parse_kinds(None) == list(KINDS)
+    with pytest.raises(PlanError, match="unknown kind"):
+        parse_kinds("sigkill,meteor")
+    assert parse_weights("sigkill=3, nan=0.5") == {"sigkill": 3.0, "nan": 0.5}
+    for bad in ("sigkill", "sigkill=x", "meteor=1", "nan=-1"):
+        with pytest.raises(PlanError):
+            parse_weights(bad)
+    with pytest.raises(PlanError, match="not among the selected"):
+        make_plan(5, 0, kinds=["nan"], weights={"sigkill": 1})
+    with pytest.raises(PlanError, match="all weights are 0"):
+        make_plan(5, 0, kinds=["nan"], weights={"nan": 0})
+
+
+def test_cli_usage_errors_exit_2(tmp_path):
+    p = run_foldhpc("chaos", "--config", str(TINY), "--faults", "3", "--kinds", "meteor", "--out", str(tmp_path))
+    assert p.returncode == 2 and "unknown kind" in p.stderr
+    p = run_foldhpc("chaos", "--config", str(TINY), "--faults", "3", "--set", "checkpoint.every_steps=0",
+                    "--out", str(tmp_path))
+    assert p.returncode == 2 and "every_steps" in p.stderr
+
+
+# ---------------------------------------------------------------------- verdict
+def _rec(i: int, ok: bool = True) -> FaultRecord:
+    return FaultRecord(i, "sigkill", "", 20 + i, step=20 + i, injected_at=1.0, recovered=ok, steps_lost=3,
+                       time_to_resume_s=4.0, problems=[] if ok else ["resumed from step 0"])
+
+
+def test_judge_passes_only_with_everything_right():
+    good = report.judge(2, [_rec(0), _rec(1)], "abc", "abc", True, True, 100, 100)
+    assert good.passed and good.exit_code == 0 and good.recovery_rate == 1.0 and good.bit_exact
+    differs = report.judge(2, [_rec(0), _rec(1)], "abc", "abd", True, True, 100, 100)
+    assert not differs.passed and differs.exit_code == 1 and not differs.bit_exact
+    assert any("NOT bit-exact" in p for p in differs.problems)
+    lost = report.judge(2, [_rec(0), _rec(1, ok=False)], "abc", "abc", True, True, 100, 100)
+    assert not lost.passed and lost.recovery_rate == 0.5 and any("fault 1" in p for p in lost.problems)
+    assert not report.judge(3, [_rec(0), _rec(1)], "abc", "abc", True, True, 100, 100).passed  # one not run
+    assert not report.judge(2, [_rec(0), _rec(1)], None, None, True, True, 100, 100).passed  # no digest at all
+    assert not report.judge(2, [_rec(0), _rec(1)], "abc", "abc", True, False, 100, 100).passed
+    assert not report.judge(2, [_rec(0), _rec(1)], "abc", "abc", True, True, 90, 100).passed
+
+
+def test_percentile():
+    assert report.percentile([], 50) is None
+    assert report.percentile([3.0], 95) == 3.0
+    assert report.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert report.percentile(list(map(float, range(101))), 95) == 95.0
+
+
+# ---------------------------------------------------------------------- real runs
+def _plan(kinds: list[tuple[str, str]], gap: int = 15) -> Plan:
+    faults, step = [], 15
+    for i, (kind, variant) in enumerate(kinds):
+        faults.append(PlannedFault(i, kind, step, variant))
+        step += gap + KINDS[kind].span
+    return Plan(seed=5, faults=faults, max_steps=step + 20, every_steps=10)
+
+
+def _judge(outcome: local.ChaosOutcome, plan: Plan) -> report.Verdict:
+    return report.judge(len(plan.faults), outcome.records, outcome.reference.digest, outcome.chaos.digest,
+                        outcome.reference.completed, outcome.chaos.completed, outcome.chaos.final_step,
+                        plan.max_steps)
+
+
+def test_one_fault_of_every_kind_is_recovered_bit_exact(tmp_path):
+    plan = _plan([("sigkill", ""), ("nan", ""), ("exception", ""), ("sigusr1", ""), ("crash", "SIGSEGV"),
+                  ("kill_during_write", ""), ("hang", "stop"), ("corrupt_checkpoint", "truncate"),
+                  ("unwritable_dir", ""), ("sigterm", ""), ("crash", "SIGKILL")])
+    method, _ = local.unwritable_method(tmp_path)
+    assert method is not None  # chmod as a user, chattr +i as root
+    outcome = local.run(str(TINY), [f"data.path={GOOD_DATA}"], plan, tmp_path, unwritable=method)
+    verdict = _judge(outcome, plan)
+    assert verdict.passed, verdict.problems
+    assert verdict.recovery_rate == 1.0 and verdict.bit_exact
+    recs = {(r.kind, r.variant): r for r in outcome.records}
+    for kind in ("sigusr1", "sigterm"):
+        assert recs[(kind, "")].steps_lost == 0 and recs[(kind, "")].launch_exit == 75
+    for key in (("sigkill", ""), ("crash", "SIGSEGV"), ("kill_during_write", ""), ("hang", "stop")):
+        r = recs[key]
+        assert r.steps_lost is not None and 0 <= r.steps_lost <= r.step - r.newest_durable_step, r
+        assert r.time_to_resume_s is not None and r.time_to_resume_s > 0
+    corrupt = recs[("corrupt_checkpoint", "truncate")]
+    assert corrupt.rejected == [f"step_{corrupt.step:08d}.ckpt"] and corrupt.resumed_step < corrupt.step
+    assert recs[("exception", "")].resumed_step is not None
+    # the report: json, markdown and the figure
+    doc = report.build(outcome, plan, verdict, command=["foldhpc", "chaos", "(test)"], config=str(TINY),
+                       overrides=[], backend="local", load_start=(0.0, 0.0, 0.0), load_end=(0.0, 0.0, 0.0),
+                       skipped_kinds={})
+    paths = report.write(doc, tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["verdict"]["passed"] and data["verdict"]["recovery_rate"] == 1.0
+    assert set(data["per_kind"]) == {k for k, _ in recs}
+    assert "PASSED" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "chaos.png") in paths and (tmp_path / "chaos.png").stat().st_size > 10_000
+
+
+def test_a_broken_recovery_is_detected(tmp_path):
+    """The chaos run gets two non-finite steps the reference does not: its trajectory really
+    differs, every fault looks recovered, and the verdict must still fail on the digest."""
+    plan = _plan([("nan", ""), ("nan", "")])
+    outcome = local.run(str(TINY), [f"data.path={GOOD_DATA}"], plan, tmp_path, mirror_nan_in_reference=False)
+    verdict = _judge(outcome, plan)
+    assert verdict.recovered == 2  # the faults themselves were handled
+    assert outcome.reference.completed and outcome.chaos.completed
+    assert not verdict.bit_exact and not verdict.passed and verdict.exit_code == 1
+    assert any("NOT bit-exact" in p for p in verdict.problems)
