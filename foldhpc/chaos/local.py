@@ -122,6 +122,7 @@ class ChaosOutcome:
     started_at: float  # time.time() when the chaos run (after the reference) started
     unwritable_method: str | None
     settings: dict[str, str]
+    in_job_restarts: int = 0  # the supervisors' restarts of a trainer, as logged
 
 
 def unwritable_method(scratch: Path) -> tuple[str | None, str]:
@@ -338,7 +339,7 @@ class LocalRunner:
         for e in reversed(evs):
             if e.kind in ("saved", "resumed"):
                 return e.step
-        return None
+        return None  # (a scan from the end: a save or a resume is never far back)
 
     def _trainer_pid(self) -> int:
         ev = self.tail.last("first_step")
@@ -439,7 +440,7 @@ class LocalRunner:
         come before the new one's: it was dead when the supervisor started the next."""
         def found() -> tuple[int, LogEvent] | None:
             evs = self.tail.events
-            last_old = max((i for i in range(len(evs) - 1, -1, -1) if evs[i].pid == old_pid), default=-1)
+            last_old = self.tail.last_position_of(old_pid)
             for j in range(last_old + 1, len(evs)):
                 if evs[j].kind == "first_step" and evs[j].pid != old_pid:
                     start = next(i for i in range(last_old + 1, j + 1) if evs[i].pid == evs[j].pid)
@@ -575,8 +576,7 @@ class LocalRunner:
         rec.newest_durable_step = saved.step
 
     def _nan(self, f: PlannedFault, rec: FaultRecord) -> None:
-        ev = self._wait(lambda: next((e for e in self.tail.events if e.kind == "nonfinite" and e.step == f.at_step),
-                                     None), self._step_timeout(f.at_step - self._current_step()) + START_TIMEOUT_S,
+        ev = self._wait(lambda: next((e for e in self.tail.of_kind("nonfinite") if e.step == f.at_step), None), self._step_timeout(f.at_step - self._current_step()) + START_TIMEOUT_S,
                         f"the non-finite step {f.at_step}")
         rec.step, rec.injected_at, rec.steps_lost = f.at_step, ev.seen, 0
         self._wait(lambda: any(e.kind == "progress" and e.step > f.at_step and e.seen >= ev.seen
@@ -667,11 +667,12 @@ def run(config: str | None, overrides: list[str], plan: Plan, out: Path, **kwarg
     started = time.time()  # the chaos run's clock: the timeline and the fault marks count from here
     chaos, records = runner.run_chaos()
     return ChaosOutcome(reference, chaos, records, runner.launches, runner.relaunches_for_hooks, runner.unplanned,
-                        list(runner.tail.timeline), started, runner.unwritable, runner.settings)
+                        list(runner.tail.timeline), started, runner.unwritable, runner.settings,
+                        len(runner.tail.of_kind("restarting")))
 
 
 def outcome_to_dict(o: ChaosOutcome) -> dict[str, Any]:
     return {"reference": asdict(o.reference), "chaos": asdict(o.chaos), "faults": [asdict(r) for r in o.records],
             "launches": [asdict(la) for la in o.launches], "relaunches_for_hooks": o.relaunches_for_hooks,
             "unplanned_relaunches": o.unplanned_relaunches, "started_at": o.started_at,
-            "unwritable_method": o.unwritable_method, "settings": o.settings}
+            "unwritable_method": o.unwritable_method, "settings": o.settings, "in_job_restarts": o.in_job_restarts}

@@ -48,6 +48,8 @@ class LogTail:
     path: Path
     events: list[LogEvent] = field(default_factory=list)
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (seen, step) of every progress line
+    # kind -> [(position in events, event)]: lookups stay cheap in a log of tens of thousands of lines
+    by_kind: dict[str, list[tuple[int, LogEvent]]] = field(default_factory=dict)
     _offset: int = 0
     _partial: bytes = b""
 
@@ -84,6 +86,7 @@ class LogTail:
                 elif kind == "run_failed" and groups[0]:
                     step = int(groups[0])
                 ev = LogEvent(now, pid, kind, step, line, groups)
+                self.by_kind.setdefault(kind, []).append((len(self.events) + len(new), ev))
                 new.append(ev)
                 if kind == "progress":
                     self.timeline.append((now, step))
@@ -93,11 +96,29 @@ class LogTail:
 
     def since(self, index: int, kind: str | None = None, pid: int | None = None) -> list[LogEvent]:
         """Events from position ``index`` of :attr:`events` on, optionally of one kind / process."""
-        return [e for e in self.events[index:] if (kind is None or e.kind == kind) and (pid is None or e.pid == pid)]
+        if kind is None:
+            return [e for e in self.events[index:] if pid is None or e.pid == pid]
+        out: list[LogEvent] = []
+        for i, e in reversed(self.by_kind.get(kind, [])):
+            if i < index:
+                break
+            if pid is None or e.pid == pid:
+                out.append(e)
+        return out[::-1]
+
+    def of_kind(self, kind: str) -> list[LogEvent]:
+        return [e for _, e in self.by_kind.get(kind, [])]
 
     def last(self, kind: str, before: int | None = None, pid: int | None = None) -> LogEvent | None:
-        evs = self.events[:before] if before is not None else self.events
-        for e in reversed(evs):
-            if e.kind == kind and (pid is None or e.pid == pid):
+        """The newest event of ``kind`` (of process ``pid``) before position ``before``."""
+        for i, e in reversed(self.by_kind.get(kind, [])):
+            if (before is None or i < before) and (pid is None or e.pid == pid):
                 return e
         return None
+
+    def last_position_of(self, pid: int) -> int:
+        """Position of the newest event of process ``pid`` (-1 if none)."""
+        for i in range(len(self.events) - 1, -1, -1):
+            if self.events[i].pid == pid:
+                return i
+        return -1

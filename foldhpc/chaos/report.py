@@ -186,7 +186,10 @@ def markdown(doc: dict[str, Any]) -> str:
               f"- reference (no faults): {ref['wall_s']:.1f} s; chaos run: {chaos['wall_s']:.1f} s, "
               f"{len(doc['launches'])} launches of `foldhpc train --supervise` ({doc['relaunches_for_hooks']} of "
               f"them only to carry a further FOLDHPC_FAIL_* hook, after a SIGUSR1 checked to lose 0 steps; "
-              f"{doc['unplanned_relaunches']} unplanned), {doc['steps_lost_total']} steps lost in all"]
+              f"{doc['unplanned_relaunches']} unplanned), {doc['steps_lost_total']} steps lost in all",
+              f"- in-job restarts by the supervisor: {doc['in_job_restarts']} (faults that call for one: "
+              f"{sum(1 for r in doc['faults'] if r['kind'] in ('exception', 'crash', 'hang'))}; more would mean "
+              "a restart nobody planned, e.g. a hang timeout hit by a slow step)"]
     if doc["skipped_kinds"]:
         lines.append("- kinds left out: " + "; ".join(f"{k}: {why}" for k, why in doc["skipped_kinds"].items()))
     lines += ["", "| kind | faults | recovered | steps lost (total / max) | time to resume p50 | p95 | max | "
