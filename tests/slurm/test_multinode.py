@@ -202,27 +202,32 @@ def test_submitit_two_nodes_usr1_requeues_and_finishes_bit_exact(tmp_path, jobs,
     assert "2 on n1,n2" in table, table
 
 
-def test_template_signal_to_one_rank_stops_all_at_one_step(tmp_path, jobs, reference):
+def test_template_signal_to_one_rank_stops_all_at_one_step_and_chains(tmp_path, jobs, reference):
+    """slurm.resume=chain (the default) in the multi-node template: the follow-up job gets the same
+    two nodes' worth of tasks (read from scontrol) and finishes bit-exact."""
     run_dir = tmp_path / "run"
-    job, out = template_job(tmp_path, run_dir)
+    job, out = template_job(tmp_path, run_dir, **{"slurm.resume": "chain"})
     jobs.append(job)
     wait_for_step(run_dir, 10)
     rec = rank_record(run_dir, 1, job)
     assert rec["node"] == "n2", rec
     os.kill(int(rec["pid"]), signal.SIGUSR1)  # rank 1 only (same host)
-    wait_sacct_row(job, FINAL, timeout=240)
-    assert job_rows(job) == ["REQUEUED", "COMPLETED"], (sacct_rows(job), text(out))
+    nxt = wait_for(lambda: next((str(e["followup_job_id"]) for e in read_history(run_dir)[0]
+                                 if e["event"] == "followup"), None), "no follow-up job", timeout=60)
+    jobs.append(nxt)
+    wait_sacct_row(nxt, FINAL, timeout=240)
+    assert job_rows(job) == ["COMPLETED"] and job_rows(nxt) == ["COMPLETED"], (sacct_rows(job), sacct_rows(nxt))
     log = text(run_dir / "train.log")
     (saved,) = stop_steps(log)  # both ranks: the same step
     assert len(re.findall(rf"saving a checkpoint at step {saved}\b", log)) == 2, log[-3000:]
     assert re.search(rf"\[rank 0\] .*another rank received SIGUSR1: stopping at step {saved} with it", log), log
     assert f"at step {saved} (restart #1" in log
     o = text(out)
-    assert "ranks exited with status 75" in o and "will be requeued" in o, o
+    assert "ranks exited with status 75" in o and "continues in a follow-up job" in o, o
     assert "forwarding" not in o  # nothing went through the batch shell
     assert final_digest(run_dir) == reference
-    assert_ranks_on_both_nodes(run_dir, job)
-    assert started_runs(run_dir) == [0, 1]
+    assert_ranks_on_both_nodes(run_dir, nxt)
+    assert [e["job_id"] for e in read_history(run_dir)[0] if e["event"] == "started"] == [job, nxt]
 
 
 def test_template_partition_preemption_requeues_once_and_finishes(tmp_path, jobs, reference, two_nodes):
