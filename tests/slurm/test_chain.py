@@ -135,7 +135,7 @@ def test_preemption_that_cancels_the_job_continues_in_a_followup(tmp_path, jobs,
     after GraceTime (20 s), the job COMPLETING and sacct PREEMPTED with Restarts unchanged. Slurm
     will never run it again: the decision submits a follow-up within KillWait (10 s)."""
     run_dir = tmp_path / "run"
-    slow = f"--export=ALL,FOLDHPC_PYTHON={sys.executable},FOLDHPC_DEBUG_STEP_DELAY_S=0.3"  # outlast GraceTime
+    slow = f"--export=ALL,FOLDHPC_PYTHON={sys.executable},FOLDHPC_DEBUG_STEP_DELAY_S=0.2"  # outlast GraceTime
     jobs.append(j1 := template_job(tmp_path, run_dir, sbatch_args=("--signal=B:URG@60", slow), **CHAIN))
     wait_for_step(run_dir, 10)
     node = job_nodes(j1)

@@ -201,12 +201,12 @@ def test_requeue_limit_is_respected(tmp_path, jobs):
 
 
 def test_time_limit_signal_requeues_a_short_job(tmp_path, jobs):
-    """A real time limit: --time=2 with the signal 60 s before it (Slurm delivers it 30-60 s after
-    the start). submitit alone would count this short job's signal as a timeout; foldhpc saves at a
+    """A real time limit: --time=1 with the signal 40 s before it (Slurm delivers it 20-30 s after
+    the start: its limit check runs every ~30 s). submitit alone would count this short job's signal as a timeout; foldhpc saves at a
     step boundary and requeues, and the next run resumes from that step. (Runs that complete after
     a requeue are covered above; this job would train for hours, so the test cancels it.)"""
     run_dir = tmp_path / "run"
-    jobs.append(job := submit(run_dir, **{"slurm.time": "2m", "slurm.signal_lead": "60s",
+    jobs.append(job := submit(run_dir, **{"slurm.time": "1m", "slurm.signal_lead": "40s",
                                           "train.max_steps": 10**6, "run.log_every": 50}))
     deadline = time.monotonic() + 240
     while "(restart #1" not in ((run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""):
