@@ -15,7 +15,7 @@ import pytest
 
 from conftest import GOOD_DATA, TINY, run_foldhpc
 from foldhpc.chaos import local, report
-from foldhpc.chaos.kinds import KINDS
+from foldhpc.chaos.kinds import DEFAULT_KINDS, KINDS
 from foldhpc.chaos.local import FaultRecord
 from foldhpc.chaos.schedule import Plan, PlanError, PlannedFault, make_plan, parse_kinds, parse_weights
 
@@ -45,7 +45,7 @@ def test_weights_are_respected():
 def test_kinds_filter_and_bad_specs():
     plan = make_plan(100, seed=3, kinds=parse_kinds("crash,corrupt_checkpoint"))
     assert {f.kind for f in plan.faults} == {"crash", "corrupt_checkpoint"}
-    assert parse_kinds(None) == list(KINDS)
+    assert parse_kinds(None) == list(DEFAULT_KINDS) and "dead_rank" not in DEFAULT_KINDS  # needs --nproc
     with pytest.raises(PlanError, match="unknown kind"):
         parse_kinds("sigkill,meteor")
     assert parse_weights("sigkill=3, nan=0.5") == {"sigkill": 3.0, "nan": 0.5}
@@ -150,3 +150,16 @@ def test_a_broken_recovery_is_detected(tmp_path):
     assert outcome.reference.completed and outcome.chaos.completed
     assert not verdict.bit_exact and not verdict.passed and verdict.exit_code == 1
     assert any("NOT bit-exact" in p for p in verdict.problems)
+
+
+def test_two_ranks_dead_rank_and_hook_faults(tmp_path):
+    """--nproc 2 (the reference too: bit-exact needs the same world size): a killed rank 1, an
+    exception on every rank and a crash of rank 0, each followed by a restart of both ranks."""
+    plan = _plan([("dead_rank", "SIGKILL"), ("exception", ""), ("crash", "SIGSEGV")])
+    outcome = local.run(str(TINY), [f"data.path={GOOD_DATA}"], plan, tmp_path, nproc=2)
+    verdict = _judge(outcome, plan)
+    assert verdict.passed, verdict.problems
+    dead = outcome.records[0]
+    assert dead.kind == "dead_rank" and dead.notes[0].startswith("killed rank 1")
+    assert dead.steps_lost is not None and dead.time_to_resume_s is not None
+    assert outcome.in_job_restarts == 3

@@ -30,12 +30,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kinds", metavar="K1,K2", help="fault kinds to draw from (default: all available): "
                    + ", ".join(__import__("foldhpc.chaos.kinds", fromlist=["KINDS"]).KINDS))
     p.add_argument("--weights", metavar="K=W,...", help="relative weights of the kinds (default 1 each)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train both runs with N local ranks (foldhpc train --nproc N); adds the dead_rank kind")
     p.add_argument("--min-gap", type=int, default=12, metavar="STEPS", help="fewest steps between two faults")
     p.add_argument("--max-gap", type=int, default=30, metavar="STEPS", help="most steps between two faults")
 
 
 def run(args: argparse.Namespace) -> int:
     from foldhpc.chaos import local, report
+    from foldhpc.chaos.kinds import MULTI_RANK_KINDS
     from foldhpc.chaos.schedule import PlanError, make_plan, parse_kinds, parse_weights
     from foldhpc.monitor.logs import setup_logging
 
@@ -45,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
         weights = parse_weights(args.weights)
     except PlanError as e:
         raise ConfigError(str(e)) from None
+    if args.nproc < 1:
+        raise ConfigError("--nproc must be >= 1")
+    if args.nproc > 1 and not args.kinds:
+        kinds += list(MULTI_RANK_KINDS)
     sets = [f"{k}={v}" for k, v in local.CHAOS_DEFAULTS.items()] + list(args.overrides)
     cfg = load_config(args.config, sets + [f"run.dir={out / 'runs' / 'chaos'}"])  # validate before any work
     every = cfg.checkpoint.every_steps
@@ -52,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("foldhpc chaos needs checkpoint.every_steps > 0 (faults must find checkpoints to resume)")
     if cfg.fault.max_restarts <= 0:
         raise ConfigError("foldhpc chaos runs the trainer under the supervisor: fault.max_restarts must be > 0")
+    if args.nproc > 1 and cfg.train.batch_size % args.nproc:
+        raise ConfigError(f"--nproc {args.nproc}: train.batch_size = {cfg.train.batch_size} must be a multiple of it")
     if cfg.checkpoint.dir:
         raise ConfigError("foldhpc chaos keeps both trainings' checkpoints under --out DIR/runs/: leave "
                           "checkpoint.dir unset")
@@ -60,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     setup_logging("INFO", out / "chaos.log")
     skipped: dict[str, str] = {}
+    for k in MULTI_RANK_KINDS:
+        if k in kinds and args.nproc == 1:
+            skipped[k] = "needs several ranks (--nproc 2 or more)"
+            kinds.remove(k)
+            weights.pop(k, None)
     method = None
     if "unwritable_dir" in kinds:
         method, why = local.unwritable_method(out)
@@ -81,14 +95,14 @@ def run(args: argparse.Namespace) -> int:
     log.info("chaos: %d faults (seed %d) over %d steps: %s", len(plan.faults), plan.seed, plan.max_steps,
              ", ".join(f"{k} {n}" for k, n in counts.items() if n))
     load_start = os.getloadavg()
-    outcome = local.run(args.config, list(args.overrides), plan, out, unwritable=method)
+    outcome = local.run(args.config, list(args.overrides), plan, out, unwritable=method, nproc=args.nproc)
     load_end = os.getloadavg()
     verdict = report.judge(len(plan.faults), outcome.records, outcome.reference.digest, outcome.chaos.digest,
                            outcome.reference.completed, outcome.chaos.completed, outcome.chaos.final_step,
                            plan.max_steps)
     doc = report.build(outcome, plan, verdict, command=report.argv(), config=args.config,
                        overrides=list(args.overrides), backend=args.backend, load_start=load_start,
-                       load_end=load_end, skipped_kinds=skipped)
+                       load_end=load_end, skipped_kinds=skipped, nproc=args.nproc)
     paths = report.write(doc, out)
     (out / "runs" / ".gitignore").write_text("*\n")  # scratch trainings: never committed with a report
     level = logging.INFO if verdict.passed else logging.ERROR

@@ -54,12 +54,16 @@ KINDS: dict[str, KindSpec] = {k.name: k for k in (
     KindSpec("unwritable_dir", "the checkpoint directory is unwritable for a while (chmod; chattr +i as root): "
              "saves fail and are logged, training goes on, the next save after it is writable again succeeds",
              ends_launch=False, hook=False, restarts=False, span=40),
+    KindSpec("dead_rank", "one rank other than 0 of a multi-rank run (--nproc N) is SIGKILLed at a random moment: "
+             "the others' next collective fails, the supervisor restarts all ranks together", ends_launch=False,
+             hook=False, restarts=True, variants=("SIGKILL",)),
     KindSpec("nan", "a non-finite loss at one step (FOLDHPC_NAN_AT_STEPS): the update is skipped; the reference "
              "run gets the same step, so the end state must still match", ends_launch=False, hook=False,
              restarts=False),
 )}
 
-DEFAULT_KINDS: tuple[str, ...] = tuple(KINDS)
+MULTI_RANK_KINDS: tuple[str, ...] = ("dead_rank",)  # only with --nproc > 1
+DEFAULT_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k not in MULTI_RANK_KINDS)
 
 
 def uses_hook(kind: str) -> bool:

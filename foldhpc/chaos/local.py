@@ -179,7 +179,7 @@ class LocalRunner:
     def __init__(self, config: str | None, overrides: list[str], plan: Plan, out: Path, *,
                  unwritable: str | None = None, mirror_nan_in_reference: bool = True,
                  write_delay_s: float = 0.4, python: str = sys.executable, settings: dict[str, str] | None = None,
-                 ckpt_subdir: str = "checkpoints") -> None:
+                 ckpt_subdir: str = "checkpoints", nproc: int = 1) -> None:
         self.config = config
         self.user_overrides = list(overrides)
         self.plan = plan
@@ -194,6 +194,7 @@ class LocalRunner:
         self.write_delay_s = write_delay_s
         self.python = python
         self.settings = dict(CHAOS_DEFAULTS, **(settings or {}))
+        self.nproc = nproc  # both runs: a digest is bit-exact only for the same world size
         self.rng = random.Random(plan.seed * 7919 + 1)  # damage offsets: replayable too
         self.proc: subprocess.Popen[bytes] | None = None
         self.launches: list[Launch] = []
@@ -215,6 +216,8 @@ class LocalRunner:
             cmd += ["--config", self.config]
         for o in self.overrides(run_dir):
             cmd += ["--set", o]
+        if self.nproc > 1:
+            return cmd + ["--nproc", str(self.nproc)]  # always supervised
         return cmd + (["--supervise"] if supervise else [])
 
     def _env(self, extra: dict[str, str], nan: bool = True) -> dict[str, str]:
@@ -341,11 +344,12 @@ class LocalRunner:
                 return e.step
         return None  # (a scan from the end: a save or a resume is never far back)
 
-    def _trainer_pid(self) -> int:
+    def _trainer_pid(self, check_parent: bool = True) -> int:
+        """The running trainer (rank 0): the process that logged the newest "first step"."""
         ev = self.tail.last("first_step")
         if ev is None or self.proc is None:
             raise RuntimeError("no trainer has started yet")
-        if _ppid(ev.pid) != self.proc.pid:
+        if check_parent and _ppid(ev.pid) != self.proc.pid:
             raise RuntimeError(f"pid {ev.pid} (from the log) is not a child of the launch {self.proc.pid}")
         return ev.pid
 
@@ -434,15 +438,16 @@ class LocalRunner:
                 rec.problems.append(f"resumed from {rec.checkpoint_used}, the file whose write was killed")
         rec.resume_measure = "SIGKILL -> first step of the restarted trainer"
 
-    def _restart_of(self, old_pid: int, timeout: float) -> tuple[int, LogEvent]:
-        """Wait for the supervisor's new trainer after ``old_pid`` died: (position of the new
-        trainer's first event in the log, its "first step" event). The old trainer's lines all
-        come before the new one's: it was dead when the supervisor started the next."""
+    def _restart_of(self, old_pid: int, timeout: float, after: float = 0.0) -> tuple[int, LogEvent]:
+        """Wait for the supervisor's new trainer after ``old_pid`` (rank 0) died: (position of the
+        new trainer's first event in the log, its "first step" event), seen after ``after``. The
+        old trainer's lines all come before the new one's: it was dead when the supervisor
+        started the next."""
         def found() -> tuple[int, LogEvent] | None:
             evs = self.tail.events
             last_old = self.tail.last_position_of(old_pid)
             for j in range(last_old + 1, len(evs)):
-                if evs[j].kind == "first_step" and evs[j].pid != old_pid:
+                if evs[j].kind == "first_step" and evs[j].pid != old_pid and evs[j].seen >= after:
                     start = next(i for i in range(last_old + 1, j + 1) if evs[i].pid == evs[j].pid)
                     return start, evs[j]
             return None
@@ -465,6 +470,27 @@ class LocalRunner:
                    for e in self.tail.events[:start]):
             rec.problems.append("the supervisor did not report the hang")
 
+    def _dead_rank(self, f: PlannedFault, rec: FaultRecord) -> None:
+        """SIGKILL of a rank other than 0; the supervisor restarts every rank."""
+        self._wait_step(f.at_step)
+        trainer = self._trainer_pid()
+        rank = self.rng.randrange(1, self.nproc)
+        pid = int(json.loads((self.run_dir / "ranks" / f"rank-{rank}.json").read_text())["pid"])
+        assert self.proc is not None
+        if _ppid(pid) != self.proc.pid:
+            raise RuntimeError(f"rank {rank} (pid {pid}, from ranks/rank-{rank}.json) is not a child of the launch")
+        rec.injected_at = time.time()
+        os.kill(pid, signal.SIGKILL)
+        rec.notes.append(f"killed rank {rank} (pid {pid})")
+        start, first = self._restart_of(trainer, START_TIMEOUT_S + 30, after=rec.injected_at)
+        rec.step = self._last_progress(trainer)
+        rec.newest_durable_step = self._newest_good(start)
+        self._resumed(rec, start, first)
+        self._check_kill_bounds(rec)
+        if not any(e.seen >= rec.injected_at for e in self.tail.of_kind("restarting")):
+            rec.problems.append("no restart by the supervisor was logged")
+        rec.resume_measure = "SIGKILL of rank >= 1 -> first step of the restarted rank 0"
+
     def _hook(self, f: PlannedFault, rec: FaultRecord) -> None:
         """exception / hang: the trainer injects it itself at step ``at_step`` (FOLDHPC_FAIL_*)."""
         if self.launch_hook != f.index:  # one hook per process environment: this one needs a new launch
@@ -479,8 +505,10 @@ class LocalRunner:
             return text if len(text) == 5 else None
         text = self._wait(fired, self._step_timeout(f.at_step - self._current_step()) + START_TIMEOUT_S,
                           f"the {f.kind} hook at step {f.at_step}")
-        trainer, rec.step, rec.injected_at = int(text[0]), int(text[2]), float(text[4])
-        start, first = self._restart_of(trainer, START_TIMEOUT_S + 30)
+        rec.step, rec.injected_at = int(text[2]), float(text[4])
+        # rank 0 (the one that logs steps); with several ranks the marker may name another
+        trainer = int(text[0]) if self.nproc == 1 else self._trainer_pid(check_parent=False)
+        start, first = self._restart_of(trainer, START_TIMEOUT_S + 30, after=rec.injected_at)
         rec.newest_durable_step = self._newest_good(start)
         self._resumed(rec, start, first)
         self._check_kill_bounds(rec)
@@ -590,7 +618,7 @@ class LocalRunner:
             "sigusr1": self._signal, "sigterm": self._signal, "sigkill": self._sigkill,
             "kill_during_write": lambda f, r: self._sigkill(f, r, during_write=True),
             "exception": self._hook, "hang": self._hook, "crash": self._crash, "corrupt_checkpoint": self._corrupt,
-            "unwritable_dir": self._unwritable, "nan": self._nan}
+            "unwritable_dir": self._unwritable, "nan": self._nan, "dead_rank": self._dead_rank}
         t0 = time.monotonic()
         records: list[FaultRecord] = []
         self.markers.mkdir(parents=True, exist_ok=True)

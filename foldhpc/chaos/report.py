@@ -126,14 +126,14 @@ def machine() -> dict[str, Any]:
 
 def build(outcome: ChaosOutcome, plan: Plan, verdict: Verdict, *, command: list[str], config: str | None,
           overrides: list[str], backend: str, load_start: tuple[float, ...], load_end: tuple[float, ...],
-          skipped_kinds: dict[str, str]) -> dict[str, Any]:
+          skipped_kinds: dict[str, str], nproc: int = 1) -> dict[str, Any]:
     """Everything of the run as one JSON-able document (the source of report.md and the PNG)."""
     t0 = outcome.started_at
     doc: dict[str, Any] = {
         "tool": "foldhpc chaos", "version": __import__("foldhpc").__version__, "backend": backend,
         "command": " ".join(command), "date": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(t0)),
         "machine": machine(), "load_average": {"start": list(load_start), "end": list(load_end)},
-        "config": config, "overrides": overrides, "seed": plan.seed, "plan": plan.to_dict(),
+        "config": config, "overrides": overrides, "nproc": nproc, "seed": plan.seed, "plan": plan.to_dict(),
         "skipped_kinds": skipped_kinds,
         "verdict": {"passed": verdict.passed, "faults_planned": verdict.faults_planned,
                     "faults_run": verdict.faults_run, "recovered": verdict.recovered,
@@ -167,7 +167,8 @@ def markdown(doc: dict[str, Any]) -> str:
     v = doc["verdict"]
     m = doc["machine"]
     ref, chaos = doc["reference"], doc["chaos"]
-    lines = [f"# foldhpc chaos: {v['faults_planned']} faults, {doc['backend']} backend", ""]
+    ranks = f", {doc['nproc']} ranks (--nproc)" if doc.get("nproc", 1) > 1 else ""
+    lines = [f"# foldhpc chaos: {v['faults_planned']} faults, {doc['backend']} backend{ranks}", ""]
     lines.append(f"**{'PASSED' if v['passed'] else 'FAILED'}**: {v['recovered']}/{v['faults_planned']} faults "
                  f"recovered ({100 * v['recovery_rate']:.1f} %), final state "
                  f"{'bit-exact with' if v['bit_exact'] else 'DIFFERENT from'} the uninterrupted reference "
