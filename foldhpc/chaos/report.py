@@ -189,7 +189,8 @@ def markdown(doc: dict[str, Any]) -> str:
               f"them only to carry a further FOLDHPC_FAIL_* hook, after a SIGUSR1 checked to lose 0 steps; "
               f"{doc['unplanned_relaunches']} unplanned), {doc['steps_lost_total']} steps lost in all",
               f"- in-job restarts by the supervisor: {doc['in_job_restarts']} (faults that call for one: "
-              f"{sum(1 for r in doc['faults'] if r['kind'] in ('exception', 'crash', 'hang'))}; more would mean "
+              f"{sum(1 for r in doc['faults'] if KINDS[r['kind']].restarts and not KINDS[r['kind']].ends_launch)}; "
+              "more would mean "
               "a restart nobody planned, e.g. a hang timeout hit by a slow step)"]
     if doc["skipped_kinds"]:
         lines.append("- kinds left out: " + "; ".join(f"{k}: {why}" for k, why in doc["skipped_kinds"].items()))
