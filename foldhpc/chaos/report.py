@@ -203,8 +203,11 @@ def markdown(doc: dict[str, Any]) -> str:
                      f"{_fmt(t['max'], ' s')} | {s['measured_as']} |")
     if v["problems"]:
         lines += ["", "## Problems", ""] + [f"- {p}" for p in v["problems"]]
-    lines += ["", f"![time to resume per kind; step over wall time with every fault]({PNG_NAME})", "",
-              "## Every fault", "",
+    lines += ["", f"![time to resume per kind; step over wall time with every fault]({PNG_NAME})", ""]
+    if TIMELINE_NAME in doc.get("figures", []):
+        lines += [f"Every process start of the chaos run, drawn by `foldhpc plot`: [{TIMELINE_NAME}]({TIMELINE_NAME})",
+                  ""]
+    lines += ["## Every fault", "",
               "| # | kind | variant | step | recovered | steps lost | time to resume | checkpoint used | rejected | "
               "notes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["faults"]:
@@ -273,15 +276,38 @@ def plot(doc: dict[str, Any], out: Path) -> Path | None:
     return path
 
 
+TIMELINE_NAME = "timeline.png"
+TIMELINE_MAX_FAULTS = 60  # one row per process start: beyond this the picture is too tall to read
+
+
+def timeline(doc: dict[str, Any], out: Path) -> Path | None:
+    """The chaos run drawn by ``foldhpc plot``'s timeline (one row per process start), every fault
+    marked; optional: None (logged) where that module is missing, fails, or the run is too long."""
+    if len(doc["faults"]) > TIMELINE_MAX_FAULTS:
+        log.info("chaos: no %s: %d faults are too many rows for one picture (at most %d)", TIMELINE_NAME,
+                 len(doc["faults"]), TIMELINE_MAX_FAULTS)
+        return None
+    try:
+        from foldhpc.monitor.plot import plot_timeline
+    except ImportError as e:
+        log.info("chaos: no %s: %s", TIMELINE_NAME, e)
+        return None
+    marks = [(float(r["injected_at"]), str(r["kind"])) for r in doc["faults"] if r["injected_at"] is not None]
+    try:
+        return Path(plot_timeline(Path(doc["chaos"]["run_dir"]), out / TIMELINE_NAME, marks))
+    except Exception as e:  # noqa: BLE001 - another module's picture must never fail the chaos verdict
+        log.warning("chaos: no %s: %s: %s", TIMELINE_NAME, type(e).__name__, e)
+        return None
+
+
 def write(doc: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
+    pngs = [p for p in (plot(doc, out), timeline(doc, out)) if p is not None]
+    doc["figures"] = [p.name for p in pngs]
     paths = [out / "report.json", out / "report.md"]
     paths[0].write_text(json.dumps(doc, indent=1) + "\n")
     paths[1].write_text(markdown(doc))
-    png = plot(doc, out)
-    if png is not None:
-        paths.append(png)
-    return paths
+    return paths + pngs
 
 
 def argv() -> list[str]:
