@@ -22,8 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key (repeatable); applied over chaos's own settings")
     p.add_argument("--faults", type=int, required=True, metavar="N", help="number of faults to inject")
-    p.add_argument("--backend", choices=("local",), default="local",
-                   help="local: real processes on this machine, restarted by the chaos runner like a requeue")
+    p.add_argument("--backend", choices=("local", "slurm"), default="local",
+                   help="local: real processes on this machine, restarted by the chaos runner like a requeue; "
+                        "slurm: one run submitted with foldhpc submit to the Slurm cluster here, continued by "
+                        "Slurm and slurm.resume (faults: scancel --signal, partition preemption, scontrol "
+                        "requeue, trainer crash, scancel)")
+    p.add_argument("--partition", default="", help="--backend slurm: the partition of the run's jobs "
+                   "(default: slurm.partition of the config)")
+    p.add_argument("--preempt-partition", default="high", help="--backend slurm: a partition whose jobs preempt "
+                   "the run's (for the preempt kind)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fault schedule (same seed, same plan)")
     p.add_argument("--out", default="runs/chaos", metavar="DIR",
                    help="report.md, report.json, chaos.png; the two trainings go to DIR/runs/ (replaced)")
@@ -44,12 +51,20 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     try:
-        kinds = parse_kinds(args.kinds)
+        kinds = parse_kinds(args.kinds, args.backend)
         weights = parse_weights(args.weights)
     except PlanError as e:
         raise ConfigError(str(e)) from None
     if args.nproc < 1:
         raise ConfigError("--nproc must be >= 1")
+    if args.backend == "slurm":
+        from foldhpc.chaos import slurm as slurm_backend
+
+        if args.nproc != 1:
+            raise ConfigError("--nproc is for --backend local (on Slurm, ranks come from slurm.nodes/slurm.gpus)")
+        why = slurm_backend.available()
+        if why:
+            raise ConfigError(f"--backend slurm: {why}")
     if args.nproc > 1 and not args.kinds:
         kinds += list(MULTI_RANK_KINDS)
     sets = [f"{k}={v}" for k, v in local.CHAOS_DEFAULTS.items()] + list(args.overrides)
@@ -95,7 +110,11 @@ def run(args: argparse.Namespace) -> int:
     log.info("chaos: %d faults (seed %d) over %d steps: %s", len(plan.faults), plan.seed, plan.max_steps,
              ", ".join(f"{k} {n}" for k, n in counts.items() if n))
     load_start = os.getloadavg()
-    outcome = local.run(args.config, list(args.overrides), plan, out, unwritable=method, nproc=args.nproc)
+    if args.backend == "slurm":
+        outcome = slurm_backend.run(args.config, list(args.overrides), plan, out, partition=args.partition,
+                                    preempt_partition=args.preempt_partition)
+    else:
+        outcome = local.run(args.config, list(args.overrides), plan, out, unwritable=method, nproc=args.nproc)
     load_end = os.getloadavg()
     verdict = report.judge(len(plan.faults), outcome.records, outcome.reference.digest, outcome.chaos.digest,
                            outcome.reference.completed, outcome.chaos.completed, outcome.chaos.final_step,

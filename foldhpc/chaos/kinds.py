@@ -60,10 +60,30 @@ KINDS: dict[str, KindSpec] = {k.name: k for k in (
     KindSpec("nan", "a non-finite loss at one step (FOLDHPC_NAN_AT_STEPS): the update is skipped; the reference "
              "run gets the same step, so the end state must still match", ends_launch=False, hook=False,
              restarts=False),
+    # --backend slurm: the job is a real Slurm job on the cluster; Slurm and foldhpc's resume mode
+    # (slurm.resume) continue it, never the chaos runner (except after a user's scancel, below)
+    KindSpec("scancel_signal", "scancel --signal=USR1 (a user's copy of the time-limit/preemption signal): "
+             "checkpoint, the job continues in its follow-up job (chain) or is requeued; 0 steps lost",
+             ends_launch=True, hook=False, restarts=True),
+    KindSpec("preempt", "a real partition preemption (a high-priority job that needs the node): USR1 during "
+             "GraceTime, checkpoint, follow-up/requeue once the node is free; 0 steps lost", ends_launch=True,
+             hook=False, restarts=True),
+    KindSpec("requeue", "scontrol requeue of the running job (an admin): SIGTERM, checkpoint, Slurm runs the same "
+             "job again; 0 steps lost", ends_launch=True, hook=False, restarts=True),
+    KindSpec("scancel", "plain scancel (the user stops the run): checkpoint on SIGTERM, and NO follow-up or requeue "
+             "may start; the runner then resubmits (foldhpc submit) like the user would: 0 steps lost",
+             ends_launch=True, hook=False, restarts=True),
 )}
 
 MULTI_RANK_KINDS: tuple[str, ...] = ("dead_rank",)  # only with --nproc > 1
-DEFAULT_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k not in MULTI_RANK_KINDS)
+SLURM_KINDS: tuple[str, ...] = ("scancel_signal", "preempt", "requeue", "scancel", "crash")  # --backend slurm
+DEFAULT_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k not in MULTI_RANK_KINDS and
+                                       (k == "crash" or k not in SLURM_KINDS))
+
+
+def kinds_for(backend: str) -> tuple[str, ...]:
+    """The kinds a backend can inject (the default set of ``--kinds``)."""
+    return SLURM_KINDS if backend == "slurm" else DEFAULT_KINDS
 
 
 def uses_hook(kind: str) -> bool:

@@ -123,6 +123,8 @@ class ChaosOutcome:
     unwritable_method: str | None
     settings: dict[str, str]
     in_job_restarts: int = 0  # the supervisors' restarts of a trainer, as logged
+    slurm_jobs: list[str] = field(default_factory=list)  # --backend slurm: every job id the run had
+    max_jobs_running: int = 0  # --backend slurm: the most jobs of the run seen RUNNING at once
 
 
 def unwritable_method(scratch: Path) -> tuple[str | None, str]:
@@ -703,4 +705,5 @@ def outcome_to_dict(o: ChaosOutcome) -> dict[str, Any]:
     return {"reference": asdict(o.reference), "chaos": asdict(o.chaos), "faults": [asdict(r) for r in o.records],
             "launches": [asdict(la) for la in o.launches], "relaunches_for_hooks": o.relaunches_for_hooks,
             "unplanned_relaunches": o.unplanned_relaunches, "started_at": o.started_at,
-            "unwritable_method": o.unwritable_method, "settings": o.settings, "in_job_restarts": o.in_job_restarts}
+            "unwritable_method": o.unwritable_method, "settings": o.settings, "in_job_restarts": o.in_job_restarts,
+            "slurm_jobs": o.slurm_jobs, "max_jobs_running": o.max_jobs_running}

@@ -184,10 +184,15 @@ def markdown(doc: dict[str, Any]) -> str:
               f"{doc['plan']['every_steps']} steps; chaos settings: "
               + ", ".join(f"`{k}={val}`" for k, val in doc["settings"].items())
               + (f"; user overrides: {', '.join(f'`{o}`' for o in doc['overrides'])}" if doc["overrides"] else ""),
-              f"- reference (no faults): {ref['wall_s']:.1f} s; chaos run: {chaos['wall_s']:.1f} s, "
-              f"{len(doc['launches'])} launches of `foldhpc train --supervise` ({doc['relaunches_for_hooks']} of "
-              f"them only to carry a further FOLDHPC_FAIL_* hook, after a SIGUSR1 checked to lose 0 steps; "
-              f"{doc['unplanned_relaunches']} unplanned), {doc['steps_lost_total']} steps lost in all",
+              f"- reference (no faults): {ref['wall_s']:.1f} s; chaos run: {chaos['wall_s']:.1f} s, " +
+              (f"{len(doc['launches'])} submissions with `foldhpc submit` (the first and one after each user "
+               f"scancel; {doc['unplanned_relaunches']} unplanned), {len(set(doc.get('slurm_jobs', [])))} Slurm "
+               f"jobs in the run (follow-ups and requeues were Slurm's and foldhpc's; at most "
+               f"{doc.get('max_jobs_running', 0)} RUNNING at once), "
+               if doc["backend"] == "slurm" else
+               f"{len(doc['launches'])} launches of `foldhpc train --supervise` ({doc['relaunches_for_hooks']} of "
+               f"them only to carry a further FOLDHPC_FAIL_* hook, after a SIGUSR1 checked to lose 0 steps; "
+               f"{doc['unplanned_relaunches']} unplanned), ") + f"{doc['steps_lost_total']} steps lost in all",
               f"- in-job restarts by the supervisor: {doc['in_job_restarts']} (faults that call for one: "
               f"{sum(1 for r in doc['faults'] if KINDS[r['kind']].restarts and not KINDS[r['kind']].ends_launch)}; "
               "more would mean "

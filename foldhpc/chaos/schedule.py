@@ -14,7 +14,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from foldhpc.chaos.kinds import DEFAULT_KINDS, KINDS
+from foldhpc.chaos.kinds import DEFAULT_KINDS, KINDS, MULTI_RANK_KINDS, kinds_for
 
 
 class PlanError(ValueError):
@@ -47,14 +47,19 @@ class Plan:
                 "weights": self.weights, "faults": [asdict(f) for f in self.faults]}
 
 
-def parse_kinds(text: str | None) -> list[str]:
-    """``"sigkill,hang"`` -> ["sigkill", "hang"]; None/empty -> every kind."""
+def parse_kinds(text: str | None, backend: str = "local") -> list[str]:
+    """``"sigkill,hang"`` -> ["sigkill", "hang"]; None/empty -> every kind of the backend."""
     if not text:
-        return list(DEFAULT_KINDS)
+        return list(kinds_for(backend))
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise PlanError(f"--kinds: unknown kind(s) {', '.join(unknown)}; known: {', '.join(KINDS)}")
+    usable = set(kinds_for(backend)) | (set(MULTI_RANK_KINDS) if backend == "local" else set())
+    other = [k for k in kinds if k not in usable]
+    if other:
+        raise PlanError(f"--kinds: {', '.join(other)} cannot be injected with --backend {backend} "
+                        f"(it can: {', '.join(sorted(usable))})")
     return list(dict.fromkeys(kinds))
 
 

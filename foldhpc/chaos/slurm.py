@@ -1,0 +1,295 @@
+"""The Slurm backend of ``foldhpc chaos``: one real training run submitted to a Slurm cluster.
+
+The run is submitted once with ``foldhpc submit`` (submitit, the user's core path) and from then
+on Slurm and foldhpc carry it: the chaos runner only does what the world does to a job -- a
+user's or the time limit's signal (``scancel --signal=USR1``), a real partition preemption (a
+high-priority job that needs the node), an admin's ``scontrol requeue``, a crash of the trainer
+process, a user's plain ``scancel`` -- and checks what foldhpc made of it, from ``train.log`` and
+``jobs.jsonl``: the next job (a follow-up in chain mode, the same job requeued) resumed from the
+checkpoint saved on the signal (0 steps lost), a crash was restarted inside the allocation from
+the newest durable checkpoint, an ``scancel`` ended the run (no follow-up, no requeue: the runner
+then resubmits, as the user would), and never were two jobs of the run running at once.
+
+The reference is the same training run locally without faults (:class:`~foldhpc.chaos.local.
+LocalRunner`), so the final digest check is the same as the local backend's. Needs ``sbatch`` and
+friends on PATH and a cluster whose jobs see this machine's file system (the local test cluster:
+``tests/slurm/cluster.sh``); the trainer processes must run on this host for the ``crash`` kind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from foldhpc.chaos.local import START_TIMEOUT_S, ChaosOutcome, FaultRecord, Launch, LocalRunner, RunOutcome, \
+    WaitTimeout, final_state
+from foldhpc.chaos.schedule import Plan, PlannedFault
+
+log = logging.getLogger(__name__)
+
+#: what a Slurm job of the chaos run asks for unless the user's --set says otherwise (small: the
+#: tiny config on the local test cluster)
+SLURM_DEFAULTS: dict[str, str] = {"slurm.cpus_per_task": "1", "slurm.mem": "2G", "slurm.time": "30m",
+                                  "slurm.signal_lead": "60s", "fault.hang_timeout": "auto"}
+#: after a user's scancel, how long the runner watches for a wrongful follow-up or requeue
+SCANCEL_QUIET_S = 8.0
+#: a job of the run taking longer than this to run again after a fault is a failure (the promise)
+RESUME_LIMIT_S = 180.0
+CMD_TIMEOUT_S = 60.0
+
+
+def _cmd(*args: str, check: bool = True) -> str:
+    p = subprocess.run(list(args), capture_output=True, text=True, timeout=CMD_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({p.returncode}): {(p.stderr or p.stdout).strip()[-500:]}")
+    return p.stdout
+
+
+class SlurmRunner(LocalRunner):
+    """The chaos run as Slurm jobs; the reference and the log reading are the local runner's."""
+
+    def __init__(self, config: str | None, overrides: list[str], plan: Plan, out: Path, *,
+                 partition: str = "", preempt_partition: str = "high", **kwargs: Any) -> None:
+        super().__init__(config, overrides, plan, Path(out).resolve(), **kwargs)  # jobs run elsewhere: absolute
+        self.settings.update({k: v for k, v in SLURM_DEFAULTS.items()})
+        if partition:
+            self.settings["slurm.partition"] = partition
+        self.preempt_partition = preempt_partition
+        self.preemptors: list[str] = []
+        self.max_running = 0  # the most jobs of the run seen RUNNING at once since the last fault (must stay 1)
+        self.peak_running = 0  # ... over the whole run
+
+    # ------------------------------------------------------------------ Slurm side
+    def _submit(self, first_fault: int, why: str) -> str:
+        cmd = [self.python, "-m", "foldhpc", "submit"]
+        if self.config:
+            cmd += ["--config", self.config]
+        for o in self.overrides(self.run_dir):
+            cmd += ["--set", o]
+        env = self._env({}, nan=False)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=CMD_TIMEOUT_S, env=env,
+                           stdin=subprocess.DEVNULL)
+        m = re.search(r"submitted job (\S+)", p.stdout)
+        if p.returncode != 0 or not m:
+            raise RuntimeError(f"foldhpc submit failed ({p.returncode}): {(p.stderr or p.stdout).strip()[-800:]}")
+        job = m.group(1)
+        self.launches.append(Launch(time.time(), 0, first_fault, {}, why=f"job {job}: {why}"))
+        log.info("chaos: submitted job %s (%s)", job, why)
+        return job
+
+    def _events(self) -> list[dict[str, Any]]:
+        from foldhpc.slurm.history import read_history
+
+        try:
+            return read_history(self.run_dir)[0]
+        except (OSError, ValueError):
+            return []
+
+    def _run_jobs(self) -> list[str]:
+        """Every job id the run has had (submitted by the runner, a follow-up, or one requeued)."""
+        return list(dict.fromkeys(str(e["job_id"]) for e in self._events() if e.get("job_id")))
+
+    def _states(self) -> dict[str, str]:
+        jobs = self._run_jobs()
+        if not jobs:
+            return {}
+        out = _cmd("squeue", "--noheader", "--format=%i %T", "--jobs", ",".join(jobs), check=False)
+        states = dict(line.split()[:2] for line in out.splitlines() if len(line.split()) >= 2)
+        running = sum(1 for s in states.values() if s == "RUNNING")
+        self.max_running = max(self.max_running, running)
+        self.peak_running = max(self.peak_running, running)
+        return states
+
+    def _current_job(self) -> str:
+        started = [str(e["job_id"]) for e in self._events() if e.get("event") == "started" and e.get("job_id")]
+        if not started:
+            raise RuntimeError("no job of the run has started")
+        return started[-1]
+
+    def _poll(self) -> None:
+        """Between log polls: watch the run's jobs (at most one may run)."""
+        self._states()
+
+    def _wait(self, pred: Callable[[], Any], timeout: float, what: str, allow_exit: bool = False) -> Any:
+        last = [0.0]
+
+        def check() -> Any:
+            if time.monotonic() - last[0] > 0.5:  # squeue twice a second, the log every few ms
+                last[0] = time.monotonic()
+                self._poll()
+            return pred()
+        return super()._wait(check, timeout, what, allow_exit)
+
+    def _trainer(self) -> int:
+        ev = self.tail.last("first_step")
+        if ev is None:
+            raise RuntimeError("no trainer has started yet")
+        return ev.pid
+
+    def _new_first_step(self, index: int, old_pid: int, what: str) -> Any:
+        """The first step done by a trainer other than ``old_pid`` after log position ``index``."""
+        return self._wait(lambda: next((e for e in self.tail.since(index, "first_step") if e.pid != old_pid), None),
+                          RESUME_LIMIT_S, what)
+
+    # ------------------------------------------------------------------ fault kinds
+    def _signal_like(self, f: PlannedFault, rec: FaultRecord) -> None:
+        """scancel_signal, preempt, requeue: the job saves on its signal and the run goes on by itself."""
+        self._wait_step(f.at_step)
+        job, trainer = self._current_job(), self._trainer()
+        index = len(self.tail.events)
+        rec.injected_at = time.time()
+        if f.kind == "scancel_signal":
+            _cmd("scancel", "--signal=USR1", job)
+            how = "scancel --signal=USR1"
+        elif f.kind == "requeue":
+            _cmd("scontrol", "requeue", job)
+            how = "scontrol requeue"
+        else:
+            info = _cmd("scontrol", "show", "job", "--oneliner", job)
+            node = re.search(r"\bNodeList=(\S+)", info).group(1)  # type: ignore[union-attr]
+            cpus = re.search(r"\bCPUTot=(\d+)", _cmd("scontrol", "show", "node", "--oneliner", node)).group(1)  # type: ignore[union-attr]
+            hi = _cmd("sbatch", "--parsable", f"--partition={self.preempt_partition}", f"--nodelist={node}",
+                      f"--cpus-per-task={cpus}", "--mem=100M", "--output=/dev/null", "--wrap=sleep 3").strip()
+            self.preemptors.append(hi.split(";")[0])
+            how = f"preemption by job {hi} on {node}"
+        saves = self._wait(lambda: [e for e in self.tail.since(index, "signal_save") if e.pid == trainer] or None,
+                           60.0, f"the checkpoint on the signal ({how})")
+        rec.step = saves[-1].step
+        first = self._new_first_step(index, trainer, f"the run to resume after {how}")
+        self._resumed(rec, index, first)
+        nxt = self._current_job()
+        rec.notes.append(f"{how}: job {job} -> {'follow-up ' + nxt if nxt != job else 'requeued'}")
+        if rec.steps_lost not in (0, None):
+            rec.problems.append(f"{rec.steps_lost} steps lost after {how}; a signal must lose none")
+        rec.resume_measure = "fault -> first step of the trainer in the next job"
+
+    def _crash(self, f: PlannedFault, rec: FaultRecord) -> None:
+        self._wait_step(f.at_step)
+        trainer = self._trainer()
+        rec.injected_at = time.time()
+        try:
+            os.kill(trainer, getattr(signal, f.variant))
+        except ProcessLookupError:
+            raise RuntimeError(f"trainer pid {trainer} is not on this host (the crash kind needs the jobs here)")
+        start, first = self._restart_of(trainer, RESUME_LIMIT_S)
+        rec.step = self._last_progress(trainer)
+        rec.newest_durable_step = self._newest_good(start)
+        self._resumed(rec, start, first)
+        self._check_kill_bounds(rec)
+        rec.resume_measure = "SIGSEGV/SIGKILL to the trainer -> first step of the trainer its job's supervisor restarted"
+
+    def _scancel(self, f: PlannedFault, rec: FaultRecord) -> None:
+        self._wait_step(f.at_step)
+        job, trainer = self._current_job(), self._trainer()
+        jobs_before = set(self._run_jobs())
+        index = len(self.tail.events)
+        rec.injected_at = time.time()
+        _cmd("scancel", job)
+        saves = self._wait(lambda: [e for e in self.tail.since(index, "signal_save") if e.pid == trainer] or None,
+                           60.0, "the checkpoint on scancel's SIGTERM")
+        rec.step = saves[-1].step
+        self._wait(lambda: not self._states() or None, 60.0, f"job {job} to end")
+        time.sleep(SCANCEL_QUIET_S)
+        self.tail.poll()
+        states, new = self._states(), set(self._run_jobs()) - jobs_before
+        if states or new or any(e.kind == "first_step" for e in self.tail.since(index)):
+            rec.problems.append(f"the run went on after scancel of job {job}: jobs {sorted(new)} new, "
+                                f"{states} in the queue")
+            return
+        rec.notes.append(f"scancel {job} ended the run (no follow-up, no requeue in {SCANCEL_QUIET_S:.0f}s); "
+                         "resubmitted")
+        index = len(self.tail.events)
+        t_resubmit = time.time()
+        self._submit(f.index + 1, "resubmitted after a user's scancel")
+        first = self._new_first_step(index, trainer, "the resubmitted run to resume")
+        self._resumed(rec, index, first)
+        rec.time_to_resume_s = round(first.seen - t_resubmit, 3)
+        if rec.steps_lost not in (0, None):
+            rec.problems.append(f"{rec.steps_lost} steps lost after scancel; its SIGTERM must lose none")
+        rec.resume_measure = "resubmission after the user's scancel -> first step"
+
+    # ------------------------------------------------------------------ the run
+    def run_chaos(self) -> tuple[RunOutcome, list[FaultRecord]]:
+        handlers: dict[str, Callable[[PlannedFault, FaultRecord], None]] = {
+            "scancel_signal": self._signal_like, "preempt": self._signal_like, "requeue": self._signal_like,
+            "crash": self._crash, "scancel": self._scancel}
+        t0 = time.monotonic()
+        records: list[FaultRecord] = []
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._submit(0, "first submission")
+            self._wait(lambda: next(iter(self.tail.of_kind("first_step")), None), RESUME_LIMIT_S + 120,
+                       "the first step of the first job")
+            for f in self.plan.faults:
+                rec = FaultRecord(f.index, f.kind, f.variant, f.at_step)
+                try:
+                    handlers[f.kind](f, rec)
+                except (WaitTimeout, RuntimeError, OSError, subprocess.SubprocessError) as e:
+                    rec.problems.append(f"{type(e).__name__}: {e}")
+                if self.max_running > 1:
+                    rec.problems.append(f"{self.max_running} jobs of the run were RUNNING at once")
+                    self.max_running = 1
+                rec.recovered = not rec.problems and rec.injected_at is not None
+                records.append(rec)
+                log.info("chaos: fault %d/%d %s%s at step %s: %s, %s steps lost, resumed in %s", f.index + 1,
+                         len(self.plan.faults), f.kind, f"({f.variant})" if f.variant else "", rec.step,
+                         "recovered" if rec.recovered else "NOT RECOVERED: " + "; ".join(rec.problems),
+                         rec.steps_lost, f"{rec.time_to_resume_s:.2f}s" if rec.time_to_resume_s is not None else "-")
+                if not rec.recovered and not self._states():
+                    self._submit(f.index + 1, "unplanned: the run stopped after a fault that was not recovered")
+                    self.unplanned += 1
+            rc = self._finish()
+        finally:
+            left = [j for j in self._states()]
+            if left:
+                log.warning("chaos: cancelling jobs still queued or running: %s", ", ".join(left))
+                _cmd("scancel", *left, check=False)
+            if self.preemptors:
+                _cmd("scancel", *self.preemptors, check=False)
+        completed, step, digest, err = final_state(self.run_dir, self.ckpt_dir)
+        out = RunOutcome(str(self.run_dir), rc, completed and rc == 0, step, digest, time.monotonic() - t0, err)
+        return out, records
+
+    def _finish(self) -> int:
+        """Wait for the run's last job to complete; 0 if it did and left nothing in the queue."""
+        remaining = self.plan.max_steps - self._current_step()
+        try:
+            self._wait(lambda: any(e.get("event") == "completed" for e in self._events()) or None,
+                       self._step_timeout(remaining) + START_TIMEOUT_S, "the run to complete")
+            self._wait(lambda: not self._states() or None, 60.0, "the run's last job to leave the queue")
+        except WaitTimeout as e:
+            log.error("chaos: %s", e)
+            return 1
+        return 0
+
+
+def run(config: str | None, overrides: list[str], plan: Plan, out: Path, **kwargs: Any) -> ChaosOutcome:
+    """Reference (locally), then the chaos run on Slurm; the caller judges."""
+    import shutil
+
+    runs = Path(out) / "runs"
+    if runs.exists():
+        shutil.rmtree(runs)
+    runner = SlurmRunner(config, overrides, plan, out, **kwargs)
+    reference = runner.run_reference()
+    started = time.time()
+    chaos, records = runner.run_chaos()
+    return ChaosOutcome(reference, chaos, records, runner.launches, 0, runner.unplanned, list(runner.tail.timeline),
+                        started, None, runner.settings, len(runner.tail.of_kind("restarting")),
+                        slurm_jobs=runner._run_jobs(), max_jobs_running=runner.peak_running)
+
+
+def available() -> str | None:
+    """None if a Slurm cluster answers here, else why not (for a clear usage error)."""
+    try:
+        subprocess.run(["sinfo", "--noheader"], capture_output=True, timeout=15, check=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"no Slurm cluster answers here (sinfo: {e})"
+    return None
+
