@@ -171,8 +171,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_checkpoints(args: argparse.Namespace) -> int:
+    from foldhpc.checkpoint.errors import CheckpointError
     from foldhpc.checkpoint.listing import checkpoint_dir_of, format_table, list_checkpoints
-    from foldhpc.checkpoint.manager import CheckpointError
 
     try:
         rows = list_checkpoints(Path(args.run_dir), verify=args.verify)
@@ -289,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from foldhpc.checkpoint.manager import CheckpointError
+    # Light modules only: every foldhpc process comes through here, and the supervisor, status,
+    # goodput, init, submit, ... never need torch (2 s to import); tests/test_imports.py checks it.
+    from foldhpc.checkpoint.errors import CheckpointError
     from foldhpc.data.cache import DataError
     from foldhpc.monitor.logs import setup_logging
     from foldhpc.resilience.runlock import RunDirLocked

@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "CheckpointEntry": "foldhpc.checkpoint.manager", "CheckpointError": "foldhpc.checkpoint.manager",
+    "CheckpointEntry": "foldhpc.checkpoint.manager", "CheckpointError": "foldhpc.checkpoint.errors",
     "CheckpointManager": "foldhpc.checkpoint.manager", "LoadedCheckpoint": "foldhpc.checkpoint.manager",
     "PreemptionSignals": "foldhpc.checkpoint.signals", "ignore_signals": "foldhpc.checkpoint.signals",
     "state_digest": "foldhpc.checkpoint.digest",

@@ -46,9 +46,10 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
-import torch
+if TYPE_CHECKING:  # imported where tensors are handled: reading a header (foldhpc status,
+    import torch   # foldhpc checkpoints) must not cost a torch import
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ def checksum_pool() -> ThreadPoolExecutor:
 
 
 def _dtype(name: str) -> torch.dtype:
+    import torch
+
     dt = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(dt, torch.dtype):
         raise FormatError(f"unknown tensor dtype {name!r}")
@@ -92,6 +95,8 @@ def _dtype(name: str) -> torch.dtype:
 
 def byte_view(t: torch.Tensor) -> memoryview:
     """The bytes of a host tensor, without a copy when it is contiguous."""
+    import torch
+
     flat = t.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
@@ -165,6 +170,8 @@ class Encoded:
 
 def encode(obj: Any) -> Encoded:
     """Header tree of ``obj`` with data offsets assigned (crc32 lists still empty)."""
+    import torch
+
     enc = Encoded(tree=None)
 
     def walk(x: Any) -> Any:
@@ -283,6 +290,8 @@ def read(path: Path, verify: bool = True) -> dict[str, Any]:
     checks footer, header and layout only). Raises FormatError, naming the damage, for any file
     that is not intact. Format 1 files are parsed as before (integrity: the manifest's sha256).
     """
+    import torch
+
     path = Path(path)
     if file_format(path) == 1:
         return _read_v1(path)
@@ -395,6 +404,8 @@ def _collect(x: Any, out: list[list[Any]]) -> None:
 
 def _read_v1(path: Path) -> dict[str, Any]:
     """Format 1: ``FOLDHPC1 | uint64 header length | JSON header | tensor data`` (foldhpc 0.1)."""
+    import torch
+
     data = path.read_bytes()
     if len(data) < len(MAGIC_V1) + _LEN.size:
         raise FormatError(f"{path}: truncated header")

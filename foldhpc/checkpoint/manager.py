@@ -51,15 +51,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 from foldhpc import faults
 from foldhpc.checkpoint import fileformat
 from foldhpc.checkpoint.digest import tree_digest
+from foldhpc.checkpoint.errors import CheckpointError  # noqa: F401 - defined there without torch
 from foldhpc.monitor.status import atomic_write_text, fsync_dir, pid_alive
-from foldhpc.resilience.nonfinite import nonfinite_tensors
+
+if TYPE_CHECKING:  # torch is imported where state is staged or loaded: listing checkpoints (foldhpc
+    import torch   # status, foldhpc checkpoints) reads the manifest and file headers only
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +73,6 @@ STALE_TMP_S = 3600.0  # a temporary file this old is a dead writer's, whoever wr
 WRITE_DELAY_ENV = faults.WRITE_DELAY
 
 StateSource = Union[dict[str, Any], Callable[[], dict[str, Any]]]
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint, or the checkpoint directory cannot be used.
-
-    ``damaged`` is False for I/O errors (a file that could not be read now may be fine later): only
-    a damaged file is ever marked bad and deleted.
-    """
-
-    def __init__(self, message: str, damaged: bool = True) -> None:
-        super().__init__(message)
-        self.damaged = damaged
 
 
 @dataclass
@@ -150,6 +139,8 @@ def snapshot(obj: Any, pin: bool = False, staging: dict[str, torch.Tensor] | Non
     host tensors are referenced: they must not change until the write has read them. The caller
     must not reuse ``staging`` while a write still reads it.
     """
+    import torch
+
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
         if t.device.type == "cpu" and (not copy_small_host or t.numel() * t.element_size() >= PASS_THROUGH_MIN_BYTES):
@@ -336,6 +327,10 @@ class CheckpointManager:
         """Stage the state (see :func:`snapshot`) and write it; signals ``_staged`` as soon as the
         training thread may change its tensors again: after the device copies, or -- when live host
         tensors are written in place -- once the write has read them (before the fsync)."""
+        import torch
+
+        from foldhpc.resilience.nonfinite import nonfinite_tensors
+
         try:
             live = state() if callable(state) else state
             # snapshot pins (and copies non-blocking) only the buffers of CUDA tensors

@@ -337,8 +337,8 @@ def describe_failed_ranks(failed: list[dict[str, Any]]) -> str:
 
 def _last_checkpoint(run_dir: Path, status: dict[str, Any] | None, notes: list[str]) -> dict[str, Any] | None:
     """Newest committed checkpoint from the manifest; status.json's record if the manifest is unreadable."""
-    from foldhpc.checkpoint.manager import CheckpointError  # imports torch: only when a run dir is shown
-    from foldhpc.checkpoint.listing import list_checkpoints
+    from foldhpc.checkpoint.errors import CheckpointError
+    from foldhpc.checkpoint.listing import list_checkpoints  # manifest and headers: no torch import
 
     last: dict[str, Any] | None = None
     try:
