@@ -17,13 +17,14 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from foldhpc.distributed.env import DistEnv
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class PeerFailure(RuntimeError):
@@ -66,6 +67,11 @@ class SoloGroup:
     def barrier(self, what: str = "") -> None:  # noqa: ARG002
         return None
 
+    def collective(self, what: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:  # noqa: ARG002
+        """Run ``fn``, which communicates with the other ranks (e.g. DDP's backward, whose hooks
+        all-reduce the gradients); with several ranks its failure is a :class:`PeerFailure`."""
+        return fn(*args, **kwargs)
+
     def close(self) -> None:
         return None
 
@@ -91,6 +97,9 @@ class TorchGroup(SoloGroup):
                               f"{type(e).__name__}: {e}") from e
         self.join_s = time.monotonic() - t0
         log.info("%s: process group ready in %.2fs", env.describe(), self.join_s)
+
+    def collective(self, what: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        return self._call(what, fn, *args, **kwargs)
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -616,7 +616,9 @@ class Trainer:
                 loss = loss * weight
                 share = loss.detach() / world
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # with DDP the backward all-reduces the gradients: a dead peer fails it (a PeerFailure,
+            # so the culprit is named, not this rank)
+            self.group.collective("the gradient all-reduce (backward)", loss.backward)
             max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
             self.ckpt.wait_staged()  # a background save still copying the last step's weights

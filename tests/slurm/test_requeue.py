@@ -64,13 +64,19 @@ def events(run_dir: Path) -> list[dict]:
 
 # ------------------------------------------------------------------ sbatch template (item 6)
 def test_template_holds_a_signal_sent_before_the_trainer_listens(tmp_path, jobs):
-    """USR1 while Python is still importing: held until the trainer listens, then saved (exit 75),
-    and with slurm.max_requeues=0 from the config it is not requeued."""
+    """USR1 while the trainer is still starting: held until the trainer listens, then saved (exit
+    75), and with slurm.max_requeues=0 from the config it is not requeued. The interpreter the
+    template runs is slowed down by 2 s (a wrapper script), so that the signal surely arrives
+    before the trainer (whose supervisor starts in ~0.3 s, without importing torch) listens."""
     run_dir = tmp_path / "run"
-    job, out = template_job(tmp_path, run_dir, **{"train.max_steps": 10**6, "slurm.max_requeues": 0})
+    slow = tmp_path / "slow-python"
+    slow.write_text(f"#!/bin/sh\nsleep 2\nexec {sys.executable} \"$@\"\n")
+    slow.chmod(0o755)
+    job, out = template_job(tmp_path, run_dir, env=f",FOLDHPC_PYTHON={slow}",
+                            **{"train.max_steps": 10**6, "slurm.max_requeues": 0})
     jobs.append(job)
     wait_for(lambda: "foldhpc: job" in text(out), "batch script did not start", timeout=60, poll=0.02)
-    time.sleep(0.3)  # the traps are set; the trainer is still importing torch
+    time.sleep(0.3)  # the traps are set; the trainer's interpreter is still sleeping
     run(["scancel", "--signal=USR1", "--batch", job])
     row = wait_sacct_row(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=120)
     log = text(out)
