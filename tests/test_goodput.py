@@ -66,7 +66,9 @@ def test_sigkill_after_a_checkpoint_counts_the_recomputed_steps(tmp_path):
     logged = len(re.findall(r"foldhpc\.train\.loop: step \d+/30 loss", log))
     assert g["steps"]["executed"] == logged + 1 == STEPS + FAIL_AT - ckpt
     assert g["seconds"]["recomputed"] > 0 and g["seconds"]["productive"] > 0 and g["seconds"]["startup"] > 0
-    assert g["seconds"]["idle"] >= 0.2  # the supervisor's restart back-off
+    # the supervisor's 0.2 s restart back-off, less what the segments' edges round off: they come
+    # from millisecond log stamps and from durations the trainer reports (CI once measured 0.1997 s)
+    assert g["seconds"]["idle"] >= 0.18
     assert g["seconds"]["queue_wait"] == 0 and g["jobs"] == []  # no Slurm here
     first, second = g["processes"]
     assert (first["start_step"], first["last_step"], second["start_step"], second["last_step"]) == (0, FAIL_AT, ckpt, STEPS)
