@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -126,10 +125,17 @@ class SlurmRunner(LocalRunner):
             return pred()
         return super()._wait(check, timeout, what, allow_exit)
 
-    def _trainer(self) -> int:
+    def _trainer_pid(self, check_parent: bool = True) -> int:  # noqa: ARG002
+        """The running trainer (rank 0): the process that logged the newest "first step". Its
+        parent is its job's supervisor, not a process of the runner; it must run on this host
+        (the local test cluster) for the ``crash`` kind, which the local runner's handler injects."""
         ev = self.tail.last("first_step")
         if ev is None:
             raise RuntimeError("no trainer has started yet")
+        try:
+            os.kill(ev.pid, 0)
+        except ProcessLookupError:
+            raise RuntimeError(f"trainer pid {ev.pid} is not on this host (the crash kind needs the jobs here)") from None
         return ev.pid
 
     def _new_first_step(self, index: int, old_pid: int, what: str) -> Any:
@@ -141,7 +147,7 @@ class SlurmRunner(LocalRunner):
     def _signal_like(self, f: PlannedFault, rec: FaultRecord) -> None:
         """scancel_signal, preempt, requeue: the job saves on its signal and the run goes on by itself."""
         self._wait_step(f.at_step)
-        job, trainer = self._current_job(), self._trainer()
+        job, trainer = self._current_job(), self._trainer_pid()
         index = len(self.tail.events)
         rec.injected_at = time.time()
         if f.kind == "scancel_signal":
@@ -169,24 +175,9 @@ class SlurmRunner(LocalRunner):
             rec.problems.append(f"{rec.steps_lost} steps lost after {how}; a signal must lose none")
         rec.resume_measure = "fault -> first step of the trainer in the next job"
 
-    def _crash(self, f: PlannedFault, rec: FaultRecord) -> None:
-        self._wait_step(f.at_step)
-        trainer = self._trainer()
-        rec.injected_at = time.time()
-        try:
-            os.kill(trainer, getattr(signal, f.variant))
-        except ProcessLookupError:
-            raise RuntimeError(f"trainer pid {trainer} is not on this host (the crash kind needs the jobs here)")
-        start, first = self._restart_of(trainer, RESUME_LIMIT_S)
-        rec.step = self._last_progress(trainer)
-        rec.newest_durable_step = self._newest_good(start)
-        self._resumed(rec, start, first)
-        self._check_kill_bounds(rec)
-        rec.resume_measure = "SIGSEGV/SIGKILL to the trainer -> first step of the trainer its job's supervisor restarted"
-
     def _scancel(self, f: PlannedFault, rec: FaultRecord) -> None:
         self._wait_step(f.at_step)
-        job, trainer = self._current_job(), self._trainer()
+        job, trainer = self._current_job(), self._trainer_pid()
         jobs_before = set(self._run_jobs())
         index = len(self.tail.events)
         rec.injected_at = time.time()
@@ -218,7 +209,7 @@ class SlurmRunner(LocalRunner):
     def run_chaos(self) -> tuple[RunOutcome, list[FaultRecord]]:
         handlers: dict[str, Callable[[PlannedFault, FaultRecord], None]] = {
             "scancel_signal": self._signal_like, "preempt": self._signal_like, "requeue": self._signal_like,
-            "crash": self._crash, "scancel": self._scancel}
+            "crash": self._crash, "scancel": self._scancel}  # crash: the local runner's, same promise
         t0 = time.monotonic()
         records: list[FaultRecord] = []
         self.run_dir.mkdir(parents=True, exist_ok=True)
