@@ -130,6 +130,16 @@ def job_nodes(job_id: str | int) -> str:
     return nodes
 
 
+def preempt(job_id: str | int, cpus: int, seconds: int = 3) -> tuple[str, str]:
+    """A real partition preemption of ``job_id``: a ``high`` job that needs every CPU of the node it
+    runs on, pinned there (the cluster has two nodes; an unpinned one would start on the idle
+    one). Returns (the preemptor's job id, the node)."""
+    node = job_nodes(job_id)
+    hi = sbatch("--partition=high", f"--nodelist={node}", f"--cpus-per-task={cpus}", "--mem=1G",
+                "--output=/dev/null", f"--wrap=sleep {seconds}")
+    return hi, node
+
+
 def job_restarts(job_id: str | int) -> int:
     """Restarts=N from `scontrol show job -o` (sacct 22.05 has no Restarts field)."""
     value = scontrol_job(job_id).get("Restarts")

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import read_json, run_foldhpc, wait_for
 from foldhpc.checkpoint.manager import CheckpointManager
-from .helpers import cancel_all_jobs, job_nodes, job_restarts, run, sacct_rows, sbatch, scontrol_job, \
+from .helpers import cancel_all_jobs, job_restarts, preempt, run, sacct_rows, scontrol_job, \
     wait_sacct_row
 from .test_followup import events, followup_of, status_of, template_job
 from .test_submit import STEPS, final_digest, reference_digest, submit, wait_for_step  # noqa: F401
@@ -65,9 +65,8 @@ def test_submitit_chain_user_signal_then_partition_preemption_bit_exact(tmp_path
     first = saved_steps(run_dir)[0]
     wait_for_step(run_dir, first + 10)
     # a real partition preemption of the follow-up (PreemptMode=REQUEUE; USR1 at the start of GraceTime)
-    node = job_nodes(j2)
-    jobs.append(hi := sbatch("--partition=high", f"--nodelist={node}", f"--cpus-per-task={slurm_cluster.cpus}",
-                             "--mem=1G", "--output=/dev/null", "--wrap=sleep 3"))
+    hi, node = preempt(j2, slurm_cluster.cpus)
+    jobs.append(hi)
     j3 = wait_for(lambda: followup_of(run_dir, j2), "no follow-up after the preemption", timeout=60)
     jobs.append(j3)
     wait_sacct_row(j3, FINAL, timeout=240)
@@ -138,9 +137,8 @@ def test_preemption_that_cancels_the_job_continues_in_a_followup(tmp_path, jobs,
     slow = f"--export=ALL,FOLDHPC_PYTHON={sys.executable},FOLDHPC_DEBUG_STEP_DELAY_S=0.2"  # outlast GraceTime
     jobs.append(j1 := template_job(tmp_path, run_dir, sbatch_args=("--signal=B:URG@60", slow), **CHAIN))
     wait_for_step(run_dir, 10)
-    node = job_nodes(j1)
-    jobs.append(hi := sbatch("--partition=high", f"--nodelist={node}", f"--cpus-per-task={slurm_cluster.cpus}",
-                             "--mem=1G", "--output=/dev/null", "--wrap=sleep 3"))
+    hi, node = preempt(j1, slurm_cluster.cpus)
+    jobs.append(hi)
     j2 = wait_for(lambda: followup_of(run_dir, j1), "no follow-up for the cancelled job", timeout=90)
     jobs.append(j2)
     wait_sacct_row(j2, FINAL, timeout=240)

@@ -30,7 +30,7 @@ import pytest
 
 from conftest import ROOT, TINY, read_json, run_foldhpc, set_args, wait_for
 from foldhpc.slurm.history import read_history
-from .helpers import cancel_all_jobs, job_nodes, run, sacct_rows, sbatch, scontrol_job, wait_for_state, \
+from .helpers import cancel_all_jobs, preempt, run, sacct_rows, sbatch, scontrol_job, wait_for_state, \
     wait_sacct_row
 from .test_submit import STEPS, final_digest, overrides, reference_digest, submit, wait_for_step  # noqa: F401
 
@@ -179,9 +179,8 @@ def test_sigterm_only_preemption_is_requeued_and_resumes_bit_exact(tmp_path, job
                               f"--output={tmp_path / 'out-%j.txt'}", f"--chdir={ROOT}",
                               "--export=ALL,FOLDHPC_DEBUG_STEP_DELAY_S=0.15", f"--wrap=exec {train}"))
     wait_for_step(run_dir, 5)
-    node = job_nodes(job)
-    jobs.append(hi := sbatch("--partition=high", f"--nodelist={node}", f"--cpus-per-task={slurm_cluster.cpus}",
-                             "--mem=1G", "--output=/dev/null", "--wrap=sleep 2"))
+    hi, node = preempt(job, slurm_cluster.cpus, seconds=2)
+    jobs.append(hi)
     wait_for(lambda: "(restart #1" in (run_dir / "train.log").read_text(), "not requeued and resumed", timeout=150)
     wait_sacct_row(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=180)
     states = [r["State"].split()[0] for r in sacct_rows(job) if r["JobID"] == job]

@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, TINY, read_json, run_foldhpc, set_args, tiny_overrides
 from foldhpc.checkpoint.manager import CheckpointManager
 from foldhpc.slurm.history import read_history
-from .helpers import cancel_all_jobs, job_nodes, job_restarts, run, sacct_rows, sbatch, wait_sacct_row
+from .helpers import cancel_all_jobs, job_restarts, preempt, run, sacct_rows, sbatch, wait_sacct_row
 
 STEPS = 150
 SLOW = {"train.max_steps": STEPS, "data.crop_size": 48, "model.d_pair": 32, "model.n_blocks": 2,
@@ -124,9 +124,8 @@ def test_partition_preemption_requeues_and_finishes_bit_exact(tmp_path, jobs, re
     wait_for_step(run_dir, 15)
     # a high-priority job that needs the whole node the training job runs on preempts it (pinned
     # there: the cluster has two nodes, and an unpinned one would just start on the idle one)
-    node = job_nodes(job)
-    jobs.append(hi := sbatch("--partition=high", f"--nodelist={node}", f"--cpus-per-task={slurm_cluster.cpus}",
-                             "--mem=1G", "--output=/dev/null", "--wrap=sleep 3"))
+    hi, node = preempt(job, slurm_cluster.cpus)
+    jobs.append(hi)
     assert wait_sacct_row(hi, "COMPLETED", timeout=120)["NodeList"] == node
     wait_sacct_row(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300)
     states = [r["State"] for r in sacct_rows(job) if r["JobID"] == job]
