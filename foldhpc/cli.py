@@ -34,8 +34,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def check_run_dir(cfg: Any) -> None:
     """run.dir must be creatable before anything starts: a ConfigError (exit 2), not a traceback."""
+    from foldhpc.monitor.status import make_private_dir  # 0750, files not group-writable (issue 19 item 4)
+
     try:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(cfg.run_dir)
     except OSError as e:
         raise ConfigError(f"run.dir = '{cfg.run_dir}' cannot be created ({e.strerror or e}); "
                           "set run.dir to a writable folder, e.g. --set run.dir=runs/try1") from None

@@ -3,18 +3,38 @@
 ``foldhpc status`` reads it next to sacct: Slurm knows whether the *job* is alive, only the
 run knows how far training got and why it failed. It is rewritten atomically (temp file +
 rename) so a reader never sees half a file, even if the writer is killed.
+
+It also holds the file helpers every writer of a run directory shares: :func:`atomic_write_text`,
+:func:`fsync_dir` and :func:`make_private_dir` (the run, checkpoint and Slurm folders).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 STATUS_FILE = "status.json"
+
+#: Mode of the folders a run writes (``run.dir``, the checkpoint directory, submitit's folder): the
+#: owner writes; the group may read and enter (colleagues on a shared project run ``foldhpc status``
+#: or ``goodput`` on it) but not write, since a group member who can write there can edit the
+#: manifest, swap a checkpoint, or replace the pickles a Slurm job unpickles; others get nothing.
+PRIVATE_DIR_MODE = 0o750
+#: Mode of the files :func:`atomic_write_text` creates (before the umask, which can only remove bits).
+PRIVATE_FILE_MODE = 0o644
+#: Bits the process umask always holds once :func:`make_private_dir` ran: whatever the user's
+#: umask (``002`` is common with setgid project folders), no file or folder the run creates
+#: afterwards is group- or world-writable.
+NO_SHARED_WRITE = stat.S_IWGRP | stat.S_IWOTH
+_warned_shared: set[str] = set()
 
 # States a run records itself. Slurm-level states (pending, preempted, timeout...) come from sacct.
 RUNNING, COMPLETED, FAILED, CHECKPOINTED = "running", "completed", "failed", "checkpointed"
@@ -23,14 +43,67 @@ RUNNING, COMPLETED, FAILED, CHECKPOINTED = "running", "completed", "failed", "ch
 def atomic_write_text(path: Path, text: str, *, fsync: bool = True) -> None:
     """Write ``text`` to ``path`` so that readers see the old or the new file, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        # an explicit mode: the file is never group/world-writable, whatever the umask
+        with open(tmp, "w", encoding="utf-8", opener=lambda p, flags: os.open(p, flags, PRIVATE_FILE_MODE)) as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:  # a full file system: leave no half-written temporary behind
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
     if fsync:
         fsync_dir(path.parent)
+
+
+def restrict_umask() -> None:
+    """Add :data:`NO_SHARED_WRITE` to this process's umask (its children inherit it).
+
+    Explicit modes on the folders alone are not enough: a group-writable file in a private
+    folder can still be rewritten in place (a checkpoint, the manifest, a submitit pickle), and
+    the files come from many writers (the checkpoint writer, logging, TensorBoard, submitit).
+    """
+    old = os.umask(0o077)  # reading the umask means setting it; 077 is the safe value meanwhile
+    os.umask(old | NO_SHARED_WRITE)
+
+
+def make_private_dir(path: Path) -> Path:
+    """Create ``path`` (with missing parents) as :data:`PRIVATE_DIR_MODE`, and restrict the umask
+    (:func:`restrict_umask`) so that what is written in it is not group/world-writable either.
+
+    An existing folder is left as it is (its owner may have reasons), but if it is group- or
+    world-writable a WARNING names it and the ``chmod`` that fixes it, once per process.
+    """
+    restrict_umask()
+    path = Path(path)
+    try:
+        path.mkdir(mode=PRIVATE_DIR_MODE, parents=True)  # the umask can only make it stricter
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        warn_if_shared(path)
+    return path
+
+
+def warn_if_shared(path: Path) -> None:
+    """Log once per process that ``path`` is group/world-writable, with the fix."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    key = str(path.resolve())
+    if not mode & NO_SHARED_WRITE or key in _warned_shared:
+        return
+    _warned_shared.add(key)
+    who = " and ".join(w for w, bit in (("group", stat.S_IWGRP), ("world", stat.S_IWOTH)) if mode & bit)
+    log.warning("%s is %s-writable (mode %04o): anyone who can write there can edit the checkpoint index, swap a "
+                "checkpoint or replace the job files a Slurm job unpickles. Fix it with: chmod -R go-w %s",
+                path, who, mode, path)
 
 
 def pid_alive(pid: int) -> bool:

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from foldhpc.config import Config, ConfigError, load_config, parse_duration
+from foldhpc.monitor.status import make_private_dir
 from foldhpc.slurm.history import record_event
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def executor_for(cfg: Config, local: bool = False):
     import submitit
 
     folder = Path(cfg.slurm.logs_dir) if cfg.slurm.logs_dir else cfg.run_dir / "slurm"
+    make_private_dir(next(p for p in (folder, *folder.parents) if "%" not in str(p)))  # the pickles a job unpickles
     sig = slurm_signal_name(cfg)
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = sig  # exported to the job: submitit's handler listens on it
     timeout_min = max(1, math.ceil(parse_duration(cfg.slurm.time) / 60))
@@ -89,7 +91,7 @@ def submit(cfg: Config, local: bool = False, dependency: str | None = None, **re
     from foldhpc.slurm.job import SlurmTrainer
 
     check_submittable(cfg)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(cfg.run_dir)
     ex = executor_for(cfg, local=local)
     if dependency:
         ex.update_parameters(additional_parameters={**ex.parameters.get("additional_parameters", {}),

@@ -62,7 +62,7 @@ from foldhpc.model.model import StructureModel
 from foldhpc.monitor.fmt import format_duration
 from foldhpc.monitor.logs import setup_logging
 from foldhpc.monitor.status import (CHECKPOINTED, COMPLETED, FAILED, RUNNING, NullStatus, StatusFile,
-                                    atomic_write_text)
+                                    atomic_write_text, make_private_dir)
 from foldhpc.monitor.tensorboard import NullWriter, RunWriter
 from foldhpc.resilience.nonfinite import NonFiniteError, NonFiniteGuard
 from foldhpc.resilience import heartbeat as hb
@@ -246,6 +246,10 @@ class Trainer:
 
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
         if self.main:  # the writer; preflight also removes dead writers' temporary files
+            try:
+                make_private_dir(cfg.checkpoint_dir)  # no group member may swap a checkpoint
+            except OSError:
+                pass  # preflight says what is wrong with it and what to do
             est = 3 * n_params * 4 + (1 << 20)  # params + 2 Adam moments, fp32, + overhead
             self.ckpt.preflight(est, cfg.checkpoint.min_free_mb << 20)
 
@@ -368,7 +372,7 @@ class Trainer:
         """Train, holding the run directory's lock (rank 0; foldhpc.resilience.runlock) from before
         anything is written there until training returns or fails: a second trainer on a run
         directory in use raises :class:`~foldhpc.resilience.runlock.RunDirLocked` (exit 2)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.run_dir)  # 0750, and nothing written in it group-writable (foldhpc.monitor.status)
         self.lock: runlock.RunLock | runlock.NoLock = runlock.NoLock()
         if self.main:
             try:
