@@ -99,3 +99,106 @@ def test_submitit_folder_is_private(tmp_path, umask_002):
     executor_for(load_config(TINY, tiny_overrides(tmp_path / "run2", **{"slurm.logs_dir": f"{logs}/%j"})),
                  local=True)
     assert mode(logs) == 0o750 and not (logs / "%j").exists()
+
+
+# ------------------------------------------------------------------ item 16: a crash right after a chosen resume
+@pytest.mark.parametrize("forced", [False, True], ids=["resume-old", "resume-old-force"])
+def test_crash_after_resume_of_an_old_checkpoint_restarts_from_the_choice(tmp_path, monkeypatch, forced):
+    """``--resume OLD [--force-resume]``, then a crash before the next save: the restart ("auto", as
+    the supervisor and a requeue do it) continues the chosen line, not the abandoned newest checkpoint
+    (before: refused for its old lr, or silently continued from step 30 with an unchanged config)."""
+    from foldhpc import faults
+
+    run = tmp_path / "run"
+    base = {"train.max_steps": 30, "checkpoint.every_steps": 10}
+    assert Trainer(tiny(run, **base)).run().step == 30
+    old = run / "checkpoints" / "step_00000010.ckpt"
+    cfg = tiny(run, **base, **({"train.lr": 1e-3} if forced else {}))
+    monkeypatch.setenv(faults.FAIL_AT_STEP, "15")  # after the chosen start, before its first step save (20)
+    with pytest.raises(faults.InjectedFailure):
+        Trainer(cfg, resume=str(old), force_resume=forced).run()
+    monkeypatch.delenv(faults.FAIL_AT_STEP)
+    restarted = Trainer(cfg, resume="auto")
+    assert restarted.run().step == 30
+    log = (run / "train.log").read_text()
+    resumes = [ln for ln in log.splitlines() if "resumed from" in ln]
+    assert len(resumes) == 2 and all("at step 10 " in ln for ln in resumes), resumes
+    assert "checkpoint step 10 saved (resume-choice" in log
+
+
+# ------------------------------------------------------------------ item 17b: run.dir full, checkpoints elsewhere
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 4 MiB tmpfs of its own (root only; skipped where mount is not permitted)."""
+    import subprocess
+
+    where = tmp_path / "fs"
+    where.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip() or p.returncode}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(fs: Path) -> Path:
+    """Fill ``fs`` to the last byte (unbuffered writes); returns the filler file."""
+    filler = fs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_run_dir_never_ends_training(tiny_fs, tmp_path, monkeypatch, records):
+    """run.dir's file system fills up at step 2 (checkpoint.dir elsewhere has room) and is freed at
+    step 32 (long enough for TensorBoard's events to outgrow the slack of their file's last page): status.json, train.log and TensorBoard failures are one warning each, training completes
+    and every one of them is written again afterwards (before: OSError from status.json, run failed)."""
+    import threading
+
+    from conftest import wait_for
+    from foldhpc import faults
+    from foldhpc.monitor import tensorboard as tb_mod
+
+    monkeypatch.setattr(tb_mod, "RETRY_S", 0.0)  # retry at once (a new event file), not after 30 s
+    monkeypatch.setenv(faults.STEP_DELAY, "0.05")
+    run, ckpts = tiny_fs / "run", tmp_path / "ckpts"
+    trainer = Trainer(tiny(run, **{"train.max_steps": 40, "checkpoint.every_steps": 5,
+                                   "checkpoint.dir": str(ckpts)}))
+    events: dict[str, int] = {}
+
+    def disk() -> None:
+        wait_for(lambda: trainer.step >= 2, "step 2", timeout=60, poll=0.005)
+        filler = fill(tiny_fs)
+        events["full"] = trainer.step
+        wait_for(lambda: trainer.step >= 32, "step 32", timeout=60, poll=0.005)
+        events["freed"] = trainer.step
+        filler.unlink()
+
+    t = threading.Thread(target=disk, daemon=True)
+    t.start()
+    result = trainer.run()
+    t.join(10)
+    assert events["full"] < 10 and events["freed"] < 38, events
+    assert result.state == "completed" and result.step == 40
+    assert (ckpts / "step_00000040.ckpt").is_file()
+    warned = records.messages()
+    for what in ("status.json", "train.log", "TensorBoard events"):
+        assert len([m for m in warned if m.startswith("cannot write") and what in m]) == 1, (what, warned)
+    # written again once there was room
+    from conftest import read_json
+
+    assert read_json(run / "status.json")["state"] == "completed"
+    log = (run / "train.log").read_text()
+    assert "line(s) could not be written" in log and "training completed at step 40" in log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps[:2] == [1, 2] and steps[-1] == 40, steps

@@ -10,6 +10,59 @@ from pathlib import Path
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _FILE_HANDLER_NAME = "foldhpc-run-log"
 
+log = logging.getLogger(__name__)
+
+
+class RunLogHandler(logging.FileHandler):
+    """``train.log``, appended; a failed write never ends or floods a run.
+
+    With ``run.dir`` full (or its mount gone) :class:`logging.FileHandler` prints a traceback per
+    line to stderr. Here the first failure is one WARNING on the console (not in the file, which
+    cannot take it), the lines meanwhile are counted, and every later line retries, reopening the
+    file; the first line that gets through is preceded by a note of how many were lost.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, mode="a", encoding="utf-8", delay=True)  # opened by the first line
+        self.lost = 0  # lines not written since the last failure
+        self.addFilter(lambda record: getattr(record, "run_log", True))  # extra={"run_log": False}: console only
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            if self.stream is None:
+                self.stream = self._open()
+            if self.lost:
+                note = logging.LogRecord(__name__, logging.WARNING, __file__, 0, "%d line(s) could not be written "
+                                         "to %s before this one", (self.lost, self.baseFilename), None)
+                # the terminator first: the failed write may have left half a line
+                self.stream.write(self.terminator + self.format(note) + self.terminator)
+            self.stream.write(msg + self.terminator)
+            self.stream.flush()
+        except OSError as e:
+            self._failed(e)
+            return
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - a formatting bug: logging's own report
+            self.handleError(record)
+            return
+        if self.lost:
+            log.info("%s is written again (%d line(s) lost)", self.baseFilename, self.lost, extra={"run_log": False})
+            self.lost = 0
+
+    def _failed(self, e: OSError) -> None:
+        stream, self.stream = self.stream, None  # reopened by the next line
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+        if not self.lost:
+            log.warning("cannot write %s (%s): training goes on; log lines go to the console only until a write "
+                        "succeeds (each line retries)", self.baseFilename, e.strerror or e, extra={"run_log": False})
+        self.lost += 1
+
 
 def setup_logging(level: str = "INFO", log_file: Path | None = None, rank: int | None = None) -> None:
     """Configure the ``foldhpc`` logger once per process.
@@ -40,7 +93,7 @@ def setup_logging(level: str = "INFO", log_file: Path | None = None, rank: int |
         h.close()
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        fh = RunLogHandler(log_file)
         fh.name = _FILE_HANDLER_NAME
         # milliseconds: `foldhpc goodput` / `foldhpc plot` (foldhpc.monitor.timeline) place each
         # line on the run's wall clock, and whole seconds are too coarse for startup and checkpoints

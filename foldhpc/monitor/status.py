@@ -127,10 +127,17 @@ def fsync_dir(path: Path) -> None:
 
 
 class StatusFile:
-    """Keeps the status dict in memory and rewrites the file on each update."""
+    """Keeps the status dict in memory and rewrites the file on each update.
+
+    A write that fails (``run.dir`` full while the checkpoints, elsewhere, still have room; a
+    flaky mount) never ends training: status.json is for people and ``foldhpc status``, the run's
+    state is in its checkpoints. It is logged once per outage, and every later update retries with
+    the whole dict, so the file is complete again as soon as a write succeeds.
+    """
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / STATUS_FILE
+        self.failing = False  # the last write failed (warned once; the next update retries)
         try:
             self.data: dict[str, Any] = read_status(run_dir) or {}
         except ValueError:  # a corrupt file from a killed writer of an old version: start afresh
@@ -141,7 +148,17 @@ class StatusFile:
         self.data["updated_at"] = time.time()
         self.data["host"] = socket.gethostname()
         self.data["pid"] = os.getpid()
-        atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n", fsync=False)
+        try:
+            atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n", fsync=False)
+        except OSError as e:
+            if not self.failing:
+                log.warning("cannot write %s (%s): training goes on, the status is written again at the next "
+                            "update that succeeds", self.path, e.strerror or e)
+            self.failing = True
+            return
+        if self.failing:
+            log.info("%s is written again", self.path)
+            self.failing = False
 
 
 class NullStatus:

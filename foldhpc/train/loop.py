@@ -141,6 +141,7 @@ class Trainer:
         self.main = self.env.is_main  # rank 0 writes checkpoints, status, logs and TensorBoard
         self.group: SoloGroup = SoloGroup(self.env)
         self.resume = resume
+        self.commit_resume_choice = False  # set by _restore: commit the chosen state before training (item 16)
         self.force_resume = force_resume
         self.run_dir = cfg.run_dir
         self.step = 0
@@ -302,7 +303,10 @@ class Trainer:
         if picked is None:
             return
         state, meta, where = picked
-        self._check_compatible(meta, where)
+        forced = self._check_compatible(meta, where)
+        # A restart (the supervisor's, a requeue) resumes from the newest commit, without this
+        # start's arguments: until the next save that would be the line the user turned away from.
+        self.commit_resume_choice = forced or self.resume not in ("auto", "never")
         self.load_state_dict(state)
         if self.force_resume:
             self._apply_optimizer_config()
@@ -334,8 +338,10 @@ class Trainer:
         payload = self.ckpt.load_file(path)
         return payload["state"], payload["meta"], path
 
-    def _check_compatible(self, meta: dict[str, Any], where: Path) -> None:
-        """Refuse a checkpoint whose config would change the trajectory (see foldhpc.train.compat)."""
+        forced = False
+    def _check_compatible(self, meta: dict[str, Any], where: Path) -> bool:
+        """Refuse a checkpoint whose config would change the trajectory (see foldhpc.train.compat);
+        True if ``--force-resume`` overrode such a refusal."""
         old = meta.get("config")
         if old is None and meta.get("config_fingerprint") not in (None, self.cfg.fingerprint()):
             msg = (f"checkpoint {where} was written with a different model/data config (fingerprint "
@@ -344,7 +350,37 @@ class Trainer:
             if not self.force_resume:
                 raise CheckpointError(msg)
             log.warning("--force-resume: %s", msg)
-        check_resume(old, self.cfg.to_dict(), where, self.force_resume)
+            forced = True
+        forced |= bool(check_resume(old, self.cfg.to_dict(), where, self.force_resume).trajectory)
+        return forced
+
+    def _commit_resume_choice(self) -> None:
+        """Make the state chosen by ``--resume PATH`` or ``--force-resume`` the newest commit, now.
+
+        A restart after a crash (the supervisor's) or a requeue resumes "from the newest" without
+        this start's arguments; before the first save of the new line that is the abandoned line's
+        newest checkpoint, refused for its old config or, with a compatible one, silently continued.
+        A blocking save of the resumed state (reason ``resume-choice``, with the current config)
+        closes that window. If it fails nothing was trained: a user error (exit 2), never retried,
+        since a retry would resume the abandoned line.
+        """
+        error: str | None = None
+        if self.main:
+            log.info("committing the resumed state (step %d) as the newest checkpoint, so that a restart "
+                     "continues from it", self.step)
+            self.hb.beat(self.step, "checkpoint")
+            try:
+                self.ckpt.save(self.step, self.state_source(), self.checkpoint_meta(), reason="resume-choice",
+                               blocking=True)
+            except CheckpointError as e:
+                error = str(e)
+        error = self.group.broadcast(error, "waiting for rank 0 to commit the resumed checkpoint")
+        if error is not None:
+            e = CheckpointError(f"the resumed checkpoint could not be committed ({error}); nothing was trained. "
+                                "Fix the checkpoint directory and run the same command again.")
+            e.exit_code = EXIT_USAGE  # type: ignore[attr-defined]
+            raise e
+        self.commit_resume_choice = False
         changed = runtime_differences(meta, self.device_kind, str(torch.__version__), self.env.world_size)
         if changed:
             log.warning("checkpoint %s was written with %s: training continues, but not bit-identically to an "
@@ -392,7 +428,11 @@ class Trainer:
         self.lock.log_acquired()
         self._started_at = time.time()
         if self.main:
-            atomic_write_text(self.run_dir / "config.toml", config_to_toml(cfg))
+            try:
+                atomic_write_text(self.run_dir / "config.toml", config_to_toml(cfg))
+            except OSError as e:  # run.dir full: every checkpoint holds the config too
+                log.warning("cannot write %s (%s): training goes on (each checkpoint records the config)",
+                            self.run_dir / "config.toml", e.strerror or e)
         self.status: StatusFile | NullStatus = StatusFile(self.run_dir) if self.main else NullStatus()
         slurm = slurm_info()
         self.status.update(state=RUNNING, max_steps=cfg.train.max_steps, started_at=self._started_at, error=None,
@@ -476,6 +516,8 @@ class Trainer:
                 if failure:
                     self.writer.scalar("run/in_job_restarts", self.restart_info.get("in_job_restarts", 0), self.step)
             self.status.update(step=self.step, restarts=self.restarts)
+            if self.commit_resume_choice:
+                self._commit_resume_choice()
             log.info("training steps %d..%d, batch %d, crop %d, checkpoint every %s%s, signals %s",
                      self.step, t.max_steps, t.batch_size, cfg.data.crop_size, cfg.checkpoint.interval,
                      f" and {cfg.checkpoint.every_steps} steps" if cfg.checkpoint.every_steps else "",
