@@ -202,3 +202,37 @@ def test_full_run_dir_never_ends_training(tiny_fs, tmp_path, monkeypatch, record
     acc.Reload()
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert steps[:2] == [1, 2] and steps[-1] == 40, steps
+
+
+# ------------------------------------------------------------------ item 18: step saves behind a slow writer
+def test_every_steps_saves_are_caught_up_behind_a_slow_writer(tmp_path, monkeypatch):
+    """A save takes many steps (write delay 1 s, steps of >= 0.05 s), every_steps = 5: a multiple of
+    5 that finds the writer busy is logged as deferred and saved at the first boundary after that
+    write is durable (before: dropped without a word; only multiples of 5 were ever saved)."""
+    import re
+
+    from foldhpc import faults
+
+    monkeypatch.setenv(faults.WRITE_DELAY, "1.0")
+    monkeypatch.setenv(faults.STEP_DELAY, "0.05")
+    run = tmp_path / "run"
+    Trainer(tiny(run, **{"train.max_steps": 60, "checkpoint.every_steps": 5, "checkpoint.keep_last": 50})).run()
+    started: list[int] = []  # steps of the background ("steps") saves, in order
+    done_at: dict[int, int] = {}  # save's step -> the training step logged last before it was durable
+    deferred: list[int] = []
+    cur = 0
+    for ln in (run / "train.log").read_text().splitlines():
+        if m := re.search(r"loop: step (\d+)/60 ", ln):
+            cur = int(m.group(1))
+        elif m := re.search(r"checkpoint step (\d+): staging and writing in the background \(steps\)", ln):
+            started.append(int(m.group(1)))
+        elif m := re.search(r"checkpoint step (\d+) saved \(steps", ln):
+            done_at[int(m.group(1))] = cur
+        elif m := re.search(r"every_steps = 5: the save at step (\d+) is deferred", ln):
+            deferred.append(int(m.group(1)))
+    assert deferred, started  # the writer was busy at some multiple of 5
+    for k in deferred:
+        busy = max(x for x in started if x < k)  # the save in flight at step k
+        after = next((x for x in started if x > busy), 60)  # 60: the final save
+        assert after <= done_at[busy] + 1, (k, busy, after, done_at, started)  # caught up at once
+    assert any(x % 5 for x in started), started  # the catch-ups are saves between the multiples

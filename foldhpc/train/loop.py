@@ -612,6 +612,7 @@ class Trainer:
             # step 0: the untrained baseline, so the curves show what training bought; later: a
             # validation that a signal cut short before this checkpoint was saved
             self._validate(stop)
+        steps_due = False  # a checkpoint.every_steps save not taken yet: a background save was in flight
         while True:
             # The step boundary. With several ranks they agree here, every step, on whether to
             # stop (a signal may have reached only some of them) and whether the save timer has
@@ -636,9 +637,10 @@ class Trainer:
                 return TrainResult(CHECKPOINTED, self.step, sig, rank=self.env.rank)
             if self.step >= t.max_steps:
                 break
-            by_steps = bool(every) and self.step > start_step and self.step % every == 0
-            if by_steps or timer_due:
-                if not self.main or self._save("steps" if by_steps else "timer", blocking=False):
+            at_multiple = bool(every) and self.step > start_step and self.step % every == 0
+            steps_due = steps_due or at_multiple
+            if steps_due or timer_due:
+                if not self.main or self._save("steps" if steps_due else "timer", blocking=False):
                     last_save_t = time.monotonic()
             t_start = time.monotonic()
             batch = next(it)
@@ -653,6 +655,11 @@ class Trainer:
             share = loss.detach()  # this rank's part of the global batch's loss
             bad = self.guard.loss_flag(loss)  # 1 where this rank's loss is not finite (no host sync)
             if world > 1:
+                    steps_due = False
+                elif at_multiple:  # one save in flight at most: this one is taken at the first free boundary
+                    log.warning("checkpoint.every_steps = %d: the save at step %d is deferred, a background save is "
+                                "still being written; it is taken at the first step boundary where the writer is "
+                                "free", every, self.step)
                 # The loss is a mean over the residue pairs of the *global* batch: weigh this
                 # rank's mean by its share of the pairs, so that DDP's average of the ranks'
                 # gradients is the gradient of the global mean whatever the world size.
