@@ -141,8 +141,8 @@ class Trainer:
         self.main = self.env.is_main  # rank 0 writes checkpoints, status, logs and TensorBoard
         self.group: SoloGroup = SoloGroup(self.env)
         self.resume = resume
-        self.commit_resume_choice = False  # set by _restore: commit the chosen state before training (item 16)
         self.force_resume = force_resume
+        self.commit_resume_choice = False  # set by _restore: commit the chosen state before training (item 16)
         self.run_dir = cfg.run_dir
         self.step = 0
         self.train_time_s = 0.0  # accumulated over all restarts
@@ -338,11 +338,11 @@ class Trainer:
         payload = self.ckpt.load_file(path)
         return payload["state"], payload["meta"], path
 
-        forced = False
     def _check_compatible(self, meta: dict[str, Any], where: Path) -> bool:
         """Refuse a checkpoint whose config would change the trajectory (see foldhpc.train.compat);
         True if ``--force-resume`` overrode such a refusal."""
         old = meta.get("config")
+        forced = False
         if old is None and meta.get("config_fingerprint") not in (None, self.cfg.fingerprint()):
             msg = (f"checkpoint {where} was written with a different model/data config (fingerprint "
                    f"{meta.get('config_fingerprint')} != {self.cfg.fingerprint()}). Resume with the original "
@@ -352,6 +352,10 @@ class Trainer:
             log.warning("--force-resume: %s", msg)
             forced = True
         forced |= bool(check_resume(old, self.cfg.to_dict(), where, self.force_resume).trajectory)
+        changed = runtime_differences(meta, self.device_kind, str(torch.__version__), self.env.world_size)
+        if changed:
+            log.warning("checkpoint %s was written with %s: training continues, but not bit-identically to an "
+                        "uninterrupted run", where, "; ".join(changed))
         return forced
 
     def _commit_resume_choice(self) -> None:
@@ -381,10 +385,6 @@ class Trainer:
             e.exit_code = EXIT_USAGE  # type: ignore[attr-defined]
             raise e
         self.commit_resume_choice = False
-        changed = runtime_differences(meta, self.device_kind, str(torch.__version__), self.env.world_size)
-        if changed:
-            log.warning("checkpoint %s was written with %s: training continues, but not bit-identically to an "
-                        "uninterrupted run", where, "; ".join(changed))
 
     def _apply_optimizer_config(self) -> None:
         """Make ``train.lr`` / ``train.weight_decay`` take effect after loading a checkpoint.
@@ -599,6 +599,7 @@ class Trainer:
         seen: list[Any] = []
         it = iter(self._make_loader()) if self.step < t.max_steps else iter(())
         last_save_t = time.monotonic()
+        steps_due = False  # a checkpoint.every_steps save not taken yet: a background save was in flight
         win: dict[str, Any] = {"t0": time.monotonic(), "data": 0.0, "steps": 0, "loss": 0.0}
         metrics: dict[str, float] = {}
         loss_val: float | None = None  # mean loss of the latest log window
@@ -612,7 +613,6 @@ class Trainer:
             # step 0: the untrained baseline, so the curves show what training bought; later: a
             # validation that a signal cut short before this checkpoint was saved
             self._validate(stop)
-        steps_due = False  # a checkpoint.every_steps save not taken yet: a background save was in flight
         while True:
             # The step boundary. With several ranks they agree here, every step, on whether to
             # stop (a signal may have reached only some of them) and whether the save timer has
@@ -642,6 +642,11 @@ class Trainer:
             if steps_due or timer_due:
                 if not self.main or self._save("steps" if steps_due else "timer", blocking=False):
                     last_save_t = time.monotonic()
+                    steps_due = False
+                elif at_multiple:  # one save in flight at most: this one is taken at the first free boundary
+                    log.warning("checkpoint.every_steps = %d: the save at step %d is deferred, a background save is "
+                                "still being written; it is taken at the first step boundary where the writer is "
+                                "free", every, self.step)
             t_start = time.monotonic()
             batch = next(it)
             t_data = time.monotonic() - t_start
@@ -655,11 +660,6 @@ class Trainer:
             share = loss.detach()  # this rank's part of the global batch's loss
             bad = self.guard.loss_flag(loss)  # 1 where this rank's loss is not finite (no host sync)
             if world > 1:
-                    steps_due = False
-                elif at_multiple:  # one save in flight at most: this one is taken at the first free boundary
-                    log.warning("checkpoint.every_steps = %d: the save at step %d is deferred, a background save is "
-                                "still being written; it is taken at the first step boundary where the writer is "
-                                "free", every, self.step)
                 # The loss is a mean over the residue pairs of the *global* batch: weigh this
                 # rank's mean by its share of the pairs, so that DDP's average of the ranks'
                 # gradients is the gradient of the global mean whatever the world size.
