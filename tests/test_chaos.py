@@ -1,7 +1,9 @@
 """foldhpc chaos: the seeded schedule, the verdict, and real chaos runs on the tiny config.
 
 The real runs drive actual ``foldhpc train --supervise`` processes: one run with one fault of
-every kind must recover from all of them and end bit-exact with its reference; a run whose
+every kind must recover from all of them and end bit-exact with its reference (the storage kinds
+-- a checkpoint missing for a moment, forged headers, a FIFO, a full run directory -- in runs of
+their own); a run whose
 reference deliberately lacks the non-finite steps the chaos run gets (a trajectory that really
 differs) must be reported as NOT bit-exact, with exit status 1 -- the tool cannot pass vacuously.
 """
@@ -9,13 +11,17 @@ differs) must be reported as NOT bit-exact, with exit status 1 -- the tool canno
 from __future__ import annotations
 
 import json
+import os
+import zlib
 from collections import Counter
 
 import pytest
+import torch
 
 from conftest import GOOD_DATA, TINY, run_foldhpc
-from foldhpc.chaos import local, report
+from foldhpc.chaos import local, report, storage
 from foldhpc.chaos.kinds import DEFAULT_KINDS, KINDS
+from foldhpc.checkpoint import CheckpointManager, fileformat
 from foldhpc.chaos.local import FaultRecord
 from foldhpc.chaos.schedule import Plan, PlanError, PlannedFault, make_plan, parse_kinds, parse_weights
 
@@ -58,12 +64,68 @@ def test_kinds_filter_and_bad_specs():
         make_plan(5, 0, kinds=["nan"], weights={"nan": 0})
 
 
+def test_storage_kinds_are_drawn_and_the_last_span_is_trained():
+    for kind in ("missing_file", "crafted_header", "fifo", "full_status_fs"):
+        assert kind in DEFAULT_KINDS
+    plan = make_plan(1, seed=0, kinds=["full_status_fs"])
+    f = plan.faults[0]
+    assert plan.max_steps >= f.at_step + KINDS["full_status_fs"].span + 20  # its handling ends before training
+    assert {f.variant for f in make_plan(60, seed=2, kinds=["crafted_header"]).faults} == \
+        set(KINDS["crafted_header"].variants)
+
+
 def test_cli_usage_errors_exit_2(tmp_path):
     p = run_foldhpc("chaos", "--config", str(TINY), "--faults", "3", "--kinds", "meteor", "--out", str(tmp_path))
     assert p.returncode == 2 and "unknown kind" in p.stderr
     p = run_foldhpc("chaos", "--config", str(TINY), "--faults", "3", "--set", "checkpoint.every_steps=0",
                     "--out", str(tmp_path))
     assert p.returncode == 2 and "every_steps" in p.stderr
+
+
+def test_crafted_headers_keep_a_valid_footer_and_crc(tmp_path):
+    """A forged header must reach the parser: footer, offsets and crc32 are those of an intact
+    file, the tensor bytes are untouched; only what the header says is hostile."""
+    m = CheckpointManager(tmp_path, async_save=False)
+    m.save(7, {"model": {"w": torch.arange(12.0).reshape(3, 4)}, "step": 7}, {}, blocking=True)
+    data = (tmp_path / "step_00000007.ckpt").read_bytes()
+    footer = fileformat._FOOTER
+    hoff = footer.unpack(data[-footer.size:])[0]
+    for variant in KINDS["crafted_header"].variants:
+        out, what = storage.craft_checkpoint(data, variant)
+        off, hlen, crc, tail = footer.unpack(out[-footer.size:])
+        raw = out[off:off + hlen]
+        assert tail == fileformat.TAIL and off == hoff and off + hlen + footer.size == len(out)
+        assert zlib.crc32(raw) == crc and out[:hoff] == data[:hoff] and "crc32 valid" in what
+        if variant == "deep_nesting":
+            assert b"[" * storage.DEEP + b"]" * storage.DEEP in raw
+            continue
+        header = json.loads(raw)
+        node = header["state"]["D"][0][1]["D"][0][1]["T"]
+        if variant == "negative_nbytes":
+            assert node[3] == -8
+        else:
+            assert isinstance(header["info"]["step"], str) and isinstance(header["meta"], list) and node[0] == 7
+    with pytest.raises(ValueError, match="unknown"):
+        storage.craft_checkpoint(data, "meteor")
+
+
+def test_fill_leaves_no_byte_free(tmp_path):
+    method, why = storage.tmpfs_method(tmp_path)
+    if method is None:
+        pytest.skip(why)
+    d = tmp_path / "fs"
+    storage.mount_tmpfs(d, size_mb=2)
+    try:
+        (d / "kept.txt").write_text("written before\n")
+        assert storage.fill(d) > 1_900_000
+        with pytest.raises(OSError, match="No space left"):
+            (d / "new.json").write_text("x")
+        storage.unfill(d)
+        (d / "new.json").write_text("x")
+    finally:
+        storage.unmount_keeping(d)
+    assert not os.path.ismount(d)
+    assert (d / "kept.txt").read_text() == "written before\n" and not (d / storage.FILLER).exists()
 
 
 # ---------------------------------------------------------------------- verdict
@@ -163,3 +225,42 @@ def test_two_ranks_dead_rank_and_hook_faults(tmp_path):
     assert dead.kind == "dead_rank" and dead.notes[0].startswith("killed rank 1")
     assert dead.steps_lost is not None and dead.time_to_resume_s is not None
     assert outcome.in_job_restarts == 3
+
+
+def test_storage_faults_are_recovered_bit_exact(tmp_path):
+    """The newest checkpoint missing for a moment around a restart, three forged headers, a FIFO
+    named like the newest checkpoint of all: every restart picks a real, good checkpoint, nothing
+    crashes or hangs, a good file is never deleted, and the final state is the reference's."""
+    plan = _plan([("missing_file", ""), ("crafted_header", "negative_nbytes"), ("fifo", ""),
+                  ("crafted_header", "deep_nesting"), ("crafted_header", "wrong_types")])
+    outcome = local.run(str(TINY), [f"data.path={GOOD_DATA}"], plan, tmp_path)
+    verdict = _judge(outcome, plan)
+    assert verdict.passed, verdict.problems
+    assert outcome.in_job_restarts == 0  # no trainer crashed on what it found
+    missing, *rest = outcome.records
+    assert missing.kind == "missing_file" and missing.launch_exit == 75
+    assert missing.resumed_step is not None and missing.resumed_step < missing.step  # it was not there
+    assert any("missing for" in n for n in missing.notes)
+    for r in (x for x in rest if x.kind == "crafted_header"):
+        assert r.rejected == [f"step_{r.step:08d}.ckpt"] and r.resumed_step < r.step, r
+    fifo = next(r for r in rest if r.kind == "fifo")
+    assert fifo.steps_lost == 0 and fifo.launch_exit == 75 and fifo.checkpoint_used == f"step_{fifo.step:08d}.ckpt"
+    assert not list((tmp_path / "runs" / "chaos" / "checkpoints").glob(f"step_{plan.max_steps + 10_000:08d}*"))
+
+
+def test_full_run_directory_is_survived_bit_exact(tmp_path):
+    """The run directory's file system (a tmpfs) full while checkpoints go elsewhere: training goes
+    on and checkpoints commit; then a SIGKILL and a damaged checkpoint in that layout."""
+    method, why = storage.tmpfs_method(tmp_path)
+    if method is None:
+        pytest.skip(f"full_status_fs is left out here: {why}")
+    plan = _plan([("full_status_fs", ""), ("sigkill", ""), ("corrupt_checkpoint", "flip")])
+    outcome = local.run(str(TINY), [f"data.path={GOOD_DATA}"], plan, tmp_path, run_fs=method)
+    verdict = _judge(outcome, plan)
+    assert verdict.passed, verdict.problems
+    full = outcome.records[0]
+    assert full.steps_lost == 0 and full.time_to_resume_s is not None
+    assert any("checkpoints of steps" in n for n in full.notes) and any("lost the lines" in n for n in full.notes)
+    run_dir = tmp_path / "runs" / "chaos"
+    assert not os.path.ismount(run_dir) and (run_dir / "train.log").stat().st_size > 0  # copied back
+    assert not (run_dir / "checkpoints").exists() and list((tmp_path / "runs" / "chaos-checkpoints").glob("step_*"))

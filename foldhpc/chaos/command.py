@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from foldhpc.chaos import local, report
-    from foldhpc.chaos.kinds import MULTI_RANK_KINDS
+    from foldhpc.chaos import storage
+    from foldhpc.chaos.kinds import FALLBACK_KINDS, MULTI_RANK_KINDS
     from foldhpc.chaos.schedule import PlanError, make_plan, parse_kinds, parse_weights
     from foldhpc.monitor.logs import setup_logging
 
@@ -79,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.checkpoint.dir:
         raise ConfigError("foldhpc chaos keeps both trainings' checkpoints under --out DIR/runs/: leave "
                           "checkpoint.dir unset")
-    if cfg.checkpoint.keep_last < 2 and "corrupt_checkpoint" in kinds:
-        raise ConfigError("corrupt_checkpoint needs checkpoint.keep_last >= 2 (a previous file to fall back to)")
+    needs_two = [k for k in FALLBACK_KINDS if k in kinds]
+    if cfg.checkpoint.keep_last < 2 and needs_two:
+        raise ConfigError(f"{', '.join(needs_two)} need checkpoint.keep_last >= 2 (a previous file to fall back to)")
     out.mkdir(parents=True, exist_ok=True)
     setup_logging("INFO", out / "chaos.log")
     skipped: dict[str, str] = {}
@@ -99,6 +101,16 @@ def run(args: argparse.Namespace) -> int:
             log.warning("chaos: leaving out unwritable_dir: %s", why)
         else:
             log.info("chaos: unwritable_dir uses %s", why)
+    run_fs = None
+    if "full_status_fs" in kinds:
+        run_fs, why = storage.tmpfs_method(out)
+        if run_fs is None:
+            skipped["full_status_fs"] = why
+            kinds.remove("full_status_fs")
+            weights.pop("full_status_fs", None)
+            log.warning("chaos: leaving out full_status_fs: %s", why)
+        else:
+            log.info("chaos: full_status_fs uses %s", why)
     if not kinds:
         raise ConfigError("no fault kind left to inject" + (f" ({'; '.join(skipped.values())})" if skipped else ""))
     try:
@@ -114,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         outcome = slurm_backend.run(args.config, list(args.overrides), plan, out, partition=args.partition,
                                     preempt_partition=args.preempt_partition)
     else:
-        outcome = local.run(args.config, list(args.overrides), plan, out, unwritable=method, nproc=args.nproc)
+        outcome = local.run(args.config, list(args.overrides), plan, out, unwritable=method, nproc=args.nproc,
+                            run_fs=run_fs)
     load_end = os.getloadavg()
     verdict = report.judge(len(plan.faults), outcome.records, outcome.reference.digest, outcome.chaos.digest,
                            outcome.reference.completed, outcome.chaos.completed, outcome.chaos.final_step,

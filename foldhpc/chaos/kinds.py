@@ -12,6 +12,9 @@ Each kind says how the runner treats it, because that decides the cost per fault
   training meanwhile (here: ~100 steps, past the next planned faults) before it is killed.
 - ``restarts``: a trainer process restarts (inside the supervisor or by the runner); its
   time to resume is measured to the first step the new trainer completes.
+
+``STORAGE_SETUP_KINDS`` need something of the machine (a tmpfs mount) that is not everywhere:
+where it is missing, ``foldhpc chaos`` leaves the kind out and the report says why.
 """
 
 from __future__ import annotations
@@ -54,6 +57,28 @@ KINDS: dict[str, KindSpec] = {k.name: k for k in (
     KindSpec("unwritable_dir", "the checkpoint directory is unwritable for a while (chmod; chattr +i as root): "
              "saves fail and are logged, training goes on, the next save after it is writable again succeeds",
              ends_launch=False, hook=False, restarts=False, span=40),
+    # storage that lies (issue 19): a network file system's lookup cache, a forged file, a stray
+    # special file, a full home directory next to free scratch
+    KindSpec("missing_file", "the newest checkpoint vanishes for a moment around a restart (an NFS/Lustre lookup "
+             "cache miss: renamed away while the job is down, back within 0.3 s of the new trainer choosing what to "
+             "resume, before its next save): the restart resumes from the previous good checkpoint (or the newest, "
+             "if it saw it back), and the file, once back, is never deleted as bad (only pruned by keep_last later)",
+             ends_launch=True, hook=False, restarts=True, span=15),
+    KindSpec("crafted_header", "the newest checkpoint's header is replaced, while the job is down, by a crafted "
+             "one with a valid crc32 (a negative tensor size, JSON nested 100,000 deep, values of the wrong types): "
+             "the next start rejects it without crashing and resumes from the previous good checkpoint",
+             ends_launch=True, hook=False, restarts=True,
+             variants=("negative_nbytes", "deep_nesting", "wrong_types")),
+    KindSpec("fifo", "a FIFO named like a checkpoint, with a step above any real one, appears in the checkpoint "
+             "directory of the running job: the next save commits, foldhpc checkpoints --verify and foldhpc status "
+             "finish and do not list it, and the next start resumes from the newest real checkpoint (0 steps "
+             "lost after its SIGUSR1); nothing ever blocks opening it", ends_launch=True, hook=False,
+             restarts=True, span=15),
+    KindSpec("full_status_fs", "the file system of the run directory (train.log, status.json, TensorBoard; a "
+             "small tmpfs) is full while the checkpoint directory (checkpoint.dir, elsewhere) has space: the "
+             "trainer goes on without a restart, at least two checkpoints commit while it is full, and once "
+             "space is back train.log and status.json are written again; 0 steps lost", ends_launch=False,
+             hook=False, restarts=False, span=60),
     KindSpec("dead_rank", "one rank other than 0 of a multi-rank run (--nproc N) is SIGKILLed at a random moment: "
              "the others' next collective fails, the supervisor restarts all ranks together", ends_launch=False,
              hook=False, restarts=True, variants=("SIGKILL",)),
@@ -76,6 +101,8 @@ KINDS: dict[str, KindSpec] = {k.name: k for k in (
 )}
 
 MULTI_RANK_KINDS: tuple[str, ...] = ("dead_rank",)  # only with --nproc > 1
+STORAGE_SETUP_KINDS: tuple[str, ...] = ("full_status_fs",)  # a tmpfs for the run directory: root only
+FALLBACK_KINDS: tuple[str, ...] = ("corrupt_checkpoint", "crafted_header", "missing_file")  # keep_last >= 2
 SLURM_KINDS: tuple[str, ...] = ("scancel_signal", "preempt", "requeue", "scancel", "crash")  # --backend slurm
 DEFAULT_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k not in MULTI_RANK_KINDS and
                                        (k == "crash" or k not in SLURM_KINDS))

@@ -27,12 +27,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from foldhpc import faults
+from foldhpc.chaos import storage
 from foldhpc.chaos.kinds import KINDS, uses_hook
 from foldhpc.chaos.logtail import LogEvent, LogTail
 from foldhpc.chaos.schedule import Plan, PlannedFault
+
+if TYPE_CHECKING:
+    from foldhpc.checkpoint.manager import CheckpointEntry
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,9 @@ POLL_S = 0.01
 START_TIMEOUT_S = 180.0  # process start to first step, on a loaded 2-core machine
 EXIT_CHECKPOINTED = 75
 MAX_UNPLANNED_RELAUNCHES = 3
+CLI_TIMEOUT_S = 60.0  # foldhpc status / checkpoints (no torch import): seconds on a loaded machine
+MISSING_BACK_S = (0.0, 0.3)  # missing_file: back this soon after the trainer's choice, before its next save
+FULL_FS_CHECKPOINTS = 2  # full_status_fs: checkpoints that must commit while the run directory is full
 # chaos settings that make every fault cheap; the user's --set items override them
 CHAOS_DEFAULTS: dict[str, str] = {
     "run.log_every": "1",  # the runner reads each completed step from the log
@@ -170,6 +177,8 @@ def final_state(run_dir: Path, ckpt_dir: Path) -> tuple[bool, int | None, str | 
         loaded = CheckpointManager(ckpt_dir).load_latest()
     except CheckpointError as e:
         return state == "completed", None, None, str(e)
+    except Exception as e:  # noqa: BLE001 - a hostile file left behind must fail the verdict, not the runner
+        return state == "completed", None, None, f"loading the newest checkpoint crashed: {type(e).__name__}: {e}"
     if loaded is None:
         return state == "completed", None, None, "no checkpoint"
     return state == "completed", loaded.entry.step, loaded.entry.digest, ""
@@ -181,7 +190,7 @@ class LocalRunner:
     def __init__(self, config: str | None, overrides: list[str], plan: Plan, out: Path, *,
                  unwritable: str | None = None, mirror_nan_in_reference: bool = True,
                  write_delay_s: float = 0.4, python: str = sys.executable, settings: dict[str, str] | None = None,
-                 ckpt_subdir: str = "checkpoints", nproc: int = 1) -> None:
+                 ckpt_subdir: str = "checkpoints", nproc: int = 1, run_fs: str | None = None) -> None:
         self.config = config
         self.user_overrides = list(overrides)
         self.plan = plan
@@ -189,7 +198,11 @@ class LocalRunner:
         self.runs = self.out / "runs"
         self.ref_dir = self.runs / "reference"
         self.run_dir = self.runs / "chaos"
-        self.ckpt_dir = self.run_dir / ckpt_subdir
+        self.ckpt_subdir = ckpt_subdir
+        # full_status_fs: the run directory on a small tmpfs of its own (``run_fs``), the checkpoints
+        # outside it (checkpoint.dir), as a home directory over quota next to free scratch space
+        self.run_fs = run_fs if any(f.kind == "full_status_fs" for f in plan.faults) else None
+        self.ckpt_dir = (self.runs / "chaos-checkpoints").absolute() if self.run_fs else self.run_dir / ckpt_subdir
         self.markers = self.runs / "markers"
         self.unwritable = unwritable
         self.mirror_nan = mirror_nan_in_reference
@@ -210,6 +223,8 @@ class LocalRunner:
     # ------------------------------------------------------------------ commands
     def overrides(self, run_dir: Path) -> list[str]:
         items = [f"{k}={v}" for k, v in self.settings.items()] + self.user_overrides
+        if run_dir == self.run_dir and self.run_fs:
+            items.append(f"checkpoint.dir={self.ckpt_dir}")
         return items + [f"run.dir={run_dir}", f"train.max_steps={self.plan.max_steps}"]
 
     def command(self, run_dir: Path, supervise: bool) -> list[str]:
@@ -242,7 +257,7 @@ class LocalRunner:
         with open(self.ref_dir / "console.log", "ab") as console:
             rc = subprocess.run(self.command(self.ref_dir, supervise=False), stdout=console, stderr=subprocess.STDOUT,
                                 env=self._env({}, nan=self.mirror_nan)).returncode
-        completed, step, digest, err = final_state(self.ref_dir, self.ref_dir / self.ckpt_dir.name)
+        completed, step, digest, err = final_state(self.ref_dir, self.ref_dir / self.ckpt_subdir)
         out = RunOutcome(str(self.ref_dir), rc, completed and rc == 0, step, digest, time.monotonic() - t0, err)
         log.info("chaos: reference %s in %.1fs: step %s, digest %s", "completed" if out.completed else
                  f"FAILED (exit {rc})", out.wall_s, step, (digest or "-")[:16])
@@ -614,16 +629,270 @@ class LocalRunner:
                    self._step_timeout(10) + START_TIMEOUT_S, f"a step after the non-finite step {f.at_step}")
         rec.resume_measure = "in-step: the update is skipped, nothing restarts"
 
+    # ------------------------------------------------------------------ storage kinds
+    def _stop_job(self, f: PlannedFault, rec: FaultRecord) -> None:
+        """At the fault's step, take the job down cleanly (SIGUSR1, exit 75): the storage is
+        tampered with while nothing runs, as between a preemption and the requeued start."""
+        self._wait_step(f.at_step)
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGUSR1)
+        rec.launch_exit = self._wait_exit()
+        if rec.launch_exit != EXIT_CHECKPOINTED:
+            rec.problems.append(f"exit {rec.launch_exit} after SIGUSR1, not {EXIT_CHECKPOINTED}")
+
+    def _two_newest(self, rec: FaultRecord) -> tuple[CheckpointEntry, CheckpointEntry] | None:
+        """(newest, previous) committed checkpoint entries, or None (with a problem) if there are fewer."""
+        from foldhpc.checkpoint.manager import CheckpointManager
+
+        entries = CheckpointManager(self.ckpt_dir).entries()  # oldest first (commit order)
+        if len(entries) < 2:
+            rec.problems.append("fewer than two checkpoints: nothing to fall back to")
+            return None
+        return entries[-1], entries[-2]
+
+    def _restart_job(self, f: PlannedFault, why: str) -> tuple[int, LogEvent]:
+        index = len(self.tail.events)
+        self._launch(f.index + 1, why)
+        return index, self._wait_first_step(index, "the first step after the restart")
+
+    def _no_crash_since(self, rec: FaultRecord, index: int, what: str) -> None:
+        if self.tail.since(index, "restarting"):
+            rec.problems.append(f"the trainer crashed on {what} (the supervisor restarted it)")
+
+    def _missing_file(self, f: PlannedFault, rec: FaultRecord) -> None:
+        """The newest checkpoint is invisible while the next start looks for it, then back."""
+        self._stop_job(f, rec)
+        two = self._two_newest(rec)
+        if two is None:
+            self._restart_job(f, "restart (missing_file had nothing to hide)")
+            return
+        newest, previous = two
+        path = self.ckpt_dir / newest.file
+        # a sub-directory of the same directory: the same file system (a rename), and neither a
+        # checkpoint name nor a temporary one to foldhpc
+        away = self.ckpt_dir / ".chaos-away" / newest.file
+        away.parent.mkdir(exist_ok=True)
+        os.rename(path, away)
+        rec.step = rec.newest_durable_step = newest.step
+        rec.injected_at = time.time()
+        index = len(self.tail.events)
+        back_at: float | None = None
+        try:
+            self._launch(f.index + 1, f"restart while {newest.file} is missing")
+
+            def chose() -> LogEvent | None:  # the new trainer looked: it rejected the file or resumed
+                evs = self.tail.since(index, "rejected") + self.tail.since(index, "resumed")
+                return min(evs, key=lambda e: e.seen) if evs else None
+            decided = self._wait(chose, START_TIMEOUT_S, "the restarted trainer's choice of a checkpoint")
+            delay = self.rng.uniform(*MISSING_BACK_S)
+            self._wait(lambda: time.time() >= decided.seen + delay or None, delay + 5.0, "the moment to put it back")
+        finally:
+            if away.exists():
+                os.rename(away, path)
+                back_at = time.time()
+        index_back = len(self.tail.events)
+        if back_at is not None:
+            rec.notes.append(f"{newest.file} missing for {back_at - rec.injected_at:.2f}s, back "
+                             f"{back_at - decided.seen:.2f}s after the new trainer's '{decided.kind}' line")
+        first = self._wait_first_step(index, "the first step after the restart")
+        self._resumed(rec, index, first)
+        if rec.checkpoint_used not in (None, previous.file, newest.file):
+            rec.problems.append(f"resumed from {rec.checkpoint_used}, neither the previous good {previous.file} nor "
+                                f"the newest {newest.file}")
+        self._no_crash_since(rec, index, "a missing checkpoint")
+        # the file is back: the next commit (which prunes and deletes bad files) must keep it
+        saved = self._wait(lambda: next(iter(self.tail.since(index_back, "saved")), None),
+                           self._step_timeout(3 * self.plan.every_steps), "the next save after the file is back")
+        if any(e.groups[0] == newest.file for e in self.tail.since(index, "deleted_bad")):
+            rec.problems.append(f"{newest.file}, a good checkpoint only missing for a moment, was deleted as bad "
+                                f"when step {saved.step} committed")
+        elif not path.exists() and not any(e.groups[0] == newest.file for e in self.tail.since(index, "pruned")):
+            rec.problems.append(f"{newest.file} is gone after the save of step {saved.step} (not pruned by keep_last)")
+        rec.resume_measure = "newest file hidden -> first step of the restarted trainer"
+
+    def _crafted(self, f: PlannedFault, rec: FaultRecord) -> None:
+        """The newest checkpoint's header is forged (valid crc32); the next start must reject it."""
+        self._stop_job(f, rec)
+        two = self._two_newest(rec)
+        if two is None:
+            self._restart_job(f, "restart (crafted_header had nothing to forge)")
+            return
+        newest, previous = two
+        path = self.ckpt_dir / newest.file
+        original = path.read_bytes()
+        crafted, what = storage.craft_checkpoint(original, f.variant)
+        tmp = self.ckpt_dir / ".chaos-crafted"
+        tmp.write_bytes(crafted)
+        os.replace(tmp, path)  # it appears whole, as a committed file does
+        rec.notes.append(f"{newest.file}: {what}")
+        rec.step = rec.newest_durable_step = newest.step
+        rec.injected_at = time.time()
+        try:
+            index, first = self._restart_job(f, f"restart after forging the header of {newest.file}")
+        except (LaunchEnded, WaitTimeout):
+            if path.read_bytes() == crafted:  # let the recovery restart find the real file again
+                path.write_bytes(original)
+                rec.notes.append(f"the original {newest.file} was put back for the recovery restart")
+            raise
+        self._resumed(rec, index, first)
+        self._no_crash_since(rec, index, "the crafted header")
+        if newest.file not in rec.rejected:
+            rec.problems.append(f"the crafted {newest.file} was not reported as rejected")
+        if rec.resumed_step is not None and rec.checkpoint_used != previous.file:
+            rec.problems.append(f"resumed from {rec.checkpoint_used}, not the previous good {previous.file}")
+        rec.resume_measure = "forged header in place -> first step of the restarted trainer"
+
+    def _cli(self, rec: FaultRecord, *args: str) -> subprocess.CompletedProcess[str] | None:
+        """Run ``foldhpc ARGS`` as a user would; None (with a problem) if it hangs."""
+        cmd = [self.python, "-m", "foldhpc", *args]
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+                                  env=self._env({}, nan=False))
+        except subprocess.TimeoutExpired:
+            rec.problems.append(f"foldhpc {' '.join(args)} hung (killed after {CLI_TIMEOUT_S:.0f}s)")
+            return None
+
+    def _fifo(self, f: PlannedFault, rec: FaultRecord) -> None:
+        """A FIFO named like the newest checkpoint of all: opening it for reading blocks forever."""
+        self._wait_step(f.at_step)
+        assert self.proc is not None
+        fifo = self.ckpt_dir / f"step_{self.plan.max_steps + 10_000:08d}.ckpt"
+        index = len(self.tail.events)
+        os.mkfifo(fifo)
+        rec.injected_at = time.time()
+        try:
+            saved = self._wait(lambda: next(iter(self.tail.since(index, "saved")), None),
+                               self._step_timeout(3 * self.plan.every_steps), "a save to commit next to the FIFO")
+            rec.notes.append(f"{fifo.name} is a FIFO; step {saved.step} committed next to it")
+            sig_index = len(self.tail.events)
+            os.kill(self.proc.pid, signal.SIGUSR1)
+            rec.launch_exit = self._wait_exit()
+            if rec.launch_exit != EXIT_CHECKPOINTED:
+                rec.problems.append(f"exit {rec.launch_exit} after SIGUSR1, not {EXIT_CHECKPOINTED}")
+            saves = self.tail.since(sig_index, "signal_save")
+            rec.step = rec.newest_durable_step = saves[-1].step if saves else None
+            # while the job is down, the user looks at the run
+            p = self._cli(rec, "checkpoints", str(self.run_dir), "--verify", "--json")
+            if p is not None:
+                try:
+                    files = [r["file"] for r in json.loads(p.stdout)]
+                except (ValueError, TypeError, KeyError):
+                    files = []
+                    rec.problems.append(f"foldhpc checkpoints --verify --json: exit {p.returncode}, no JSON list: "
+                                        f"{(p.stderr or p.stdout).strip()[-300:]}")
+                if p.returncode != 0 or fifo.name in files:
+                    rec.problems.append(f"foldhpc checkpoints --verify: exit {p.returncode}"
+                                        + (f", lists the FIFO {fifo.name}" if fifo.name in files else ""))
+            p = self._cli(rec, "status", str(self.run_dir), "--json")
+            if p is not None and (p.returncode not in (0, 3) or "Traceback" in p.stderr):
+                rec.problems.append(f"foldhpc status: exit {p.returncode}: {p.stderr.strip()[-300:]}")
+            restart_at = time.time()
+            index2, first = self._restart_job(f, "restart with a FIFO in the checkpoint directory")
+            self._resumed(rec, index2, first)
+            rec.time_to_resume_s = round(first.seen - restart_at, 3)  # not the save and the commands before
+            self._no_crash_since(rec, index, "the FIFO")
+            if rec.step is None:
+                rec.problems.append("no checkpoint on SIGUSR1")
+            elif rec.steps_lost not in (0, None):
+                rec.problems.append(f"resumed from {rec.checkpoint_used}, {rec.steps_lost} steps before the "
+                                    f"checkpoint saved on SIGUSR1")
+        finally:
+            if fifo.is_fifo():
+                try:  # a reader blocked in open() gets an empty file and goes on (its hang is recorded)
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                    rec.problems.append(f"a process was blocked opening the FIFO {fifo.name}")
+                except OSError:  # ENXIO: nobody has it open for reading, as it should be
+                    pass
+                fifo.unlink()
+            else:
+                rec.notes.append("foldhpc removed the FIFO itself")
+        rec.resume_measure = "restart with a FIFO next to the checkpoints -> first step of the restarted trainer"
+
+    def _committed_steps(self) -> set[int]:
+        """Steps of the committed checkpoint files, from their names (a rename is the commit)."""
+        out: set[int] = set()
+        for p in self.ckpt_dir.glob("step_*.ckpt"):
+            stem = p.name[len("step_"):-len(".ckpt")]
+            if stem.isdigit() and p.is_file():
+                out.add(int(stem))
+        return out
+
+    def _full_fs(self, f: PlannedFault, rec: FaultRecord) -> None:
+        """The run directory's file system is full; the checkpoint directory is not."""
+        if self.run_fs is None:
+            rec.problems.append("no file system of its own for the run directory here")
+            return
+        self._wait_step(f.at_step)
+        trainer = self._trainer_pid()
+        rec.step = self._current_step()
+        before = max(self._committed_steps(), default=-1)
+        index = len(self.tail.events)
+        rec.injected_at = time.time()
+        filled = storage.fill(self.run_dir)
+        full_s = 0.0
+        new: list[int] = []
+        try:
+            free = shutil.disk_usage(self.run_dir).free
+            rec.notes.append(f"run directory full ({filled / 2**20:.1f} MiB filler, {free} bytes free)")
+
+            # Held full until checkpoints commit at steps train.log could not record: the log's
+            # last page (tmpfs) takes a few more lines after the filler, so a clock would not do
+            def committed() -> list[int] | None:
+                got = sorted(s for s in self._committed_steps() if s > max(before, self._current_step()))
+                return got if len(got) >= FULL_FS_CHECKPOINTS else None
+            new = self._wait(committed, self._step_timeout((FULL_FS_CHECKPOINTS + 3) * self.plan.every_steps),
+                             f"{FULL_FS_CHECKPOINTS} checkpoints to commit at steps train.log could not record "
+                             "while the run directory is full")
+            full_s = time.time() - rec.injected_at
+        finally:
+            storage.unfill(self.run_dir)
+        restored = time.time()
+        rec.notes.append(f"full for {full_s:.2f}s: checkpoints of steps {', '.join(map(str, new))} committed")
+        index2 = len(self.tail.events)
+        ev = self._wait(lambda: next((e for e in self.tail.since(index2, "progress") if e.step > new[-1]), None),
+                        self._step_timeout(2 * self.plan.every_steps), "train.log to be written again")
+        if ev.pid != trainer:
+            rec.problems.append(f"the trainer was replaced while the run directory was full (pid {trainer} -> "
+                                f"{ev.pid})")
+        self._no_crash_since(rec, index, "a full run directory")
+        logged = {e.step for e in self.tail.since(index, "progress")}
+        lost = [s for s in range(rec.step + 1, ev.step) if s not in logged]
+        if lost:
+            rec.notes.append(f"train.log lost the lines of {len(lost)} steps ({lost[0]}-{lost[-1]}) while full")
+
+        def status_again() -> dict[str, Any] | None:
+            try:
+                st = json.loads((self.run_dir / "status.json").read_text())
+            except (OSError, ValueError):
+                return None
+            return st if float(st.get("updated_at", 0)) >= restored and int(st.get("step", -1)) >= ev.step else None
+        try:
+            st = self._wait(status_again, self._step_timeout(2 * self.plan.every_steps),
+                            "status.json to be written again")
+            rec.notes.append(f"status.json written again at step {st.get('step')}")
+        except WaitTimeout:
+            rec.problems.append("status.json was not written again after space came back")
+        rec.steps_lost = 0
+        rec.time_to_resume_s = round(ev.seen - restored, 3)
+        rec.newest_durable_step = new[-1]
+        rec.resume_measure = "space back -> next step in train.log (the trainer never stopped)"
+
     # ------------------------------------------------------------------ the run
     def run_chaos(self) -> tuple[RunOutcome, list[FaultRecord]]:
         handlers: dict[str, Callable[[PlannedFault, FaultRecord], None]] = {
             "sigusr1": self._signal, "sigterm": self._signal, "sigkill": self._sigkill,
             "kill_during_write": lambda f, r: self._sigkill(f, r, during_write=True),
             "exception": self._hook, "hang": self._hook, "crash": self._crash, "corrupt_checkpoint": self._corrupt,
-            "unwritable_dir": self._unwritable, "nan": self._nan, "dead_rank": self._dead_rank}
+            "unwritable_dir": self._unwritable, "nan": self._nan, "dead_rank": self._dead_rank,
+            "missing_file": self._missing_file, "crafted_header": self._crafted, "fifo": self._fifo,
+            "full_status_fs": self._full_fs}
         t0 = time.monotonic()
         records: list[FaultRecord] = []
         self.markers.mkdir(parents=True, exist_ok=True)
+        if self.run_fs:
+            storage.mount_tmpfs(self.run_dir)
+            log.info("chaos: the chaos run directory %s is a %d MiB tmpfs; checkpoints in %s", self.run_dir,
+                     storage.RUN_FS_SIZE_MB, self.ckpt_dir)
         try:
             self._launch(0, "first start")
             self._wait_first_step(0, "the first step")
@@ -648,6 +917,8 @@ class LocalRunner:
             if self._console is not None:
                 self._console.close()
                 self._console = None
+            if self.run_fs:
+                storage.unmount_keeping(self.run_dir)
         completed, step, digest, err = final_state(self.run_dir, self.ckpt_dir)
         out = RunOutcome(str(self.run_dir), rc, completed and rc == 0, step, digest, time.monotonic() - t0, err)
         return out, records
@@ -660,7 +931,12 @@ class LocalRunner:
         self._kill_launch()
         index = len(self.tail.events)
         self._launch(next_fault, "unplanned: after a fault that was not recovered as expected")
-        self._wait_first_step(index, "the first step after an unplanned restart")
+        try:
+            self._wait_first_step(index, "the first step after an unplanned restart")
+        except LaunchEnded as e:
+            if e.rc != 0:
+                raise
+            log.info("chaos: the restarted training completed at once (the fault hit its last steps)")
 
     def _finish(self) -> int:
         """Let the last launch run to its end; start it again if something ended it early."""
@@ -687,6 +963,8 @@ class LocalRunner:
 def run(config: str | None, overrides: list[str], plan: Plan, out: Path, **kwargs: Any) -> ChaosOutcome:
     """Reference, then chaos; the caller judges (:func:`foldhpc.chaos.report.judge`)."""
     runs = Path(out) / "runs"
+    if os.path.ismount(runs / "chaos"):  # the tmpfs of an interrupted full_status_fs run
+        subprocess.run(["umount", "-l", str(runs / "chaos")], capture_output=True)
     if runs.exists():
         for p in runs.rglob("*"):  # an interrupted run may have left the directory immutable
             if p.is_dir() and kwargs.get("unwritable") == "chattr":

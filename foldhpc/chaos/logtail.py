@@ -19,11 +19,13 @@ _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("progress", re.compile(r"foldhpc\.train\.loop: step (\d+)/\d+ loss")),
     ("first_step", re.compile(r"first step \((\d+)\) done in [\d.]+s; ([\d.]+)s after process start")),
     ("resumed", re.compile(r"resumed from (.+) at step (\d+) \(restart")),
-    ("rejected", re.compile(r"CHECKPOINT (\S+) \(step (\d+)\) IS (?:BAD|UNREADABLE): (.*) -- falling back")),
+    ("rejected", re.compile(r"CHECKPOINT (\S+) \(step (\d+)\) IS [A-Z]+: (.*) -- falling back")),
     ("saved", re.compile(r"checkpoint step (\d+) saved \(([^,]+)")),
     ("save_failed", re.compile(r"checkpoint at step (\d+) FAILED")),
     ("signal_save", re.compile(r"received (SIG\w+): saving a checkpoint at step (\d+)")),
     ("stale_tmp", re.compile(r"removed stale temporary checkpoint file (\S+)")),
+    ("deleted_bad", re.compile(r"deleted bad checkpoint (\S+) \(")),
+    ("pruned", re.compile(r"pruned checkpoint (\S+) \(step (\d+)")),
     ("nonfinite", re.compile(r"step (\d+): non-finite .*update skipped")),
     ("hung", re.compile(r"supervisor: (?:rank \d+ )?hung at step (-?\d+)")),
     ("restarting", re.compile(r"supervisor: restarting the trainer")),
@@ -81,7 +83,7 @@ class LogTail:
                 step = -1
                 if kind in ("progress", "first_step", "saved", "save_failed", "nonfinite", "hung", "completed"):
                     step = int(groups[0])
-                elif kind in ("resumed", "rejected", "signal_save"):
+                elif kind in ("resumed", "rejected", "signal_save", "pruned"):
                     step = int(groups[1])
                 elif kind == "run_failed" and groups[0]:
                     step = int(groups[0])

@@ -5,7 +5,7 @@ is replayed exactly with the same ``--seed``. Faults are placed at strictly incr
 a random gap (plus the previous kind's ``span``), which keeps them sequential: each one is
 recovered from before the next is injected, and two failures never land on the same step (the
 supervisor would take that for a deterministic bug and give up). ``max_steps`` follows from the
-plan, so the training is just long enough for all of it.
+plan (the last fault's ``span`` included), so the training is just long enough for all of it.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ def make_plan(n_faults: int, seed: int, kinds: list[str] | None = None, weights:
         variant = rng.choice(spec.variants)
         faults.append(PlannedFault(i, kind, step, variant))
         step += spec.span + rng.randint(min_gap, max_gap)
-    last = faults[-1].at_step if faults else step
+    # the last fault's handling (its span) and recovery (tail) must end before the training does
+    last = faults[-1].at_step + KINDS[faults[-1].kind].span if faults else step
     return Plan(seed=seed, faults=faults, max_steps=last + tail + every_steps, every_steps=every_steps,
                 weights={k: w[k] for k in chosen})
