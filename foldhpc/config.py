@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import signal
 import sys
@@ -28,6 +29,36 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 class ConfigError(ValueError):
     """A configuration problem, reported before any work starts."""
+
+
+# ---- bounds of the numeric keys (issue 19 item 11): a value beyond them is a typo or an attack, and
+# would pass the lower-bound checks only to crash (OverflowError, "Maximum allowed dimension
+# exceeded") or allocate without end after the run directory was written.
+#: every integer key: fits the int64 that torch, numpy and the checkpoint's tensors hold
+MAX_INT = 2**63 - 1
+#: seeds: torch.manual_seed takes < 2**64, numpy's SeedSequence any size; int64 for both
+MAX_SEED = MAX_INT
+#: step counts (max_steps, warmup, intervals in steps): 10^12 steps is beyond any training run
+MAX_STEPS = 10**12
+#: residues per chain (data.min_length/max_length): the longest chains in the PDB have ~35,000
+MAX_RESIDUES = 100_000
+#: data.crop_size and model.max_relpos: arrays of crop x crop x d_pair per sample are allocated up
+#: front (AlphaFold crops at 256-384); 4096 already needs ~2 GiB per sample and channel group
+MAX_CROP = 4096
+#: train.batch_size (global, all ranks)
+MAX_BATCH = 65_536
+#: model widths (d_single, d_pair) and depth (n_blocks, n_heads, n_bins)
+MAX_WIDTH = 65_536
+MAX_DEPTH = 4096
+#: threads and processes of one kind on one machine (train.threads, data.*_workers, slurm.cpus_per_task)
+MAX_PROCESSES = 1024
+#: Slurm resources of one job
+MAX_NODES = 100_000
+MAX_GPUS_PER_NODE = 64
+#: restarts and requeues (slurm.max_requeues, fault.max_restarts, fault.nonfinite_rollback, keep_last)
+MAX_RETRIES = 100_000
+#: every duration key ("15m", "4h", ...): a year; longer is a typo (and overflows timedelta/minutes)
+MAX_DURATION_S = 366 * 86400.0
 
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", re.IGNORECASE)
@@ -57,12 +88,20 @@ def parse_duration(value: str | int | float) -> float:
                 )
     if seconds < 0:
         raise ValueError(f"duration {value!r} is negative")
+    if not seconds <= MAX_DURATION_S:  # also inf and nan
+        raise ValueError(f"duration {value!r} is longer than {MAX_DURATION_S / 86400:.0f} days")
     return seconds
 
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+def _at_most(obj: Any, hi: int, *names: str, why: str = "") -> None:
+    """Upper bounds of integer keys (their lower bounds have their own messages)."""
+    for name in names:
+        _check(getattr(obj, name) <= hi, f"{name} must be <= {hi:,}{why}")
 
 
 @dataclass
@@ -77,6 +116,7 @@ class RunConfig:
     def validate(self) -> None:
         _check(bool(self.dir.strip()), "dir must not be empty")
         _check(self.log_every >= 1, "log_every must be >= 1")
+        _at_most(self, MAX_STEPS, "log_every")
         _check(self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
                "log_level must be one of DEBUG, INFO, WARNING, ERROR")
 
@@ -108,6 +148,10 @@ class DataConfig:
         _check(0.0 < self.val_fraction < 1.0, "val_fraction must be in (0, 1)")
         _check(self.num_workers >= 0, "num_workers must be >= 0")
         _check(self.prepare_workers >= 0, "prepare_workers must be >= 0")
+        _at_most(self, MAX_RESIDUES, "min_length", "max_length", why=" residues")
+        _at_most(self, MAX_CROP, "crop_size", why=" (the batch arrays are crop_size x crop_size per sample)")
+        _at_most(self, MAX_PROCESSES, "num_workers", "prepare_workers")
+        _check(0 <= self.split_seed <= MAX_SEED, f"split_seed must be in 0..{MAX_SEED}")
 
 
 @dataclass
@@ -129,6 +173,9 @@ class ModelConfig:
         _check(self.n_bins >= 2, "n_bins must be >= 2")
         _check(self.max_relpos >= 1, "max_relpos must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        _at_most(self, MAX_WIDTH, "d_single", "d_pair")
+        _at_most(self, MAX_DEPTH, "n_blocks", "n_heads", "n_bins")
+        _at_most(self, MAX_CROP, "max_relpos", why=" (the pair features are one-hot over 2 x max_relpos + 1)")
 
 
 @dataclass
@@ -154,6 +201,7 @@ class TrainConfig:
     def validate(self) -> None:
         _check(self.max_steps >= 1, "max_steps must be >= 1")
         _check(self.seed >= 0, "seed must be >= 0")
+        _check(self.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED} (2**63-1: torch and numpy take it)")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.lr > 0, "lr must be > 0")
         _check(self.weight_decay >= 0, "weight_decay must be >= 0")
@@ -165,6 +213,10 @@ class TrainConfig:
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                "device must be auto, cpu, cuda or cuda:N")
         _check(self.threads >= 0, "threads must be >= 0")
+        _at_most(self, MAX_STEPS, "max_steps", "warmup_steps", "val_every")
+        _at_most(self, MAX_BATCH, "batch_size")
+        _at_most(self, MAX_INT, "val_max_samples")
+        _at_most(self, MAX_PROCESSES, "threads")
 
 
 _KNOWN_SIGNALS = {"SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP", "SIGXCPU"}
@@ -194,6 +246,8 @@ class CheckpointConfig:
         _check(self.every_steps >= 0, "every_steps must be >= 0")
         _check(self.keep_last >= 1, "keep_last must be >= 1 (the newest good checkpoint is always kept)")
         _check(self.min_free_mb >= 0, "min_free_mb must be >= 0")
+        _at_most(self, MAX_STEPS, "every_steps")
+        _at_most(self, MAX_RETRIES, "keep_last")
         for s in self.signals:
             _check(s.upper() in _KNOWN_SIGNALS,
                    f"signals: {s!r} is not one of {sorted(_KNOWN_SIGNALS)}")
@@ -253,6 +307,10 @@ class SlurmConfig:
         _check(("SIG" + self.signal.upper().removeprefix("SIG")) in _KNOWN_SIGNALS,
                f"signal must be one of {sorted(s[3:] for s in _KNOWN_SIGNALS)}")
         _check(self.max_requeues >= 0, "max_requeues must be >= 0")
+        _at_most(self, MAX_NODES, "nodes")
+        _at_most(self, MAX_GPUS_PER_NODE, "gpus", why=" per node")
+        _at_most(self, MAX_PROCESSES, "tasks_per_node", "cpus_per_task")
+        _at_most(self, MAX_RETRIES, "max_requeues")
         _check(self.resume in RESUME_MODES, f"resume must be one of {', '.join(RESUME_MODES)}")
         _check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.job_name) is not None,
                "job_name may contain only letters, digits, '_', '.', '-'")
@@ -310,6 +368,7 @@ class FaultConfig:
     def validate(self) -> None:
         _check(self.max_restarts >= 0, "max_restarts must be >= 0 (0 disables in-job restarts)")
         _check(self.nonfinite_rollback >= 1, "nonfinite_rollback must be >= 1")
+        _at_most(self, MAX_RETRIES, "max_restarts", "nonfinite_rollback")
         for key in ("restart_backoff", "hang_floor", "startup_timeout", "lock_stale_after"):
             try:
                 parse_duration(getattr(self, key))
@@ -345,6 +404,7 @@ class Config:
 
     def validate(self) -> None:
         _check_text(self)
+        _check_numbers(self)
         for f in fields(self):
             section = getattr(self, f.name)
             try:
@@ -423,6 +483,21 @@ def _check_text(cfg: Config) -> None:
                     raise ConfigError(f"slurm.extra_sbatch key {k!r}: not an sbatch option name; use the long "
                                       "option without its dashes, e.g. { mail-type = \"END\" } for --mail-type=END "
                                       "(lower-case letters, digits, '-', '_')")
+
+
+def _check_numbers(cfg: Config) -> None:
+    """ConfigError for an integer outside int64 or a float that is not finite (``inf``, ``nan``:
+    TOML has both), in any key: the net under the per-key bounds of the sections' ``validate``."""
+    for sf in fields(cfg):
+        section = getattr(cfg, sf.name)
+        for kf in fields(section):
+            v = getattr(section, kf.name)
+            if isinstance(v, bool):
+                continue
+            if isinstance(v, int) and not -MAX_INT - 1 <= v <= MAX_INT:
+                raise ConfigError(f"{sf.name}.{kf.name} = {v}: out of range (64-bit integers only)")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{sf.name}.{kf.name} = {v}: must be a finite number")
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__ for f in fields(Config)}  # type: ignore[misc]

@@ -82,3 +82,39 @@ def test_the_job_script_of_a_legit_config_has_only_directives_where_values_go(tm
     assert any("mail-type=END" in ln for ln in params) and any("comment=" in ln for ln in params)
     body = [ln for ln in lines[lines.index("# command") + 1:] if ln]
     assert len(body) == 2 and body[0] == "export SUBMITIT_EXECUTOR=slurm" and body[1].startswith("srun "), body
+
+
+# ------------------------------------------------------------------ item 11: huge numbers
+@pytest.mark.parametrize("override, key", [
+    ("train.seed=18446744073709551616", "train.seed"),          # torch.manual_seed: Overflow
+    ("train.seed=9223372036854775808", "train.seed"),
+    ("train.threads=1099511627776", "train.threads"),           # torch.set_num_threads: Overflow
+    ("data.crop_size=100000000000000000000", "data.crop_size"),  # numpy: Maximum allowed dimension
+    ("train.batch_size=100000000000000000000", "train.batch_size"),  # allocates without end
+    ("train.max_steps=100000000000000000000", "train.max_steps"),
+    ("model.max_relpos=100000000", "model.max_relpos"),
+    ("data.split_seed=-1", "data.split_seed"),
+    ("slurm.nodes=99999999999", "slurm.nodes"),
+    ("train.lr=inf", "train.lr"),
+    ("train.grad_clip=inf", "train.grad_clip"),
+    ("train.weight_decay=nan", "train.weight_decay"),
+    ("checkpoint.interval=99999999999999999999h", "checkpoint.interval"),
+    ("slurm.time=" + "9" * 400, "slurm.time"),                  # inf seconds: OverflowError in minutes
+    ("distributed.timeout=1000d", "distributed.timeout"),
+])
+def test_huge_numbers_are_a_config_error_before_anything_runs(tmp_path, override, key):
+    """The review's values passed validation and crashed with a traceback after run.dir was written."""
+    run = tmp_path / "run"
+    p = run_foldhpc("train", "--config", str(TINY), *set_args(tiny_overrides(run)), "--set", override, timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("foldhpc")]
+    assert len(lines) == 1 and lines[0].startswith("foldhpc: config error:") and key in lines[0], p.stderr
+    assert not run.exists()
+
+
+def test_the_bounds_leave_every_sane_value_alone():
+    cfg = load_config(TINY, ["train.seed=9223372036854775807", "train.threads=64", "data.crop_size=4096",
+                             "train.max_steps=1000000000", "slurm.time=365d", "checkpoint.interval=0",
+                             "data.split_seed=4294967296", "model.max_relpos=4096"])
+    assert cfg.train.seed == 2**63 - 1 and cfg.data.crop_size == 4096
