@@ -118,3 +118,89 @@ def test_the_bounds_leave_every_sane_value_alone():
                              "train.max_steps=1000000000", "slurm.time=365d", "checkpoint.interval=0",
                              "data.split_seed=4294967296", "model.max_relpos=4096"])
     assert cfg.train.seed == 2**63 - 1 and cfg.data.crop_size == 4096
+
+
+# ------------------------------------------------------------------ item 9: a bad byte in jobs.jsonl
+def _chain_history(run: Path) -> None:
+    """Jobs 10 -> 11 -> 12 of one chain (3 restarts when 12 was submitted), as the code writes them."""
+    from foldhpc.slurm.history import record_event
+
+    record_event(run, "submitted", job_id="10", backend="slurm")
+    record_event(run, "started", job_id="10", restart_count=0)
+    record_event(run, "submitted", job_id="11", followup_of="10", chain_restarts=2, backend="slurm")
+    record_event(run, "followup", job_id="10", followup_job_id="11", chain_restarts=2)
+    record_event(run, "started", job_id="11", restart_count=0)
+    record_event(run, "submitted", job_id="12", followup_of="11", chain_restarts=3, backend="slurm")
+    record_event(run, "followup", job_id="11", followup_job_id="12", chain_restarts=3)
+    record_event(run, "started", job_id="12", restart_count=0)
+
+
+def _damage(path: Path, line_no: int, junk: bytes = b"\xff\xfe not utf-8 \x80") -> None:
+    lines = path.read_bytes().split(b"\n")
+    lines.insert(line_no, junk)
+    path.write_bytes(b"\n".join(lines))
+
+
+def test_a_bad_byte_line_costs_only_that_line(tmp_path):
+    from foldhpc.slurm.followup import chain_restarts
+    from foldhpc.slurm.history import job_ids, read_history
+
+    _chain_history(tmp_path)
+    _damage(tmp_path / "jobs.jsonl", 3)
+    with open(tmp_path / "jobs.jsonl", "ab") as f:  # more hostile lines: JSON but no object, deep nesting
+        f.write(b'42\n["a"]\nnull\n' + b"[" * 100_000 + b"\n" + b"1" * 5000 + b'\n{"event": "te')
+    events, bad = read_history(tmp_path)
+    assert len(events) == 8 and bad == 7
+    assert job_ids(tmp_path) == ["10", "11", "12"]
+    assert chain_restarts(tmp_path, "12") == 3 and chain_restarts(tmp_path, "11") == 2
+
+
+def test_a_bad_byte_inside_a_value_keeps_the_event(tmp_path):
+    from foldhpc.slurm.history import read_history, record_event
+
+    record_event(tmp_path, "stopped", job_id="7", reason="x")
+    path = tmp_path / "jobs.jsonl"
+    path.write_bytes(path.read_bytes().replace(b'"x"', b'"caf\xe9"'))  # Latin-1, e.g. an editor's save
+    events, bad = read_history(tmp_path)
+    assert bad == 0 and events[0]["job_id"] == "7" and events[0]["reason"] == "caf\ufffd"
+
+
+def test_the_chain_count_survives_the_loss_of_its_followup_line(tmp_path):
+    """Either record of the link (the predecessor's followup event, the successor's submitted event)
+    keeps slurm.max_requeues bounding the chain."""
+    from foldhpc.slurm.followup import chain_restarts
+
+    _chain_history(tmp_path)
+    path = tmp_path / "jobs.jsonl"
+    lines = path.read_bytes().split(b"\n")
+    followup_12 = next(i for i, ln in enumerate(lines) if b'"followup_job_id": "12"' in ln)
+    lines[followup_12] = lines[followup_12][:20] + b"\xff" + lines[followup_12][21:]  # a bad byte in a key
+    path.write_bytes(b"\n".join(lines))
+    assert chain_restarts(tmp_path, "12") == 3
+
+
+def test_status_and_goodput_with_a_bad_byte_line(tmp_path):
+    """``foldhpc status`` still lists the jobs and the chain; ``goodput`` and ``plot`` do not crash."""
+    import json
+
+    from foldhpc.monitor.report import read_run
+    from test_goodput import JOB, write_requeue_fixture
+
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    _chain_history(chain)
+    _damage(chain / "jobs.jsonl", 5)
+    view = read_run(chain)
+    assert view.job_ids == ["10", "11", "12"] and (view.job_id, view.chain_restarts) == ("12", 3)
+    assert view.chain == ["10", "11", "12"]
+    assert any("1 unreadable line" in n for n in view.notes), view.notes
+
+    run = tmp_path / "slurm-run"
+    write_requeue_fixture(run)
+    _damage(run / "jobs.jsonl", 2)
+    p = run_foldhpc("goodput", str(run), "--json", "--no-sacct")
+    assert p.returncode == 0, p.stderr[-2000:]
+    g = json.loads(p.stdout)
+    assert g["seconds"]["queue_wait"] == 42 and [j["label"] for j in g["jobs"]] == [f"job {JOB}", f"job {JOB} run 1"]
+    p = run_foldhpc("plot", str(run), "-o", str(tmp_path / "t.png"))
+    assert p.returncode == 0 and (tmp_path / "t.png").stat().st_size > 0, p.stderr[-2000:]

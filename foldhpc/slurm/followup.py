@@ -79,19 +79,26 @@ class FollowUp(Protocol):
 # ------------------------------------------------------------------ the chain in jobs.jsonl
 def chain_restarts(run_dir: Path, job_id: str | None) -> int:
     """Restarts the chain had used when ``job_id`` was submitted as a follow-up (0 for a job that
-    is not one, e.g. the chain's first)."""
+    is not one, e.g. the chain's first).
+
+    Two lines say it: the predecessor's ``followup`` event and the successor's own ``submitted``
+    event (``followup_of``, ``chain_restarts``); either is enough, so one damaged line of
+    jobs.jsonl cannot reset the count to 0 and let ``slurm.max_requeues`` no longer bound the chain.
+    """
     if not job_id:
         return 0
     try:
         events = read_history(run_dir)[0]
-    except (OSError, ValueError):
+    except OSError:
         return 0
     for e in reversed(events):
-        if e.get("event") == FOLLOWUP_EVENT and str(e.get("followup_job_id")) == str(job_id):
+        link = (e.get("event") == FOLLOWUP_EVENT and str(e.get("followup_job_id")) == str(job_id)) or (
+            e.get("event") == "submitted" and str(e.get("job_id")) == str(job_id) and e.get("followup_of"))
+        if link and e.get("chain_restarts") is not None:
             try:
-                return int(e.get("chain_restarts") or 0)
-            except (TypeError, ValueError):
-                return 0
+                return int(e["chain_restarts"])
+            except (TypeError, ValueError, OverflowError):
+                continue
     return 0
 
 

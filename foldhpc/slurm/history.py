@@ -27,22 +27,34 @@ def record_event(run_dir: Path, event: str, **fields: Any) -> None:
 
 
 def read_history(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
-    """(events, number of unreadable lines); a torn last line is skipped, not fatal."""
+    """(events, number of unusable lines), never raising on what the file holds.
+
+    Each line is decoded on its own: one bad byte (a torn write, a disk error, an editor) costs
+    only its line, never the others -- ``foldhpc status``, ``goodput`` and the chain's restart
+    count (:func:`foldhpc.slurm.followup.chain_restarts`, which bounds ``slurm.max_requeues``)
+    all read the story from here. A line that is not valid UTF-8 is read with the bad bytes
+    replaced (U+FFFD): a bad byte inside a string value still leaves its event usable. A line that
+    is not a JSON object after that (a torn last line, a number, a list, nesting too deep) is
+    counted and skipped. ``record_event`` writes ASCII only (``json.dumps``), split at ``\\n``.
+    """
     path = Path(run_dir) / HISTORY_FILE
-    events, bad = [], 0
+    events: list[dict[str, Any]] = []
+    bad = 0
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
     except FileNotFoundError:
         return [], 0
-    for line in lines:
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
         try:
-            e = json.loads(line)
-            if isinstance(e, dict):
-                events.append(e)
-                continue
-        except json.JSONDecodeError:
-            pass
-        bad += 1
+            e = json.loads(raw.decode("utf-8", errors="replace"))
+        except (ValueError, RecursionError):  # JSONDecodeError, an int of too many digits, [[[[...
+            e = None
+        if isinstance(e, dict):
+            events.append(e)
+        else:
+            bad += 1
     return events, bad
 
 
