@@ -33,13 +33,28 @@ Why this layout:
   pool's threads, which check the crc32s of what they read while the others still read.
 
 Format 1 (``b"FOLDHPC1"``, header first, integrity only through the manifest's sha256) is still read.
+
+**A header is input, not trusted.** The crc32 proves a header was not damaged by accident, not
+that a sane program wrote it, and the checkpoint directory may hold anything (a file crafted or
+edited by hand, one written by a newer foldhpc, a FIFO named like a checkpoint). So before any
+byte is allocated the header is checked whole: capped at :data:`MAX_HEADER` bytes and
+:data:`MAX_DEPTH` levels, every field of ``info`` typed, every node of the tree well formed, every
+tensor's dtype known, its shape matching its byte count, and the tensor ranges non-negative,
+non-overlapping and inside the data section (so a file can never make the reader allocate more
+than its own size). Whatever is wrong raises :class:`FormatError` naming the file and the fault,
+which the manager treats like any other damage: it falls back to the previous checkpoint. A file of
+a newer format raises :class:`UnknownFormat` (not damage: it is left alone), a path that is not a
+regular file :class:`NotRegularFile` (an OSError: never read, never deleted).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
 import os
+import stat
 import struct
 import threading
 import zlib
@@ -61,7 +76,14 @@ ALIGN = 64
 PIECE = 8 << 20  # bytes per crc32: small enough to spread over threads, large enough to be cheap
 _FOOTER = struct.Struct("<QQI4x8s")
 _LEN = struct.Struct("<Q")
-_MAX_HEADER = 256 << 20
+# A header describes tensors, it does not hold them: a state of 100k tensors needs ~10 MiB. json
+# needs ~25 bytes of memory per byte of a header of empty containers, so the cap also bounds what
+# parsing a crafted header can cost (~400 MiB at the cap; it was 6.6 GB at 256 MiB).
+MAX_HEADER = 16 << 20
+# JSON nesting of a header (a trainer's state is ~20 deep): deep enough for any real state,
+# shallow enough that the recursive walks below stay far from Python's recursion limit.
+MAX_DEPTH = 200
+MAX_TIME = 1e11  # a save time (seconds since 1970) past this is not one (and time.localtime fails)
 
 
 POOL_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
@@ -71,6 +93,55 @@ _pool_lock = threading.Lock()
 
 class FormatError(ValueError):
     """Not a foldhpc checkpoint file, or a damaged one."""
+
+
+class UnknownFormat(FormatError):
+    """A checkpoint of a newer format than this foldhpc reads: not damaged, and not this
+    version's to judge -- it is neither used nor ever deleted (an older foldhpc resumed on a run
+    directory must not destroy what a newer one wrote)."""
+
+
+class NotRegularFile(OSError):
+    """A FIFO, device, socket or directory where a checkpoint file was expected. An OSError, so the
+    manager handles it like an unreadable file: skipped, never marked bad, never deleted."""
+
+
+def open_regular(path: Path, buffering: int = -1) -> BinaryIO:
+    """``open(path, "rb")`` for regular files only, without ever blocking in ``open``.
+
+    A FIFO named like a checkpoint would block a plain ``open`` until a writer appears (and
+    SIGTERM would not end the wait: the signal handler runs only between bytecodes). O_NONBLOCK
+    makes the open return at once; the type is then checked on the opened descriptor itself, so
+    nothing can be swapped in between a check and the open.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(errno.EINVAL, f"not a regular file ({_kind(mode)})", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def is_count(x: Any) -> bool:
+    """A non-negative int that is not a bool (``True`` is an int to Python, not to a header)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def is_timestamp(x: Any) -> bool:
+    """Seconds since 1970 that ``time.localtime`` can show: finite, non-negative, before year 5000."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0 <= x < MAX_TIME
 
 
 def checksum_pool() -> ThreadPoolExecutor:
@@ -87,7 +158,7 @@ def checksum_pool() -> ThreadPoolExecutor:
 def _dtype(name: str) -> torch.dtype:
     import torch
 
-    dt = getattr(torch, name.removeprefix("torch."), None)
+    dt = getattr(torch, name.removeprefix("torch."), None) if isinstance(name, str) else None
     if not isinstance(dt, torch.dtype):
         raise FormatError(f"unknown tensor dtype {name!r}")
     return dt
@@ -238,49 +309,202 @@ def write(f: BinaryIO, state: Any, meta: dict[str, Any], info: dict[str, Any],
 
 # ---------------------------------------------------------------------------------------- reading
 def file_format(path: Path) -> int:
-    """1 or 2 from the magic bytes; raises FormatError if the file is not a foldhpc checkpoint."""
-    with open(path, "rb") as f:
+    """1 or 2 from the magic bytes; raises FormatError if the file is not a foldhpc checkpoint
+    (UnknownFormat if it is one of a newer format)."""
+    with open_regular(path) as f:
         magic = f.read(len(MAGIC))
     if magic == MAGIC:
         return 2
     if magic == MAGIC_V1:
         return 1
+    _check_newer_magic(magic, path)
     raise FormatError(f"{path}: not a foldhpc checkpoint (bad magic {magic[:8]!r})")
+
+
+def _check_newer_magic(magic: bytes, path: Path) -> None:
+    """Raise UnknownFormat for ``FOLDHPC<n>`` with n above FORMAT (a newer foldhpc's file)."""
+    stem = MAGIC[:-1]
+    if magic.startswith(stem) and magic[len(stem):].isdigit() and int(magic[len(stem):]) > FORMAT:
+        raise UnknownFormat(f"{path}: written by a newer foldhpc (format {magic[len(stem):].decode()}; this "
+                            f"version reads formats 1 and {FORMAT}): not used, not deleted")
 
 
 def _read_header(f: BinaryIO, path: Path, size: int) -> tuple[dict[str, Any], int]:
     if size < ALIGN + _FOOTER.size:
         raise FormatError(f"{path}: truncated ({size} bytes)")
     f.seek(0)
-    if f.read(len(MAGIC)) != MAGIC:
+    magic = f.read(len(MAGIC))
+    if magic != MAGIC:
+        _check_newer_magic(magic, path)
         raise FormatError(f"{path}: not a foldhpc format-2 checkpoint (bad magic)")
     f.seek(size - _FOOTER.size)
     hoff, hlen, hcrc, tail = _FOOTER.unpack(f.read(_FOOTER.size))
     if tail != TAIL:
         raise FormatError(f"{path}: no footer (truncated or half-written file)")
-    if hlen > _MAX_HEADER or hoff < ALIGN or hoff + hlen + _FOOTER.size != size:
+    if hoff < ALIGN or hoff + hlen + _FOOTER.size != size:
         raise FormatError(f"{path}: footer does not match the file size {size} (truncated or appended to)")
+    if hlen > MAX_HEADER:  # checked before a byte of it is read
+        raise FormatError(f"{path}: header of {hlen} bytes is over the {MAX_HEADER >> 20} MiB limit (not a header "
+                          "foldhpc writes)")
     f.seek(hoff)
     raw = f.read(hlen)
     if len(raw) != hlen or zlib.crc32(raw) != hcrc:
         raise FormatError(f"{path}: header checksum mismatch (corrupted)")
+    header = _parse_json(raw, path)
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: header is not a format-{FORMAT} header")
+    fmt = header.get("format")
+    if is_count(fmt) and fmt > FORMAT:
+        raise UnknownFormat(f"{path}: written by a newer foldhpc (header format {fmt}; this version reads formats "
+                            f"1 and {FORMAT}): not used, not deleted")
+    if fmt != FORMAT or not isinstance(header.get("info"), dict):
+        raise FormatError(f"{path}: header is not a format-{FORMAT} header")
+    _check_info(header["info"], path)
+    if not isinstance(header.get("meta", {}), dict):
+        raise FormatError(f"{path}: header 'meta' is not an object")
+    if "state" not in header:
+        raise FormatError(f"{path}: header holds no 'state'")
+    return header, hoff
+
+
+def _parse_json(raw: bytes, path: Path) -> Any:
+    """JSON of a header, its nesting at most MAX_DEPTH (checked without recursion)."""
     try:
-        header = json.loads(raw)
+        doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{path}: corrupt header ({e})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT or not isinstance(header.get("info"), dict):
-        raise FormatError(f"{path}: header is not a format-{FORMAT} header")
-    return header, hoff
+    except RecursionError:
+        raise FormatError(f"{path}: header nested too deeply (over {MAX_DEPTH} levels)") from None
+    todo: list[tuple[Any, int]] = [(doc, 1)]
+    while todo:
+        x, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise FormatError(f"{path}: header nested too deeply (over {MAX_DEPTH} levels)")
+        if isinstance(x, dict):
+            todo.extend((v, depth + 1) for v in x.values())
+        elif isinstance(x, list):
+            todo.extend((v, depth + 1) for v in x if isinstance(v, (dict, list)))
+    return doc
+
+
+def _check_info(info: dict[str, Any], path: Path) -> None:
+    """The fields the manager indexes a file by (see CheckpointEntry.from_header), typed."""
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "step": (is_count, "a non-negative integer"), "seq": (is_count, "a non-negative integer"),
+        "saved_at": (is_timestamp, "a time in seconds since 1970"),
+    }
+    for key, (ok, what) in checks.items():
+        if key not in info:
+            raise FormatError(f"{path}: header info has no {key!r}")
+        if not ok(info[key]):
+            raise FormatError(f"{path}: header info {key!r} = {info[key]!r:.40} is not {what}")
+    for key in ("reason", "digest"):
+        if not isinstance(info.get(key, ""), str):
+            raise FormatError(f"{path}: header info {key!r} = {info[key]!r:.40} is not a string")
+    w = info.get("write_s", 0.0)
+    if not (isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0):
+        raise FormatError(f"{path}: header info 'write_s' = {w!r:.40} is not a duration")
+
+
+def _tensor_nodes(tree: Any, path: Path, data_end: int) -> list[list[Any]]:
+    """Every tensor node of a header tree, each checked; raises FormatError for any malformed node.
+
+    Checked here, before anything is allocated: node kinds (``T``, ``D``, ``U``, lists, scalars),
+    dict keys (str or int), tensor entries ``[dtype name, shape, offset, nbytes, crc32s]`` with
+    non-negative integers, one crc32 per piece, and byte ranges that lie in the data section and
+    do not overlap (so the tensors' total size is at most the file's). The dtype itself, and that
+    the shape matches nbytes, need torch: :func:`_check_dtypes`.
+    """
+    out: list[list[Any]] = []
+
+    def walk(x: Any) -> None:  # depth bounded by _parse_json
+        if isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, dict):
+            if len(x) != 1 or next(iter(x)) not in ("T", "D", "U"):
+                raise FormatError(f"{path}: unknown header node {sorted(x)[:5]}")
+            kind, v = next(iter(x.items()))
+            if kind == "T":
+                out.append(_check_node(v, path))
+            elif not isinstance(v, list):
+                raise FormatError(f"{path}: header node {kind!r} holds {type(v).__name__}, not a list")
+            elif kind == "U":
+                for u in v:
+                    walk(u)
+            else:
+                for kv in v:
+                    if not (isinstance(kv, list) and len(kv) == 2):
+                        raise FormatError(f"{path}: dict entry {kv!r:.60} is not a [key, value] pair")
+                    if not (isinstance(kv[0], str) or isinstance(kv[0], int) and not isinstance(kv[0], bool)):
+                        raise FormatError(f"{path}: dict key {kv[0]!r:.60} is not a string or an integer")
+                    walk(kv[1])
+        elif not (x is None or isinstance(x, (bool, int, float, str))):
+            raise FormatError(f"{path}: unknown header value {x!r:.60}")
+
+    walk(tree)
+    end = ALIGN
+    for n in sorted(out, key=lambda n: (n[2], n[3])):
+        if n[2] < end or n[2] + n[3] > data_end:
+            raise FormatError(f"{path}: tensor bytes {n[2]}..{n[2] + n[3]} "
+                              + ("overlap another tensor's" if n[2] < end and n[2] >= ALIGN else
+                                 f"lie outside the data section {ALIGN}..{data_end}")
+                              + " (a damaged or crafted header)")
+        end = n[2] + n[3]
+    return out
+
+
+def _check_node(n: Any, path: Path) -> list[Any]:
+    """One tensor entry ``[dtype, shape, offset, nbytes, crc32s]``, its fields typed."""
+    if not (isinstance(n, list) and len(n) == 5):
+        raise FormatError(f"{path}: tensor entry {n!r:.80} is not [dtype, shape, offset, nbytes, crc32s]")
+    dtype, shape, off, nbytes, crcs = n
+    if not (isinstance(dtype, str) and dtype.startswith("torch.") and dtype[6:].isidentifier()):
+        raise FormatError(f"{path}: tensor entry {n!r:.80}: dtype {dtype!r:.40} is not a torch dtype name")
+    if not (isinstance(shape, list) and all(is_count(d) for d in shape)):
+        raise FormatError(f"{path}: tensor entry {n!r:.80}: shape is not a list of non-negative integers")
+    if not (is_count(off) and is_count(nbytes)):
+        raise FormatError(f"{path}: tensor entry {n!r:.80}: offset and size must be non-negative integers")
+    if not (isinstance(crcs, list) and len(crcs) == -(-nbytes // PIECE)
+            and all(is_count(c) and c <= 0xFFFFFFFF for c in crcs)):
+        raise FormatError(f"{path}: tensor entry {n!r:.80}: not one crc32 per {PIECE >> 20} MiB piece")
+    return n
+
+
+def _check_dtypes(nodes: list[list[Any]], path: Path) -> None:
+    """Each tensor's dtype exists in this torch and its shape accounts for exactly its bytes."""
+    for n in nodes:
+        dt = _dtype(n[0])
+        if math.prod(n[1]) * dt.itemsize != n[3]:
+            raise FormatError(f"{path}: tensor entry {n!r:.80}: shape {n[1]} of {n[0]} is not {n[3]} bytes")
 
 
 def read_header(path: Path) -> dict[str, Any]:
     """The header of a format-2 file (footer and header checksum verified; data not read)."""
     path = Path(path)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
-        header, _ = _read_header(f, path, size)
+        header, data_end = _guarded(path, lambda: _read_header(f, path, size))
+        _guarded(path, lambda: _tensor_nodes(header["state"], path, data_end))
     header["bytes"] = size
     return header
+
+
+# What parsing a malformed header can raise beyond FormatError: every such case is meant to be
+# caught by the checks above; this is the backstop that keeps the promise "a bad file is skipped,
+# never a crash". OSError is not here (I/O, not damage), nor MemoryError (this process, not the file).
+_PARSE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError, OverflowError,
+                 RuntimeError, EOFError)
+
+
+def _guarded(path: Path, parse: Callable[[], Any]) -> Any:
+    """``parse()``, any parse exception turned into a FormatError naming ``path``."""
+    try:
+        return parse()
+    except FormatError:
+        raise
+    except _PARSE_ERRORS as e:
+        raise FormatError(f"{path}: malformed header ({type(e).__name__}: {e!s:.200})") from None
 
 
 def read(path: Path, verify: bool = True) -> dict[str, Any]:
@@ -294,16 +518,12 @@ def read(path: Path, verify: bool = True) -> dict[str, Any]:
 
     path = Path(path)
     if file_format(path) == 1:
-        return _read_v1(path)
-    with open(path, "rb", buffering=0) as f:
+        return _guarded(path, lambda: _read_v1(path))
+    with open_regular(path, buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        header, data_end = _read_header(f, path, size)
-        nodes: list[list[Any]] = []
-        _collect(header["state"], nodes)
-        for n in nodes:
-            if not (isinstance(n, list) and len(n) == 5 and isinstance(n[2], int) and isinstance(n[3], int)
-                    and ALIGN <= n[2] and n[2] + n[3] <= data_end and isinstance(n[4], list)):
-                raise FormatError(f"{path}: tensor entry {n!r:.80} out of range")
+        header, data_end = _guarded(path, lambda: _read_header(f, path, size))
+        nodes = _guarded(path, lambda: _tensor_nodes(header["state"], path, data_end))
+        _guarded(path, lambda: _check_dtypes(nodes, path))
         # Every tensor gets its own storage and its bytes are read straight into it: no second copy,
         # and, like torch.load, allocations a long-lived process can serve from memory it already
         # has (one 1 GB buffer would be fresh pages, faulted in, every time). The reads are done by
@@ -334,7 +554,7 @@ def read(path: Path, verify: bool = True) -> dict[str, Any]:
         return bufs[id(node)].view(_dtype(dtype)).reshape(shape)
 
     return {"format": FORMAT, "info": header["info"], "meta": header.get("meta", {}),
-            "state": _decode(header["state"], tensor, path), "bytes": size}
+            "state": _guarded(path, lambda: _decode(header["state"], tensor, path)), "bytes": size}
 
 
 def _split(pieces: list[tuple[list[Any], int, int, int]], k: int) -> list[list[tuple[list[Any], int, int, int]]]:
@@ -406,18 +626,26 @@ def _read_v1(path: Path) -> dict[str, Any]:
     """Format 1: ``FOLDHPC1 | uint64 header length | JSON header | tensor data`` (foldhpc 0.1)."""
     import torch
 
-    data = path.read_bytes()
+    with open_regular(path) as f:
+        data = f.read()
     if len(data) < len(MAGIC_V1) + _LEN.size:
         raise FormatError(f"{path}: truncated header")
     (n,) = _LEN.unpack_from(data, len(MAGIC_V1))
     start = len(MAGIC_V1) + _LEN.size
-    if n > _MAX_HEADER or start + n > len(data):
+    if n > MAX_HEADER or start + n > len(data):
         raise FormatError(f"{path}: truncated or corrupt header")
-    try:
-        tree = json.loads(data[start:start + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: corrupt header ({e})") from None
+    tree = _parse_json(data[start:start + n], path)
     payload = memoryview(data)[start + n:]
+    nodes: list[list[Any]] = []
+    _collect(tree, nodes)
+    for node in nodes:
+        if not (isinstance(node, list) and len(node) == 4 and is_count(node[2]) and is_count(node[3])):
+            raise FormatError(f"{path}: tensor entry {node!r:.80} is not [dtype, shape, offset, nbytes]")
+    end = 0
+    for node in sorted(nodes, key=lambda u: (u[2], u[3])):  # each tensor is copied: no overlaps, no blow-up
+        if node[2] < end or node[2] + node[3] > len(payload):
+            raise FormatError(f"{path}: tensor entry {node!r:.80} out of range or overlapping (a damaged file)")
+        end = node[2] + node[3]
 
     def tensor(node: list[Any]) -> torch.Tensor:
         dtype, shape, off, nbytes = node
