@@ -21,9 +21,18 @@ Which checkpoint is "the newest" is decided by commit order (``seq``), not by st
 ``--resume`` of an older checkpoint, the new line of checkpoints is newer than the abandoned one
 even though its steps are lower. Pruning keeps the ``keep_last`` newest *good* checkpoints and
 deletes the rest only after a newer one is committed; files found bad (truncated, corrupted) are
-never counted as kept and are deleted at the next commit. Loading walks the index newest first and
-uses the first file that verifies and parses -- the format holds no pickle, so a checkpoint can
-never run code -- logging loudly for each one it has to skip.
+never counted as kept and are deleted at the next commit -- if they are still the file that was
+found bad (same inode, size and mtime): one that was replaced meanwhile is judged afresh. A file
+that is missing, unreadable (I/O errors), not a regular file, or of a newer format than this
+foldhpc reads is *not* bad and is never deleted (a network file system may hide a file for a
+moment; an older foldhpc must not destroy a newer one's checkpoints). Loading walks the index
+newest first and uses the first file that verifies and parses -- the format holds no pickle, so a
+checkpoint can never run code -- logging loudly for each one it has to skip.
+
+The directory's contents are input, not trusted: the index's entries are type-checked and their
+names must be ``step_<digits>.ckpt`` (:data:`CHECKPOINT_NAME`), so loading and pruning never
+touch a path outside the directory; an index that fails any check is rebuilt from the files.
+Only regular files are ever opened (a FIFO named like a checkpoint would block forever).
 
 Several ranks. With DDP the state is replicated, so rank 0 alone owns a manager that writes;
 the other ranks only load (the file rank 0 picked, see ``Trainer._restore``), and every rank
@@ -40,13 +49,17 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
+import re
 import shutil
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -66,6 +79,12 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
+MAX_MANIFEST = 16 << 20  # bytes: an index of ~300 bytes per checkpoint; anything bigger is not one
+# The only names ever indexed, loaded or deleted: a plain name (no "/", no "..") in this directory.
+CHECKPOINT_NAME = re.compile(r"step_[0-9]{8,}\.ckpt")
+# --no-resume moves the old checkpoints into <dir>/old-<time>-<n>/: a subdirectory, so neither
+# indexing nor pruning (top level only) ever sees them again.
+ASIDE_PREFIX = "old-"
 FORMAT_VERSION = fileformat.FORMAT
 STALE_TMP_S = 3600.0  # a temporary file this old is a dead writer's, whoever wrote it
 # Debug hook for tests (foldhpc.faults): seconds every write sleeps before its rename (keeps a
@@ -92,8 +111,16 @@ class CheckpointEntry:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CheckpointEntry":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """An index entry, every field type-checked; ValueError naming the field if one is wrong
+        (the caller then rebuilds the index from the files)."""
+        for key in ("file", "step"):
+            if key not in d:
+                raise ValueError(f"entry {d!r:.100} has no {key!r}")
+        for key, value in d.items():
+            check = _ENTRY_FIELDS.get(key)
+            if check is not None and not check[0](value):
+                raise ValueError(f"entry {d.get('file')!r:.60}: {key} = {value!r:.60} is not {check[1]}")
+        return cls(**{k: v for k, v in d.items() if k in _ENTRY_FIELDS})
 
     @classmethod
     def from_header(cls, file: str, header: dict[str, Any]) -> "CheckpointEntry":
@@ -101,6 +128,51 @@ class CheckpointEntry:
         return cls(file=file, step=int(info["step"]), bytes=int(header["bytes"]), saved_at=float(info["saved_at"]),
                    digest=str(info.get("digest", "")), reason=str(info.get("reason", "")),
                    write_s=float(info.get("write_s", 0.0)), seq=int(info["seq"]), format=int(header["format"]))
+
+
+def _is_duration(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+# Each field of CheckpointEntry: (check, what it must be). The manifest is edited by hand, copied
+# between runs and written by other versions: a wrong type here would crash train, status and
+# checkpoints (a str seq cannot be sorted with ints, a str size cannot be shown in MiB).
+_ENTRY_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "file": (lambda v: isinstance(v, str) and CHECKPOINT_NAME.fullmatch(v) is not None,
+             "a checkpoint file name step_XXXXXXXX.ckpt in the checkpoint directory"),
+    "step": (fileformat.is_count, "a non-negative integer"),
+    "bytes": (fileformat.is_count, "a non-negative integer"),
+    "saved_at": (fileformat.is_timestamp, "a time in seconds since 1970"),
+    "digest": (lambda v: isinstance(v, str), "a string"),
+    "reason": (lambda v: isinstance(v, str), "a string"),
+    "write_s": (_is_duration, "a duration in seconds"),
+    "seq": (fileformat.is_count, "a non-negative integer"),
+    "format": (lambda v: fileformat.is_count(v) and v >= 1, "a format number"),
+    "sha256": (lambda v: isinstance(v, str), "a string"),
+}
+assert set(_ENTRY_FIELDS) == {f.name for f in dataclasses.fields(CheckpointEntry)}
+
+Identity = tuple[int, int, int, int]
+
+
+def _identity(path: Path) -> Identity | None:
+    """(device, inode, size, mtime) of ``path``, None if it cannot be stat'ed: what a file found bad
+    must still be when it is deleted (a file replaced or rewritten since is judged afresh)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _free_name(directory: Path, name: str) -> Path:
+    """``directory/name``, or ``name-2``, ``name-3``... if taken: two in the same second must not
+    overwrite each other."""
+    path, n = directory / name, 1
+    while os.path.lexists(path):
+        n += 1
+        path = directory / f"{name}-{n}"
+    return path
 
 
 @dataclass
@@ -114,7 +186,7 @@ class LoadedCheckpoint:
 
 def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fileformat.open_regular(path) as f:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
@@ -186,7 +258,9 @@ class CheckpointManager:
         self._lock = threading.Lock()
         self._error: BaseException | None = None  # of the last background save, reported once
         self._staging: dict[str, torch.Tensor] = {}  # host buffers reused by every snapshot
-        self._bad: dict[str, str] = {}  # file -> why: found bad by this process, deleted at the next commit
+        # file -> (why, identity when found bad): found bad by this process, deleted at the next
+        # commit if it is still that file
+        self._bad: dict[str, tuple[str, Identity | None]] = {}
         self._write_delay = faults.seconds(WRITE_DELAY_ENV)
         self.last_committed: CheckpointEntry | None = None
 
@@ -256,6 +330,66 @@ class CheckpointManager:
             except OSError:
                 continue
         return removed
+
+    # ------------------------------------------------------------------ starting over
+    def move_aside(self) -> Path | None:
+        """``--no-resume``: move the checkpoints and the index into ``<dir>/old-<time>-<n>/``.
+
+        By rename only, inside the directory itself: the directory may be a mount point or a
+        symlink to scratch (it must stay one), and a copy to another file system of what may be
+        hundreds of GB is never what a user asked for. A subdirectory is never indexed or pruned
+        (both look at the top level only), so the old files are kept until a person removes them.
+        Returns the folder they went into, or None if there was nothing to move. Raises
+        CheckpointError (a usage error: exit 2) if a rename fails -- a file that is a mount point
+        (EBUSY), on another file system (EXDEV), not permitted -- after moving back what was moved.
+        """
+        if not self.dir.is_dir():
+            return None
+        names = sorted(p.name for p in self.dir.iterdir()
+                       if CHECKPOINT_NAME.fullmatch(p.name) or p.name == MANIFEST
+                       or p.name.startswith(f"{MANIFEST}.corrupt-"))
+        if not names:
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        n = 1
+        while True:  # mkdir is the claim: a unique name even for two starts in the same second
+            aside = self.dir / f"{ASIDE_PREFIX}{stamp}-{n}"
+            try:
+                aside.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+            except OSError as e:
+                raise CheckpointError(f"--no-resume: cannot create {aside} to move the old checkpoints of {self.dir} "
+                                      f"into: {e.strerror or e}. Move them away yourself, or set checkpoint.dir to "
+                                      "an empty directory.", damaged=False) from None
+        moved: list[str] = []
+        try:
+            for name in names:
+                os.rename(self.dir / name, aside / name)  # never shutil.move: it would copy instead
+                moved.append(name)
+            fsync_dir(aside)
+            fsync_dir(self.dir)
+        except OSError as e:
+            for name in reversed(moved):  # leave the directory as it was
+                try:
+                    os.rename(aside / name, self.dir / name)
+                except OSError:
+                    log.error("--no-resume: could not move %s back to %s", aside / name, self.dir)
+            try:
+                aside.rmdir()
+            except OSError:
+                pass
+            why = {errno.EBUSY: " (it is a mount point or in use)",
+                   errno.EXDEV: " (it is on another file system)"}.get(e.errno or 0, "")
+            raise CheckpointError(
+                f"--no-resume: cannot move {self.dir / (names[len(moved)] if len(moved) < len(names) else '')} "
+                f"aside into {aside}: {e.strerror or e}{why}; nothing was moved or deleted. Move or delete the old "
+                f"checkpoints in {self.dir} yourself, or set checkpoint.dir to an empty directory, then run "
+                "again.", damaged=False) from None
+        log.warning("--no-resume: moved %d existing checkpoint file(s) of %s aside into %s (kept, never indexed or "
+                    "deleted by foldhpc)", len(names), self.dir, aside)
+        return aside
 
     # ------------------------------------------------------------------ saving
     @property
@@ -384,10 +518,6 @@ class CheckpointManager:
                 time.sleep(self._write_delay)
             os.replace(tmp, final)  # the commit: complete files only ever appear under their final name
             fsync_dir(self.dir)
-            entry = CheckpointEntry(file=name, step=step, bytes=header["bytes"], saved_at=info["saved_at"],
-                                    digest=header["info"]["digest"], reason=reason,
-                                    write_s=round(time.monotonic() - t0, 4), seq=seq)
-            self._index_commit(entry)
         except BaseException as e:
             try:
                 tmp.unlink(missing_ok=True)
@@ -395,6 +525,19 @@ class CheckpointManager:
                 pass
             log.error("checkpoint at step %d FAILED, previous checkpoint kept: %s", step, e)
             raise
+        entry = CheckpointEntry(file=name, step=step, bytes=header["bytes"], saved_at=info["saved_at"],
+                                digest=header["info"]["digest"], reason=reason,
+                                write_s=round(time.monotonic() - t0, 4), seq=seq)
+        self.last_committed = entry
+        try:
+            self._index_commit(entry)
+        except OSError as e:  # the checkpoint is durable: the index is only an index
+            # Failing here would report a committed checkpoint as lost (an exit save: 1, not 75)
+            # although every resume finds it: the index is rebuilt from the files' own headers.
+            # Only file-system errors: anything else still fails the save.
+            log.warning("checkpoint step %d is committed (%s) but updating the index %s or pruning failed: %s; "
+                        "the index is rebuilt from the files at the next save or start", step, final,
+                        self.dir / MANIFEST, e)
         log.info("checkpoint step %d saved (%s, %.1f MiB, %.2fs) -> %s", step, reason or "save",
                  entry.bytes / 2**20, entry.write_s, final)
         return entry
@@ -405,42 +548,79 @@ class CheckpointManager:
             entries, problem = self._index(committing=entry.file)
             entries = [e for e in entries if e.file != entry.file] + [entry]
             self._bad.pop(entry.file, None)
-            good = [e for e in entries if e.file not in self._bad and (self.dir / e.file).is_file()]
+            for f, (why, ident) in list(self._bad.items()):
+                if _identity(self.dir / f) != ident:  # replaced, rewritten or gone since: not known bad
+                    del self._bad[f]
+                    log.info("checkpoint %s was found bad (%s) but has changed since; judged afresh", f, why)
+            # A newer foldhpc's checkpoints (listed by its index) are neither counted nor deleted here.
+            foreign = [e for e in entries if e.format > FORMAT_VERSION and (self.dir / e.file).exists()]
+            good = [e for e in entries if e.format <= FORMAT_VERSION and e.file not in self._bad
+                    and (self.dir / e.file).is_file()]
             keep = good[-self.keep_last:]
             if problem and (self.dir / MANIFEST).exists():
-                aside = self.dir / f"{MANIFEST}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+                aside = _free_name(self.dir, f"{MANIFEST}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.replace(self.dir / MANIFEST, aside)
                 log.error("checkpoint index %s was %s; kept it as %s and wrote a new one from the files",
                           self.dir / MANIFEST, problem, aside.name)
-            self._write_manifest(keep)  # the index now matches the files
-            self.last_committed = entry
-            kept = {e.file for e in keep}
+            self._write_manifest(sorted(keep + foreign, key=lambda e: (e.seq, e.saved_at)))  # matches the files
+            kept = {e.file for e in keep + foreign}
             for e in entries:
-                if e.file in kept:
-                    continue
-                why = self._bad.pop(e.file, None)
-                path = self.dir / e.file
-                if path.is_file():
-                    path.unlink()
-                    if why:
-                        log.warning("deleted bad checkpoint %s (%s) now that step %d is durable", e.file, why,
-                                    entry.step)
-                    else:
-                        log.info("pruned checkpoint %s (step %d; keep_last=%d)", e.file, e.step, self.keep_last)
-                else:
-                    log.warning("dropped index entry %s (step %d): its file is missing", e.file, e.step)
+                if e.file not in kept:
+                    self._prune(e, entry.step)
+
+    def _prune(self, e: CheckpointEntry, durable_step: int) -> None:
+        """Delete the file of an entry that is not kept, if it is still ours to delete.
+
+        Only names matching CHECKPOINT_NAME, directly in this directory; only regular files; a file
+        found bad only if it is still the file that was found bad. A failure is logged, not raised:
+        the new checkpoint is committed whatever happens to the old ones.
+        """
+        bad = self._bad.pop(e.file, None)
+        if not CHECKPOINT_NAME.fullmatch(e.file):  # never reached: entries are checked when read
+            log.error("not deleting %r: not a checkpoint name in %s", e.file, self.dir)
+            return
+        path = self.dir / e.file
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            log.warning("dropped index entry %s (step %d): its file is missing", e.file, e.step)
+            return
+        except OSError as err:
+            log.warning("not pruning checkpoint %s: %s", path, err.strerror or err)
+            return
+        if not stat.S_ISREG(st.st_mode):
+            log.warning("not pruning %s: not a regular file", path)
+            return
+        try:
+            path.unlink()
+        except OSError as err:
+            log.warning("could not prune checkpoint %s: %s", path, err.strerror or err)
+            return
+        if bad:
+            log.warning("deleted bad checkpoint %s (%s) now that step %d is durable", e.file, bad[0], durable_step)
+        else:
+            log.info("pruned checkpoint %s (step %d; keep_last=%d)", e.file, e.step, self.keep_last)
 
     # ------------------------------------------------------------------ index
     def _read_manifest(self) -> list[CheckpointEntry]:
-        data = json.loads((self.dir / MANIFEST).read_text(encoding="utf-8"))
+        """The index's entries; ValueError (or OSError) if anything in it is not as written."""
+        with fileformat.open_regular(self.dir / MANIFEST) as f:  # a FIFO must not block status
+            raw = f.read(MAX_MANIFEST + 1)
+        if len(raw) > MAX_MANIFEST:
+            raise ValueError(f"over {MAX_MANIFEST >> 20} MiB")
+        data = json.loads(raw)
         if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), list):
             raise ValueError("not a foldhpc manifest")
         version = data.get("version", 1)
-        entries = []
+        entries, seen = [], set()
         for d in data["checkpoints"]:
-            if not isinstance(d, dict) or not isinstance(d.get("file"), str) or not isinstance(d.get("step"), int):
+            if not isinstance(d, dict):
                 raise ValueError(f"bad entry {d!r:.100}")
-            entries.append(CheckpointEntry.from_dict(dict(d, format=d.get("format", 1 if version == 1 else 2))))
+            entry = CheckpointEntry.from_dict(dict(d, format=d.get("format", 1 if version == 1 else 2)))
+            if entry.file in seen:
+                raise ValueError(f"lists {entry.file} twice")
+            seen.add(entry.file)
+            entries.append(entry)
         return entries
 
     def _write_manifest(self, entries: list[CheckpointEntry]) -> None:
@@ -462,17 +642,25 @@ class CheckpointManager:
             listed = self._read_manifest()
         except FileNotFoundError:
             listed, problem = [], None
-        except (OSError, ValueError, TypeError) as e:
+        except (OSError, ValueError, TypeError, RecursionError) as e:
             listed, problem = [], f"corrupt ({e})"
         known = {e.file for e in listed}
         extra: list[CheckpointEntry] = []
-        for p in sorted(self.dir.glob("step_*.ckpt")):
+        for p in sorted(self.dir.glob("step_*.ckpt")):  # top level only: never the moved-aside old-*/
             if p.name in known or p.name == committing:
                 continue
+            if not CHECKPOINT_NAME.fullmatch(p.name):
+                log.warning("%s is not named like a foldhpc checkpoint (step_XXXXXXXX.ckpt); ignored", p)
+                continue
+            ident = _identity(p)  # before reading: what is deleted later must be what was read now
             try:
                 extra.append(CheckpointEntry.from_header(p.name, fileformat.read_header(p)))
+            except fileformat.NotRegularFile as e:
+                log.warning("%s is %s; ignored (never read, never deleted)", p, e.strerror)
             except OSError as e:  # I/O, not damage: maybe readable later; never marked bad
                 log.error("checkpoint %s cannot be read now (%s); not used", p, e.strerror or e)
+            except fileformat.UnknownFormat as e:
+                log.warning("checkpoint %s", e)
             except (fileformat.FormatError, KeyError, TypeError, ValueError) as e:
                 try:
                     v1 = fileformat.file_format(p) == 1
@@ -482,9 +670,11 @@ class CheckpointManager:
                     log.warning("checkpoint %s (format 1, foldhpc 0.1) is not in the index and cannot verify "
                                 "itself; not used automatically. Use --resume %s to load it anyway.", p, p)
                 else:
-                    self._bad[p.name] = f"unreadable: {e}"
+                    self._bad[p.name] = (f"unreadable: {e}", ident)
                     log.error("CHECKPOINT %s IS BAD and not in the index: %s", p, e)
-        if extra:
+        newest_listed = max((e.seq for e in listed), default=-1)
+        newer = [e for e in extra if e.seq > newest_listed]
+        if extra and (problem or newer or not (self.dir / MANIFEST).exists()):
             if not (self.dir / MANIFEST).exists():
                 how = "is missing"
             elif problem:
@@ -493,6 +683,10 @@ class CheckpointManager:
                 how = "does not list them (a save was interrupted after its rename)"
             log.error("checkpoint index %s %s: indexed %d checkpoint file(s) from their own headers: %s",
                       self.dir / MANIFEST, how, len(extra), ", ".join(e.file for e in extra))
+        elif extra:  # all older than the newest listed: the index was written, the pruning after it cut short
+            log.info("checkpoint index %s does not list %d older checkpoint file(s) (pruning was interrupted, or a "
+                     "file was briefly invisible): indexed them from their own headers: %s", self.dir / MANIFEST,
+                     len(extra), ", ".join(e.file for e in extra))
         elif problem:
             log.error("checkpoint index %s is %s and there are no checkpoint files to rebuild it from",
                       self.dir / MANIFEST, problem)
@@ -512,8 +706,8 @@ class CheckpointManager:
     def _load_entry(self, entry: CheckpointEntry) -> dict[str, Any]:
         """Load and fully verify one indexed file; raises CheckpointError saying what is wrong."""
         path = self.dir / entry.file
-        if not path.is_file():
-            raise CheckpointError("file is missing")
+        if not path.exists():  # not damage: a network file system may show it again later
+            raise CheckpointError("file is missing", damaged=False)
         if entry.format == 1:
             try:
                 digest = sha256_file(path)
@@ -545,6 +739,8 @@ class CheckpointManager:
         """
         try:
             payload = fileformat.read(path)
+        except fileformat.UnknownFormat as e:
+            raise CheckpointError(str(e), damaged=False) from None
         except fileformat.FormatError as e:
             raise CheckpointError(str(e)) from None
         except OSError as e:
@@ -558,20 +754,22 @@ class CheckpointManager:
         entries = self.entries()
         skipped: list[tuple[str, str]] = []
         for entry in reversed(entries):
+            ident = _identity(self.dir / entry.file)  # before reading: see _index_commit
             try:
                 payload = self._load_entry(entry)
             except CheckpointError as e:
                 why = str(e).removeprefix(f"{self.dir / entry.file}: ")
+                kind = "BAD" if e.damaged else "UNREADABLE" if ident is not None else "MISSING"
                 log.error("CHECKPOINT %s (step %d) IS %s: %s -- falling back to the previous one",
-                          entry.file, entry.step, "BAD" if e.damaged else "UNREADABLE", why)
+                          entry.file, entry.step, kind, why)
                 if e.damaged:
-                    self._bad[entry.file] = why
+                    self._bad[entry.file] = (why, ident)
                 skipped.append((entry.file, why))
                 continue
             if payload["format"] == 2 and int(payload["info"]["seq"]) != entry.seq:
                 entry = CheckpointEntry.from_header(entry.file, payload)  # the file's own record wins
             return LoadedCheckpoint(entry, self.dir / entry.file, payload["state"], payload["meta"], skipped)
-        bad = [(f, w) for f, w in self._bad.items() if f not in dict(skipped)]
+        bad = [(f, w) for f, (w, _) in self._bad.items() if f not in dict(skipped)]
         if entries or bad:
             raise CheckpointError(
                 f"no usable checkpoint in {self.dir}: " + "; ".join(f"{f}: {w}" for f, w in skipped + bad)
