@@ -236,3 +236,78 @@ def test_every_steps_saves_are_caught_up_behind_a_slow_writer(tmp_path, monkeypa
         after = next((x for x in started if x > busy), 60)  # 60: the final save
         assert after <= done_at[busy] + 1, (k, busy, after, done_at, started)  # caught up at once
     assert any(x % 5 for x in started), started  # the catch-ups are saves between the multiples
+
+
+# ------------------------------------------------------------------ goodput: a huge log, a clock stepped back
+def write_log(run: Path, steps: int, step_s: float = 0.1, back_at: int | None = None, back_s: float = 0.0,
+              checkpoint_every: int = 0) -> Path:
+    """A train.log of one trainer start as foldhpc writes it: a progress line per step; from step
+    ``back_at`` on the wall clock reads ``back_s`` earlier (an NTP step)."""
+    import time
+
+    run.mkdir(parents=True, exist_ok=True)
+    t0_ms = int(time.mktime(time.strptime("2026-11-01 00:00:00", "%Y-%m-%d %H:%M:%S"))) * 1000
+
+    def line(ms: int, msg: str, logger: str = "foldhpc.train.loop") -> str:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms // 1000))
+        return f"{stamp}.{ms % 1000:03d} INFO [pid 77] {logger}: {msg}\n"
+
+    with open(run / "train.log", "w") as f:
+        f.write(line(t0_ms, f"training steps 0..{steps}, batch 4, crop 64, checkpoint every 15m, signals SIGUSR1"))
+        ms = t0_ms + 2000
+        f.write(line(ms, "first step (1) done in 0.100s; 2.00s after process start (imports_s 1.00, "
+                         "first_step_s 0.10, process_to_first_step_s 2.00)"))
+        for step in range(1, steps + 1):
+            ms += 0 if step == 1 else round(step_s * 1000)
+            if step == back_at:
+                ms -= round(back_s * 1000)
+            f.write(line(ms, f"step {step}/{steps} loss 4.0 lr 1.00e-03 gnorm 0.5 | {4 / step_s:.1f} samples/s, "
+                             "data wait 0.0% | ETA 0m01s"))
+            if checkpoint_every and step % checkpoint_every == 0:
+                f.write(line(ms, f"checkpoint step {step}: staging and writing in the background (steps)",
+                             "foldhpc.checkpoint.manager"))
+                f.write(line(ms + 5, f"checkpoint step {step} saved (steps, 0.3 MiB, 0.01s) -> /x/s{step}.ckpt",
+                             "foldhpc.checkpoint.manager"))
+        f.write(line(ms + 100, f"training completed at step {steps}: {{}}"))
+    return run / "train.log"
+
+
+def test_goodput_streams_a_large_log(tmp_path):
+    """The log is read line by line: peak memory ~3.4x a 5 MB log (the per-step records), not ~6.8x
+    (the whole text, its lines and their parsed copies at once). At 50 MB, measured with
+    ``/usr/bin/time -v foldhpc goodput RUN --no-sacct``: 412 MB -> 226 MB peak RSS."""
+    import tracemalloc
+
+    from foldhpc.monitor.goodput import goodput_of
+
+    log = write_log(tmp_path / "big", 30_000, step_s=0.01, checkpoint_every=1000)
+    size = log.stat().st_size
+    assert size > 4_000_000
+    tracemalloc.start()
+    try:
+        g = goodput_of(tmp_path / "big", use_sacct=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert g.steps["productive"] == 30_000
+    assert peak < 4.5 * size, f"peak {peak / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB log"
+
+
+def test_goodput_survives_a_clock_stepped_back(tmp_path, records):
+    """The wall clock goes back an hour at step 51 of 100 (0.1 s steps): noted and warned, the lines
+    from there on follow on; no negative segment, the categories add up to a wall of 2 s startup +
+    99 x 0.1 s (the step across the clock step takes no time) + the 0.1 s exit (before: wall 0 s,
+    0 steps)."""
+    from foldhpc.monitor.goodput import goodput_of
+    from foldhpc.monitor.timeline import build_timeline
+
+    write_log(tmp_path / "run", 100, step_s=0.1, back_at=51, back_s=3600)
+    tl = build_timeline(tmp_path / "run", use_sacct=False)
+    assert all(s.end >= s.start for s in tl.segments)
+    g = goodput_of(tmp_path / "run", use_sacct=False)
+    assert g.steps["productive"] == 100
+    assert g.wall_s == pytest.approx(2.0 + 9.8 + 0.1, abs=0.01)
+    assert sum(g.seconds.values()) == pytest.approx(g.wall_s, abs=1e-6)
+    assert all(v >= 0 for v in g.seconds.values())
+    assert any("clock went back 3599.9 s" in n for n in g.notes), g.notes
+    assert any("clock went back" in m for m in records.messages())

@@ -18,6 +18,11 @@ TensorBoard is not read: a resume purges the scalars of the steps a crash lost, 
 the last flush die with the process, which are exactly the steps goodput must count as recomputed;
 ``train.log`` is flushed line by line.
 
+``train.log`` is read line by line, in one pass, and only what the timeline needs of each line is
+kept: a log of gigabytes is never in memory. A line stamped more than :data:`CLOCK_STEP_S` earlier
+than one before it means the wall clock was stepped back (an NTP step, a VM resumed): the lines from
+there on are shifted forward to follow on, with a note, so the timeline never runs backwards.
+
 Every instant between the run's first record (its first submission, else its first process start)
 and its end (now, while it runs) belongs to exactly one segment, so the categories add up to the
 wall time. Inside a progress window the split between data wait, checkpoint stall and compute is
@@ -29,7 +34,9 @@ excess over the attempt's median step time.
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import re
 import shutil
 import socket
@@ -37,7 +44,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from foldhpc.monitor.status import pid_alive, read_status
 from foldhpc.slurm.history import read_history
@@ -50,6 +57,9 @@ CHECKPOINT, VALIDATION, DATA_WAIT, IDLE = "checkpoint", "validation", "data_wait
 CATEGORIES = (PRODUCTIVE, RECOMPUTED, QUEUE, STARTUP, CHECKPOINT, VALIDATION, DATA_WAIT, IDLE)
 LOG_FILE = "train.log"
 _SLACK_S = 1.0  # clock/recording slack when matching a process start to the job run it belongs to
+#: A train.log line this many seconds earlier than one before it: the clock was stepped back (lines
+#: of two processes, or two threads, can be out of order by milliseconds, never by this much)
+CLOCK_STEP_S = 1.0
 
 _LINE_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:[.,](\d{3}))? (\w+) \[pid (\d+)\] "
                       r"(?:\[rank (\d+)\] )?([\w.]+): (.*)$")
@@ -73,7 +83,7 @@ _COMPLETED_RE = re.compile(r"^training completed at step (\d+)")
 
 
 # ------------------------------------------------------------------ records
-@dataclass
+@dataclass(slots=True)
 class LogLine:
     time: float
     precise: bool  # the line has milliseconds (older train.log files have whole seconds)
@@ -84,7 +94,7 @@ class LogLine:
     msg: str
 
 
-_STAMPS: dict[str, float] = {}
+_STAMP: list[Any] = [None, 0.0]  # the last whole-second stamp parsed and its time (lines come in order)
 
 
 def parse_log_line(line: str) -> LogLine | None:
@@ -93,27 +103,72 @@ def parse_log_line(line: str) -> LogLine | None:
     if not m:
         return None
     stamp, ms, level, pid, rank, logger, msg = m.groups()
-    base = _STAMPS.get(stamp)
-    if base is None:
+    if stamp == _STAMP[0]:
+        base = _STAMP[1]
+    else:
         try:
-            base = _STAMPS[stamp] = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
+            base = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
         except ValueError:
             return None
+        _STAMP[:] = [stamp, base]
     return LogLine(base + (int(ms) / 1000 if ms else 0.0), ms is not None, level, int(pid),
                    int(rank) if rank is not None else None, logger, msg)
 
 
-def read_log(run_dir: Path) -> list[LogLine]:
-    """The parsed lines of ``<run_dir>/train.log`` (empty if there is none)."""
+@dataclass
+class LogScan:
+    """What :func:`iter_log` saw besides the lines it yielded (filled as they are read)."""
+
+    lines: int = 0  # parsed lines
+    first: float | None = None  # time of the first and the last parsed line
+    last: float | None = None
+    all_precise: bool = True  # every line has milliseconds
+    saved: list[tuple[int, int, float, float, str]] = field(default_factory=list)  # pid, step, time, write_s, reason
+    clock_steps: list[tuple[float, float]] = field(default_factory=list)  # (stamp as logged, seconds back)
+
+
+def iter_log(run_dir: Path, scan: LogScan | None = None) -> Iterator[LogLine]:
+    """The parsed lines of ``<run_dir>/train.log`` one by one (nothing if there is none), on a
+    clock that never goes back (see the module docstring; ``scan.clock_steps``).
+
+    Only the lines of rank 0 and its supervisor (on one host, one clock) decide a clock step: the
+    other ranks' lines may come from other nodes' clocks.
+    """
+    scan = scan if scan is not None else LogScan()
     try:
-        text = (Path(run_dir) / LOG_FILE).read_text(encoding="utf-8", errors="replace")
+        f = open(Path(run_dir) / LOG_FILE, encoding="utf-8", errors="replace")
     except FileNotFoundError:
-        return []
-    return [p for p in map(parse_log_line, text.splitlines()) if p is not None]
+        return
+    offset, newest = 0.0, -math.inf
+    with f:
+        for raw in f:
+            ln = parse_log_line(raw.rstrip("\r\n"))
+            if ln is None:
+                continue
+            t = ln.time + offset
+            if ln.rank in (None, 0):
+                if t < newest - CLOCK_STEP_S:
+                    scan.clock_steps.append((ln.time, newest - t))
+                    offset += newest - t
+                    t = newest
+                newest = max(newest, t)
+            ln.time = t
+            scan.lines += 1
+            scan.first = t if scan.first is None else scan.first
+            scan.last = t
+            scan.all_precise = scan.all_precise and ln.precise
+            if m := _SAVED_RE.match(ln.msg):
+                scan.saved.append((ln.pid, int(m.group(1)), t, float(m.group(3)), m.group(2)))
+            yield ln
+
+
+def read_log(run_dir: Path) -> list[LogLine]:
+    """All parsed lines of ``<run_dir>/train.log`` in a list: for small logs (see :func:`iter_log`)."""
+    return list(iter_log(run_dir))
 
 
 # ------------------------------------------------------------------ the timeline
-@dataclass
+@dataclass(slots=True)
 class Segment:
     """``kind`` (one of :data:`CATEGORIES`) from ``start`` to ``end`` on row ``lane``; training
     segments carry how many optimizer steps they hold."""
@@ -227,7 +282,7 @@ class _Attempt:
                                self.spawn) if t is not None)
 
 
-def _parse_attempts(lines: list[LogLine], marks: list[Mark]) -> list[_Attempt]:
+def _parse_attempts(lines: Iterable[LogLine], marks: list[Mark]) -> list[_Attempt]:
     """Trainer process starts in order, from the supervisor's and the trainers' own lines."""
     attempts: dict[int, _Attempt] = {}
     order: list[int] = []
@@ -398,29 +453,36 @@ def _attempt_segments(a: _Attempt, lane: int, start: float, end: float, later_re
     first = min(max(first, start), end)
     segs += _pour(_subtract((start, first), taken), [(STARTUP, first - start, 0)], lane)
 
-    # windows between progress lines; a rollback inside the window restarts the step count
+    # windows between progress lines; a rollback inside the window restarts the step count. Made
+    # twice, on the fly (a window per progress line: a long run has millions, never all in memory)
     batch = a.batch or 1
-    windows: list[tuple[float, float, int, int, float, float, bool]] = []
-    prev_t, prev_s = first, a.start_step if a.start_step is not None else 0
-    rollbacks = list(a.rollbacks)
-    for t, s, sps, wait in a.progress:
-        while rollbacks and rollbacks[0][0] <= t:
-            prev_s = rollbacks.pop(0)[1]
-        t = min(max(t, prev_t), end)
-        n = max(0, s - prev_s)
-        dt = n * batch / sps if sps > 0 else 0.0
-        staged = any(prev_t < x <= t for x in a.staging)
-        windows.append((prev_t, t, prev_s, s, dt, wait, staged))
-        prev_t, prev_s = t, s
+    staging = sorted(a.staging)
+    start_s = a.start_step if a.start_step is not None else 0
+
+    def windows() -> Iterator[tuple[float, float, int, int, float, float, bool]]:
+        prev_t, prev_s = first, start_s
+        rollbacks = list(a.rollbacks)
+        for t, s, sps, wait in a.progress:
+            while rollbacks and rollbacks[0][0] <= t:
+                prev_s = rollbacks.pop(0)[1]
+            t = min(max(t, prev_t), end)
+            n = max(0, s - prev_s)
+            dt = n * batch / sps if sps > 0 else 0.0
+            i = bisect.bisect_right(staging, prev_t)  # a background save staged in (prev_t, t]
+            staged = i < len(staging) and staging[i] <= t
+            yield prev_t, t, prev_s, s, dt, wait, staged
+            prev_t, prev_s = t, s
 
     per_step = []  # seconds per step of the plain windows (no save, validation or first step in them)
-    for i, (w0, w1, lo, hi, dt, wait, staged) in enumerate(windows):
+    for i, (w0, w1, lo, hi, dt, wait, staged) in enumerate(windows()):
         if i and hi > lo and not staged and not any(x < w1 and y > w0 for x, y in taken):
             per_step.append((w1 - w0) * (1 - wait * min(1.0, dt / max(w1 - w0, 1e-9))) / (hi - lo))
     median = statistics.median(per_step) if per_step else None
+    del per_step
     if a.staging and median is None:
         notes.append(f"pid {a.pid}: every window had a checkpoint; checkpoint stalls not estimated")
-    for w0, w1, lo, hi, dt, wait, staged in windows:
+    prev_t, prev_s = first, start_s
+    for w0, w1, lo, hi, dt, wait, staged in windows():
         free = _subtract((w0, w1), taken)
         total = sum(y - x for x, y in free)
         data = wait * min(dt, total)
@@ -429,6 +491,7 @@ def _attempt_segments(a: _Attempt, lane: int, start: float, end: float, later_re
         parts = [(CHECKPOINT, stall, 0), (DATA_WAIT, data, 0)]
         parts += [(k, share * (rest - stall), steps) for k, share, steps in train_parts(w1, lo, hi)]
         segs += _pour(free, parts, lane)
+        prev_t, prev_s = w1, hi
 
     # after the last progress line: exit saves/validation (placed), steps the process died in
     tail = _subtract((prev_t, end), taken)
@@ -531,27 +594,34 @@ def build_timeline(run_dir: Path, now: float | None = None, use_sacct: bool = Tr
     now = time.time() if now is None else now
     notes: list[str] = []
     sources: list[str] = []
-    lines = read_log(run_dir)
+    scan = LogScan()
+    marks: list[Mark] = []
+    attempts = _parse_attempts(iter_log(run_dir, scan), marks)  # the one pass over train.log
     events, bad = read_history(run_dir)
     try:
         status = read_status(run_dir) or {}
     except ValueError as e:
         status, _ = {}, notes.append(str(e))
-    if not lines and not events and not status:
+    if not scan.lines and not events and not status:
         raise FileNotFoundError(f"{run_dir}: no {LOG_FILE}, jobs.jsonl or status.json: not a foldhpc run directory?")
-    if lines:
+    if scan.lines:
         sources.append(LOG_FILE)
-        if not all(ln.precise for ln in lines):
+        if not scan.all_precise:
             notes.append(f"{LOG_FILE} has lines with whole-second times (written before foldhpc logged "
                          "milliseconds): segments placed by them are accurate to about a second")
+    for when, back in scan.clock_steps:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+        log.warning("%s: the clock went back %.1f s at the line stamped %s (an NTP step?)", run_dir / LOG_FILE,
+                    back, stamp)
+        notes.append(f"{LOG_FILE}: the clock went back {back:.1f} s at the line stamped {stamp}; the lines from "
+                     "there on are shifted forward to follow on (times from jobs.jsonl and sacct after it may not "
+                     "line up with them)")
     if events:
         sources.append("jobs.jsonl")
     if bad:
         notes.append(f"{bad} unreadable line(s) in jobs.jsonl")
     if status:
         sources.append("status.json")
-    marks: list[Mark] = []
-    attempts = _parse_attempts(lines, marks)
     attempts = [a for a in attempts if a.spawn is not None or a.first_line is not None]
     if status.get("finished_at") and attempts and status.get("pid") == attempts[-1].pid:
         attempts[-1].finished_at = float(status["finished_at"])
@@ -577,10 +647,10 @@ def build_timeline(run_dir: Path, now: float | None = None, use_sacct: bool = Tr
     firsts += [r.started for r in jruns if r.started is not None]
     firsts += [float(e["time"]) for e in events if e.get("event") == "submitted" and isinstance(e.get("time"), (int, float))]
     if not firsts:
-        firsts = [ln.time for ln in lines[:1]] or [float(status.get("started_at") or now)]
+        firsts = [scan.first] if scan.first is not None else [float(status.get("started_at") or now)]
     start = min(firsts)
     lasts = [a.end for a in attempts] + [float(e["time"]) for e in events if isinstance(e.get("time"), (int, float))]
-    lasts += [ln.time for ln in lines[-1:]]
+    lasts += [scan.last] if scan.last is not None else []
     end = now if running else max(lasts + [start])
     end = max(end, start)
 
@@ -652,9 +722,9 @@ def build_timeline(run_dir: Path, now: float | None = None, use_sacct: bool = Tr
 
     step_points = sorted((t, s) for a in attempts for t, s, _, _ in a.progress)
     writes = []
-    for ln in lines:
-        if ln.pid in by_pid and (m := _SAVED_RE.match(ln.msg)):
-            writes.append(Write(by_pid[ln.pid], int(m.group(1)), ln.time, float(m.group(3)), m.group(2)))
+    for pid, step, t, write_s, reason in scan.saved:
+        if pid in by_pid:
+            writes.append(Write(by_pid[pid], step, t, write_s, reason))
     for e in events:
         if e.get("event") in ("completed", "stopped", "gave_up") and isinstance(e.get("time"), (int, float)):
             marks.append(Mark(float(e["time"]), e["event"], str(e["event"]), None))
