@@ -95,7 +95,7 @@ def test_corrupt_manifest_resumes_from_the_files_and_no_resume_works(tmp_path):
     p = _train(run, ROOT, "--no-resume", **{"train.max_steps": 16})
     assert p.returncode == 0, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
-    aside = list(tmp_path.glob("run/checkpoints.old-*"))
+    aside = list(tmp_path.glob("run/checkpoints/old-*"))  # moved inside it, by rename
     assert len(aside) == 1 and (aside[0] / "step_00000016.ckpt").is_file()  # moved aside, not deleted
 
 

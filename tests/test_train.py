@@ -106,7 +106,7 @@ def test_incompatible_resume_is_refused_unless_forced(tmp_path):
     # --no-resume keeps the old checkpoints aside instead of deleting them
     p = run_foldhpc("train", "--config", str(TINY), "--no-resume", *set_args(changed))
     assert p.returncode == 0, p.stderr
-    aside = list(tmp_path.glob("run/checkpoints.old-*/step_00000005.ckpt"))
+    aside = list(tmp_path.glob("run/checkpoints/old-*/step_00000005.ckpt"))
     assert len(aside) == 1
 
 

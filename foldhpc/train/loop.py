@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import socket
 import time
@@ -318,11 +317,7 @@ class Trainer:
     def _pick_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any], Path] | None:
         """(state, meta, file) to resume from according to ``self.resume``, or None."""
         if self.resume == "never":
-            if self.ckpt.entries() or any(self.ckpt.dir.glob("step_*.ckpt")):
-                aside = self.ckpt.dir.with_name(f"{self.ckpt.dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-                log.warning("--no-resume: moving existing checkpoints %s aside to %s", self.ckpt.dir, aside)
-                shutil.move(str(self.ckpt.dir), aside)
-                self.ckpt.dir.mkdir(parents=True)
+            self.ckpt.move_aside()  # by rename, inside the checkpoint directory: see CheckpointManager.move_aside
             return None
         if self.resume == "auto":
             loaded = self.ckpt.load_latest()
