@@ -670,8 +670,9 @@ class CheckpointManager:
                     log.warning("checkpoint %s (format 1, foldhpc 0.1) is not in the index and cannot verify "
                                 "itself; not used automatically. Use --resume %s to load it anyway.", p, p)
                 else:
-                    self._bad[p.name] = (f"unreadable: {e}", ident)
-                    log.error("CHECKPOINT %s IS BAD and not in the index: %s", p, e)
+                    why = str(e).removeprefix(f"{p}: ")
+                    self._bad[p.name] = (f"unreadable: {why}", ident)
+                    log.error("CHECKPOINT %s IS BAD and not in the index: %s", p, why)
         newest_listed = max((e.seq for e in listed), default=-1)
         newer = [e for e in extra if e.seq > newest_listed]
         if extra and (problem or newer or not (self.dir / MANIFEST).exists()):
