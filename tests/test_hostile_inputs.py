@@ -204,3 +204,92 @@ def test_status_and_goodput_with_a_bad_byte_line(tmp_path):
     assert g["seconds"]["queue_wait"] == 42 and [j["label"] for j in g["jobs"]] == [f"job {JOB}", f"job {JOB} run 1"]
     p = run_foldhpc("plot", str(run), "-o", str(tmp_path / "t.png"))
     assert p.returncode == 0 and (tmp_path / "t.png").stat().st_size > 0, p.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ item 20: follow-up resources
+# `scontrol show job 4` (22.05.8, the default multi-line format) of
+#   cd "/tmp/h2 My Project" && sbatch --hold --job-name="fold hpc" --gpus=1 --mem=100M --time=2 \
+#     -o "/tmp/h2 My Project/run7/slurm-7-%j.out" -e "/tmp/h2 My Project/100%%/err-%j.err" --wrap "sleep 1"
+SPACED_JOB = """JobId=4 JobName=fold hpc
+   UserId=root(0) GroupId=root(0) MCS_label=N/A
+   Priority=0 Nice=0 Account=root QOS=normal
+   JobState=PENDING Reason=JobHeldUser Dependency=(null)
+   Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:0
+   RunTime=00:00:00 TimeLimit=00:02:00 TimeMin=N/A
+   SubmitTime=2026-12-01T22:25:40 EligibleTime=Unknown
+   AccrueTime=Unknown
+   StartTime=Unknown EndTime=Unknown Deadline=N/A
+   SuspendTime=None SecsPreSuspend=0 LastSchedEval=2026-12-01T22:25:40 Scheduler=Main
+   Partition=debug AllocNode:Sid=localhost:2994
+   ReqNodeList=(null) ExcNodeList=(null)
+   NodeList=
+   NumNodes=1 NumCPUs=1 NumTasks=1 CPUs/Task=1 ReqB:S:C:T=0:0:*:*
+   TRES=cpu=1,mem=100M,node=1,billing=1,gres/gpu=1
+   Socks/Node=* NtasksPerN:B:S:C=0:0:*:* CoreSpec=*
+   MinCPUsNode=1 MinMemoryNode=100M MinTmpDiskNode=0
+   Features=(null) DelayBoot=00:00:00
+   OverSubscribe=OK Contiguous=0 Licenses=(null) Network=(null)
+   Command=(null)
+   WorkDir=/tmp/h2 My Project
+   StdErr=/tmp/h2 My Project/100%%/err-4.err
+   StdIn=/dev/null
+   StdOut=/tmp/h2 My Project/run7/slurm-7-4.out
+   Power=
+   TresPerJob=gres:gpu:1
+   
+
+"""
+# the same job, `scontrol show job -o 4`
+SPACED_JOB_ONELINE = " ".join(line.strip() for line in SPACED_JOB.splitlines() if line.strip()) + " \n"
+
+
+@pytest.mark.parametrize("text", [SPACED_JOB, SPACED_JOB_ONELINE], ids=["multi-line", "oneliner"])
+def test_scontrol_values_with_spaces_are_kept_whole(text):
+    from foldhpc.slurm.sacct import parse_scontrol
+
+    info = parse_scontrol(text)["4"]
+    assert info["WorkDir"] == "/tmp/h2 My Project"
+    assert info["StdOut"] == "/tmp/h2 My Project/run7/slurm-7-4.out"
+    assert info["StdErr"] == "/tmp/h2 My Project/100%%/err-4.err"
+    assert info["JobName"] == "fold hpc" and info["UserId"] == "root(0)"
+    assert (info["JobState"], info["Requeue"], info["TresPerJob"], info["Power"]) == ("PENDING", "1", "gres:gpu:1", "")
+
+
+def test_follow_up_options_copy_paths_with_spaces_and_replace_only_the_job_id():
+    from foldhpc.slurm.followup import sbatch_options
+    from foldhpc.slurm.sacct import parse_scontrol
+
+    opts = sbatch_options(parse_scontrol(SPACED_JOB)["4"], "4")
+    assert "--chdir=/tmp/h2 My Project" in opts and "--job-name=fold hpc" in opts
+    assert "--output=/tmp/h2 My Project/run7/slurm-7-%j.out" in opts
+    assert "--error=/tmp/h2 My Project/100%%/err-%j.err" in opts  # scontrol left %% as given: kept
+
+
+@pytest.mark.parametrize("path, ids, pattern", [
+    ("/scratch/run7/slurm-7.out", {"7"}, "/scratch/run7/slurm-%j.out"),  # the review's example
+    ("/scratch/7/out-7.log", {"7"}, "/scratch/7/out-%j.log"),  # a directory keeps its name
+    ("/x/7-17.out", {"17"}, "/x/7-%j.out"),
+    ("/x/170.out", {"17"}, "/x/170.out"),  # not inside a longer number
+    ("/x/foldhpc_17.out", {"17"}, "/x/foldhpc_%j.out"),  # %x_%j
+    ("/r/slurm/308_0_log.out", {"308"}, "/r/slurm/%j_0_log.out"),  # submitit
+    ("/r/slurm-5_1.out", {"5_1", "6"}, "/r/slurm-%j.out"),  # array task 5_1 (JobId 6): %A_%a
+    ("/r/slurm-6.out", {"5_1", "6"}, "/r/slurm-%j.out"),  # ... or its own %j
+    ("/r/x-%N-root-%%-%5j-wrap.out", {"9"}, "/r/x-%N-root-%%-%5j-wrap.out"),  # what scontrol left unexpanded
+    ("out.txt", {"7"}, "out.txt"),
+])
+def test_output_pattern(path, ids, pattern):
+    from foldhpc.slurm.followup import output_pattern
+
+    assert output_pattern(path, ids) == pattern
+
+
+def test_the_reviews_follow_up_example():
+    """WorkDir ``/home/alice/My Project`` became ``--chdir=/home/alice/My``, run7 became ``run%j``."""
+    from foldhpc.slurm.followup import sbatch_options
+    from foldhpc.slurm.sacct import parse_scontrol
+
+    text = (SPACED_JOB.replace("JobId=4 ", "JobId=7 ").replace("WorkDir=/tmp/h2 My Project", "WorkDir=/home/alice/My Project")
+            .replace("/tmp/h2 My Project/run7/slurm-7-4.out", "/scratch/run7/slurm-7.out"))
+    for t in (text, " ".join(line.strip() for line in text.splitlines() if line.strip())):
+        opts = sbatch_options(parse_scontrol(t)["7"], "7")
+        assert "--chdir=/home/alice/My Project" in opts and "--output=/scratch/run7/slurm-%j.out" in opts, opts

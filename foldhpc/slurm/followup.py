@@ -185,13 +185,36 @@ def _gres_options(value: str, per: str) -> list[str]:
     return opts
 
 
+def output_pattern(path: str, job_ids: set[str]) -> str:
+    """sbatch's ``--output``/``--error`` pattern for a successor, from its predecessor's file name
+    as ``scontrol`` shows it (``StdOut=/scratch/run7/slurm-7.out`` for ``slurm-%j.out``).
+
+    The job id becomes ``%j`` only in the file name (the last path component), and only where it
+    stands alone, not inside a longer number: ``/scratch/run7/slurm-7.out`` -> ``/scratch/run7/
+    slurm-%j.out``, ``/x/7-17.out`` of job 17 -> ``/x/7-%j.out``, ``308_0_log.out`` (submitit)
+    -> ``%j_0_log.out``. A directory keeps its name even if it was made from a pattern: it
+    exists (the predecessor wrote there), a new one per job might not, and Slurm fails a job
+    whose output file cannot be opened. ``job_ids``: the ids the job is known by (``123``, and
+    for an array task also ``ARRAY_TASK``: the successor is a plain job whose ``%j`` is its own).
+
+    Measured on 22.05.8: scontrol expands ``%j``, ``%x``, ``%u`` and leaves ``%N``, ``%5j`` and
+    ``%%`` as they were given, so a ``%`` still in the path is a pattern and is kept as it is.
+    """
+    head, sep, name = path.rpartition("/")
+    for jid in sorted((j for j in job_ids if j), key=len, reverse=True):
+        name = re.sub(rf"(?<![0-9]){re.escape(jid)}(?![0-9])", "%j", name)
+    return head + sep + name
+
+
 def sbatch_options(info: dict[str, str], job_id: str) -> list[str]:
     """sbatch options that ask for what job ``job_id`` (its ``scontrol show job`` record) got.
 
     The batch script's own ``#SBATCH`` lines are read again by sbatch; these repeat what the
     command line may have changed: partition, time, nodes, tasks, CPUs, memory, GPUs/GRES,
-    account, QOS, constraint, reservation, name, output files (the job id in their names becomes
-    ``%j`` again), working directory, requeue flag.
+    account, QOS, constraint, reservation, name, output files (the job id in their file names
+    becomes ``%j`` again: :func:`output_pattern`), working directory, requeue flag. ``info`` is
+    best read from scontrol's multi-line format, where paths with spaces are whole
+    (:func:`foldhpc.slurm.sacct.parse_scontrol`); each option is one argument, never split.
     """
     def val(key: str) -> str | None:
         v = info.get(key)
@@ -222,11 +245,14 @@ def sbatch_options(info: dict[str, str], job_id: str) -> list[str]:
             opts += _gres_options(val(key) or "", per)
     if val("Features"):
         opts.append(f"--constraint={val('Features')}")
+    ids = {job_id, info.get("JobId", "")}
+    if info.get("ArrayJobId") and info.get("ArrayTaskId"):
+        ids.add(f"{info['ArrayJobId']}_{info['ArrayTaskId']}")
     out, err = val("StdOut"), val("StdErr")
     if out:
-        opts.append(f"--output={out.replace(job_id, '%j')}")
+        opts.append(f"--output={output_pattern(out, ids)}")
     if err and err != out:
-        opts.append(f"--error={err.replace(job_id, '%j')}")
+        opts.append(f"--error={output_pattern(err, ids)}")
     if info.get("Requeue") in ("0", "1"):
         opts.append("--requeue" if info["Requeue"] == "1" else "--no-requeue")
     return opts
@@ -248,7 +274,8 @@ class SbatchFollowUp:
 
     def submit(self, after: str, **record: Any) -> str:
         try:
-            info = parse_scontrol(run_command(["scontrol", "show", "job", "--oneliner", after],
+            # the multi-line record: each path (WorkDir, StdOut, ...) ends with its line
+            info = parse_scontrol(run_command(["scontrol", "show", "job", after],
                                               timeout=SUBMIT_TIMEOUT_S)).get(after, {})
         except SlurmCommandError as e:
             raise SlurmCommandError(f"cannot read job {after}'s resources: {e}") from None

@@ -272,13 +272,76 @@ def job_from_runs(job_id: str, runs: list[JobRun]) -> SlurmJob:
         runs=runs, notes=notes)
 
 
+#: ``scontrol show job`` keys whose values may hold spaces (a job name, a path, a comment). In the
+#: multi-line format (no ``--oneliner``; measured on 22.05.8) each is the last field of its line, so
+#: its value runs to the end of the line; in a one-liner it runs to the next key of
+#: :data:`SCONTROL_JOB_KEYS` (``WorkDir=/home/alice/My Project StdErr=...``).
+SCONTROL_FREE_TEXT_KEYS = frozenset({"JobName", "Command", "WorkDir", "StdErr", "StdIn", "StdOut", "Comment",
+                                     "AdminComment", "SystemComment", "BurstBuffer", "Container", "Extra"})
+#: the keys of a job record that Slurm 22.05-23.x print (src/api/job_info.c): where a free-text
+#: value of a one-liner ends. Any other ``Key=`` still starts a field outside free text.
+SCONTROL_JOB_KEYS = frozenset("""
+    JobId ArrayJobId ArrayTaskId ArrayTaskThrottle HetJobId HetJobOffset HetJobIdSet JobName UserId GroupId
+    MCS_label Priority Nice Account QOS WCKey JobState Reason Dependency Requeue Restarts BatchFlag Reboot
+    ExitCode DerivedExitCode RunTime TimeLimit TimeMin SubmitTime EligibleTime AccrueTime StartTime EndTime
+    Deadline SuspendTime SecsPreSuspend LastSchedEval Scheduler PreemptEligibleTime PreemptTime ResizeTime
+    Partition AllocNode:Sid ReqNodeList ExcNodeList NodeList SchedNodeList BatchHost NumNodes NumCPUs NumTasks
+    CPUs/Task ReqB:S:C:T TRES Socks/Node NtasksPerN:B:S:C CoreSpec ThreadSpec JOB_GRES Nodes CPU_IDs Mem GRES
+    MinCPUsNode MinMemoryNode MinMemoryCPU MinTmpDiskNode Features ClusterFeatures Cluster DelayBoot
+    Reservation OverSubscribe Contiguous Licenses Network Command WorkDir AdminComment SystemComment Comment
+    StdErr StdIn StdOut BurstBuffer BurstBufferState CpuFreqMin CpuFreqMax CpuFreqGov Power TresBind TresFreq
+    TresPerJob TresPerNode TresPerSocket TresPerTask MailUser MailType NtasksPerTRES CPUs/TRES MemPerTres
+    FedOrigin FedViableSiblings FedActiveSiblings KillOInInvalidDependent SelinuxContext Container
+    ContainerID Switches Wait-for-Switch Extra OOMKillStep Prolog Epilog ReqSwitch LicensesAlloc
+""".split())
+_KEY_TOKEN = re.compile(r"([A-Za-z][A-Za-z0-9_:/-]*)=(.*)", re.S)
+
+
+def _scontrol_fields(line: str, info: dict[str, str], to_line_end: bool) -> None:
+    """The ``Key=value`` fields of one line into ``info`` (the first value of a key wins).
+
+    Split at single spaces (so ``My  Project``'s two spaces survive); a token that is no
+    ``Key=`` continues a free-text value (:data:`SCONTROL_FREE_TEXT_KEYS`) and is ignored after
+    any other key. Inside free text only a known key (:data:`SCONTROL_JOB_KEYS`) starts a field,
+    or none at all when ``to_line_end`` (the multi-line format: free text is last on its line).
+    """
+    key: str | None = None
+    parts: list[str] = []
+
+    def flush() -> None:
+        if key is not None:
+            value = " ".join(parts)
+            info.setdefault(key, value.rstrip() if key in SCONTROL_FREE_TEXT_KEYS else value)
+
+    for token in line.split(" "):
+        m = _KEY_TOKEN.fullmatch(token)
+        free = key in SCONTROL_FREE_TEXT_KEYS
+        if m and not (free and (to_line_end or m.group(1) not in SCONTROL_JOB_KEYS)):
+            flush()
+            key, parts = m.group(1), [m.group(2)]
+        elif free:
+            parts.append(token)
+    flush()
+
+
 def parse_scontrol(text: str) -> dict[str, dict[str, str]]:
-    """``scontrol show job -o`` (one job per line) -> {job id: {Key: value}}."""
-    jobs: dict[str, dict[str, str]] = {}
+    """``scontrol show job`` -> {job id: {Key: value}}, from either format: one job per line
+    (``--oneliner``) or the default one, a record per job (its first line ``JobId=...``, then
+    indented lines, a blank line after it). Values with spaces are kept whole
+    (:data:`SCONTROL_FREE_TEXT_KEYS`); the multi-line format is the one to ask for them, where
+    line ends bound them."""
+    records: list[tuple[list[str], bool]] = []
     for line in text.splitlines():
+        if line.startswith("JobId="):
+            records.append(([line], False))
+        elif line.strip() and line[:1].isspace() and records:
+            records[-1][0].append(line.lstrip())
+            records[-1] = (records[-1][0], True)
+    jobs: dict[str, dict[str, str]] = {}
+    for lines, multi in records:
         info: dict[str, str] = {}
-        for m in re.finditer(r"(\S+?)=(\S*)", line):
-            info.setdefault(m.group(1), m.group(2))
+        for line in lines:
+            _scontrol_fields(line, info, to_line_end=multi)
         jid = info.get("JobId")
         if jid:
             if info.get("ArrayTaskId") and info.get("ArrayJobId"):
