@@ -44,8 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from foldhpc.chaos import local, report
-    from foldhpc.chaos import storage
+    from foldhpc.chaos import local, report, storage
     from foldhpc.chaos.kinds import FALLBACK_KINDS, MULTI_RANK_KINDS
     from foldhpc.chaos.schedule import PlanError, make_plan, parse_kinds, parse_weights
     from foldhpc.monitor.logs import setup_logging

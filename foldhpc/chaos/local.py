@@ -730,6 +730,7 @@ class LocalRunner:
         try:
             index, first = self._restart_job(f, f"restart after forging the header of {newest.file}")
         except (LaunchEnded, WaitTimeout):
+            rec.notes.append(f"the run's error: {self._status_error() or '-'}")
             if path.read_bytes() == crafted:  # let the recovery restart find the real file again
                 path.write_bytes(original)
                 rec.notes.append(f"the original {newest.file} was put back for the recovery restart")
@@ -741,6 +742,12 @@ class LocalRunner:
         if rec.resumed_step is not None and rec.checkpoint_used != previous.file:
             rec.problems.append(f"resumed from {rec.checkpoint_used}, not the previous good {previous.file}")
         rec.resume_measure = "forged header in place -> first step of the restarted trainer"
+
+    def _status_error(self) -> str:
+        try:
+            return str(json.loads((self.run_dir / "status.json").read_text()).get("error") or "")[:300]
+        except (OSError, ValueError, AttributeError):
+            return ""
 
     def _cli(self, rec: FaultRecord, *args: str) -> subprocess.CompletedProcess[str] | None:
         """Run ``foldhpc ARGS`` as a user would; None (with a problem) if it hangs."""
