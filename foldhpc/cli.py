@@ -72,7 +72,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                          backend="sbatch")
         except OSError as e:
             log.warning("cannot record the job in %s: %s", cfg.run_dir, e)
-    result = Trainer(cfg, resume=resume, force_resume=args.force_resume).run()
+    result = Trainer(cfg, resume=resume, force_resume=_force_resume(args, slurm)).run()
     _debug_hold_after_train()
     return result.exit_code
 
@@ -95,6 +95,18 @@ def _resume_mode(args: argparse.Namespace, slurm: dict[str, Any]) -> str:
                     slurm["restart_count"], slurm["job_id"], given)
         resume = "auto"
     return resume
+
+
+def _force_resume(args: argparse.Namespace, slurm: dict[str, Any]) -> bool:
+    """``--force-resume`` applies to a Slurm job's first run only: sbatch replays the job's arguments
+    on every requeue, and the checkpoint a requeued run resumes from was written by this run with
+    the config it trains with, so forcing again could only let a config file edited since then move
+    the run silently (a follow-up job of a chain is never given it: foldhpc.slurm.requeue)."""
+    if args.force_resume and slurm["restart_count"] > 0:
+        log.warning("--force-resume is ignored: this is restart %d of Slurm job %s (a requeue); it applied to the "
+                    "job's first run only", slurm["restart_count"], slurm["job_id"])
+        return False
+    return bool(args.force_resume)
 
 
 def _wants_supervisor(args: argparse.Namespace, cfg: Any) -> bool:
@@ -137,7 +149,7 @@ def _supervise(args: argparse.Namespace, cfg: Any) -> int:
         first.append("--no-resume")
     elif resume != "auto":
         first += ["--resume", resume]
-    if args.force_resume:
+    if _force_resume(args, slurm):
         first.append("--force-resume")
     rc = Supervisor(cfg, first, common, nproc=args.nproc).run()
     _debug_hold_after_train()

@@ -293,3 +293,55 @@ def test_the_reviews_follow_up_example():
     for t in (text, " ".join(line.strip() for line in text.splitlines() if line.strip())):
         opts = sbatch_options(parse_scontrol(t)["7"], "7")
         assert "--chdir=/home/alice/My Project" in opts and "--output=/scratch/run7/slurm-%j.out" in opts, opts
+
+
+# ------------------------------------------------------------------ item 21: what a chain's next job gets
+def test_a_follow_up_of_the_sbatch_path_trains_with_the_run_dirs_config_and_never_forces(tmp_path):
+    """It re-read CONFIG (edited meanwhile: the chain moved silently) and replayed --force-resume."""
+    from foldhpc.config import config_to_toml
+    from foldhpc.slurm.requeue import build_parser, followup_script_args
+
+    run = tmp_path / "run"
+    args = build_parser().parse_args(["--followup-script", "x.sbatch", "--config", str(TINY),
+                                      "--set", f"run.dir={run}", "--force-resume", "--no-resume"])
+    cfg = load_config(args.config, args.overrides)
+    assert followup_script_args(cfg, args) == [str(TINY), "--set", f"run.dir={run}"]  # no config.toml yet
+    run.mkdir()
+    (run / "config.toml").write_text(config_to_toml(cfg))  # what the trainer writes at its start
+    assert followup_script_args(cfg, args) == [str((run / "config.toml").resolve())]
+    assert load_config((run / "config.toml")) == cfg
+
+
+def test_force_resume_applies_to_a_jobs_first_run_only():
+    from foldhpc.cli import _force_resume, build_parser
+
+    args = build_parser().parse_args(["train", "--force-resume"])
+    assert _force_resume(args, {"job_id": "5", "restart_count": 0}) is True
+    assert _force_resume(args, {"job_id": "5", "restart_count": 1}) is False  # sbatch replayed it on a requeue
+
+
+def test_a_chain_without_progress_is_counted_per_job_in_a_row():
+    from foldhpc.slurm.requeue import NO_PROGRESS_JOBS, jobs_without_progress
+
+    def ev(kind: str, step: int | None = None) -> dict:
+        return {"event": kind, **({"step": step} if step is not None else {})}
+
+    chain = [ev("started"), ev("followup", 0), ev("started"), ev("followup", 0), ev("started"), ev("followup", 0)]
+    assert jobs_without_progress(chain, 0) == 3 == NO_PROGRESS_JOBS
+    assert jobs_without_progress(chain, 5) == 0  # this job got from step 0 to 5
+    assert jobs_without_progress([ev("followup", 0), ev("followup", 7), ev("requeued", 7)], 7) == 2
+    # an earlier chain that ended, then the user resubmitted: its jobs do not count
+    assert jobs_without_progress([ev("followup", 7), ev("followup", 7), ev("stopped", 7), ev("followup", 7)], 7) == 1
+    assert jobs_without_progress([ev("followup"), ev("refused"), ev("followup", 3)], 3) == 1  # no step: not counted
+
+
+def test_no_progress_stop_is_recorded_with_its_reason(tmp_path):
+    from foldhpc.slurm.history import record_event
+    from foldhpc.slurm.requeue import no_progress
+
+    for j in ("10", "11", "12"):
+        record_event(tmp_path, "followup", job_id=j, followup_job_id=str(int(j) + 1), step=0)
+    d = no_progress(tmp_path, 0, "13")
+    assert d is not None and d.kind == "no_progress" and not d.continues and d.event == "stopped"
+    assert "3 jobs in a row made no progress" in d.reason and "resubmit" in d.reason
+    assert no_progress(tmp_path, 4, "13") is None and no_progress(tmp_path, None, "13") is None

@@ -300,7 +300,7 @@ class SbatchFollowUp:
 
 # ------------------------------------------------------------------ the hand-over
 def hand_over(followup: FollowUp, job_id: str, chain_restarts_now: int, why: str,
-              ctl_state: Any = None, last_look: bool = True) -> str:
+              ctl_state: Any = None, last_look: bool = True, step: int | None = None) -> str:
     """Submit ``job_id``'s successor, record the link, and cancel the successor again if
     ``job_id`` is being cancelled meanwhile. Returns the successor's id; raises SlurmCommandError
     (or OSError) if it could not be submitted.
@@ -311,6 +311,8 @@ def hand_over(followup: FollowUp, job_id: str, chain_restarts_now: int, why: str
     ``scancel`` must not kill this process between "submitted" and "recorded" (Slurm's SIGKILL
     after KillWait still ends it). ``last_look=False`` skips that look: for a job that a preemption
     is cancelling (PreemptMode=CANCEL), COMPLETING is expected and the successor is the point.
+    ``step``: the step ``job_id`` checkpointed at, recorded in the "followup" event (how
+    :func:`foldhpc.slurm.requeue.no_progress` sees a chain that makes none).
     """
     if ctl_state is None:
         from foldhpc.slurm.requeue import CALL_TIMEOUT_S, _ctl_state
@@ -323,7 +325,8 @@ def hand_over(followup: FollowUp, job_id: str, chain_restarts_now: int, why: str
         total = chain_restarts_now + 1
         new = followup.submit(job_id, followup_of=job_id, chain_restarts=total)
         record_event(followup.run_dir, FOLLOWUP_EVENT, job_id=job_id, followup_job_id=new, chain_restarts=total,
-                     restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), reason=why)
+                     restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), reason=why,
+                     **({"step": step} if step is not None else {}))
         log.warning("submitted follow-up job %s (afterany:%s) for run directory %s: %s", new, job_id,
                     followup.run_dir, why)
         state = (ctl_state(job_id) or "").split(" ")[0].upper() if last_look else ""

@@ -102,7 +102,7 @@ class SlurmTrainer(submitit.helpers.Checkpointable):
 
         # where Slurm will not requeue, the run continues in a follow-up job (foldhpc.slurm.followup)
         maybe_requeue(cfg.slurm.max_requeues, parse_duration(cfg.slurm.signal_lead), signal_at or last_signal_time(),
-                      record, followup=SubmititFollowUp(cfg), mode=cfg.slurm.resume)
+                      record, followup=SubmititFollowUp(cfg), mode=cfg.slurm.resume, step=result.step)
         logging.shutdown()
         sys.exit(EXIT_CHECKPOINTED)
 

@@ -61,7 +61,8 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from foldhpc.slurm.env import slurm_info
 from foldhpc.slurm.sacct import SlurmCommandError, parse_sacct, parse_scontrol, run_command
@@ -87,6 +88,16 @@ BACKOFF_S = 0.5
 
 #: slurmctld job states in which requeueing is right (the job is alive and not ending)
 REQUEUEABLE_CTL_STATES = frozenset({"RUNNING"})
+#: a chain stops when this many jobs in a row checkpointed at the step the job before them had
+#: reached (a signal that always comes before the first step): ``slurm.max_requeues`` would
+#: otherwise let it spend up to that many jobs, each one a trip through the queue, on nothing
+NO_PROGRESS_JOBS = 3
+#: jobs.jsonl events of a job whose run went on in another job (or the same one requeued); each
+#: carries the ``step`` the job had checkpointed at
+CONTINUATION_EVENTS = ("followup", "requeued")
+#: events after which an older chain of the run directory ended: counting stops there
+_CHAIN_ENDS = ("stopped", "completed", "failed", "followup_cancelled")
+
 #: ``scontrol requeue`` errors that no retry changes (Requeue=0 / JobRequeue=0; no permission)
 _REFUSALS = ("presently disabled", "permission denied", "not permitted", "access denied", "not supported")
 
@@ -96,7 +107,7 @@ class Decision:
     requeue: bool
     reason: str
     #: why, for jobs.jsonl and ``foldhpc status``: requeue | requeue_limit | ending | cancelled | unknown |
-    #: not_slurm | requeue_failed | requeue_refused | followup | followup_failed
+    #: not_slurm | requeue_failed | requeue_refused | followup | followup_failed | no_progress
     kind: str = ""
     followup_job_id: str | None = None  # kind "followup": the job that continues the run
 
@@ -201,6 +212,45 @@ def _acct_state(job_id: str, timeout: float) -> str | None:
     return rows[-1].raw_state if rows else None
 
 
+def jobs_without_progress(events: list[dict[str, Any]], step: int) -> int:
+    """How many jobs in a row, ending with the current one (which checkpointed at ``step``), made
+    no checkpoint progress: the continuation events (:data:`CONTINUATION_EVENTS`) at the end of
+    the run's history, newest first, that were at ``step`` too. The oldest of them may have
+    reached ``step`` itself; each later job resumed from it and saved it again. Counting stops at
+    an event where an earlier chain ended (:data:`_CHAIN_ENDS`) or a different step."""
+    n = 0
+    for e in reversed(events):
+        kind = e.get("event")
+        if kind in _CHAIN_ENDS:
+            break
+        if kind not in CONTINUATION_EVENTS or "step" not in e:
+            continue
+        if e.get("step") != step:
+            break
+        n += 1
+    return n
+
+
+def no_progress(run_dir: Path | None, step: int | None, job_id: str) -> Decision | None:
+    """The "no_progress" stop where the chain has made no checkpoint progress in
+    :data:`NO_PROGRESS_JOBS` jobs in a row, else None (also when the step or history is unknown)."""
+    if run_dir is None or step is None:
+        return None
+    from foldhpc.slurm.history import read_history
+
+    try:
+        events = read_history(run_dir)[0]
+    except OSError:
+        return None
+    n = jobs_without_progress(events, step)
+    if n < NO_PROGRESS_JOBS:
+        return None
+    return Decision(False, f"job {job_id} checkpointed at step {step}, the step the run had when the {n} jobs "
+                           f"before it ended: {n} jobs in a row made no progress (does the signal come before the "
+                           "first step? slurm.signal_lead longer than the job's run time, a preemption at every "
+                           f"start?); stopping the chain (resubmit to continue from step {step})", "no_progress")
+
+
 def budget_s(signal_lead_s: float, signal_at: float | None, now: float | None = None) -> float:
     """Seconds the decision + requeue may take: what is left of the lead after the save, less a margin."""
     now = time.time() if now is None else now
@@ -280,7 +330,7 @@ def _requeue(job_id: str, deadline: float) -> tuple[bool, str]:
 
 def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: float | None = None,
                   record: Callable[[Decision], None] | None = None, followup: "FollowUp | None" = None,
-                  mode: str = "requeue") -> Decision:
+                  mode: str = "requeue", step: int | None = None, run_dir: Path | None = None) -> Decision:
     """Decide for the current job (SLURM_* variables) and requeue if right.
 
     Returns the decision; ``requeue`` is True only if ``scontrol requeue`` succeeded. ``signal_at``
@@ -299,6 +349,10 @@ def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: fl
     the job exits, Slurm then cancels it instead of requeueing it too, and the run never has two
     jobs. Whatever the mode, a job that a preemption is *cancelling* (PreemptMode=CANCEL) gets a
     follow-up where one can be submitted: nothing else would resume the run.
+
+    ``step``: the step this job checkpointed at; with the run directory (``run_dir``, default
+    ``followup.run_dir``) the run does not go on where :data:`NO_PROGRESS_JOBS` jobs in a row made
+    no progress (:func:`no_progress`, kind "no_progress", recorded).
     """
     info = slurm_info()
     job_id = info["job_id"]
@@ -314,12 +368,15 @@ def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: fl
         log.warning("slurm.resume=chain but no way to submit a follow-up job here: requeueing instead")
         mode = "requeue"
     d = decide(job_id, restarts, max_requeues, deadline, chain, info["restart_count"], mode)
+    if d.kind in ("requeue", "chain", "requeue_refused", "preempted_cancel") and job_id:
+        d = no_progress(run_dir or (followup.run_dir if followup is not None else None), step, job_id) or d
     log.warning("requeue decision (within %.0fs): %s", budget, d.reason)
     if d.kind in ("requeue_refused", "chain", "preempted_cancel") and followup is not None and job_id:
         if d.kind == "chain":
             _not_requeueable(job_id, deadline)
         # a job being cancelled by its preemption is COMPLETING: that is no reason to cancel its successor
-        return _follow_up(followup, job_id, restarts, d.reason, record, last_look=d.kind != "preempted_cancel")
+        return _follow_up(followup, job_id, restarts, d.reason, record, last_look=d.kind != "preempted_cancel",
+                          step=step)
     if record is not None:
         record(d)
     if d.requeue and job_id is not None:
@@ -327,7 +384,7 @@ def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: fl
         if not ok:
             if followup is not None and why in ("refused", "deadline"):
                 return _follow_up(followup, job_id, restarts,
-                                  f"{d.reason}, but scontrol requeue was {why}", record)
+                                  f"{d.reason}, but scontrol requeue was {why}", record, step=step)
             d = Decision(False, f"{d.reason}, but scontrol requeue failed: resubmit the job to continue",
                          "requeue_failed")
             if record is not None:
@@ -346,11 +403,11 @@ def _not_requeueable(job_id: str, deadline: float) -> None:
 
 
 def _follow_up(followup: "FollowUp", job_id: str, restarts: int, why: str,
-               record: Callable[[Decision], None] | None, last_look: bool = True) -> Decision:
+               record: Callable[[Decision], None] | None, last_look: bool = True, step: int | None = None) -> Decision:
     from foldhpc.slurm.followup import hand_over
 
     try:
-        new = hand_over(followup, job_id, restarts, why, last_look=last_look)
+        new = hand_over(followup, job_id, restarts, why, last_look=last_look, step=step)
     except (SlurmCommandError, OSError) as e:
         log.error("could not submit a follow-up job for %s: %s", job_id, e)
         d = Decision(False, f"{why}; submitting a follow-up job failed ({e}): resubmit to continue",
@@ -376,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal-at", type=float, metavar="EPOCH", help="when the signal arrived (date +%%s)")
     p.add_argument("--followup-script", metavar="SCRIPT",
                    help="the job's batch script (in sbatch/train.sbatch: \"$0\"); if Slurm will not requeue the "
-                        "job, it is submitted again as 'SCRIPT CONFIG [--set ...] [--force-resume]' with the job's "
-                        "resources and --dependency=afterany:$SLURM_JOB_ID (foldhpc.slurm.followup)")
+                        "job (or slurm.resume=chain), it is submitted again as 'SCRIPT RUN_DIR/config.toml' (the "
+                        "config this run trains with, not CONFIG again) with the job's resources and "
+                        "--dependency=afterany:$SLURM_JOB_ID (foldhpc.slurm.followup)")
     # The sbatch template passes the trainer's arguments through: these do not concern the decision.
     p.add_argument("--no-resume", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--force-resume", action="store_true", help=argparse.SUPPRESS)
@@ -404,21 +462,44 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, signal.SIG_IGN)
     max_requeues = next(v for v in (args.max_requeues, args.max_requeues_positional, cfg.slurm.max_requeues)
                         if v is not None)
-    record = (lambda d: _record(cfg, d)) if args.config or args.overrides else None
+    step = _checkpointed_step(cfg.run_dir) if args.config or args.overrides else None
+    record = (lambda d: _record(cfg, d, step)) if args.config or args.overrides else None
     followup = None
     if args.followup_script and args.config:
         from foldhpc.slurm.followup import SbatchFollowUp
 
-        script_args = [args.config] + [a for o in args.overrides for a in ("--set", o)]
-        if args.force_resume:
-            script_args.append("--force-resume")
-        followup = SbatchFollowUp(cfg.run_dir, args.followup_script, script_args)
+        followup = SbatchFollowUp(cfg.run_dir, args.followup_script, followup_script_args(cfg, args))
     d = maybe_requeue(max_requeues, parse_duration(cfg.slurm.signal_lead), args.signal_at, record, followup,
-                      mode=cfg.slurm.resume)
+                      mode=cfg.slurm.resume, step=step, run_dir=cfg.run_dir if record else None)
     return EXIT_REQUEUED if d.continues else EXIT_NOT_REQUEUED
 
 
-def _record(cfg: "Config", d: Decision) -> None:
+def followup_script_args(cfg: "Config", args: argparse.Namespace) -> list[str]:
+    """The batch script's arguments for a follow-up job: the run directory's own ``config.toml``
+    (the resolved config this run trains with, written by the trainer at its start) instead of
+    CONFIG and ``--set`` overrides, so that a CONFIG file edited meanwhile does not silently move
+    the chain; the original arguments only where the run has no config.toml. Never
+    ``--force-resume``: the checkpoint the successor resumes from was written with this very
+    config (``--no-resume``/``--resume PATH`` are dropped by the follow-up itself)."""
+    resolved = cfg.run_dir / "config.toml"
+    if resolved.is_file():
+        return [str(resolved.resolve())]
+    log.warning("%s is missing: the follow-up job reads %s again", resolved, args.config)
+    return [args.config] + [a for o in args.overrides for a in ("--set", o)]
+
+
+def _checkpointed_step(run_dir: Path) -> int | None:
+    """The step the trainer checkpointed at before it exited 75 (its status.json), None if unknown."""
+    from foldhpc.monitor.status import read_status
+
+    try:
+        step = (read_status(run_dir) or {}).get("step")
+    except (OSError, ValueError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _record(cfg: "Config", d: Decision, step: int | None = None) -> None:
     """The decision in ``<run.dir>/jobs.jsonl``, so ``foldhpc status`` can say why a job stopped."""
     from foldhpc.slurm.history import record_event
 
@@ -427,7 +508,8 @@ def _record(cfg: "Config", d: Decision) -> None:
         return  # not a Slurm job: nothing to tell about it
     try:
         record_event(cfg.run_dir, d.event, job_id=info["job_id"],
-                     restart_count=info["restart_count"], why=d.kind, reason=d.reason)
+                     restart_count=info["restart_count"], why=d.kind, reason=d.reason,
+                     **({"step": step} if step is not None else {}))
     except OSError as e:
         log.error("could not record the requeue decision in %s: %s", cfg.run_dir, e)
 
