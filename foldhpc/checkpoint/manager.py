@@ -243,10 +243,15 @@ def snapshot(obj: Any, pin: bool = False, staging: dict[str, torch.Tensor] | Non
 class CheckpointManager:
     """Saves and restores training state under one directory; see the module docstring."""
 
-    def __init__(self, directory: Path, keep_last: int = 3, async_save: bool = True) -> None:
+    def __init__(self, directory: Path, keep_last: int = 3, async_save: bool = True,
+                 owner_check: Callable[[], None] | None = None) -> None:
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.async_save = async_save
+        # Raises if this process no longer owns the directory (the run lock was taken over:
+        # RunLock.verify); called before a commit and before pruning, so a save in flight then
+        # neither becomes the new owner's newest checkpoint nor deletes its files.
+        self.owner_check = owner_check
         # One long-lived writer thread fed by a queue: starting a thread per save costs a GIL
         # handshake of several ms on the training thread.
         self._worker: threading.Thread | None = None
@@ -516,6 +521,8 @@ class CheckpointManager:
                 os.fsync(f.fileno())
             if self._write_delay:
                 time.sleep(self._write_delay)
+            if self.owner_check is not None:
+                self.owner_check()
             os.replace(tmp, final)  # the commit: complete files only ever appear under their final name
             fsync_dir(self.dir)
         except BaseException as e:
@@ -545,6 +552,8 @@ class CheckpointManager:
     def _index_commit(self, entry: CheckpointEntry) -> None:
         """Record a committed file in the index and prune: keep the ``keep_last`` newest good ones."""
         with self._lock:
+            if self.owner_check is not None:
+                self.owner_check()
             entries, problem = self._index(committing=entry.file)
             entries = [e for e in entries if e.file != entry.file] + [entry]
             self._bad.pop(entry.file, None)

@@ -37,16 +37,24 @@ When is a holder gone (checked in this order; the first that applies decides)?
 
 1. it is an earlier run of *this* Slurm job (same job id and cluster, lower restart count): a
    requeued job takes its own lock back at once;
-2. it ran on this host (same host name and boot id): gone exactly when its pid is not running
-   (or is now another process: the start time differs; or a zombie). A live process on this host
-   is never taken over -- a restart of the trainer inside the same job (the supervisor) takes
-   over its dead predecessor at once;
-3. someone holds its ``flock`` (see above): alive;
+2. someone holds its ``flock`` (see above): alive -- asked before any pid, since a holder in
+   another PID namespace (a container on this host) has a pid this /proc does not show. A
+   forked child of the holder (a DataLoader worker) closes its copy of the lock file at once, so
+   a dead holder's flock is gone with it;
+3. it ran on this host (same host name and boot id) in this PID namespace (recorded as
+   ``pid_ns``; a record without it predates the field and is trusted): gone exactly when its pid
+   is not running (or is now another process: the start time differs; or a zombie). A live
+   process on this host is never taken over -- a restart of the trainer inside the same job (the
+   supervisor) takes over its dead predecessor at once. In another PID namespace its pid says
+   nothing: the next rules decide;
 4. it was a Slurm job of this cluster and ``scontrol`` says that job is no longer running
    (ended, requeued and pending again, restarted since, or unknown to slurmctld any more): gone;
    a job that is ``COMPLETING`` is still saving: alive (a contender waits up to a minute for it);
 5. its heartbeat is older than ``fault.lock_stale_after`` (default 5 min; "0" = never stale by
    age): gone. Otherwise alive.
+
+A record whose fields do not have their types (``restart_count: "x"``: crafted or damaged) is
+unreadable as a whole: only its age can retire it (rule 5).
 
 On NFS, attribute caching (``acregmax``, 60 s by default) can make a heartbeat look up to a
 minute older than it is, and the clocks of the holder's file server and the contender's node are
@@ -64,6 +72,7 @@ import fcntl
 import getpass
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -106,7 +115,7 @@ def _boot_id() -> str:
         return ""
 
 
-def _proc_start(pid: int) -> tuple[int, str] | None:
+def _proc_start(pid: int | str) -> tuple[int, str] | None:
     """(start time in clock ticks since boot, state letter) of a process on this host; None if none."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -115,18 +124,30 @@ def _proc_start(pid: int) -> tuple[int, str] | None:
         return None
 
 
+def _pid_ns() -> str:
+    """This process's PID namespace (``pid:[4026531836]``); "" where /proc does not say.
+
+    Two containers on one host share the host name and boot id but not their pids: a pid
+    recorded in another namespace means nothing in this one's /proc (see :func:`judge`).
+    """
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def identity() -> dict[str, Any]:
     """This process, as a lock record describes its holder."""
     env = os.environ
     job = env.get("SLURM_JOB_ID")
     if env.get("SLURM_ARRAY_JOB_ID"):
         job = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
-    start = _proc_start(os.getpid())
+    start = _proc_start("self")  # not /proc/<getpid()>: in a container that may be another process
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = str(os.getuid())
-    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(), "pid_ns": _pid_ns(),
             "pid_start": start[0] if start else None, "user": user,
             "job_id": job, "restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0),
             "cluster": env.get("SLURM_CLUSTER_NAME") if job else None,
@@ -174,10 +195,48 @@ def _read(lock_dir: Path, n: int) -> tuple[dict[str, Any] | None, os.stat_result
             continue
         try:
             rec = json.loads(raw.decode("utf-8"))
-            return (rec if isinstance(rec, dict) else {}), st, released
         except (UnicodeDecodeError, json.JSONDecodeError):
             return {}, st, released
+        return _coerce(rec), st, released
     return None, None, True
+
+
+# The fields judge() and describe() read, by type; a record whose field cannot be read as its
+# type is unreadable as a whole ({}): a crafted or damaged file must not decide anything.
+_STR_FIELDS = ("host", "boot_id", "pid_ns", "user", "job_id", "cluster", "node", "token")
+_INT_FIELDS = ("pid", "pid_start", "restart_count")
+_FLOAT_FIELDS = ("since", "heartbeat_interval_s")
+
+
+def _coerce(rec: Any) -> dict[str, Any]:
+    """``rec`` with every known field of its type (``"3"`` -> 3 for a count); {} if one cannot be."""
+    if not isinstance(rec, dict):
+        return {}
+    out = dict(rec)
+    for key in _STR_FIELDS:
+        v = rec.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            return {}
+        out[key] = str(v)
+    for key in _INT_FIELDS:
+        v = rec.get(key)
+        if v is None:
+            continue
+        if isinstance(v, str) and v.isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            return {}
+        out[key] = v
+    for key in _FLOAT_FIELDS:
+        v = rec.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return {}
+        out[key] = float(v)
+    return out
 
 
 def read_holder(run_dir: Path) -> dict[str, Any] | None:
@@ -268,17 +327,29 @@ def judge(rec: dict[str, Any], mtime: float, stale_after_s: float, me: dict[str,
         return Verdict(False, f"it was run {rec.get('restart_count')} of this same Slurm job {job}, which Slurm "
                               f"has restarted since (this is restart {me['restart_count']})")
     pid = rec.get("pid")
-    if rec.get("host") == me["host"] and me["boot_id"] and rec.get("boot_id") == me["boot_id"] and isinstance(pid, int):
-        if pid == me["pid"] and rec.get("pid_start") == me["pid_start"]:
-            return Verdict(False, "it is this very process (a lock left by an earlier run in it)")
+    same_host = rec.get("host") == me["host"] and me["boot_id"] and rec.get("boot_id") == me["boot_id"]
+    # A pid means something here only in the PID namespace it was recorded in (containers on one
+    # host share its name and boot id). A record without the field predates it: trusted as before.
+    ns = rec.get("pid_ns")
+    local_pid = bool(same_host and isinstance(pid, int) and (ns is None or (me.get("pid_ns") or None) == ns))
+    if local_pid and pid == me["pid"] and rec.get("pid_start") == me["pid_start"]:
+        return Verdict(False, "it is this very process (a lock left by an earlier run in it)")
+    # The flock before the pids: a live holder that this /proc cannot see (another PID namespace,
+    # a pid recorded wrongly) still holds it, and "its pid is gone" must not win over that.
+    flock = path is not None and _flock_held(path)
+    if local_pid:
         proc = _proc_start(pid)
-        if proc is None or proc[1] in ("Z", "X"):
-            return Verdict(False, f"its process {pid} on this host is gone")
-        if rec.get("pid_start") is not None and proc[0] != rec.get("pid_start"):
+        if proc is not None and proc[1] not in ("Z", "X") and rec.get("pid_start") in (None, proc[0]):
+            return Verdict(True, f"its process {pid} on this host is running")
+        if not flock:
+            if proc is None or proc[1] in ("Z", "X"):
+                return Verdict(False, f"its process {pid} on this host is gone")
             return Verdict(False, f"its process {pid} on this host is gone (the pid now belongs to another process)")
-        return Verdict(True, f"its process {pid} on this host is running")
-    if path is not None and _flock_held(path):
+    if flock:
         return Verdict(True, "it holds the lock file's flock")
+    if same_host and not job:
+        return _by_heartbeat(age, stale_after_s, f"it runs on this host in another PID namespace ({ns}), where "
+                                                 "its pid cannot be checked")
     if job and same_cluster:
         if cluster and not me.get("cluster"):
             local = _local_cluster()
@@ -328,9 +399,13 @@ def describe(rec: dict[str, Any], run_dir: Path | None = None, age: float | None
 # ------------------------------------------------------------------ taking and holding it
 def _create(lock_dir: Path, n: int, record: dict[str, Any]) -> int:
     """Create generation ``n`` holding ``record``, exclusively; an fd open on it. FileExistsError if taken."""
-    target = _gen_path(lock_dir, n)
     data = json.dumps(record, sort_keys=True).encode() + b"\n"
-    tmp = lock_dir / f".tmp-{record['token']}-{n}"
+    return _create_new(_gen_path(lock_dir, n), data, lock_dir / f".tmp-{record['token']}-{n}")
+
+
+def _create_new(target: Path, data: bytes, tmp: Path) -> int:
+    """Create ``target`` holding ``data``, complete and exclusively (link of ``tmp``, see the module
+    docstring); an fd open on it. FileExistsError if it exists."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.write(fd, data)
@@ -362,6 +437,24 @@ def _create_excl(target: Path, data: bytes) -> int:
     return fd
 
 
+# Lock files held by this process. A forked child (a DataLoader worker) closes its copies at
+# once: a flock belongs to the open file description, so a worker outliving a SIGKILLed trainer
+# by a few seconds would otherwise keep its lock "alive" (judge() trusts the flock first).
+_held_fds: set[int] = set()
+
+
+def _close_held_fds() -> None:  # pragma: no cover - runs in forked children
+    for fd in list(_held_fds):
+        try:
+            os.close(fd)  # never LOCK_UN: that would release the parent's lock too
+        except OSError:
+            pass
+    _held_fds.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_fds)
+
+
 def heartbeat_interval_s(stale_after_s: float) -> float:
     return 30.0 if stale_after_s <= 0 else max(0.2, min(30.0, stale_after_s / 6))
 
@@ -376,6 +469,7 @@ class RunLock:
         self.ino = os.fstat(fd).st_ino
         self.stale_after_s = stale_after_s
         self.took_over = took_over  # what was taken over, and why it counted as gone
+        self.notes: list[tuple[int, str]] = []  # (level, message): logged with the acquisition, once logging is set up
         self.lost: str | None = None  # set by the heartbeat thread when someone took it over
         self._stop = threading.Event()
         self._released = False
@@ -384,6 +478,7 @@ class RunLock:
             self.flock = True
         except OSError:
             self.flock = False  # unsupported here (noflock, nolock): the generation file is the lock
+        _held_fds.add(fd)
         self._thread = threading.Thread(target=self._beat_loop, name="foldhpc-runlock", daemon=True)
         self._thread.start()
 
@@ -394,6 +489,8 @@ class RunLock:
         if self.took_over:
             log.warning("run directory lock: took over %s", self.took_over)
         log.info("run directory lock: holding %s", self.describe())
+        for level, note in self.notes:
+            log.log(level, "%s", note)
 
     def _beat_loop(self) -> None:
         # Signals are the main thread's business (preemption handlers, faulthandler dumps of a hung
@@ -413,6 +510,12 @@ class RunLock:
                 return
 
     def _beat(self) -> None:
+        self._detect_takeover()
+        if not self.lost:
+            os.utime(self.fd)
+
+    def _detect_takeover(self) -> None:
+        """Set :attr:`lost` if a newer generation exists or this one's file is gone or replaced."""
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -422,13 +525,25 @@ class RunLock:
             rec, fst, _ = _read(self.lock_dir, newer) if newer > self.gen else (None, None, False)
             who = describe(rec or {}) if rec else "another trainer"
             self.lost = f"{self.run_dir} was taken over by {who} (generation {newer}; this one held {self.gen})"
-            return
-        os.utime(self.fd)
 
     def check(self) -> None:
         """Raise :class:`RunDirLocked` if the lock was taken over (call at step boundaries)."""
         if self.lost:
             raise RunDirLocked(f"run directory lock lost: {self.lost}; stopping without writing anything more")
+
+    def verify(self) -> None:
+        """:meth:`check`, looking at the lock directory now rather than at the heartbeat's last look.
+
+        The checkpoint writer calls it right before a commit and before pruning
+        (``CheckpointManager.owner_check``): a save in flight when the lock was taken over must not
+        become the new holder's newest checkpoint, nor delete its files. A stat and a listing.
+        """
+        if not self.lost and not self._released:
+            try:
+                self._detect_takeover()
+            except OSError:
+                pass  # cannot look now: the heartbeat's verdict stands
+        self.check()
 
     def release(self) -> None:
         """Give the lock back (idempotent). A lock that was taken over is left to its new holder."""
@@ -445,6 +560,7 @@ class RunLock:
             if e.errno != errno.ENOENT:
                 log.warning("run directory lock: could not release %s: %s", self.path, e)
         finally:
+            _held_fds.discard(self.fd)
             try:
                 os.close(self.fd)  # drops the flock
             except OSError:
@@ -467,6 +583,9 @@ class NoLock:
         pass
 
     def check(self) -> None:
+        pass
+
+    def verify(self) -> None:
         pass
 
     def release(self) -> None:
@@ -547,6 +666,93 @@ def acquire(run_dir: Path, stale_after: float | str, ending_wait_s: float = ENDI
         return lock
     raise RunDirLocked(f"run directory {run_dir}: could not take its lock after {_ATTEMPTS} attempts "
                        "(several trainers starting at once?)")
+
+
+# ------------------------------------------------------------------ the checkpoint directory
+OWNER_FILE = "OWNER.json"  # in a checkpoint directory: the run directory that trains into it
+
+
+class CheckpointDirOwned(RunDirLocked):
+    """``checkpoint.dir`` belongs to another run directory (its owner record names it)."""
+
+
+def _read_owner(path: Path) -> tuple[str | None, dict[str, Any], str | None]:
+    """(owning run directory, record, what is wrong with it) of an owner record; (None, {}, None) if there is none."""
+    try:
+        raw = path.read_bytes()[:65536]
+    except FileNotFoundError:
+        return None, {}, None
+    except OSError as e:
+        return None, {}, f"cannot be read: {e.strerror or e}"
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, {}, f"not JSON: {e}"
+    owner = rec.get("run_dir") if isinstance(rec, dict) else None
+    if not isinstance(owner, str) or not owner:
+        return None, {}, "it names no run directory (run_dir)"
+    return owner, rec, None
+
+
+def claim_checkpoint_dir(ckpt_dir: Path, run_dir: Path) -> tuple[int, str] | None:
+    """Make ``ckpt_dir`` the checkpoint directory of ``run_dir``, or refuse: :class:`CheckpointDirOwned`
+    (exit 2) if its owner record ``OWNER.json`` names another run directory.
+
+    Why: the run lock covers ``run.dir`` only. Two runs pointed at one ``checkpoint.dir`` resume
+    each other's weights (same trajectory keys: silently) or overwrite and prune each other's
+    files. The owner record names the run directory (absolute, symlinks resolved) that trains
+    into it; it stays when that run has finished, so a new run directory is refused then too.
+    A checkpoint directory inside the run directory (the default ``<run.dir>/checkpoints``) is
+    the run's by construction: its record is written, or rewritten after the run directory was
+    moved, so that other runs see whose it is. Returns (level, note) for the log, or None. Writes only
+    the record; a directory that cannot be created or written is left to the checkpoint
+    preflight to report. Call while holding the run lock, before anything is written there.
+    """
+    run = Path(run_dir).resolve()
+    ck = Path(ckpt_dir).resolve()
+    path = ck / OWNER_FILE
+    inside = ck.is_relative_to(run)
+    owner, rec, problem = _read_owner(path)
+    if owner == str(run):
+        return None
+    if not inside:
+        if problem:
+            raise CheckpointDirOwned(
+                f"checkpoint.dir {ck} has an owner record {path} that {problem}: it may be another run's. "
+                f"If only run directory {run} trains into {ck}, delete {path}; otherwise point checkpoint.dir "
+                "elsewhere (unset, it is <run.dir>/checkpoints)", rec)
+        if owner is not None:
+            since = rec.get("since")
+            when = (f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}"
+                    if isinstance(since, (int, float)) and not isinstance(since, bool) else "")
+            raise CheckpointDirOwned(
+                f"checkpoint.dir {ck} belongs to run directory {owner} ({path}{when}), not to this run's {run}: "
+                f"resuming from it would continue that run's weights. Point checkpoint.dir elsewhere (unset, it "
+                f"is <run.dir>/checkpoints), or train in run.dir = {owner}; if that run no longer uses {ck}, "
+                f"delete {path} to hand the directory over", rec)
+    me = identity()
+    record = {"run_dir": str(run), "host": me["host"], "user": me["user"], "pid": me["pid"], "job_id": me["job_id"],
+              "since": time.time()}
+    data = json.dumps(record, sort_keys=True).encode() + b"\n"
+    from foldhpc.monitor.status import atomic_write_text, make_private_dir
+
+    try:
+        make_private_dir(ck)  # as the checkpoint preflight would (0750)
+        if inside and (owner is not None or problem):
+            atomic_write_text(path, data.decode())
+            return logging.WARNING, (f"checkpoint directory {ck}: owner record {OWNER_FILE} named "
+                                     f"{owner or 'nobody readable'} ({problem or 'moved run directory?'}); it is "
+                                     "inside this run directory, so it is this run's now")
+        tmp = ck / f".{OWNER_FILE}.tmp-{me['host']}-{me['pid']}"  # the manager's name for temporaries
+        tmp.unlink(missing_ok=True)  # a dead process's, with this pid
+        os.close(_create_new(path, data, tmp))
+    except FileExistsError:  # another run claimed it a moment ago
+        return claim_checkpoint_dir(ckpt_dir, run_dir)
+    except OSError:
+        return None  # the preflight names what is wrong with the directory
+    if not inside:
+        return logging.INFO, f"checkpoint directory {ck}: claimed for this run directory ({path})"
+    return None
 
 
 def record_refusal(run_dir: Path, err: RunDirLocked) -> None:

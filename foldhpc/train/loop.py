@@ -244,7 +244,8 @@ class Trainer:
         # layout is the same for every device and precision.
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
 
-        self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
+        self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
+                                      owner_check=self.lock.verify)  # a lost run lock commits and prunes nothing
         if self.main:  # the writer; preflight also removes dead writers' temporary files
             try:
                 make_private_dir(cfg.checkpoint_dir)  # no group member may swap a checkpoint
@@ -412,9 +413,17 @@ class Trainer:
                 runlock.record_refusal(self.run_dir, e)
                 raise
         try:
-            return self._run_locked()
+            if self.main:  # checkpoint.dir is this run's too, or someone else's: refuse before writing there
+                note = runlock.claim_checkpoint_dir(self.cfg.checkpoint_dir, self.run_dir)
+                if note and isinstance(self.lock, runlock.RunLock):
+                    self.lock.notes.append(note)
+            result = self._run_locked()
         finally:
             self.lock.release()
+        # the work is safe; what follows is the interpreter's teardown (seconds on a loaded node),
+        # which the supervisor judges by the startup allowance, not the hang timeout
+        hb.heartbeat().beat(result.step, "done")
+        return result
 
     def _run_locked(self) -> TrainResult:
         cfg, env = self.cfg, self.env
