@@ -15,6 +15,9 @@ Tests set them on the trainer's process (locally or through Slurm's environment 
 ``FOLDHPC_FAIL_ONCE=PATH``          fire only if PATH does not exist, and create it: the
                                     restarted trainer then passes step N (a transient fault)
 ``FOLDHPC_DEBUG_STEP_DELAY_S=S``    sleep S seconds in every step (slow but alive)
+``FOLDHPC_DEBUG_FIRST_STEP_DELAY_S`` the first step of each process sleeps S seconds more,
+                                    before its post-backward beat (cold CUDA kernels,
+                                    ``torch.compile``)
 ``FOLDHPC_DEBUG_WRITE_DELAY_S=S``   every checkpoint write sleeps S before its rename
 ``FOLDHPC_DEBUG_VAL_BATCH_DELAY_S`` sleep before each validation batch
 ``FOLDHPC_DEBUG_HOLD_AFTER_TRAIN_S`` stay alive S seconds after training returned
@@ -46,6 +49,7 @@ FAIL_KIND = "FOLDHPC_FAIL_KIND"
 FAIL_ON_RANK = "FOLDHPC_FAIL_ON_RANK"
 FAIL_ONCE = "FOLDHPC_FAIL_ONCE"
 STEP_DELAY = "FOLDHPC_DEBUG_STEP_DELAY_S"
+FIRST_STEP_DELAY = "FOLDHPC_DEBUG_FIRST_STEP_DELAY_S"
 WRITE_DELAY = "FOLDHPC_DEBUG_WRITE_DELAY_S"
 VAL_BATCH_DELAY = "FOLDHPC_DEBUG_VAL_BATCH_DELAY_S"
 HOLD_AFTER_TRAIN = "FOLDHPC_DEBUG_HOLD_AFTER_TRAIN_S"
@@ -80,6 +84,22 @@ def _int(name: str) -> int:
     except ValueError:
         log.warning("ignoring %s=%r: not an integer", name, os.environ.get(name))
         return 0
+
+
+_cold = True
+
+
+def cold_first_step() -> None:
+    """Called by the training loop after each step's backward: the first call in a process sleeps
+    ``FOLDHPC_DEBUG_FIRST_STEP_DELAY_S`` (a first step as slow as compiling or loading kernels)."""
+    global _cold
+    if not _cold:
+        return
+    _cold = False
+    delay = seconds(FIRST_STEP_DELAY)
+    if delay:
+        log.warning("%s=%g: a slow first step (debug hook)", FIRST_STEP_DELAY, delay)
+        time.sleep(delay)
 
 
 def after_step(step: int, rank: int = 0) -> None:

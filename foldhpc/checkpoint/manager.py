@@ -443,9 +443,10 @@ class CheckpointManager:
         self._jobs.put((step, state, dict(meta, step=step), reason))
         return True
 
-    def wait_staged(self) -> None:
-        """Block until the save in flight no longer reads the live state (call before mutating it)."""
-        self._staged.wait()
+    def wait_staged(self, timeout: float | None = None) -> bool:
+        """Block until the save in flight no longer reads the live state (call before mutating it);
+        False if ``timeout`` seconds passed first."""
+        return self._staged.wait(timeout)
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is durable or has failed."""

@@ -4,8 +4,13 @@ A trainer that dies of something that is not a preemption (an exception, SIGSEGV
 SIGKILL from the OOM killer, a non-zero exit) or stops beating (:mod:`.heartbeat`) is restarted
 at once from the newest good checkpoint, without going back to the queue, up to
 ``fault.max_restarts`` times per job, after ``fault.restart_backoff`` (doubling). Two failures in
-a row at the same step are deterministic (a bug, bad data): no more restarts, the run fails with
-both reasons. With ``--nproc N`` the supervisor starts N ranks and restarts all of them together
+a row at the same step with the same cause are deterministic (a bug, bad data): no more restarts,
+the run fails with the reason. A failure of the environment rather than of the training -- an
+I/O error (EIO, ESTALE, a timed-out mount), or a user error (exit 2: a missing data path, an
+unreadable checkpoint directory) in a *restart*, which the first start has shown not to be the
+config's -- is never "deterministic" (an outage repeats until it ends) and waits
+``TRANSIENT_BACKOFF_FACTOR`` times longer (10, 20, 40 s with the default 2 s); the restart budget
+still bounds it. With ``--nproc N`` the supervisor starts N ranks and restarts all of them together
 when one fails (a fresh rendezvous port each time); under ``srun`` every task has its own
 supervisor, and the other ranks' supervisors restart theirs when their collectives fail.
 
@@ -17,17 +22,26 @@ newest checkpoint is durable, the job is requeued and resumes from it. ``$FOLDHP
 (the sbatch template's hand-shake) is the supervisor's: it exists while the supervisor listens.
 
 Hangs: no heartbeat for ``fault.hang_timeout`` (``auto``: the larger of ``fault.hang_floor`` and
-20 x the median step time; ``fault.startup_timeout`` before the first step) dumps the trainer's
-Python stacks (faulthandler, SIGQUIT) to ``<run.dir>/stacks.log``, kills it and restarts it.
-A slow trainer that beats is never killed.
+20 x the median step time) dumps the trainer's Python stacks (faulthandler, SIGQUIT) to
+``<run.dir>/stacks.log``, kills it and restarts it. Until the forward and backward of its first
+step are done (the trainer beats then) a started trainer is allowed ``fault.startup_timeout``
+instead: imports, data, the checkpoint load, and the cold CUDA kernels or ``torch.compile`` of
+the first step (58 s measured on an H200, more than many a hang timeout); the same once training
+has returned (phase ``done``: the interpreter's teardown). A slow trainer that
+beats is never killed; one that does not exit after SIGKILL (uninterruptible sleep in a hung
+file system) is logged and left behind after ``KILL_WAIT_S``, never waited for forever.
+Heartbeat files live on ``/dev/shm``; where it is full (or missing), in the node's temporary
+directory, else the run directory.
 
-Exit status: the trainer's 0 or 75; 2 for a config/usage error (never restarted); 1 when the
-restarts are used up or the failure is deterministic (``status.json`` says why).
+Exit status: the trainer's 0 or 75; 2 for a config/usage error of the first start (never
+restarted, unless its cause is an I/O error); 1 when the restarts are used up or the failure is
+deterministic (``status.json`` says why).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import json
 import logging
@@ -58,8 +72,19 @@ READY_FILE_ENV = "FOLDHPC_READY_FILE"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHECKPOINTED = 0, 1, 2, 75
 POLL_S = 0.1
 GRACE_S = 10.0  # after one rank failed, how long the others get to notice and record it
+KILL_WAIT_S = 30.0  # how long a killed trainer may take to exit before it is left behind (D state)
 # Failures a restart cannot cure: the non-finite guard has already rolled back and replayed.
 NO_RETRY_ERRORS = ("NonFiniteError",)
+# I/O errors that a file system outage, a failover or a remount ends: worth a retry, later.
+TRANSIENT_ERRNOS = (errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ENOTCONN, errno.EREMOTEIO, errno.EHOSTDOWN,
+                    errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETUNREACH, errno.ECONNRESET, errno.ECONNREFUSED)
+TRANSIENT_BACKOFF_FACTOR = 5  # a transient failure waits this many times fault.restart_backoff (doubling)
+
+
+def transient_io(error: str) -> bool:
+    """Whether a trainer's error message names an I/O error of :data:`TRANSIENT_ERRNOS` (by its
+    ``strerror``, which is what foldhpc's messages quote)."""
+    return any(os.strerror(n) in error for n in TRANSIENT_ERRNOS)
 
 
 def free_port() -> int:
@@ -97,6 +122,8 @@ class Failure:
     step: int
     phase: str
     reason: str
+    cause: str = ""  # what two failures must share to be "the same": the trainer's error, else the reason
+    transient: bool = False  # the environment's failure (I/O, or exit 2 in a restart): never "deterministic"
 
     def where(self) -> str:
         return f"step {self.step}" if self.step >= 0 else "startup"
@@ -121,9 +148,13 @@ class Supervisor:
         self.preempted: signal.Signals | None = None
         self.preempted_at: float | None = None  # time.time() of the first preemption signal
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._pids: set[int] = set()  # of every trainer started, for "is the lock holder one of ours?"
         self._forwarded: list[bool] = []
-        self._hb_dir = Path(tempfile.mkdtemp(prefix=f"foldhpc-hb-{os.getpid()}-",
-                                             dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+        # where beat files may go, best first (see _prepare_beat_files)
+        self._hb_parents = [*([Path("/dev/shm")] if os.path.isdir("/dev/shm") else []),
+                            Path(tempfile.gettempdir()), self.run_dir]
+        self._hb_dir: Path | None = None
+        self.kill_wait_s = KILL_WAIT_S
         self.restarts = 0
         self.failures: list[Failure] = []
         self.step_intervals: deque[float] = deque(maxlen=64)  # seconds per step, from heartbeats
@@ -153,7 +184,43 @@ class Supervisor:
 
     # ------------------------------------------------------------------ children
     def _hb_path(self, rank: int) -> Path:
+        assert self._hb_dir is not None
         return self._hb_dir / f"rank-{rank}"
+
+    def _prepare_beat_files(self) -> None:
+        """Each rank's beat file, created holding a record (:func:`heartbeat.prepare`), before every start.
+
+        On a full ``/dev/shm`` a trainer's beats would fail unseen and a healthy trainer be
+        killed as hung: where the files cannot be written, the next directory of
+        ``_hb_parents`` is used from then on (the node's temporary directory, then the run
+        directory), with a warning. Checked at every start: a tmpfs that filled up since counts.
+        """
+        while True:
+            try:
+                if self._hb_dir is None:
+                    self._hb_dir = Path(tempfile.mkdtemp(prefix=f"foldhpc-hb-{os.getpid()}-",
+                                                         dir=self._hb_parents[0]))
+                for rank in range(self.nproc):
+                    hb.prepare(self._hb_path(rank))
+                return
+            except OSError as e:
+                failed = self._hb_parents.pop(0)
+                self._remove_beat_files()
+                if not self._hb_parents:
+                    raise
+                log.warning("supervisor: cannot write heartbeat files in %s (%s); using %s instead", failed,
+                            e.strerror or e, self._hb_parents[0])
+
+    def _remove_beat_files(self) -> None:
+        if self._hb_dir is None:
+            return
+        for p in self._hb_dir.glob("*"):
+            p.unlink(missing_ok=True)
+        try:
+            self._hb_dir.rmdir()
+        except OSError as e:
+            log.warning("supervisor: cannot remove %s: %s", self._hb_dir, e.strerror or e)
+        self._hb_dir = None
 
     def _spawn(self, args: list[str]) -> None:
         info = {"in_job_restarts": self.restarts,
@@ -162,9 +229,9 @@ class Supervisor:
         base.update({SUPERVISED_ENV: "1", RESTART_INFO_ENV: json.dumps(info)})
         port = str(free_port()) if self.nproc > 1 else ""
         self.procs, self._forwarded = [], []
+        self._prepare_beat_files()
         for rank in range(self.nproc):
             path = self._hb_path(rank)
-            path.write_bytes(b"")
             env = dict(base, **{hb.HEARTBEAT_ENV: str(path)})
             if self.nproc > 1:
                 env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(self.nproc),
@@ -172,6 +239,7 @@ class Supervisor:
                            FOLDHPC_NODE=socket.gethostname())
             self.procs.append(subprocess.Popen([sys.executable, "-m", "foldhpc", "train", *args], env=env,
                                                preexec_fn=functools.partial(_child_setup, self.signals)))
+            self._pids.add(self.procs[-1].pid)
             self._forwarded.append(False)
         log.info("supervisor: started the trainer%s (pid %s)%s", f" as {self.nproc} ranks" if self.nproc > 1 else "",
                  " ".join(str(p.pid) for p in self.procs),
@@ -189,23 +257,79 @@ class Supervisor:
                     pass
         for p in self.procs:
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=self.kill_wait_s)
+                continue
             except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+                pass
+            if first != signal.SIGKILL:
+                try:
+                    p.kill()
+                    p.wait(timeout=self.kill_wait_s)
+                    continue
+                except ProcessLookupError:
+                    continue
+                except subprocess.TimeoutExpired:
+                    pass
+            # SIGKILL takes effect when the process leaves the kernel: one in uninterruptible
+            # sleep (a hung NFS or Lustre mount) may never; waiting for it would hang the job.
+            from foldhpc.resilience.runlock import _proc_start
 
-    def _timeout(self, beat: hb.Beat) -> float:
+            proc = _proc_start(p.pid)
+            state = proc[1] if proc else "?"
+            log.error("supervisor: trainer pid %d has not exited %.0fs after SIGKILL (process state %s%s); going "
+                      "on without it", p.pid, self.kill_wait_s, state,
+                      ": uninterruptible sleep, stuck in the kernel (a hung file system?)" if state == "D" else "")
+
+    def _timeout(self, beat: hb.Beat, started: bool) -> tuple[float, str]:
+        """(seconds without a beat that count as a hang, the setting they come from)."""
         f = self.cfg.fault
-        if beat.count == 0 or beat.phase == "startup":
-            return parse_duration(f.startup_timeout)
+        if beat.count == 0 or beat.phase in ("startup", "done") or not started:
+            return parse_duration(f.startup_timeout), ("fault.startup_timeout: exiting" if beat.phase == "done" else
+                                                       "fault.startup_timeout: before the first step's backward")
         median = statistics.median(self.step_intervals) if self.step_intervals else None
-        return f.hang_timeout_s(median)
+        return f.hang_timeout_s(median), "fault.hang_timeout"
+
+    def _attempt_error(self) -> str:
+        """The error a trainer of this attempt wrote into status.json, if any (an older one's is not its)."""
+        try:
+            data = StatusFile(self.run_dir).data
+        except (OSError, ValueError):
+            return ""
+        pids = {p.pid for p in self.procs}
+        return str(data.get("error") or "") if data.get("pid") in pids else ""
+
+    def _lock_held_by_another(self) -> str | None:
+        """Who holds the run directory if it is not one of this supervisor's trainers (a refused start)."""
+        from foldhpc.resilience import runlock
+
+        try:
+            rec = runlock.read_holder(self.run_dir)
+        except OSError:
+            return None
+        if not rec or (rec.get("host") == socket.gethostname() and rec.get("pid") in self._pids):
+            return None
+        return runlock.describe(rec)
+
+    def _usage_error_is_final(self, error: str) -> bool:
+        """Exit 2 (a user error) ends the supervision on the first start, where it is the config's,
+        data's or checkpoint directory's and a restart cannot fix it -- unless its cause is an I/O
+        error; and whenever another trainer holds the run directory. In a restart the first start
+        has shown them good: something outside changed (a data path missing for a while), so it is
+        a failure like any other, restarted within the budget."""
+        holder = self._lock_held_by_another()
+        if holder:
+            log.error("supervisor: the trainer was refused: run directory %s is held by %s", self.run_dir, holder)
+            return True
+        return self.restarts == 0 and not transient_io(error)
 
     def _watch(self) -> int | Failure:
         """Wait for the ranks of one attempt: their common exit status, or the failure."""
         n = len(self.procs)
         last = [hb.read(self._hb_path(i)) for i in range(n)]
         changed = [time.monotonic()] * n
+        first_train: list[int | None] = [None] * n  # step of a rank's first training beat in this start
+        started = [False] * n  # a beat came after it: the first step's forward/backward is done
+        mark: list[tuple[int, float] | None] = [None] * n  # (step, when its first beat was seen)
         failed_at: float | None = None
         failure: Failure | None = None
         while True:
@@ -215,22 +339,40 @@ class Supervisor:
             for i, p in enumerate(self.procs):
                 beat = hb.read(self._hb_path(i))
                 if beat.count != last[i].count:
-                    if beat.phase == "train" and last[i].phase == "train" and beat.step > last[i].step >= 0:
-                        self.step_intervals.append((now - changed[i]) / (beat.step - last[i].step))
+                    if first_train[i] is not None:
+                        started[i] = True
+                    if beat.phase == "train":
+                        if first_train[i] is None:
+                            first_train[i] = beat.step
+                        m = mark[i]
+                        if m is None or beat.step != m[0]:
+                            # a step's time: from its first beat to the next step's (the first step
+                            # counts: without it a trainer whose every step outlasts hang_floor
+                            # would be judged by the floor at its second step)
+                            if m is not None and beat.step > m[0]:
+                                self.step_intervals.append((now - m[1]) / (beat.step - m[0]))
+                            mark[i] = (beat.step, now)
+                    else:
+                        mark[i] = None  # validation, a checkpoint wait: not a step's time
                     last[i], changed[i] = beat, now
                 rc = codes[i]
                 if failure is None and rc is not None and rc not in (EXIT_OK, EXIT_CHECKPOINTED):
-                    if rc == EXIT_USAGE:
+                    reason = f"trainer {_describe_exit(rc)}"
+                    error = self._attempt_error()
+                    if rc == EXIT_USAGE and self._usage_error_is_final(error):
                         self._kill_all(signal.SIGTERM)
                         return EXIT_USAGE
-                    failure = Failure(i, last[i].step, last[i].phase, f"trainer {_describe_exit(rc)}")
+                    if rc == EXIT_USAGE:
+                        reason += " (a user error at startup, in a restart: retried)"
+                    failure = Failure(i, last[i].step, last[i].phase, reason, cause=error or reason,
+                                      transient=rc == EXIT_USAGE or transient_io(error))
                     failed_at = now
-                    log.error("supervisor: %s%s at %s (%s)", f"rank {i} " if n > 1 else "", failure.reason,
-                              failure.where(), last[i].phase)
+                    log.error("supervisor: %s%s at %s (%s)%s", f"rank {i} " if n > 1 else "", failure.reason,
+                              failure.where(), last[i].phase, f": {error}" if error else "")
                 if failure is None and rc is None:
-                    timeout = self._timeout(last[i])
+                    timeout, source = self._timeout(last[i], started[i])
                     if timeout > 0 and now - changed[i] > timeout:
-                        failure = self._hung(i, last[i], now - changed[i], timeout)
+                        failure = self._hung(i, last[i], now - changed[i], timeout, source)
                         failed_at = now
             if failure is not None:
                 if all(c is not None for c in (p.poll() for p in self.procs)) or now - (failed_at or now) > GRACE_S:
@@ -240,10 +382,10 @@ class Supervisor:
                 return EXIT_CHECKPOINTED if EXIT_CHECKPOINTED in codes else EXIT_OK
             time.sleep(POLL_S)
 
-    def _hung(self, rank: int, beat: hb.Beat, silent_s: float, timeout: float) -> Failure:
+    def _hung(self, rank: int, beat: hb.Beat, silent_s: float, timeout: float, source: str) -> Failure:
         where = f"step {beat.step}" if beat.step >= 0 else "startup"
-        reason = (f"hung at {where} in {beat.phase}: no heartbeat for {silent_s:.0f}s (timeout {timeout:.0f}s); "
-                  f"Python stacks in {self.run_dir / 'stacks.log'}")
+        reason = (f"hung at {where} in {beat.phase}: no heartbeat for {silent_s:.0f}s (timeout {timeout:.0f}s, "
+                  f"{source}); Python stacks in {self.run_dir / 'stacks.log'}")
         log.error("supervisor: %s%s", f"rank {rank} " if self.nproc > 1 else "", reason)
         p = self.procs[rank]
         try:
@@ -253,7 +395,7 @@ class Supervisor:
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         self._kill_all()
-        return Failure(rank, beat.step, beat.phase, reason)
+        return Failure(rank, beat.step, beat.phase, reason, cause=f"hung at {where} in {beat.phase}")
 
     # ------------------------------------------------------------------ policy
     def _record(self, event: str, **fields: object) -> None:
@@ -269,15 +411,8 @@ class Supervisor:
         except (OSError, ValueError) as e:
             log.warning("cannot update %s/status.json: %s", self.run_dir, e)
 
-    def _child_error(self) -> str:
-        """The error the (dead) trainer wrote into status.json, if any."""
-        try:
-            return str(StatusFile(self.run_dir).data.get("error") or "")
-        except (OSError, ValueError):
-            return ""
-
     def _give_up(self, why: str, failure: Failure) -> int:
-        error = f"{self._child_error() or failure.reason} ({why})"
+        error = f"{failure.cause or failure.reason} ({why})"
         log.error("supervisor: giving up: %s", error)
         self._status(state="failed", error=error, step=failure.step, in_job_restarts=self.restarts,
                      last_failure=failure.__dict__)
@@ -308,9 +443,15 @@ class Supervisor:
                 Path(ready).unlink(missing_ok=True)
             for s in previous:  # the trainers are done: a late signal must not kill the supervisor
                 signal.signal(s, signal.SIG_IGN)
-            for p in self._hb_dir.glob("*"):
-                p.unlink(missing_ok=True)
-            self._hb_dir.rmdir()
+            self._remove_beat_files()
+
+    def _deterministic(self, failure: Failure) -> bool:
+        """The same failure twice in a row: the same step *and* the same cause (two unrelated
+        failures at startup are both at step -1). A transient one never is."""
+        if len(self.failures) < 2 or failure.transient:
+            return False
+        prev = self.failures[-2]
+        return prev.step == failure.step and prev.cause == failure.cause
 
     def _run(self) -> int:
         f = self.cfg.fault
@@ -328,22 +469,22 @@ class Supervisor:
                             "the job is requeued and resumes from the newest checkpoint", self.preempted.name,
                             failure.reason, EXIT_CHECKPOINTED)
                 return EXIT_CHECKPOINTED
-            child_error = self._child_error()
-            if child_error.startswith(NO_RETRY_ERRORS):
+            if failure.cause.startswith(NO_RETRY_ERRORS):
                 return self._give_up("a restart replays the same steps and cannot cure it", failure)
-            if len(self.failures) >= 2 and self.failures[-2].step == failure.step:
+            if self._deterministic(failure):
                 return self._give_up(f"failed twice in a row at {failure.where()}: deterministic, not restarted "
                                      "again", failure)
             if self.restarts >= f.max_restarts:
                 return self._give_up(f"in-job restarts used up: {self.restarts} of fault.max_restarts = "
                                      f"{f.max_restarts}", failure)
-            wait = backoff * 2 ** self.restarts
+            wait = backoff * 2 ** self.restarts * (TRANSIENT_BACKOFF_FACTOR if failure.transient else 1)
             self.restarts += 1
             self._status(state="restarting", in_job_restarts=self.restarts, last_failure=failure.__dict__)
             self._record("restarted", attempt=self.restarts, step=failure.step, reason=failure.reason,
                          **({"rank": failure.rank} if self.nproc > 1 else {}))
-            log.warning("supervisor: restarting the trainer from the newest checkpoint in %.1fs (restart %d of %d)",
-                        wait, self.restarts, f.max_restarts)
+            log.warning("supervisor: restarting the trainer from the newest checkpoint in %.1fs (restart %d of %d%s)",
+                        wait, self.restarts, f.max_restarts,
+                        "; the environment failed, not the training: a longer back-off" if failure.transient else "")
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
                 if self.preempted is not None:

@@ -594,6 +594,19 @@ class Trainer:
         if error is not None:
             raise CheckpointError(f"rank 0 could not write the checkpoint: {error}")
 
+    def _wait_staged(self) -> None:
+        """Wait for the save in flight to have read the state :meth:`optimizer.step` changes, beating.
+
+        One beat always, after this step's forward and backward (the slow part of a first step:
+        cold kernels, ``torch.compile``): the supervisor then judges the rest of the first step by
+        the hang timeout, not the startup allowance. While waiting (a large CPU state is read
+        by the write itself, which can take minutes on a slow file system) a beat every
+        :data:`~foldhpc.resilience.heartbeat.WAIT_BEAT_S`: the trainer is waiting, not hung.
+        """
+        self.hb.beat(self.step + 1, "train")
+        while not self.ckpt.wait_staged(timeout=hb.WAIT_BEAT_S):
+            self.hb.beat(self.step + 1, "checkpoint")
+
     def _loop(self, preempt: PreemptionSignals) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         interval = cfg.checkpoint.interval_s
@@ -678,7 +691,8 @@ class Trainer:
             self.group.collective("the gradient all-reduce (backward)", loss.backward)
             max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-            self.ckpt.wait_staged()  # a background save still copying the last step's weights
+            faults.cold_first_step()  # test hook, off unless set
+            self._wait_staged()  # a background save still copying the last step's weights
             # a non-finite loss or gradient norm: the update is skipped, the step consumed (same verdict on every rank)
             applied = self.guard.check(self.step + 1, bad, gnorm, self.writer, self.status)
             if applied:
