@@ -690,6 +690,10 @@ class LocalRunner:
             if away.exists():
                 os.rename(away, path)
                 back_at = time.time()
+            try:
+                away.parent.rmdir()
+            except OSError:
+                pass
         index_back = len(self.tail.events)
         if back_at is not None:
             rec.notes.append(f"{newest.file} missing for {back_at - rec.injected_at:.2f}s, back "
