@@ -680,7 +680,7 @@ def _read_owner(path: Path) -> tuple[str | None, dict[str, Any], str | None]:
     """(owning run directory, record, what is wrong with it) of an owner record; (None, {}, None) if there is none."""
     try:
         raw = path.read_bytes()[:65536]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no directory yet (or a file there: the preflight says so)
         return None, {}, None
     except OSError as e:
         return None, {}, f"cannot be read: {e.strerror or e}"
