@@ -37,8 +37,8 @@ When is a holder gone (checked in this order; the first that applies decides)?
 
 1. it is an earlier run of *this* Slurm job (same job id and cluster, lower restart count): a
    requeued job takes its own lock back at once;
-2. someone holds its ``flock`` (see above): alive -- asked before any pid, since a holder in
-   another PID namespace (a container on this host) has a pid this /proc does not show. A
+2. someone holds its ``flock`` (see above): alive -- asked before a pid may say "gone", since a
+   holder in another PID namespace (a container on this host) has a pid this /proc does not show. A
    forked child of the holder (a DataLoader worker) closes its copy of the lock file at once, so
    a dead holder's flock is gone with it;
 3. it ran on this host (same host name and boot id) in this PID namespace (recorded as
@@ -331,7 +331,8 @@ def judge(rec: dict[str, Any], mtime: float, stale_after_s: float, me: dict[str,
     # A pid means something here only in the PID namespace it was recorded in (containers on one
     # host share its name and boot id). A record without the field predates it: trusted as before.
     ns = rec.get("pid_ns")
-    local_pid = bool(same_host and isinstance(pid, int) and (ns is None or (me.get("pid_ns") or None) == ns))
+    other_ns = bool(same_host and ns is not None and (me.get("pid_ns") or None) != ns)
+    local_pid = bool(same_host and isinstance(pid, int) and not other_ns)
     if local_pid and pid == me["pid"] and rec.get("pid_start") == me["pid_start"]:
         return Verdict(False, "it is this very process (a lock left by an earlier run in it)")
     # The flock before the pids: a live holder that this /proc cannot see (another PID namespace,
@@ -347,7 +348,7 @@ def judge(rec: dict[str, Any], mtime: float, stale_after_s: float, me: dict[str,
             return Verdict(False, f"its process {pid} on this host is gone (the pid now belongs to another process)")
     if flock:
         return Verdict(True, "it holds the lock file's flock")
-    if same_host and not job:
+    if other_ns and not job:
         return _by_heartbeat(age, stale_after_s, f"it runs on this host in another PID namespace ({ns}), where "
                                                  "its pid cannot be checked")
     if job and same_cluster:
