@@ -367,8 +367,10 @@ class Supervisor:
                     failure = Failure(i, last[i].step, last[i].phase, reason, cause=error or reason,
                                       transient=rc == EXIT_USAGE or transient_io(error))
                     failed_at = now
-                    log.error("supervisor: %s%s at %s (%s)%s", f"rank {i} " if n > 1 else "", failure.reason,
-                              failure.where(), last[i].phase, f": {error}" if error else "")
+                    log.error("supervisor: %s%s at %s (%s)", f"rank {i} " if n > 1 else "", failure.reason,
+                              failure.where(), last[i].phase)  # this form is parsed (foldhpc.monitor.timeline)
+                    if error:
+                        log.error("supervisor: the trainer's error: %s", error)
                 if failure is None and rc is None:
                     timeout, source = self._timeout(last[i], started[i])
                     if timeout > 0 and now - changed[i] > timeout:
