@@ -542,7 +542,7 @@ class CheckpointManager:
         except OSError as e:  # the checkpoint is durable: the index is only an index
             # Failing here would report a committed checkpoint as lost (an exit save: 1, not 75)
             # although every resume finds it: the index is rebuilt from the files' own headers.
-            # Only file-system errors: anything else still fails the save.
+            # Only file-system errors: a lost run lock (owner_check) still propagates.
             log.warning("checkpoint step %d is committed (%s) but updating the index %s or pruning failed: %s; "
                         "the index is rebuilt from the files at the next save or start", step, final,
                         self.dir / MANIFEST, e)
