@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -77,3 +78,63 @@ def _warm_test_data_cache():
     from foldhpc.data.cache import load_dataset
 
     load_dataset(load_config(TINY, [f"data.path={GOOD_DATA}"]).data, progress=False)
+
+
+class Records(logging.Handler):
+    """Every record of the ``foldhpc`` logger (it does not propagate, so caplog sees nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self, level: int = logging.WARNING) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= level]
+
+
+@pytest.fixture
+def records():
+    h = Records()
+    logger = logging.getLogger("foldhpc")
+    logger.addHandler(h)
+    yield h
+    logger.removeHandler(h)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size)`` mounts a small tmpfs of its own (e.g. ``"64k"``, ``"4m"``) and returns its
+    folder; unmounted at teardown. Root only: skipped, with the reason, where mount is refused."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"tmpfs-{len(mounted)}"
+        where.mkdir()
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip() or p.returncode}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill_fs(fs: Path) -> Path:
+    """Fill the file system of ``fs`` to the last byte (unbuffered writes); returns the filler file."""
+    import errno
+
+    filler = fs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)
+    return filler

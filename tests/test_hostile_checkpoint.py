@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, foldhpc_cmd, set_args, tiny_overrides
-from foldhpc.checkpoint import CheckpointError, CheckpointManager, fileformat
+from foldhpc.checkpoint import CheckpointManager, fileformat
 from foldhpc.checkpoint.listing import format_table, list_checkpoints
 
 

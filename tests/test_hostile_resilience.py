@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GOOD_DATA, ROOT, TINY, foldhpc_cmd, read_json, run_foldhpc, set_args, tiny_overrides, wait_for
+from conftest import (GOOD_DATA, ROOT, TINY, fill_fs, foldhpc_cmd, read_json, run_foldhpc, set_args, tiny_overrides,
+                      wait_for)
 from foldhpc import faults
 from foldhpc.checkpoint.manager import CheckpointManager
 from foldhpc.config import load_config
@@ -39,27 +40,6 @@ from test_supervisor import events
 FAST = {"checkpoint.every_steps": 5, "fault.restart_backoff": "0.2s"}
 
 
-class Records(logging.Handler):
-    """Every record of the ``foldhpc`` logger (it does not propagate, so caplog sees nothing)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def messages(self, level: int = logging.WARNING) -> list[str]:
-        return [r.getMessage() for r in self.records if r.levelno >= level]
-
-
-@pytest.fixture
-def records():
-    h = Records()
-    logger = logging.getLogger("foldhpc")
-    logger.addHandler(h)
-    yield h
-    logger.removeHandler(h)
 
 
 def tiny(run: Path, **extra: object):
@@ -231,25 +211,8 @@ def test_forked_child_does_not_keep_a_dead_holders_lock(tmp_path):
 
 # ------------------------------------------------------------------ item 13: a full /dev/shm
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    d = tmp_path / "shm"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(d)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    yield d
-    subprocess.run(["umount", "-l", str(d)], check=False)
-
-
-def fill(d: Path) -> None:
-    fd = os.open(d / "fill", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as e:
-        assert e.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
+def small_tmpfs(tmpfs):
+    return tmpfs("64k")
 
 
 def test_beat_file_prepared_before_the_tmpfs_fills_keeps_beating(small_tmpfs, records):
@@ -257,7 +220,7 @@ def test_beat_file_prepared_before_the_tmpfs_fills_keeps_beating(small_tmpfs, re
     hb.prepare(prepared)
     empty = small_tmpfs / "rank-1"
     empty.touch()  # how the supervisor made it before
-    fill(small_tmpfs)
+    fill_fs(small_tmpfs)
     beat = hb.Heartbeat(prepared)
     beat.beat(3, "train")
     assert hb.read(prepared) == hb.Beat(1, 3, "train")

@@ -4,40 +4,16 @@ a slow writer must not swallow (item 18), and ``foldhpc goodput`` on a huge or c
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY, tiny_overrides
+from conftest import TINY, fill_fs, tiny_overrides
 from foldhpc.config import load_config
 from foldhpc.monitor import status as status_mod
 from foldhpc.train.loop import Trainer
-
-
-class Records(logging.Handler):
-    """Every record of the ``foldhpc`` logger (it does not propagate, so caplog sees nothing)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def messages(self, level: int = logging.WARNING) -> list[str]:
-        return [r.getMessage() for r in self.records if r.levelno >= level]
-
-
-@pytest.fixture
-def records():
-    h = Records()
-    logger = logging.getLogger("foldhpc")
-    logger.addHandler(h)
-    yield h
-    logger.removeHandler(h)
 
 
 @pytest.fixture
@@ -128,31 +104,9 @@ def test_crash_after_resume_of_an_old_checkpoint_restarts_from_the_choice(tmp_pa
 
 # ------------------------------------------------------------------ item 17b: run.dir full, checkpoints elsewhere
 @pytest.fixture
-def tiny_fs(tmp_path):
+def tiny_fs(tmpfs):
     """A 4 MiB tmpfs of its own (root only; skipped where mount is not permitted)."""
-    import subprocess
-
-    where = tmp_path / "fs"
-    where.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip() or p.returncode}")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def fill(fs: Path) -> Path:
-    """Fill ``fs`` to the last byte (unbuffered writes); returns the filler file."""
-    filler = fs / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return filler
+    return tmpfs("4m")
 
 
 def test_full_run_dir_never_ends_training(tiny_fs, tmp_path, monkeypatch, records):
@@ -174,7 +128,7 @@ def test_full_run_dir_never_ends_training(tiny_fs, tmp_path, monkeypatch, record
 
     def disk() -> None:
         wait_for(lambda: trainer.step >= 2, "step 2", timeout=60, poll=0.005)
-        filler = fill(tiny_fs)
+        filler = fill_fs(tiny_fs)
         events["full"] = trainer.step
         wait_for(lambda: trainer.step >= 32, "step 32", timeout=60, poll=0.005)
         events["freed"] = trainer.step
