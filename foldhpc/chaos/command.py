@@ -90,26 +90,20 @@ def run(args: argparse.Namespace) -> int:
             skipped[k] = "needs several ranks (--nproc 2 or more)"
             kinds.remove(k)
             weights.pop(k, None)
-    method = None
-    if "unwritable_dir" in kinds:
-        method, why = local.unwritable_method(out)
-        if method is None:
-            skipped["unwritable_dir"] = why
-            kinds.remove("unwritable_dir")
-            weights.pop("unwritable_dir", None)
-            log.warning("chaos: leaving out unwritable_dir: %s", why)
+    # kinds that need something this machine may not allow: how each is injected here, or left out with why
+    probes = {"unwritable_dir": local.unwritable_method, "full_status_fs": storage.tmpfs_method}
+    methods: dict[str, str | None] = {}
+    for k, probe in probes.items():
+        if k not in kinds:
+            continue
+        methods[k], why = probe(out)
+        if methods[k] is None:
+            skipped[k] = why
+            kinds.remove(k)
+            weights.pop(k, None)
+            log.warning("chaos: leaving out %s: %s", k, why)
         else:
-            log.info("chaos: unwritable_dir uses %s", why)
-    run_fs = None
-    if "full_status_fs" in kinds:
-        run_fs, why = storage.tmpfs_method(out)
-        if run_fs is None:
-            skipped["full_status_fs"] = why
-            kinds.remove("full_status_fs")
-            weights.pop("full_status_fs", None)
-            log.warning("chaos: leaving out full_status_fs: %s", why)
-        else:
-            log.info("chaos: full_status_fs uses %s", why)
+            log.info("chaos: %s uses %s", k, why)
     if not kinds:
         raise ConfigError("no fault kind left to inject" + (f" ({'; '.join(skipped.values())})" if skipped else ""))
     try:
@@ -125,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
         outcome = slurm_backend.run(args.config, list(args.overrides), plan, out, partition=args.partition,
                                     preempt_partition=args.preempt_partition)
     else:
-        outcome = local.run(args.config, list(args.overrides), plan, out, unwritable=method, nproc=args.nproc,
-                            run_fs=run_fs)
+        outcome = local.run(args.config, list(args.overrides), plan, out, unwritable=methods.get("unwritable_dir"),
+                            nproc=args.nproc, run_fs=methods.get("full_status_fs"))
     load_end = os.getloadavg()
     verdict = report.judge(len(plan.faults), outcome.records, outcome.reference.digest, outcome.chaos.digest,
                            outcome.reference.completed, outcome.chaos.completed, outcome.chaos.final_step,
