@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import shutil
 import subprocess
 import sys
@@ -435,6 +436,19 @@ def test_move_aside_keeps_a_symlinked_directory_and_unique_names(tmp_path):
     assert [e.step for e in m.entries()] == [7]
     assert (first / "step_00000002.ckpt").is_file() and (second / "step_00000001.ckpt").is_file()
     assert CheckpointManager(tmp_path / "nothing").move_aside() is None
+
+
+def test_moved_aside_folder_is_private_whatever_the_umask(tmp_path):
+    """Item 4 for item 19's folder: the old checkpoints keep the run's protection (0750), also
+    under a umask that would make a new folder group-writable."""
+    m = CheckpointManager(tmp_path / "ck", async_save=False)
+    saved(m, 1)
+    old = os.umask(0o002)
+    try:
+        aside = m.move_aside()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(aside.stat().st_mode) == 0o750
 
 
 def test_move_aside_on_a_mount_point_and_refusal_when_a_rename_fails(tmp_path):

@@ -70,7 +70,7 @@ from foldhpc import faults
 from foldhpc.checkpoint import fileformat
 from foldhpc.checkpoint.digest import tree_digest
 from foldhpc.checkpoint.errors import CheckpointError  # noqa: F401 - defined there without torch
-from foldhpc.monitor.status import atomic_write_text, fsync_dir, pid_alive
+from foldhpc.monitor.status import PRIVATE_DIR_MODE, atomic_write_text, fsync_dir, pid_alive
 
 if TYPE_CHECKING:  # torch is imported where state is staged or loaded: listing checkpoints (foldhpc
     import torch   # status, foldhpc checkpoints) reads the manifest and file headers only
@@ -360,7 +360,7 @@ class CheckpointManager:
         while True:  # mkdir is the claim: a unique name even for two starts in the same second
             aside = self.dir / f"{ASIDE_PREFIX}{stamp}-{n}"
             try:
-                aside.mkdir()
+                aside.mkdir(mode=PRIVATE_DIR_MODE)
                 break
             except FileExistsError:
                 n += 1

@@ -141,7 +141,7 @@ def read_sweep(sweep_dir: Path) -> dict[str, Any] | None:
 def submit_sweep(config: str | None, overrides: list[str], specs: list[str], max_parallel: int = 0,
                  local: bool = False) -> tuple[str, Path, list[SweepTask]]:
     """Submit the grid as one job array; returns (array job id, sweep directory, tasks)."""
-    from foldhpc.monitor.status import atomic_write_text
+    from foldhpc.monitor.status import atomic_write_text, make_private_dir
     from foldhpc.slurm.history import record_event
     from foldhpc.slurm.job import SlurmTrainer
     from foldhpc.slurm.submit import executor_for
@@ -160,9 +160,9 @@ def submit_sweep(config: str | None, overrides: list[str], specs: list[str], max
                           f"{', '.join(str(t.get('name')) for t in previous['tasks'][:4])}...); choose a new run.dir")
     if previous is None and any((sweep_dir / m).exists() for m in ("status.json", "checkpoints", "jobs.jsonl")):
         raise ConfigError(f"run.dir = '{sweep_dir}' is a single run's directory; a sweep needs a run.dir of its own")
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(sweep_dir)  # issue 19 item 4: not group-writable whatever the umask
     for task, cfg in planned:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(cfg.run_dir)
         atomic_write_text(cfg.run_dir / "config.toml", config_to_toml(cfg), fsync=False)
     ex = executor_for(root)  # folder: <sweep>/slurm (or slurm.logs_dir); resources: the same for all tasks
     n = len(planned)

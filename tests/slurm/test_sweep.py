@@ -13,7 +13,9 @@ cancelled with `scancel <array>_<task>` and stays cancelled while the others com
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -48,8 +50,12 @@ def final_digest(run_dir: Path) -> str:
 
 def test_sweep_array_preempted_tasks_requeue_themselves_cancelled_stays_cancelled(tmp_path, slurm_cluster):
     sweep_dir = tmp_path / "sweep"
-    p = run_foldhpc("submit", "--config", str(TINY), *set_args(tiny_overrides(sweep_dir, **SLOW, **JOB)),
-                    "--sweep", "train.seed=" + ",".join(map(str, SEEDS)), "--max-parallel", "3")
+    umask = os.umask(0o002)  # a setgid project folder's umask: the sweep's folders are private all the same
+    try:
+        p = run_foldhpc("submit", "--config", str(TINY), *set_args(tiny_overrides(sweep_dir, **SLOW, **JOB)),
+                        "--sweep", "train.seed=" + ",".join(map(str, SEEDS)), "--max-parallel", "3")
+    finally:
+        os.umask(umask)
     assert p.returncode == 0, p.stderr
     array = re.search(r"submitted job array (\d+) \(3 tasks\)", p.stdout).group(1)
     # the uninterrupted references, on this machine while the array runs (CPU, deterministic)
@@ -65,6 +71,8 @@ def test_sweep_array_preempted_tasks_requeue_themselves_cancelled_stays_cancelle
         assert "#SBATCH --array=0-2%3" in script and "#SBATCH --requeue" in script, script
         for i, d in tasks.items():  # each task's resolved config is there from submission on
             assert f"seed = {SEEDS[i]}" in (d / "config.toml").read_text()
+            assert stat.S_IMODE(d.stat().st_mode) == 0o750, d  # issue 19 item 4: was 0775 under umask 002
+        assert stat.S_IMODE(sweep_dir.stat().st_mode) == 0o750
 
         # act on each task as soon as it is at step ACT_AT: USR1 to tasks 0 and 1, scancel task 2
         todo = dict(tasks)
