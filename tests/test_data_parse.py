@@ -52,7 +52,8 @@ def test_chains_match_manifest(name: str) -> None:
 
 
 def test_selenomethionine_is_kept_as_met() -> None:
-    # The MANIFEST counts exclude HETATM MSE (66); we keep them as M so the chain is unbroken.
+    # The MANIFEST row of 1A8O still counts 66 without its 4 HETATM MSE (its README says MSE counts
+    # either way); we keep them as M so the chain is unbroken. MSE written as ATOM: test_data_quirks.py.
     row = manifest()["1A8O"]
     c = chain(parse_structure(GOOD / "1A8O.pdb"), "A")
     text = (GOOD / "1A8O.pdb").read_text()

@@ -31,7 +31,7 @@ import numpy as np
 from . import structure
 from .entries import Entry
 from .files import UMASK
-from .structure import ProteinChain, chain_id_prefix
+from .structure import ProteinChain, chain_id_prefix, structure_format
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,13 @@ class DatasetStore:
         first[1:] = chain_file[ranked][1:] != chain_file[ranked][:-1]
         chosen = ranked[first]
         chosen_file = chain_file[chosen]
-        ids = [f"{record_prefix(self.rels[f])}_{self.chain_ids[c].strip() or '-'}"
-               for c, f in zip(chosen.tolist(), chosen_file.tolist())]
+        prefixes = [record_prefix(self.rels[f]) for f in chosen_file.tolist()]
+        duplicate = self._duplicate_entries(prefixes, chosen_file.tolist())
+        if duplicate:
+            used = np.array([f not in duplicate for f in chosen_file.tolist()], dtype=bool)
+            chosen, chosen_file = chosen[used], chosen_file[used]
+            prefixes = [p for p, u in zip(prefixes, used.tolist()) if u]
+        ids = [f"{prefix}_{self.chain_ids[c].strip() or '-'}" for prefix, c in zip(prefixes, chosen.tolist())]
         by_id = np.array(sorted(range(len(ids)), key=ids.__getitem__), dtype=np.int64)  # stable
         records = RecordTable(self, chosen[by_id], chosen_file[by_id])
         has = np.zeros(n_files, dtype=bool)
@@ -203,6 +208,9 @@ class DatasetStore:
         np.cumsum(file_chains, out=file_start[1:])
         skipped = []
         for f in np.flatnonzero(~has).tolist():
+            if f in duplicate:
+                skipped.append((self.rels[f], duplicate[f]))
+                continue
             if f in self.errors:
                 skipped.append((self.rels[f], self.errors[f]))
                 continue
@@ -210,6 +218,42 @@ class DatasetStore:
             skipped.append((self.rels[f], skip_reason(length[lo:hi], comp[lo:hi], min_length, max_length,
                                                       min_completeness)))
         return records, skipped
+
+    def _duplicate_entries(self, prefixes: list[str], files: list[int]) -> dict[int, str]:
+        """Files left out because another file of the same entry is used: file -> reason.
+
+        ``X.pdb``, ``X.cif`` and ``X.ent.gz`` in one folder are one entry in several formats
+        and would all become record ``X_<chain>``.  Record ids must be unique (they name
+        checkpointed split members and validation rows) and one entry must not train twice,
+        so one file per (folder, stem) is used: mmCIF before PDB (the PDB's primary format,
+        and the only one for large entries), then the first name in sorted order.  The id
+        stays ``X_<chain>`` whichever file it comes from, so adding or removing the other
+        format never renames a record.  Only files that yielded a record compete.
+        """
+        groups: dict[str, list[int]] = {}
+        for prefix, f in zip(prefixes, files):
+            groups.setdefault(prefix, []).append(f)
+        out: dict[int, str] = {}
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            keep = min(members, key=lambda f: (structure_format(self.rels[f]) != "mmcif", self.rels[f]))
+            kept = self._chain_summary(keep)
+            for f in members:
+                if f != keep:
+                    here = self._chain_summary(f)
+                    same = (f"same chains in both: {kept}" if here == kept
+                            else f"chains differ: here {here}, there {kept}")
+                    out[f] = (f"duplicate entry: {self.rels[keep]} is used (one file per entry, mmCIF "
+                              f"preferred); {same}")
+        return out
+
+    def _chain_summary(self, f: int) -> str:
+        """``A:225,B:98``: every chain of file ``f`` with its length, as the MANIFEST writes it."""
+        start = int(self.arrays["file_chains"][:f].sum())
+        n = int(self.arrays["file_chains"][f])
+        lengths = self.arrays["chain_length"][start:start + n].tolist()
+        return ",".join(f"{self.chain_ids[start + k].strip() or '-'}:{lengths[k]}" for k in range(n))
 
     def describe(self) -> dict[str, Any]:
         return {"key": self.key, "path": str(self.path or ""), **self.counts()}

@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 #: Bump whenever the parsing result for the same bytes can change (new residue rules,
 #: altloc handling, ...): it is part of the cache key, so old cache entries are re-parsed.
 #: 2: coordinates that are not finite or are physically absurd make the file a skip.
-PARSER_VERSION = 2
+#: 3: selenomethionine written as ATOM is kept (it was dropped: false chain breaks); at a
+#:    microheterogeneous position the residue name with the most CA occupancy is taken;
+#:    a CIF without coordinates is "not a structure file" (was "corrupt mmCIF").
+PARSER_VERSION = 3
 
 #: Largest coordinate magnitude accepted, in Angstrom: PDB's fixed columns (8.3f) cannot even
 #: write more, and the largest in the shipped data is ~320.
@@ -49,9 +52,12 @@ _THREE_TO_ONE = {
     "ILE": "I", "LYS": "K", "LEU": "L", "MET": "M", "ASN": "N", "PRO": "P", "GLN": "Q",
     "ARG": "R", "SER": "S", "THR": "T", "VAL": "V", "TRP": "W", "TYR": "Y",
 }
-# Selenomethionine is a HETATM in deposited files but is chemically a methionine in the
-# chain; keeping it avoids a fake chain break in every SeMet-phased crystal structure.
+# Selenomethionine is chemically a methionine in the chain; keeping it avoids a fake chain
+# break in every SeMet-phased crystal structure.  Most files write it as HETATM, some (1EMA,
+# 3EK3) as ATOM: both are read as MET.
 _HET_AS_STANDARD = {"MSE": "M"}
+#: Residue names that can become a residue of a ProteinChain.
+_PROTEIN_NAMES = frozenset(_THREE_TO_ONE) | frozenset(_HET_AS_STANDARD)
 
 _PDB_SUFFIXES = (".pdb", ".ent")
 _CIF_SUFFIXES = (".cif", ".mmcif")
@@ -146,12 +152,19 @@ def parse_structure_bytes(data: bytes, name: str, id_prefix: str | None = None) 
     # Trust the content over the name for the PDB/mmCIF choice: a mislabelled file is common.
     if fmt == "pdb" and stripped.startswith("data_"):
         fmt = "mmcif"
+    simple_cif = False
     if fmt == "pdb":
         _check_pdb_truncation(text)
         text, n_records = _backbone_records(text)
         if n_records == 0:
             raise StructureError("not a structure file (no ATOM/HETATM records)")
-    structure = _run_biopython(fmt, text)
+    else:
+        if not _ATOM_SITE_ITEM.search(text):
+            raise StructureError(_what_cif_without_atom_site(text))
+        simple_cif = _atom_site_is_simple(text)
+        if simple_cif:
+            text = _cif_major_residues(text)
+    structure = _run_biopython(fmt, text, simple_cif)
     models = structure.child_list
     if not models:
         if fmt == "pdb":  # atoms existed, but none was a backbone atom
@@ -241,29 +254,140 @@ def _backbone_records(text: str) -> tuple[str, int]:
     Biopython builds an object per atom and that dominates preparation time; side chains,
     waters, ANISOU records and later NMR models never reach a :class:`ProteinChain`.
     Altlocs are resolved per atom, so dropping other atoms does not change the choice.
+    Microheterogeneity (two residue names at one position) is resolved here, by
+    :func:`_major_names`: Biopython's PDB parser drops the second name when the first has a
+    blank-altloc atom (1EJG residue 22 loses its SER), so it must only ever see one name.
     Returns the reduced text and the number of ATOM/HETATM records seen in model 1.
     """
     keep: list[str] = []
     n_records = 0
+    residues: list[tuple[str, str, str, str]] = []  # (position, name, atom, occupancy) of protein lines
     for line in text.splitlines():
         rec = line[:6]
         if rec == "ATOM  " or rec == "HETATM":
             n_records += 1
-            if line[12:16].strip() in _BACKBONE_NAMES and line[17:20].strip() not in _WATER_NAMES:
+            atom, resname = line[12:16].strip(), line[17:20].strip()
+            if atom in _BACKBONE_NAMES and resname not in _WATER_NAMES:
                 keep.append(line)
+                if resname in _PROTEIN_NAMES:
+                    residues.append((line[21:27], resname, atom, line[54:60]))
         elif rec == "ENDMDL" or rec == "END   " or line.rstrip() == "END":
             break  # model 1 only
         elif rec.startswith("TER") or rec.startswith("MODEL"):
             keep.append(line)
+    winners = _major_names(residues)
+    if winners:
+        keep = [line for line in keep
+                if line[:6] not in ("ATOM  ", "HETATM") or line[17:20].strip() not in _PROTEIN_NAMES
+                or winners.get(line[21:27], line[17:20].strip()) == line[17:20].strip()]
     keep.append("END")
     return "\n".join(keep) + "\n", n_records
 
 
-def _run_biopython(fmt: str, text: str):  # -> Bio.PDB.Structure.Structure
+def _major_names(atoms: Iterable[tuple[object, str, str, str]]) -> dict[object, str]:
+    """The residue name to keep at each microheterogeneous position, from
+    ``(position, residue name, atom name, occupancy text)`` of protein atoms in file order.
+
+    The rule (README "Data"): the name whose CA atoms carry the most occupancy, summed over
+    that name's alternate locations; ties go to the name listed first.  Then only that
+    name's atoms are used (a blank-altloc atom written under the other name is not borrowed).
+    Deterministic and independent of the file format, so the PDB and mmCIF files of one
+    entry give the same sequence.  Only positions with more than one name are returned.
+    """
+    names: dict[object, dict[str, float]] = {}
+    for pos, name, atom, occ in atoms:
+        per_name = names.setdefault(pos, {})
+        total = per_name.setdefault(name, 0.0)
+        if atom == "CA":
+            per_name[name] = total + _occupancy(occ)
+    # max() keeps the first of equal values, and dicts keep insertion (= file) order
+    return {pos: max(per_name, key=per_name.__getitem__)
+            for pos, per_name in names.items() if len(per_name) > 1}
+
+
+def _occupancy(text: str) -> float:
+    """An occupancy field; blank or unknown (``?``, ``.``) counts as full, as Biopython reads it."""
+    try:
+        return float(text)
+    except ValueError:
+        return 1.0
+
+
+_ATOM_SITE_ITEM = re.compile(r"^_atom_site\.", re.MULTILINE)
+
+
+def _what_cif_without_atom_site(text: str) -> str:
+    """The skip reason of a CIF without an ``_atom_site`` table: what the file is instead.
+
+    Valid CIFs of other kinds sit next to structures in real folders (ligand definitions,
+    refinement restraints, reflection data); calling them corrupt sends people looking for
+    damage that is not there.
+    """
+    if "_chem_comp_atom." in text:
+        what = "a chemical-component or monomer-library CIF"
+    elif "_refln." in text or "_refln_" in text:
+        what = "a structure-factor (reflection) CIF"
+    elif "_atom_site_fract_" in text or "_atom_site_label" in text:
+        what = "a small-molecule (core) CIF, not mmCIF"
+    else:
+        what = "a CIF"
+    return f"not a structure file ({what}: no atom_site records)"
+
+
+def _cif_major_residues(text: str) -> str:
+    """``text`` without the atom_site rows of the minor residue names at microheterogeneous
+    positions (the rule of :func:`_major_names`); unchanged when there are none.
+
+    Only for a simple atom_site loop (one whitespace-separated row per line, see
+    :func:`_atom_site_is_simple`); other files are resolved on Biopython's objects instead.
+    """
+    lines = text.split("\n")
+    columns: list[str] = []
+    start = end = -1
+    for i, line in enumerate(lines):
+        if start < 0:
+            if line.startswith("_atom_site."):
+                columns.append(line.split()[0][len("_atom_site."):])
+            elif columns:
+                start = i
+        if start >= 0 and (not line.strip() or line.startswith(("#", "loop_", "_", "data_"))):
+            end = i
+            break
+    if start < 0:
+        return text
+    if end < 0:
+        end = len(lines)
+    col = {c: k for k, c in enumerate(columns)}
+    try:
+        name_k = col.get("label_comp_id", col.get("auth_comp_id"))
+        atom_k = col.get("label_atom_id", col.get("auth_atom_id"))
+        chain_k = col.get("auth_asym_id", col.get("label_asym_id"))
+        seq_k = col.get("auth_seq_id", col.get("label_seq_id"))
+        occ_k, model_k, icode_k = col["occupancy"], col.get("pdbx_PDB_model_num"), col.get("pdbx_PDB_ins_code")
+    except KeyError:
+        return text  # the parser names what is missing
+    if name_k is None or atom_k is None or chain_k is None or seq_k is None:
+        return text
+
+    def position(row: list[str]) -> tuple[str, ...]:
+        return (row[model_k] if model_k is not None else "", row[chain_k], row[seq_k],
+                row[icode_k] if icode_k is not None else "")
+
+    rows = [line.split() for line in lines[start:end]]
+    winners = _major_names((position(r), r[name_k], r[atom_k], r[occ_k])
+                           for r in rows if r[name_k] in _PROTEIN_NAMES)
+    if not winners:
+        return text
+    kept = [line for line, r in zip(lines[start:end], rows)
+            if r[name_k] not in _PROTEIN_NAMES or winners.get(position(r), r[name_k]) == r[name_k]]
+    return "\n".join(lines[:start] + kept + lines[end:])
+
+
+def _run_biopython(fmt: str, text: str, simple_cif: bool):  # -> Bio.PDB.Structure.Structure
     from Bio.PDB import MMCIFParser, PDBParser  # lazy: keeps `import foldhpc.data` light
     from Bio.PDB.MMCIFParser import FastMMCIFParser
 
-    if fmt == "mmcif" and _atom_site_is_simple(text):
+    if fmt == "mmcif" and simple_cif:
         # FastMMCIFParser reads only the atom_site loop with str.split (3-4x faster than the
         # full tokenizer) and gives identical chains on plain files; anything it chokes on
         # gets a second opinion (and a better error message) from the full parser.
@@ -276,6 +400,10 @@ def _run_biopython(fmt: str, text: str):  # -> Bio.PDB.Structure.Structure
         return _quiet(parser, text)
     except Exception as e:  # Biopython raises many types (ValueError, KeyError, IndexError, ...)
         kind = "PDB" if fmt == "pdb" else "mmCIF"
+        if fmt == "mmcif" and isinstance(e, KeyError) and str(e.args[0] if e.args else "").startswith("_"):
+            # a well-formed CIF that lacks an item Biopython needs is not damage: say what is missing
+            raise StructureError(f"not a structure file (mmCIF without the {e.args[0]} item that "
+                                 "atomic coordinates need)") from None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         msg = f"{type(e).__name__} {msg}".strip() if isinstance(e, KeyError) or not msg else msg
         if fmt == "pdb":  # line numbers refer to the reduced text, not the file
@@ -326,11 +454,13 @@ def _chain_arrays(chain, prefix: str, source: str) -> ProteinChain | None:
     masks: list[list[bool]] = []
     numbers: list[int] = []
     for residue in chain:
+        if residue.is_disordered() == 2:  # two residue names here that the text pass left
+            residue = _major_residue(residue)
         hetflag, resseq, _icode = residue.id
         resname = residue.get_resname()
         if hetflag == " " and resname in _THREE_TO_ONE:
             letter = _THREE_TO_ONE[resname]
-        elif resname in _HET_AS_STANDARD and hetflag.startswith("H_"):
+        elif resname in _HET_AS_STANDARD and hetflag != "W":  # MSE as HETATM or as ATOM
             letter = _HET_AS_STANDARD[resname]
         else:
             continue  # water, ligand, nucleotide, non-standard residue
@@ -360,6 +490,21 @@ def _chain_arrays(chain, prefix: str, source: str) -> ProteinChain | None:
         atom_mask=np.asarray(masks, dtype=np.bool_),
         residue_index=strictly_increasing(numbers),
     )
+
+
+def _major_residue(disordered):  # Bio.PDB DisorderedResidue -> Residue
+    """The child residue :func:`_major_names` picks (an mmCIF whose atom_site loop is not
+    simple enough for the text pass); Biopython itself selects the name read last."""
+    children = [r for r in disordered.disordered_get_list() if r.get_resname() in _PROTEIN_NAMES]
+    if not children:
+        return disordered
+    atoms = []
+    for r in children:
+        for atom in r:
+            for a in (atom.disordered_get_list() if atom.is_disordered() else [atom]):
+                atoms.append((0, r.get_resname(), a.get_id(), str(a.get_occupancy())))
+    winner = _major_names(atoms).get(0, children[0].get_resname())
+    return next(r for r in children if r.get_resname() == winner)
 
 
 def sequence_to_aatype(sequence: str) -> np.ndarray:
