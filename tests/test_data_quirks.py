@@ -33,7 +33,8 @@ NOCOORDS = HERE / "data" / "nocoords"
 FILTERS = dict(min_length=40, max_length=1000, min_completeness=0.9)
 #: file in tests/data/pairs -> the original in examples/data
 PAIR_OF = {"1EMA.pdb.gz": "1EMA.cif.gz", "3EK3.pdb.gz": "3EK3.cif.gz",
-           "1EJG.cif.gz": "1EJG.pdb.gz", "3U7T.pdb.gz": "3U7T.cif.gz"}
+           "1EJG.cif.gz": "1EJG.pdb.gz", "3U7T.pdb.gz": "3U7T.cif.gz",
+           "4GCN.cif.gz": "4GCN.pdb.gz"}  # side-chain atoms written twice (no altloc): was "corrupt mmCIF"
 
 
 def manifest() -> dict[str, dict[str, str]]:

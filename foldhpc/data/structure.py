@@ -163,7 +163,7 @@ def parse_structure_bytes(data: bytes, name: str, id_prefix: str | None = None) 
             raise StructureError(_what_cif_without_atom_site(text))
         simple_cif = _atom_site_is_simple(text)
         if simple_cif:
-            text = _cif_major_residues(text)
+            text = _cif_backbone_rows(text)
     structure = _run_biopython(fmt, text, simple_cif)
     models = structure.child_list
     if not models:
@@ -334,12 +334,18 @@ def _what_cif_without_atom_site(text: str) -> str:
     return f"not a structure file ({what}: no atom_site records)"
 
 
-def _cif_major_residues(text: str) -> str:
-    """``text`` without the atom_site rows of the minor residue names at microheterogeneous
-    positions (the rule of :func:`_major_names`); unchanged when there are none.
+def _cif_backbone_rows(text: str) -> str:
+    """``text`` with only the atom_site rows that can reach a :class:`ProteinChain`: model 1,
+    backbone atom names, no water, and at a microheterogeneous position only the major
+    residue name (:func:`_major_names`).  The mmCIF twin of :func:`_backbone_records`.
 
+    Why the same reduction for both formats: the PDB and mmCIF files of one entry must give
+    the same chains, and Biopython is stricter on what it is shown than on what we keep (a
+    side-chain atom written twice, as in 4GCN's PDB file, made the mmCIF form "corrupt"
+    while the PDB form parsed), and building only backbone atoms is several times faster.
     Only for a simple atom_site loop (one whitespace-separated row per line, see
-    :func:`_atom_site_is_simple`); other files are resolved on Biopython's objects instead.
+    :func:`_atom_site_is_simple`); other files go to Biopython whole and microheterogeneity
+    is resolved on its residues instead.
     """
     lines = text.split("\n")
     columns: list[str] = []
@@ -358,27 +364,30 @@ def _cif_major_residues(text: str) -> str:
     if end < 0:
         end = len(lines)
     col = {c: k for k, c in enumerate(columns)}
-    try:
-        name_k = col.get("label_comp_id", col.get("auth_comp_id"))
-        atom_k = col.get("label_atom_id", col.get("auth_atom_id"))
-        chain_k = col.get("auth_asym_id", col.get("label_asym_id"))
-        seq_k = col.get("auth_seq_id", col.get("label_seq_id"))
-        occ_k, model_k, icode_k = col["occupancy"], col.get("pdbx_PDB_model_num"), col.get("pdbx_PDB_ins_code")
-    except KeyError:
+    name_k = col.get("label_comp_id", col.get("auth_comp_id"))
+    atom_k = col.get("label_atom_id", col.get("auth_atom_id"))
+    chain_k = col.get("auth_asym_id", col.get("label_asym_id"))
+    seq_k = col.get("auth_seq_id", col.get("label_seq_id"))
+    occ_k, model_k, icode_k = col.get("occupancy"), col.get("pdbx_PDB_model_num"), col.get("pdbx_PDB_ins_code")
+    if name_k is None or atom_k is None or chain_k is None or seq_k is None or occ_k is None:
         return text  # the parser names what is missing
-    if name_k is None or atom_k is None or chain_k is None or seq_k is None:
-        return text
-
-    def position(row: list[str]) -> tuple[str, ...]:
-        return (row[model_k] if model_k is not None else "", row[chain_k], row[seq_k],
-                row[icode_k] if icode_k is not None else "")
 
     rows = [line.split() for line in lines[start:end]]
-    winners = _major_names((position(r), r[name_k], r[atom_k], r[occ_k])
-                           for r in rows if r[name_k] in _PROTEIN_NAMES)
-    if not winners:
+    if not rows:
         return text
-    kept = [line for line, r in zip(lines[start:end], rows)
+    first_model = rows[0][model_k] if model_k is not None else ""
+    keep = [(line, r) for line, r in zip(lines[start:end], rows)
+            if r[atom_k] in _BACKBONE_NAMES and r[name_k] not in _WATER_NAMES
+            and (model_k is None or r[model_k] == first_model)]
+    if not keep:
+        keep = [(lines[start], rows[0])]  # the parser still sees a structure without protein
+
+    def position(row: list[str]) -> tuple[str, ...]:
+        return (row[chain_k], row[seq_k], row[icode_k] if icode_k is not None else "")
+
+    winners = _major_names((position(r), r[name_k], r[atom_k], r[occ_k])
+                           for _, r in keep if r[name_k] in _PROTEIN_NAMES)
+    kept = [line for line, r in keep
             if r[name_k] not in _PROTEIN_NAMES or winners.get(position(r), r[name_k]) == r[name_k]]
     return "\n".join(lines[:start] + kept + lines[end:])
 
