@@ -143,6 +143,8 @@ class Trainer:
         self.force_resume = force_resume
         self.commit_resume_choice = False  # set by _restore: commit the chosen state before training (item 16)
         self.run_dir = cfg.run_dir
+        # the run directory's lock, taken by run(); a Trainer set up without run() (benchmarks, tests) holds none
+        self.lock: runlock.RunLock | runlock.NoLock = runlock.NoLock()
         self.step = 0
         self.train_time_s = 0.0  # accumulated over all restarts
         self.restarts = 0
@@ -405,7 +407,7 @@ class Trainer:
         anything is written there until training returns or fails: a second trainer on a run
         directory in use raises :class:`~foldhpc.resilience.runlock.RunDirLocked` (exit 2)."""
         make_private_dir(self.run_dir)  # 0750, and nothing written in it group-writable (foldhpc.monitor.status)
-        self.lock: runlock.RunLock | runlock.NoLock = runlock.NoLock()
+        self.lock = runlock.NoLock()
         if self.main:
             try:
                 self.lock = runlock.acquire(self.run_dir, self.cfg.fault.lock_stale_after)
