@@ -19,6 +19,14 @@ compared are interleaved and measured in the same invocation.
 
     python benchmarks/bench_data.py            # README figures, ~4 min on 2 cores
     python benchmarks/bench_data.py --quick    # smoke test, < 60 s
+    python benchmarks/bench_data.py --parsers  # (d) only: cold parse CPU per file, foldhpc vs gemmi
+
+(d) ``--parsers``: CPU time (``time.process_time``) to parse each file of examples/data in
+    this one process, foldhpc's ``parse_structure`` and, if gemmi is installed
+    (``pip install gemmi``), ``gemmi.read_structure`` plus the same backbone atoms (N, CA, C,
+    O of the standard residues and MSE, highest-occupancy altloc per atom: the work, not
+    foldhpc's every rule), interleaved file by file, median over repeats per file, then the
+    median and mean over files, per format.
 """
 
 from __future__ import annotations
@@ -201,15 +209,89 @@ def bench_wait(steps: int, repeats: int, log_every: int, variants: list[int], ba
     return res
 
 
+_BACKBONE = ("N", "CA", "C", "O")
+# the standard residues and MSE (foldhpc.data.structure's set, repeated so that (d) also runs
+# against older foldhpc versions for a before/after figure)
+_PROTEIN_NAMES = frozenset("ALA CYS ASP GLU PHE GLY HIS ILE LYS LEU MET ASN PRO GLN ARG SER THR VAL TRP "
+                           "TYR MSE".split())
+
+
+def _gemmi_backbone(path: Path) -> list[Any]:
+    """gemmi's side of (d): model 1, per chain the [L, 4, 3] coordinates, [L, 4] mask and
+    residue numbers of the residues with a CA, as arrays (what a ProteinChain holds)."""
+    import gemmi  # optional: only for the side-by-side figure
+    import numpy as np
+
+    st = gemmi.read_structure(str(path), merge_chain_parts=False)
+    out = []
+    for chain in st[0]:
+        coords, masks, numbers = [], [], []
+        for res in chain:
+            if res.name not in _PROTEIN_NAMES:  # also read as is by gemmi: PDB and mmCIF alike
+                continue
+            best: list[Any] = [None] * 4
+            for atom in res:
+                if atom.name in _BACKBONE:
+                    k = _BACKBONE.index(atom.name)
+                    if best[k] is None or atom.occ > best[k].occ:
+                        best[k] = atom
+            if best[1] is None:
+                continue
+            coords.append([(a.pos.x, a.pos.y, a.pos.z) if a is not None else (0.0, 0.0, 0.0) for a in best])
+            masks.append([a is not None for a in best])
+            numbers.append(res.seqid.num)
+        if coords:
+            out.append((np.asarray(coords, np.float32), np.asarray(masks, np.bool_), np.asarray(numbers, np.int32)))
+    return out
+
+
+def bench_parsers(repeats: int) -> dict[str, Any]:
+    from foldhpc.data.structure import StructureError, parse_structure
+
+    try:
+        import gemmi  # noqa: F401
+        readers = {"foldhpc": parse_structure, "gemmi": _gemmi_backbone}
+    except ImportError:
+        print("gemmi is not installed (pip install gemmi): foldhpc only")
+        readers = {"foldhpc": parse_structure}
+    files = sorted(p for p in (REPO / "examples" / "data").glob("*.gz"))
+    times: dict[str, dict[Path, list[float]]] = {k: {f: [] for f in files} for k in readers}
+    for _ in range(repeats):
+        for f in files:
+            for name, read in readers.items():
+                t0 = time.process_time()
+                try:
+                    read(f)
+                except (StructureError, RuntimeError, ValueError):
+                    pass
+                times[name][f].append(time.process_time() - t0)
+    res: dict[str, Any] = {}
+    rows = []
+    for fmt, sel in (("all", lambda f: True), ("pdb", lambda f: ".pdb" in f.name),
+                     ("mmcif", lambda f: ".cif" in f.name)):
+        chosen = [f for f in files if sel(f)]
+        per = {k: [statistics.median(times[k][f]) * 1e3 for f in chosen] for k in readers}
+        res[fmt] = {k: {"median_ms": statistics.median(v), "mean_ms": statistics.mean(v)} for k, v in per.items()}
+        rows.append([fmt, str(len(chosen))] + [f"{statistics.median(v):.1f} / {statistics.mean(v):.1f}"
+                                               for v in per.values()])
+    print_table("(d) cold parse, CPU ms per file, one process", ["files", "n"]
+                + [f"{k} median / mean" for k in readers], rows)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke test (< 60 s): fewer repeats, shorter runs")
     ap.add_argument("--out", type=Path, default=default_out("bench_data"))
+    ap.add_argument("--parsers", action="store_true", help="only (d): cold parse CPU per file, foldhpc vs gemmi")
     args = ap.parse_args()
     args.out = args.out.resolve()
     os.chdir(REPO)
     cfg = load_config(DEFAULT_CONFIG)
     q = args.quick
+    if args.parsers:
+        write_json(args.out, {"mode": "parsers", "env": environment(), "parsers": bench_parsers(3)})
+        return
     print(f"bench_data ({'quick' if q else 'full'}): config {DEFAULT_CONFIG.relative_to(REPO)}, "
           f"data {cfg.data.path}, {len(os.sched_getaffinity(0))} CPUs, load {os.getloadavg()[0]:.2f}")
     t_start = time.perf_counter()
