@@ -332,6 +332,7 @@ class Supervisor:
         mark: list[tuple[int, float] | None] = [None] * n  # (step, when its first beat was seen)
         failed_at: float | None = None
         failure: Failure | None = None
+        error_pending = False  # the failed rank left no error: another rank may still record why (a peer died)
         while True:
             self._forward()
             now = time.monotonic()
@@ -371,6 +372,7 @@ class Supervisor:
                               failure.where(), last[i].phase)  # this form is parsed (foldhpc.monitor.timeline)
                     if error:
                         log.error("supervisor: the trainer's error: %s", error)
+                    error_pending = not error
                 if failure is None and rc is None:
                     timeout, source = self._timeout(last[i], started[i])
                     if timeout > 0 and now - changed[i] > timeout:
@@ -379,6 +381,11 @@ class Supervisor:
             if failure is not None:
                 if all(c is not None for c in (p.poll() for p in self.procs)) or now - (failed_at or now) > GRACE_S:
                     self._kill_all()
+                    error = self._attempt_error() if error_pending else ""
+                    if error:  # e.g. rank 0's "rank 1 on <node> died without reporting an error"
+                        log.error("supervisor: the trainer's error: %s", error)
+                        failure.cause = error
+                        failure.transient = failure.transient or transient_io(error)
                     return failure
             elif all(c is not None for c in codes):
                 return EXIT_CHECKPOINTED if EXIT_CHECKPOINTED in codes else EXIT_OK
