@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 #: 2: coordinates that are not finite or are physically absurd make the file a skip.
 #: 3: selenomethionine written as ATOM is kept (it was dropped: false chain breaks); at a
 #:    microheterogeneous position the residue name with the most CA occupancy is taken;
-#:    a CIF without coordinates is "not a structure file" (was "corrupt mmCIF").
+#:    a CIF without coordinates is "not a structure file" (was "corrupt mmCIF"); mmCIF is
+#:    reduced to model-1 backbone rows like PDB (a side-chain atom written twice was "corrupt").
 PARSER_VERSION = 3
 
 #: Largest coordinate magnitude accepted, in Angstrom: PDB's fixed columns (8.3f) cannot even
