@@ -650,6 +650,15 @@ class LocalRunner:
             return None
         return entries[-1], entries[-2]
 
+    def _stopped_with_two(self, f: PlannedFault, rec: FaultRecord) -> tuple[CheckpointEntry, CheckpointEntry] | None:
+        """Stop the job (SIGUSR1) for a fault on its newest checkpoint: (newest, previous), or None
+        -- after a plain restart, with the problem recorded -- where there are fewer than two."""
+        self._stop_job(f, rec)
+        two = self._two_newest(rec)
+        if two is None:
+            self._restart_job(f, f"restart ({f.kind}: fewer than two checkpoints)")
+        return two
+
     def _restart_job(self, f: PlannedFault, why: str) -> tuple[int, LogEvent]:
         index = len(self.tail.events)
         self._launch(f.index + 1, why)
@@ -661,10 +670,8 @@ class LocalRunner:
 
     def _missing_file(self, f: PlannedFault, rec: FaultRecord) -> None:
         """The newest checkpoint is invisible while the next start looks for it, then back."""
-        self._stop_job(f, rec)
-        two = self._two_newest(rec)
+        two = self._stopped_with_two(f, rec)
         if two is None:
-            self._restart_job(f, "restart (missing_file had nothing to hide)")
             return
         newest, previous = two
         path = self.ckpt_dir / newest.file
@@ -716,10 +723,8 @@ class LocalRunner:
 
     def _crafted(self, f: PlannedFault, rec: FaultRecord) -> None:
         """The newest checkpoint's header is forged (valid crc32); the next start must reject it."""
-        self._stop_job(f, rec)
-        two = self._two_newest(rec)
+        two = self._stopped_with_two(f, rec)
         if two is None:
-            self._restart_job(f, "restart (crafted_header had nothing to forge)")
             return
         newest, previous = two
         path = self.ckpt_dir / newest.file
