@@ -115,7 +115,7 @@ def _boot_id() -> str:
         return ""
 
 
-def _proc_start(pid: int | str) -> tuple[int, str] | None:
+def proc_start(pid: int | str) -> tuple[int, str] | None:
     """(start time in clock ticks since boot, state letter) of a process on this host; None if none."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -142,7 +142,7 @@ def identity() -> dict[str, Any]:
     job = env.get("SLURM_JOB_ID")
     if env.get("SLURM_ARRAY_JOB_ID"):
         job = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
-    start = _proc_start("self")  # not /proc/<getpid()>: in a container that may be another process
+    start = proc_start("self")  # not /proc/<getpid()>: in a container that may be another process
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
@@ -339,7 +339,7 @@ def judge(rec: dict[str, Any], mtime: float, stale_after_s: float, me: dict[str,
     # a pid recorded wrongly) still holds it, and "its pid is gone" must not win over that.
     flock = path is not None and _flock_held(path)
     if local_pid:
-        proc = _proc_start(pid)
+        proc = proc_start(pid)
         if proc is not None and proc[1] not in ("Z", "X") and rec.get("pid_start") in (None, proc[0]):
             return Verdict(True, f"its process {pid} on this host is running")
         if not flock:

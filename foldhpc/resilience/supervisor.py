@@ -272,9 +272,9 @@ class Supervisor:
                     pass
             # SIGKILL takes effect when the process leaves the kernel: one in uninterruptible
             # sleep (a hung NFS or Lustre mount) may never; waiting for it would hang the job.
-            from foldhpc.resilience.runlock import _proc_start
+            from foldhpc.resilience.runlock import proc_start
 
-            proc = _proc_start(p.pid)
+            proc = proc_start(p.pid)
             state = proc[1] if proc else "?"
             log.error("supervisor: trainer pid %d has not exited %.0fs after SIGKILL (process state %s%s); going "
                       "on without it", p.pid, self.kill_wait_s, state,
