@@ -156,7 +156,7 @@ def save_load(tr: Any, tmp: Path, rounds: int, lim: dict[str, Any]) -> dict[str,
     import torch.distributed.checkpoint as dcp
 
     from foldhpc.checkpoint import CheckpointManager
-    from foldhpc.monitor.status import fsync_dir
+    from foldhpc.records.fsio import fsync_dir
 
     state = tr.state_dict()
     meta = tr.checkpoint_meta()

@@ -34,7 +34,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def check_run_dir(cfg: Any) -> None:
     """run.dir must be creatable before anything starts: a ConfigError (exit 2), not a traceback."""
-    from foldhpc.monitor.status import make_private_dir  # 0750, files not group-writable (issue 19 item 4)
+    from foldhpc.records.fsio import make_private_dir  # 0750, files not group-writable (issue 19 item 4)
 
     try:
         make_private_dir(cfg.run_dir)
@@ -60,8 +60,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     hold_early_signals(cfg.checkpoint.signal_numbers())
     ignore_after_training()
     heartbeat().beat(-1, "startup")  # tells a supervisor that signals may be forwarded now
-    from foldhpc.slurm.env import slurm_info
-    from foldhpc.slurm.history import record_event
+    from foldhpc.cluster.env import slurm_info
+    from foldhpc.records.history import record_event
     from foldhpc.train.loop import Trainer
 
     slurm = slurm_info()
@@ -123,8 +123,8 @@ def _wants_supervisor(args: argparse.Namespace, cfg: Any) -> bool:
 def _supervise(args: argparse.Namespace, cfg: Any) -> int:
     """This process becomes the supervisor of the trainer (``--nproc N``: of N local ranks)."""
     from foldhpc.resilience.supervisor import Supervisor
-    from foldhpc.slurm.env import slurm_info
-    from foldhpc.slurm.history import record_event
+    from foldhpc.cluster.env import slurm_info
+    from foldhpc.records.history import record_event
 
     if args.nproc > 1:
         if "RANK" in os.environ or os.environ.get("SLURM_STEP_NUM_TASKS", "1") != "1":
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     # goodput, init, submit, ... never need torch (2 s to import); tests/test_imports.py checks it.
     from foldhpc.checkpoint.errors import CheckpointError
     from foldhpc.data.cache import DataError
-    from foldhpc.monitor.logs import setup_logging
+    from foldhpc.records.logs import setup_logging
     from foldhpc.resilience.runlock import RunDirLocked
 
     args = build_parser().parse_args(argv)

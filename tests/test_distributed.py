@@ -21,7 +21,7 @@ from conftest import ROOT, TINY, foldhpc_cmd, read_json, set_args, tiny_override
 from foldhpc.checkpoint.manager import CheckpointManager
 from foldhpc.data.dataset import TrainBatches
 from foldhpc.distributed.env import DistEnv, _expand_nodelist_py, from_environ, port_for_job
-from foldhpc.monitor.status import pid_alive
+from foldhpc.records.fsio import pid_alive
 from test_resume import SLOW, assert_identical, loss_curve, wait_for_log
 
 STEPS = 40

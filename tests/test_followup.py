@@ -5,9 +5,9 @@ jobs.jsonl and the successor's environment. The real thing runs in tests/slurm/t
 from __future__ import annotations
 
 from foldhpc.slurm.followup import chain_of, chain_restarts, first_job_args_removed, sbatch_options, successor_env
-from foldhpc.slurm.history import read_history, record_event
+from foldhpc.records.history import read_history, record_event
 from foldhpc.slurm.requeue import Decision, decide_from, refused
-from foldhpc.slurm.sacct import parse_scontrol
+from foldhpc.cluster.sacct import parse_scontrol
 
 # submitit job (--gpus-per-node=1 -> TresPerNode), captured with `scontrol show job -o 308`
 SUBMITIT_JOB = (

@@ -123,7 +123,7 @@ def test_the_bounds_leave_every_sane_value_alone():
 # ------------------------------------------------------------------ item 9: a bad byte in jobs.jsonl
 def _chain_history(run: Path) -> None:
     """Jobs 10 -> 11 -> 12 of one chain (3 restarts when 12 was submitted), as the code writes them."""
-    from foldhpc.slurm.history import record_event
+    from foldhpc.records.history import record_event
 
     record_event(run, "submitted", job_id="10", backend="slurm")
     record_event(run, "started", job_id="10", restart_count=0)
@@ -143,7 +143,7 @@ def _damage(path: Path, line_no: int, junk: bytes = b"\xff\xfe not utf-8 \x80") 
 
 def test_a_bad_byte_line_costs_only_that_line(tmp_path):
     from foldhpc.slurm.followup import chain_restarts
-    from foldhpc.slurm.history import job_ids, read_history
+    from foldhpc.records.history import job_ids, read_history
 
     _chain_history(tmp_path)
     _damage(tmp_path / "jobs.jsonl", 3)
@@ -156,7 +156,7 @@ def test_a_bad_byte_line_costs_only_that_line(tmp_path):
 
 
 def test_a_bad_byte_inside_a_value_keeps_the_event(tmp_path):
-    from foldhpc.slurm.history import read_history, record_event
+    from foldhpc.records.history import read_history, record_event
 
     record_event(tmp_path, "stopped", job_id="7", reason="x")
     path = tmp_path / "jobs.jsonl"
@@ -245,7 +245,7 @@ SPACED_JOB_ONELINE = " ".join(line.strip() for line in SPACED_JOB.splitlines() i
 
 @pytest.mark.parametrize("text", [SPACED_JOB, SPACED_JOB_ONELINE], ids=["multi-line", "oneliner"])
 def test_scontrol_values_with_spaces_are_kept_whole(text):
-    from foldhpc.slurm.sacct import parse_scontrol
+    from foldhpc.cluster.sacct import parse_scontrol
 
     info = parse_scontrol(text)["4"]
     assert info["WorkDir"] == "/tmp/h2 My Project"
@@ -257,7 +257,7 @@ def test_scontrol_values_with_spaces_are_kept_whole(text):
 
 def test_follow_up_options_copy_paths_with_spaces_and_replace_only_the_job_id():
     from foldhpc.slurm.followup import sbatch_options
-    from foldhpc.slurm.sacct import parse_scontrol
+    from foldhpc.cluster.sacct import parse_scontrol
 
     opts = sbatch_options(parse_scontrol(SPACED_JOB)["4"], "4")
     assert "--chdir=/tmp/h2 My Project" in opts and "--job-name=fold hpc" in opts
@@ -286,7 +286,7 @@ def test_output_pattern(path, ids, pattern):
 def test_the_reviews_follow_up_example():
     """WorkDir ``/home/alice/My Project`` became ``--chdir=/home/alice/My``, run7 became ``run%j``."""
     from foldhpc.slurm.followup import sbatch_options
-    from foldhpc.slurm.sacct import parse_scontrol
+    from foldhpc.cluster.sacct import parse_scontrol
 
     text = (SPACED_JOB.replace("JobId=4 ", "JobId=7 ").replace("WorkDir=/tmp/h2 My Project", "WorkDir=/home/alice/My Project")
             .replace("/tmp/h2 My Project/run7/slurm-7-4.out", "/scratch/run7/slurm-7.out"))
@@ -336,7 +336,7 @@ def test_a_chain_without_progress_is_counted_per_job_in_a_row():
 
 
 def test_no_progress_stop_is_recorded_with_its_reason(tmp_path):
-    from foldhpc.slurm.history import record_event
+    from foldhpc.records.history import record_event
     from foldhpc.slurm.requeue import no_progress
 
     for j in ("10", "11", "12"):

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import TINY, fill_fs, tiny_overrides
 from foldhpc.config import load_config
-from foldhpc.monitor import status as status_mod
+from foldhpc.records import fsio
 from foldhpc.train.loop import Trainer
 
 
@@ -41,7 +41,7 @@ def test_run_files_are_not_group_writable_under_umask_002(tmp_path, umask_002):
     result = Trainer(tiny(run, **{"train.max_steps": 4, "checkpoint.every_steps": 2,
                                   "checkpoint.dir": str(ckdir)})).run()
     assert result.state == "completed"
-    assert mode(run) == status_mod.PRIVATE_DIR_MODE == 0o750
+    assert mode(run) == fsio.PRIVATE_DIR_MODE == 0o750
     assert mode(ckdir) == 0o750
     written = [p for d in (run, ckdir) for p in [d, *d.rglob("*")]]
     assert any(p.name == "manifest.json" for p in written) and any(p.suffix == ".ckpt" for p in written)
@@ -117,7 +117,7 @@ def test_full_run_dir_never_ends_training(tiny_fs, tmp_path, monkeypatch, record
 
     from conftest import wait_for
     from foldhpc import faults
-    from foldhpc.monitor import tensorboard as tb_mod
+    from foldhpc.records import tensorboard as tb_mod
 
     monkeypatch.setattr(tb_mod, "RETRY_S", 0.0)  # retry at once (a new event file), not after 30 s
     monkeypatch.setenv(faults.STEP_DELAY, "0.05")

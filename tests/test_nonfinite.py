@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import ROOT, TINY, foldhpc_cmd, read_json, set_args, tiny_overrides
 from foldhpc import faults
 from foldhpc.checkpoint.manager import CheckpointError, CheckpointManager
-from foldhpc.resilience.nonfinite import nonfinite_tensors
+from foldhpc.checkpoint.finite import nonfinite_tensors
 from test_resume import SLOW, assert_identical, loss_curve, wait_for_log
 
 STEPS = 40

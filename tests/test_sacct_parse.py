@@ -3,7 +3,7 @@
 Fixtures in tests/fixtures/sacct/ are real output of **Slurm 22.05.8** (slurm-wlm, Debian 12) from the
 local test cluster (see its README.md). Two were captured for this module while a ``--requeue`` job
 (55) in ``debug`` was preempted by a ``-p high -c 4`` job, polling ``sacct --duplicates --parsable2
---format=<foldhpc.slurm.sacct.SACCT_FIELDS>``:
+--format=<foldhpc.cluster.sacct.SACCT_FIELDS>``:
 
 * ``sacct_lag_just_started.txt``: 1 s after start, sacct still had the allocation as PENDING, named
   "allocation", Partition empty, while its batch step was already RUNNING (sacct lags slurmctld);
@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from foldhpc.monitor import report as st
-from foldhpc.slurm import sacct
-from foldhpc.slurm.sacct import SlurmCommandError, group_runs, job_from_runs, map_state, parse_sacct
+from foldhpc.cluster import sacct
+from foldhpc.cluster.command import SlurmCommandError
+from foldhpc.cluster.sacct import group_runs, job_from_runs, map_state, parse_sacct
 
 FIX = Path(__file__).parent / "fixtures" / "sacct"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from foldhpc.monitor import report as status
-from foldhpc.slurm import sacct
+from foldhpc.cluster import sacct
 
 FIX = Path(__file__).parent / "fixtures" / "sacct"
 

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, TINY, foldhpc_cmd, read_json, set_args
 from foldhpc.checkpoint.manager import CheckpointManager
-from foldhpc.monitor.status import pid_alive
+from foldhpc.records.fsio import pid_alive
 from test_resume import STEPS, assert_identical, overrides, wait_for_log
 
 FAST = {"checkpoint.every_steps": 10, "fault.restart_backoff": "0.2s"}

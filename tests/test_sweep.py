@@ -133,7 +133,7 @@ def test_sbatch_array_task_run_dir():
 def test_pending_array_tasks_are_known_by_their_own_ids():
     """slurmctld lists an array's not-yet-started tasks as one record (ArrayTaskId=0-2%2); `foldhpc
     status` of a sweep asks for 123_1: it must be pending, not unknown."""
-    from foldhpc.slurm.sacct import parse_scontrol
+    from foldhpc.cluster.sacct import parse_scontrol
 
     jobs = parse_scontrol("JobId=123 ArrayJobId=123 ArrayTaskId=1-2%2 JobState=PENDING Reason=JobArrayTaskLimit\n"
                           "JobId=124 ArrayJobId=123 ArrayTaskId=0 JobState=RUNNING\n"

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from foldhpc.chaos import local, report, storage
     from foldhpc.chaos.kinds import FALLBACK_KINDS, MULTI_RANK_KINDS
     from foldhpc.chaos.schedule import PlanError, make_plan, parse_kinds, parse_weights
-    from foldhpc.monitor.logs import setup_logging
+    from foldhpc.records.logs import setup_logging
 
     out = Path(args.out)
     try:

@@ -83,7 +83,7 @@ class SlurmRunner(LocalRunner):
         return job
 
     def _events(self) -> list[dict[str, Any]]:
-        from foldhpc.slurm.history import read_history
+        from foldhpc.records.history import read_history
 
         try:
             return read_history(self.run_dir)[0]

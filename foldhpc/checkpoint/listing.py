@@ -9,7 +9,7 @@ from typing import Any
 
 from foldhpc.checkpoint.manager import CheckpointError, CheckpointManager
 from foldhpc.config import load_config
-from foldhpc.monitor.fmt import format_age
+from foldhpc.records.fmt import format_age
 
 
 def checkpoint_dir_of(run_dir: Path) -> Path:

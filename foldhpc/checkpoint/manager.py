@@ -70,7 +70,7 @@ from foldhpc import faults
 from foldhpc.checkpoint import fileformat
 from foldhpc.checkpoint.digest import tree_digest
 from foldhpc.checkpoint.errors import CheckpointError  # noqa: F401 - defined there without torch
-from foldhpc.monitor.status import PRIVATE_DIR_MODE, atomic_write_text, fsync_dir, pid_alive
+from foldhpc.records.fsio import PRIVATE_DIR_MODE, atomic_write_text, fsync_dir, pid_alive
 
 if TYPE_CHECKING:  # torch is imported where state is staged or loaded: listing checkpoints (foldhpc
     import torch   # status, foldhpc checkpoints) reads the manifest and file headers only
@@ -469,7 +469,7 @@ class CheckpointManager:
         tensors are written in place -- once the write has read them (before the fsync)."""
         import torch
 
-        from foldhpc.resilience.nonfinite import nonfinite_tensors
+        from foldhpc.checkpoint.finite import nonfinite_tensors
 
         try:
             live = state() if callable(state) else state

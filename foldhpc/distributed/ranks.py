@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from foldhpc.distributed.env import DistEnv
-from foldhpc.monitor.status import atomic_write_text, pid_alive
+from foldhpc.records.fsio import atomic_write_text, pid_alive
 
 RANKS_DIR = "ranks"
 RUNNING, DONE, FAILED, ABORTED = "running", "done", "failed", "aborted"

@@ -1,6 +1,6 @@
 """``foldhpc status [RUN_DIR | JOB_ID ...]``: where each run stands, from Slurm *and* the run itself.
 
-Slurm (:mod:`foldhpc.slurm.sacct`) knows whether the job is pending, running, was preempted and
+Slurm (:mod:`foldhpc.cluster.sacct`) knows whether the job is pending, running, was preempted and
 requeued, timed out or ran out of memory; the run directory (``status.json``, ``jobs.jsonl``,
 checkpoints) knows the step, the loss, the last checkpoint and the error the trainer recorded.
 Neither alone answers "is my run OK?", so this module merges them per run and says where each
@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from foldhpc.config import ConfigError, load_config
-from foldhpc.monitor.fmt import format_age
-from foldhpc.monitor.status import STATUS_FILE, pid_alive, read_status
-from foldhpc.slurm import sacct
-from foldhpc.slurm.history import HISTORY_FILE, job_ids, read_history
+from foldhpc.records.fmt import format_age
+from foldhpc.records.status import STATUS_FILE, read_status
+from foldhpc.records.fsio import pid_alive
+from foldhpc.cluster import sacct
+from foldhpc.records.history import HISTORY_FILE, job_ids, read_history
 
 log = logging.getLogger(__name__)
 

@@ -46,8 +46,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from foldhpc.monitor.status import pid_alive, read_status
-from foldhpc.slurm.history import read_history
+from foldhpc.records.fsio import pid_alive
+from foldhpc.records.status import read_status
+from foldhpc.records.history import read_history
 
 log = logging.getLogger(__name__)
 
@@ -559,7 +560,7 @@ def _refine_with_sacct(runs: list[_JobRun], notes: list[str], sources: list[str]
     ids = sorted({r.job_id for r in runs})
     if not ids or shutil.which("sacct") is None:
         return
-    from foldhpc.slurm import sacct
+    from foldhpc.cluster import sacct
 
     try:
         jobs, _ = sacct.sacct_jobs(ids)

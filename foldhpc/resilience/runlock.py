@@ -283,7 +283,7 @@ def _local_cluster() -> str | None:
     name = os.environ.get("SLURM_CLUSTER_NAME")
     if name:
         return name
-    from foldhpc.slurm.sacct import SlurmCommandError, run_command
+    from foldhpc.cluster.command import SlurmCommandError, run_command
 
     try:
         out = run_command(["scontrol", "show", "config"], timeout=SCONTROL_TIMEOUT_S)
@@ -296,7 +296,8 @@ def _local_cluster() -> str | None:
 def slurm_job_state(job_id: str) -> tuple[str | None, int | None]:
     """(JobState, Restarts) from slurmctld; ("GONE", None) if it no longer knows the job; (None, None)
     if it does not answer."""
-    from foldhpc.slurm.sacct import SlurmCommandError, parse_scontrol, run_command
+    from foldhpc.cluster.command import SlurmCommandError, run_command
+    from foldhpc.cluster.sacct import parse_scontrol
 
     try:
         out = run_command(["scontrol", "show", "job", "--oneliner", job_id], timeout=SCONTROL_TIMEOUT_S)
@@ -379,7 +380,7 @@ def _by_heartbeat(age: float, stale_after_s: float, context: str) -> Verdict:
 
 def describe(rec: dict[str, Any], run_dir: Path | None = None, age: float | None = None) -> str:
     """``pid 12 on host n1 (Slurm job 34, restart 0) since 2026-11-27 10:00:01 (3m ago)``."""
-    from foldhpc.monitor.fmt import format_age
+    from foldhpc.records.fmt import format_age
 
     who = f"pid {rec.get('pid', '?')} on host {rec.get('host', '?')}"
     if rec.get("user"):
@@ -735,7 +736,7 @@ def claim_checkpoint_dir(ckpt_dir: Path, run_dir: Path) -> tuple[int, str] | Non
     record = {"run_dir": str(run), "host": me["host"], "user": me["user"], "pid": me["pid"], "job_id": me["job_id"],
               "since": time.time()}
     data = json.dumps(record, sort_keys=True).encode() + b"\n"
-    from foldhpc.monitor.status import atomic_write_text, make_private_dir
+    from foldhpc.records.fsio import atomic_write_text, make_private_dir
 
     try:
         make_private_dir(ck)  # as the checkpoint preflight would (0750)
@@ -762,7 +763,7 @@ def record_refusal(run_dir: Path, err: RunDirLocked) -> None:
     me = identity()
     if not me["job_id"]:
         return
-    from foldhpc.slurm.history import record_event
+    from foldhpc.records.history import record_event
 
     holder = {k: err.holder.get(k) for k in ("host", "pid", "job_id", "since") if err.holder.get(k) is not None}
     try:

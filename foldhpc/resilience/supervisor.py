@@ -59,10 +59,10 @@ from pathlib import Path
 from types import FrameType
 
 from foldhpc.config import Config, parse_duration
-from foldhpc.monitor.status import StatusFile
+from foldhpc.records.status import StatusFile
 from foldhpc.resilience import heartbeat as hb
-from foldhpc.slurm.env import slurm_info
-from foldhpc.slurm.history import record_event
+from foldhpc.cluster.env import slurm_info
+from foldhpc.records.history import record_event
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ class Supervisor:
 
     def run(self) -> int:
         from foldhpc.distributed.env import from_environ
-        from foldhpc.monitor.logs import setup_logging
+        from foldhpc.records.logs import setup_logging
 
         previous = {s: signal.signal(s, self._on_signal) for s in self.signals}
         try:

@@ -45,8 +45,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from foldhpc.slurm.history import read_history, record_event
-from foldhpc.slurm.sacct import SlurmCommandError, parse_scontrol, run_command
+from foldhpc.records.history import read_history, record_event
+from foldhpc.cluster.command import SlurmCommandError, run_command
+from foldhpc.cluster.sacct import parse_scontrol
 
 if TYPE_CHECKING:
     from foldhpc.config import Config
@@ -214,7 +215,7 @@ def sbatch_options(info: dict[str, str], job_id: str) -> list[str]:
     account, QOS, constraint, reservation, name, output files (the job id in their file names
     becomes ``%j`` again: :func:`output_pattern`), working directory, requeue flag. ``info`` is
     best read from scontrol's multi-line format, where paths with spaces are whole
-    (:func:`foldhpc.slurm.sacct.parse_scontrol`); each option is one argument, never split.
+    (:func:`foldhpc.cluster.sacct.parse_scontrol`); each option is one argument, never split.
     """
     def val(key: str) -> str | None:
         v = info.get(key)

@@ -31,9 +31,9 @@ import submitit
 from foldhpc import faults
 from foldhpc.checkpoint.signals import ignore_after_training, ignore_signals, last_signal_time
 from foldhpc.config import Config, parse_duration
-from foldhpc.monitor.status import COMPLETED
-from foldhpc.slurm.env import slurm_info
-from foldhpc.slurm.history import record_event
+from foldhpc.records.status import COMPLETED
+from foldhpc.cluster.env import slurm_info
+from foldhpc.records.history import record_event
 from foldhpc.slurm.followup import SubmititFollowUp
 from foldhpc.slurm.requeue import Decision, maybe_requeue
 
@@ -111,7 +111,8 @@ class SlurmTrainer(submitit.helpers.Checkpointable):
         (restarted in this allocation after a crash or hang); the outcome as a TrainResult and
         the time of the preemption signal, if one came."""
         from foldhpc.config import config_to_toml
-        from foldhpc.monitor.status import atomic_write_text, read_status
+        from foldhpc.records.fsio import atomic_write_text
+        from foldhpc.records.status import read_status
         from foldhpc.resilience.supervisor import EXIT_CHECKPOINTED, EXIT_OK, Supervisor
         from foldhpc.train.loop import TrainResult
 

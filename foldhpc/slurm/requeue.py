@@ -64,8 +64,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from foldhpc.slurm.env import slurm_info
-from foldhpc.slurm.sacct import SlurmCommandError, parse_sacct, parse_scontrol, run_command
+from foldhpc.cluster.env import slurm_info
+from foldhpc.cluster.command import SlurmCommandError, run_command
+from foldhpc.cluster.sacct import parse_sacct, parse_scontrol
 
 if TYPE_CHECKING:
     from foldhpc.config import Config
@@ -236,7 +237,7 @@ def no_progress(run_dir: Path | None, step: int | None, job_id: str) -> Decision
     :data:`NO_PROGRESS_JOBS` jobs in a row, else None (also when the step or history is unknown)."""
     if run_dir is None or step is None:
         return None
-    from foldhpc.slurm.history import read_history
+    from foldhpc.records.history import read_history
 
     try:
         events = read_history(run_dir)[0]
@@ -445,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from foldhpc.config import ConfigError, load_config, parse_duration
-    from foldhpc.monitor.logs import setup_logging
+    from foldhpc.records.logs import setup_logging
 
     setup_logging("INFO")
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -490,7 +491,7 @@ def followup_script_args(cfg: "Config", args: argparse.Namespace) -> list[str]:
 
 def _checkpointed_step(run_dir: Path) -> int | None:
     """The step the trainer checkpointed at before it exited 75 (its status.json), None if unknown."""
-    from foldhpc.monitor.status import read_status
+    from foldhpc.records.status import read_status
 
     try:
         step = (read_status(run_dir) or {}).get("step")
@@ -501,7 +502,7 @@ def _checkpointed_step(run_dir: Path) -> int | None:
 
 def _record(cfg: "Config", d: Decision, step: int | None = None) -> None:
     """The decision in ``<run.dir>/jobs.jsonl``, so ``foldhpc status`` can say why a job stopped."""
-    from foldhpc.slurm.history import record_event
+    from foldhpc.records.history import record_event
 
     info = slurm_info()
     if not info["job_id"]:

@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 
 from foldhpc.config import Config, ConfigError, load_config, parse_duration
-from foldhpc.monitor.status import make_private_dir
-from foldhpc.slurm.history import record_event
+from foldhpc.records.fsio import make_private_dir
+from foldhpc.records.history import record_event
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ tasks; ``<run.dir>/slurm/`` holds submitit's files (``<array>_<task>_*``).
 
 A task is a :class:`~foldhpc.slurm.job.SlurmTrainer` like a single run: it checkpoints, saves on
 its preemption signal, requeues *itself* (``scontrol requeue <array>_<task>``: the job id of an
-array task is ``ARRAYID_TASK`` everywhere, :func:`foldhpc.slurm.env.slurm_info`), resumes and
+array task is ``ARRAYID_TASK`` everywhere, :func:`foldhpc.cluster.env.slurm_info`), resumes and
 completes on its own; ``slurm.max_requeues`` counts per task (each task has its own
 ``SLURM_RESTART_COUNT``); a task cancelled with ``scancel <array>_<task>`` stays cancelled while
 the others go on. Submitting the same sweep again (same run.dir and task names) continues every
@@ -141,8 +141,8 @@ def read_sweep(sweep_dir: Path) -> dict[str, Any] | None:
 def submit_sweep(config: str | None, overrides: list[str], specs: list[str], max_parallel: int = 0,
                  local: bool = False) -> tuple[str, Path, list[SweepTask]]:
     """Submit the grid as one job array; returns (array job id, sweep directory, tasks)."""
-    from foldhpc.monitor.status import atomic_write_text, make_private_dir
-    from foldhpc.slurm.history import record_event
+    from foldhpc.records.fsio import atomic_write_text, make_private_dir
+    from foldhpc.records.history import record_event
     from foldhpc.slurm.job import SlurmTrainer
     from foldhpc.slurm.submit import executor_for
 

@@ -58,16 +58,16 @@ from foldhpc.distributed.group import PeerFailure, SoloGroup, open_group
 from foldhpc.model.loss import distogram_loss
 from foldhpc.model.metrics import EvaluationStopped, evaluate
 from foldhpc.model.model import StructureModel
-from foldhpc.monitor.fmt import format_duration
-from foldhpc.monitor.logs import setup_logging
-from foldhpc.monitor.status import (CHECKPOINTED, COMPLETED, FAILED, RUNNING, NullStatus, StatusFile,
-                                    atomic_write_text, make_private_dir)
-from foldhpc.monitor.tensorboard import NullWriter, RunWriter
+from foldhpc.records.fmt import format_duration
+from foldhpc.records.logs import setup_logging
+from foldhpc.records.status import CHECKPOINTED, COMPLETED, FAILED, RUNNING, NullStatus, StatusFile
+from foldhpc.records.fsio import atomic_write_text, make_private_dir
+from foldhpc.records.tensorboard import NullWriter, RunWriter
 from foldhpc.resilience.nonfinite import NonFiniteError, NonFiniteGuard
 from foldhpc.resilience import heartbeat as hb
 from foldhpc.resilience import runlock
 from foldhpc.resilience.supervisor import RESTART_INFO_ENV, SUPERVISED_ENV
-from foldhpc.slurm.env import slurm_info
+from foldhpc.cluster.env import slurm_info
 from foldhpc.train.compat import check_resume, runtime_differences
 from foldhpc.train.rng import capture_rng_state, restore_rng_state, step_seed
 from foldhpc.train.schedule import lr_factor
@@ -406,7 +406,7 @@ class Trainer:
         """Train, holding the run directory's lock (rank 0; foldhpc.resilience.runlock) from before
         anything is written there until training returns or fails: a second trainer on a run
         directory in use raises :class:`~foldhpc.resilience.runlock.RunDirLocked` (exit 2)."""
-        make_private_dir(self.run_dir)  # 0750, and nothing written in it group-writable (foldhpc.monitor.status)
+        make_private_dir(self.run_dir)  # 0750, and nothing written in it group-writable (foldhpc.records.status)
         self.lock = runlock.NoLock()
         if self.main:
             try:

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY, read_json, run_foldhpc, set_args, wait_for
-from foldhpc.slurm.history import read_history
+from foldhpc.records.history import read_history
 from .helpers import cancel_all_jobs, preempt, run, sacct_rows, sbatch, scontrol_job, wait_for_state, \
     wait_sacct_row
 from .test_submit import STEPS, final_digest, overrides, reference_digest, submit, wait_for_step  # noqa: F401

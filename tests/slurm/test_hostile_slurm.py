@@ -23,7 +23,7 @@ import pytest
 from conftest import ROOT, TINY, run_foldhpc, wait_for
 from foldhpc.config import config_to_toml, load_config
 from foldhpc.slurm.followup import SbatchFollowUp
-from foldhpc.slurm.history import read_history
+from foldhpc.records.history import read_history
 from .helpers import cancel_all_jobs, run, sbatch, wait_sacct_row
 from .test_submit import final_digest, overrides, reference_digest, wait_for_step  # noqa: F401
 

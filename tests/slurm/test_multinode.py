@@ -31,8 +31,8 @@ import pytest
 
 from conftest import ROOT, TINY, read_json, run_foldhpc, set_args, tiny_overrides, wait_for
 from foldhpc.checkpoint.manager import CheckpointManager
-from foldhpc.monitor.status import pid_alive
-from foldhpc.slurm.history import read_history
+from foldhpc.records.fsio import pid_alive
+from foldhpc.records.history import read_history
 from .helpers import cancel_all_jobs, job_restarts, run, sacct_rows, sbatch, wait_sacct_row
 
 NODES = ("n1", "n2")

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY, read_json, run_foldhpc, set_args, tiny_overrides, wait_for
-from foldhpc.slurm.history import read_history
+from foldhpc.records.history import read_history
 from .helpers import CLUSTER_SH, cancel_all_jobs, run, sacct_rows, sbatch, scontrol_state, wait_for_state, \
     wait_sacct_row
 

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, TINY, read_json, run_foldhpc, set_args
 from foldhpc.resilience import runlock
-from foldhpc.slurm.history import read_history
+from foldhpc.records.history import read_history
 from .helpers import cancel_all_jobs, sacct_rows, sbatch, scontrol_state, wait_for_state, wait_sacct_row
 from .test_submit import overrides, wait_for_step
 

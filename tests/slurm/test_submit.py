@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, TINY, read_json, run_foldhpc, set_args, tiny_overrides
 from foldhpc.checkpoint.manager import CheckpointManager
-from foldhpc.slurm.history import read_history
+from foldhpc.records.history import read_history
 from .helpers import cancel_all_jobs, job_restarts, preempt, run, sacct_rows, sbatch, wait_sacct_row
 
 STEPS = 150

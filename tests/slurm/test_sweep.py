@@ -23,7 +23,7 @@ from pathlib import Path
 
 from conftest import ROOT, TINY, foldhpc_cmd, read_json, run_foldhpc, set_args, tiny_overrides
 from foldhpc.checkpoint.manager import CheckpointManager
-from foldhpc.slurm.history import read_history
+from foldhpc.records.history import read_history
 from .helpers import cancel_all_jobs, run, sacct_rows, sbatch, wait_sacct_row
 
 STEPS = 150

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import logging
 import re
-import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from foldhpc.cluster.command import SlurmCommandError, run_command
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ SACCT_FIELDS = ("JobID", "JobName", "State", "ExitCode", "DerivedExitCode", "Ela
 #: squeue columns for the fallback (same order as tests/fixtures/sacct/squeue_h_o.txt)
 SQUEUE_FORMAT = "%i|%j|%P|%T|%r|%M|%l|%D|%R"
 SQUEUE_FIELDS = ("JobID", "JobName", "Partition", "State", "Reason", "Elapsed", "TimeLimit", "Nodes", "NodeList")
-COMMAND_TIMEOUT_S = 30.0
 
 # Normalised states shown by ``foldhpc status``.
 PENDING, RUNNING, COMPLETING, SUSPENDED = "pending", "running", "completing", "suspended"
@@ -188,27 +188,6 @@ class SlurmQuery:
     jobs: dict[str, SlurmJob]
     source: str  # where the states came from: "sacct", "scontrol", "squeue" or "none"
     notes: list[str] = field(default_factory=list)  # sacct unavailable, malformed lines, ...
-
-
-class SlurmCommandError(RuntimeError):
-    """A Slurm client command is missing, failed or timed out."""
-
-
-def run_command(cmd: list[str], timeout: float = COMMAND_TIMEOUT_S) -> str:
-    """stdout of ``cmd``; SlurmCommandError (with stderr) if it cannot run or exits non-zero."""
-    log.debug("running %s", " ".join(cmd))
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise SlurmCommandError(f"{cmd[0]}: command not found") from None
-    except subprocess.TimeoutExpired:
-        raise SlurmCommandError(f"{cmd[0]} did not answer within {timeout:.0f}s") from None
-    except OSError as e:
-        raise SlurmCommandError(f"{cmd[0]}: {e}") from None
-    if p.returncode != 0:
-        msg = " ".join((p.stderr or p.stdout).split())[:300] or "no message"
-        raise SlurmCommandError(f"{cmd[0]} exited with {p.returncode}: {msg}")
-    return p.stdout
 
 
 # ------------------------------------------------------------------ parsing
