@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from foldhpc.config import ConfigError, load_config
+from foldhpc.records.exitcodes import ExitCode
 
 log = logging.getLogger("foldhpc.cli")
 
-EXIT_USAGE = 2
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -60,15 +60,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     hold_early_signals(cfg.checkpoint.signal_numbers())
     ignore_after_training()
     heartbeat().beat(-1, "startup")  # tells a supervisor that signals may be forwarded now
-    from foldhpc.cluster.env import slurm_info
+    from foldhpc.cluster.env import slurm_env
     from foldhpc.records.history import record_event
     from foldhpc.train.loop import Trainer
 
-    slurm = slurm_info()
+    slurm = slurm_env()
     resume = _resume_mode(args, slurm)
-    if slurm["job_id"] and not supervised and _first_task():  # the story of the job for `foldhpc status` (submitit jobs record
+    if slurm.job_id and not supervised and _first_task():  # the story of the job for `foldhpc status` (submitit jobs record
         try:                                # it in foldhpc.slurm.job, supervised ones in the supervisor)
-            record_event(cfg.run_dir, "started", job_id=slurm["job_id"], restart_count=slurm["restart_count"],
+            record_event(cfg.run_dir, "started", job_id=slurm.job_id, restart_count=slurm.restart_count,
                          backend="sbatch")
         except OSError as e:
             log.warning("cannot record the job in %s: %s", cfg.run_dir, e)
@@ -86,13 +86,13 @@ def _first_task() -> bool:
 def _resume_mode(args: argparse.Namespace, slurm: dict[str, Any]) -> str:
     """"never", "auto" or a checkpoint path; a requeued Slurm job always resumes ("auto")."""
     resume = "never" if args.no_resume else (args.resume or "auto")
-    if slurm["restart_count"] > 0 and resume != "auto":
+    if slurm.restart_count > 0 and resume != "auto":
         # sbatch replays the job's arguments on every requeue: --no-resume would throw away the
         # checkpoint the previous run just saved, --resume PATH would go back to an old one.
         given = "--no-resume" if args.no_resume else f"--resume {args.resume}"
         log.warning("%s is ignored: this is restart %d of Slurm job %s (a requeue), so training resumes from the "
                     "newest checkpoint in run.dir; %s applied to the job's first run only", given,
-                    slurm["restart_count"], slurm["job_id"], given)
+                    slurm.restart_count, slurm.job_id, given)
         resume = "auto"
     return resume
 
@@ -102,9 +102,9 @@ def _force_resume(args: argparse.Namespace, slurm: dict[str, Any]) -> bool:
     on every requeue, and the checkpoint a requeued run resumes from was written by this run with
     the config it trains with, so forcing again could only let a config file edited since then move
     the run silently (a follow-up job of a chain is never given it: foldhpc.slurm.requeue)."""
-    if args.force_resume and slurm["restart_count"] > 0:
+    if args.force_resume and slurm.restart_count > 0:
         log.warning("--force-resume is ignored: this is restart %d of Slurm job %s (a requeue); it applied to the "
-                    "job's first run only", slurm["restart_count"], slurm["job_id"])
+                    "job's first run only", slurm.restart_count, slurm.job_id)
         return False
     return bool(args.force_resume)
 
@@ -123,7 +123,7 @@ def _wants_supervisor(args: argparse.Namespace, cfg: Any) -> bool:
 def _supervise(args: argparse.Namespace, cfg: Any) -> int:
     """This process becomes the supervisor of the trainer (``--nproc N``: of N local ranks)."""
     from foldhpc.resilience.supervisor import Supervisor
-    from foldhpc.cluster.env import slurm_info
+    from foldhpc.cluster.env import slurm_env
     from foldhpc.records.history import record_event
 
     if args.nproc > 1:
@@ -133,11 +133,11 @@ def _supervise(args: argparse.Namespace, cfg: Any) -> int:
         if cfg.train.batch_size % args.nproc:
             raise ConfigError(f"--nproc {args.nproc}: train.batch_size = {cfg.train.batch_size} is the global batch "
                               f"and must be a multiple of the number of ranks")
-    slurm = slurm_info()
+    slurm = slurm_env()
     resume = _resume_mode(args, slurm)
-    if slurm["job_id"] and _first_task():
+    if slurm.job_id and _first_task():
         try:
-            record_event(cfg.run_dir, "started", job_id=slurm["job_id"], restart_count=slurm["restart_count"],
+            record_event(cfg.run_dir, "started", job_id=slurm.job_id, restart_count=slurm.restart_count,
                          backend="sbatch", supervised=True)
         except OSError as e:
             log.warning("cannot record the job in %s: %s", cfg.run_dir, e)
@@ -191,7 +191,7 @@ def _cmd_checkpoints(args: argparse.Namespace) -> int:
     try:
         rows = list_checkpoints(Path(args.run_dir), verify=args.verify)
     except CheckpointError as e:  # no such run directory, unreadable config: a usage error
-        e.exit_code = EXIT_USAGE  # type: ignore[attr-defined]
+        e.exit_code = ExitCode.USAGE  # type: ignore[attr-defined]
         raise
     print(json.dumps(rows, indent=1) if args.json else format_table(rows, checkpoint_dir_of(Path(args.run_dir))))
     return 1 if args.verify and any(r["verified"] is False for r in rows) else 0
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as e:
         print(f"foldhpc: config error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except CheckpointError as e:  # exit 2 when raised before training started (see Trainer._run)
         print(f"foldhpc: checkpoint error: {e}", file=sys.stderr)
         return int(getattr(e, "exit_code", 1))

@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import unicodedata
+from foldhpc.records.layout import CHECKPOINT_DIR
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -425,7 +426,7 @@ class Config:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / CHECKPOINT_DIR
 
     def fingerprint(self, sections: tuple[str, ...] = ("model", "data")) -> str:
         """Hash of the sections that make a checkpoint (in)compatible with this config."""

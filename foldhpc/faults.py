@@ -41,22 +41,12 @@ import signal
 import time
 from pathlib import Path
 from typing import Any
+from foldhpc.records.envvars import (FAIL_AT_STEP, FAIL_KIND, FAIL_ON_RANK, FAIL_ONCE, FIRST_STEP_DELAY,  # noqa: F401
+                                     HOLD_AFTER_TRAIN, NAN_AT_STEPS, NAN_KIND, NAN_ON_RANK, NAN_ONCE, STEP_DELAY,
+                                     VAL_BATCH_DELAY, WRITE_DELAY)
 
 log = logging.getLogger(__name__)
 
-FAIL_AT_STEP = "FOLDHPC_FAIL_AT_STEP"
-FAIL_KIND = "FOLDHPC_FAIL_KIND"
-FAIL_ON_RANK = "FOLDHPC_FAIL_ON_RANK"
-FAIL_ONCE = "FOLDHPC_FAIL_ONCE"
-STEP_DELAY = "FOLDHPC_DEBUG_STEP_DELAY_S"
-FIRST_STEP_DELAY = "FOLDHPC_DEBUG_FIRST_STEP_DELAY_S"
-WRITE_DELAY = "FOLDHPC_DEBUG_WRITE_DELAY_S"
-VAL_BATCH_DELAY = "FOLDHPC_DEBUG_VAL_BATCH_DELAY_S"
-HOLD_AFTER_TRAIN = "FOLDHPC_DEBUG_HOLD_AFTER_TRAIN_S"
-NAN_AT_STEPS = "FOLDHPC_NAN_AT_STEPS"
-NAN_KIND = "FOLDHPC_NAN_KIND"
-NAN_ON_RANK = "FOLDHPC_NAN_ON_RANK"
-NAN_ONCE = "FOLDHPC_NAN_ONCE"
 NAN_KINDS = ("loss", "value", "weights")
 
 KINDS = ("exception", "segfault", "kill", "exit", "hang", "stop")

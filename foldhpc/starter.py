@@ -19,10 +19,10 @@ from pathlib import Path
 
 import foldhpc
 from foldhpc.config import Config, ConfigError, _toml_value, load_config
+from foldhpc.records.exitcodes import ExitCode
 
 PRESETS = ("tiny", "default", "gpu", "large")
 DEFAULT_PRESET = "default"
-EXIT_USAGE = 2
 
 _SECTION_RE = re.compile(r"^\[(\w+)\]\s*(#.*)?$")
 _KEY_RE = re.compile(r"^(\w+)\s*=")
@@ -163,10 +163,10 @@ def run(args: argparse.Namespace) -> int:
         write_starter(path, args.preset, args.data, force=args.force)
     except FileExistsError:
         print(f"foldhpc init: {path} exists; not overwritten (use --force to replace it)", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except OSError as e:
         print(f"foldhpc init: cannot write {path}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     cfg = load_config(path)
     print(f"wrote {path} (preset {args.preset})")
     data_path = Path(cfg.data.path)

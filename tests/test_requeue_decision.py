@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from foldhpc.slurm import requeue
+from foldhpc.records.exitcodes import ExitCode
 from foldhpc.slurm.requeue import budget_s, decide_from
 
 
@@ -86,9 +87,9 @@ def test_main_reads_max_requeues_from_the_config(tmp_path, monkeypatch):
         ["--config", "configs/tiny.toml", "--set", "slurm.max_requeues=3", "--no-resume", "--resume", "x"])
     assert (args.config, args.overrides, args.no_resume) == ("configs/tiny.toml", ["slurm.max_requeues=3"], True)
     assert args.max_requeues is None
-    assert requeue.main(["--set", f"run.dir={tmp_path}", "--set", "slurm.max_requeues=3"]) == requeue.EXIT_NOT_REQUEUED
+    assert requeue.main(["--set", f"run.dir={tmp_path}", "--set", "slurm.max_requeues=3"]) == ExitCode.NOT_REQUEUED
     assert not (tmp_path / "jobs.jsonl").exists()  # not a Slurm job: nothing recorded
-    assert requeue.main(["--set", "slurm.max_requeues=-1"]) == requeue.EXIT_USAGE
+    assert requeue.main(["--set", "slurm.max_requeues=-1"]) == ExitCode.USAGE
 
 
 # ---------------------------------------------------------------- slurm.resume = "chain"; PreemptMode=CANCEL

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from foldhpc.monitor import report as status
+from foldhpc.records.exitcodes import ExitCode
 from foldhpc.cluster import sacct
 
 FIX = Path(__file__).parent / "fixtures" / "sacct"
@@ -51,10 +52,10 @@ def test_rows_of_this_run_are_all_kept():
     assert sacct.bound_runs(job, submitted_at=local("2026-11-27T03:32:26") + 0.7).restarts == 1 == job.restarts
 
 
-@pytest.mark.parametrize("jid,state,code", [("5", "cancelled", status.EXIT_STOPPED),
-                                            ("7", "preempted", status.EXIT_STOPPED),
-                                            ("3", "failed", status.EXIT_FAILED),
-                                            ("2", "completed", status.EXIT_OK)])
+@pytest.mark.parametrize("jid,state,code", [("5", "cancelled", ExitCode.STOPPED),
+                                            ("7", "preempted", ExitCode.STOPPED),
+                                            ("3", "failed", ExitCode.FAILED),
+                                            ("2", "completed", ExitCode.OK)])
 def test_exit_status_of_final_states(jid, state, code):
     """Cancelled and preempted-not-requeued must not look like success to a script (exit 3)."""
     # job 7's first run alone: PREEMPTED is then its last (final) row, as for a job that is not requeued
@@ -69,10 +70,10 @@ def test_exit_status_of_final_states(jid, state, code):
 
 def test_failed_run_beats_stopped_and_unknown_beats_all():
     mk = lambda s, found=True: status.RunView(name="r", state=s, found=found)  # noqa: E731
-    assert status.StatusReport([mk("cancelled"), mk("failed")]).exit_status == status.EXIT_FAILED
-    assert status.StatusReport([mk("held"), mk("running")]).exit_status == status.EXIT_STOPPED
-    assert status.StatusReport([mk("stopped"), mk("unknown", found=False)]).exit_status == status.EXIT_USAGE
-    assert status.StatusReport([mk("requeued"), mk("completed")]).exit_status == status.EXIT_OK
+    assert status.StatusReport([mk("cancelled"), mk("failed")]).exit_status == ExitCode.FAILED
+    assert status.StatusReport([mk("held"), mk("running")]).exit_status == ExitCode.STOPPED
+    assert status.StatusReport([mk("stopped"), mk("unknown", found=False)]).exit_status == ExitCode.USAGE
+    assert status.StatusReport([mk("requeued"), mk("completed")]).exit_status == ExitCode.OK
 
 
 def test_stopped_at_the_requeue_limit_is_not_failed_exit_75():
@@ -87,7 +88,7 @@ def test_stopped_at_the_requeue_limit_is_not_failed_exit_75():
     status.merge(view, job)
     assert view.state == "stopped", view
     assert "requeue limit" in view.reason and "exit 75" not in view.reason and "step 42" in view.reason, view.reason
-    assert status.StatusReport([view]).exit_status == status.EXIT_STOPPED
+    assert status.StatusReport([view]).exit_status == ExitCode.STOPPED
     # without the run's record of it, exit 75 stays a failure (nothing says it was deliberate)
     bare = status.merge(status.RunView(name="-", job_id="15"), job)
     assert bare.state == "failed"
@@ -149,7 +150,7 @@ def test_failed_multirank_run_names_the_failed_rank_with_its_node(tmp_path):
     assert "run error: rank 1 on n2 (pid 202): died without reporting an error" in view.reason, view.reason
     assert view.reason.count("rank 1 on n2") == 1, view.reason  # the error names it: not repeated
     report = status.StatusReport([view])
-    assert report.exit_status == status.EXIT_FAILED
+    assert report.exit_status == ExitCode.FAILED
     table = status.format_table(report)
     assert f"failed rank: run: rank 1 on n2 (host h2, pid 202): {why}" in table, table
     d = report.to_dict()["runs"][0]

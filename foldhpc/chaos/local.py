@@ -30,10 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from foldhpc import faults
+from foldhpc.records.envvars import FAULT_PREFIXES
 from foldhpc.chaos import storage
 from foldhpc.chaos.kinds import KINDS, uses_hook
 from foldhpc.chaos.logtail import LogEvent, LogTail
 from foldhpc.chaos.schedule import Plan, PlannedFault
+from foldhpc.records.exitcodes import ExitCode
+from foldhpc.records.layout import CHECKPOINT_DIR, LOG_FILE, RANKS_DIR, STATUS_FILE
 
 if TYPE_CHECKING:
     from foldhpc.checkpoint.manager import CheckpointEntry
@@ -43,7 +46,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 POLL_S = 0.01
 START_TIMEOUT_S = 180.0  # process start to first step, on a loaded 2-core machine
-EXIT_CHECKPOINTED = 75
 MAX_UNPLANNED_RELAUNCHES = 3
 CLI_TIMEOUT_S = 60.0  # foldhpc status / checkpoints (no torch import): seconds on a loaded machine
 MISSING_BACK_S = (0.0, 0.3)  # missing_file: back this soon after the trainer's choice, before its next save
@@ -170,7 +172,7 @@ def final_state(run_dir: Path, ckpt_dir: Path) -> tuple[bool, int | None, str | 
     from foldhpc.checkpoint.manager import CheckpointError, CheckpointManager
 
     try:
-        state = json.loads((run_dir / "status.json").read_text()).get("state")
+        state = json.loads((run_dir / STATUS_FILE).read_text()).get("state")
     except (OSError, ValueError):
         state = None
     try:
@@ -190,7 +192,7 @@ class LocalRunner:
     def __init__(self, config: str | None, overrides: list[str], plan: Plan, out: Path, *,
                  unwritable: str | None = None, mirror_nan_in_reference: bool = True,
                  write_delay_s: float = 0.4, python: str = sys.executable, settings: dict[str, str] | None = None,
-                 ckpt_subdir: str = "checkpoints", nproc: int = 1, run_fs: str | None = None) -> None:
+                 ckpt_subdir: str = CHECKPOINT_DIR, nproc: int = 1, run_fs: str | None = None) -> None:
         self.config = config
         self.user_overrides = list(overrides)
         self.plan = plan
@@ -216,7 +218,7 @@ class LocalRunner:
         self.launch_hook: int | None = None  # the fault whose FOLDHPC_FAIL_* this launch carries
         self.relaunches_for_hooks = 0
         self.unplanned = 0
-        self.tail = LogTail(self.run_dir / "train.log")
+        self.tail = LogTail(self.run_dir / LOG_FILE)
         self._immutable: Path | None = None
         self._console: Any = None
 
@@ -240,7 +242,7 @@ class LocalRunner:
     def _env(self, extra: dict[str, str], nan: bool = True) -> dict[str, str]:
         """The environment of a launch: no fault hook from the caller's environment leaks in."""
         env = {k: v for k, v in os.environ.items()
-               if not (k.startswith("FOLDHPC_FAIL_") or k.startswith("FOLDHPC_NAN_") or k.startswith("FOLDHPC_DEBUG_"))}
+               if not k.startswith(FAULT_PREFIXES)}
         if nan and self.plan.nan_steps:
             env[faults.NAN_AT_STEPS] = ",".join(str(s) for s in self.plan.nan_steps)
         env.update(extra)
@@ -409,8 +411,8 @@ class LocalRunner:
         rec.injected_at = time.time()
         os.kill(self.proc.pid, sig)  # the supervisor: it forwards the signal to the trainer
         rec.launch_exit = self._wait_exit()
-        if rec.launch_exit != EXIT_CHECKPOINTED:
-            rec.problems.append(f"exit {rec.launch_exit} after {sig.name}, not {EXIT_CHECKPOINTED}")
+        if rec.launch_exit != ExitCode.CHECKPOINTED:
+            rec.problems.append(f"exit {rec.launch_exit} after {sig.name}, not {ExitCode.CHECKPOINTED}")
         saves = self.tail.since(index, "signal_save")
         rec.step = saves[-1].step if saves else None
         if rec.step is None:
@@ -492,7 +494,7 @@ class LocalRunner:
         self._wait_step(f.at_step)
         trainer = self._trainer_pid()
         rank = self.rng.randrange(1, self.nproc)
-        pid = int(json.loads((self.run_dir / "ranks" / f"rank-{rank}.json").read_text())["pid"])
+        pid = int(json.loads((self.run_dir / RANKS_DIR / f"rank-{rank}.json").read_text())["pid"])
         assert self.proc is not None
         if _ppid(pid) != self.proc.pid:
             raise RuntimeError(f"rank {rank} (pid {pid}, from ranks/rank-{rank}.json) is not a child of the launch")
@@ -543,7 +545,7 @@ class LocalRunner:
             self._wait(lambda: self.tail.last("first_step") is not None, START_TIMEOUT_S, "a trainer")
             os.kill(self.proc.pid, signal.SIGUSR1)
             rc = self._wait_exit()
-            if rc != EXIT_CHECKPOINTED:
+            if rc != ExitCode.CHECKPOINTED:
                 raise RuntimeError(f"relaunch for the {f.kind} hook: exit {rc} after SIGUSR1, not 75")
         index = len(self.tail.events)
         self._launch(f.index, f"new launch for the {f.kind} hook of fault {f.index}")
@@ -637,8 +639,8 @@ class LocalRunner:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGUSR1)
         rec.launch_exit = self._wait_exit()
-        if rec.launch_exit != EXIT_CHECKPOINTED:
-            rec.problems.append(f"exit {rec.launch_exit} after SIGUSR1, not {EXIT_CHECKPOINTED}")
+        if rec.launch_exit != ExitCode.CHECKPOINTED:
+            rec.problems.append(f"exit {rec.launch_exit} after SIGUSR1, not {ExitCode.CHECKPOINTED}")
 
     def _two_newest(self, rec: FaultRecord) -> tuple[CheckpointEntry, CheckpointEntry] | None:
         """(newest, previous) committed checkpoint entries, or None (with a problem) if there are fewer."""
@@ -754,7 +756,7 @@ class LocalRunner:
 
     def _status_error(self) -> str:
         try:
-            return str(json.loads((self.run_dir / "status.json").read_text()).get("error") or "")[:300]
+            return str(json.loads((self.run_dir / STATUS_FILE).read_text()).get("error") or "")[:300]
         except (OSError, ValueError, AttributeError):
             return ""
 
@@ -783,8 +785,8 @@ class LocalRunner:
             sig_index = len(self.tail.events)
             os.kill(self.proc.pid, signal.SIGUSR1)
             rec.launch_exit = self._wait_exit()
-            if rec.launch_exit != EXIT_CHECKPOINTED:
-                rec.problems.append(f"exit {rec.launch_exit} after SIGUSR1, not {EXIT_CHECKPOINTED}")
+            if rec.launch_exit != ExitCode.CHECKPOINTED:
+                rec.problems.append(f"exit {rec.launch_exit} after SIGUSR1, not {ExitCode.CHECKPOINTED}")
             saves = self.tail.since(sig_index, "signal_save")
             rec.step = rec.newest_durable_step = saves[-1].step if saves else None
             # while the job is down, the user looks at the run
@@ -878,7 +880,7 @@ class LocalRunner:
 
         def status_again() -> dict[str, Any] | None:
             try:
-                st = json.loads((self.run_dir / "status.json").read_text())
+                st = json.loads((self.run_dir / STATUS_FILE).read_text())
             except (OSError, ValueError):
                 return None
             return st if float(st.get("updated_at", 0)) >= restored and int(st.get("step", -1)) >= ev.step else None

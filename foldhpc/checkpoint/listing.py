@@ -10,6 +10,7 @@ from typing import Any
 from foldhpc.checkpoint.manager import CheckpointError, CheckpointManager
 from foldhpc.config import load_config
 from foldhpc.records.fmt import format_age
+from foldhpc.records.layout import CHECKPOINT_DIR, CONFIG_FILE
 
 
 def checkpoint_dir_of(run_dir: Path) -> Path:
@@ -20,7 +21,7 @@ def checkpoint_dir_of(run_dir: Path) -> Path:
     ``run_dir`` is the directory the user points at now. A relative ``checkpoint.dir`` is looked
     up from the current directory; if it is not there, the error says so.
     """
-    cfg_file = run_dir / "config.toml"
+    cfg_file = run_dir / CONFIG_FILE
     configured = ""
     if cfg_file.is_file():
         try:
@@ -28,7 +29,7 @@ def checkpoint_dir_of(run_dir: Path) -> Path:
         except ValueError as e:
             raise CheckpointError(f"{cfg_file}: cannot read the run's config ({e})") from None
     if not configured:
-        return run_dir / "checkpoints"
+        return run_dir / CHECKPOINT_DIR
     path = Path(configured)
     if not path.is_absolute() and not path.is_dir():
         raise CheckpointError(

@@ -70,6 +70,7 @@ from foldhpc import faults
 from foldhpc.checkpoint import fileformat
 from foldhpc.checkpoint.digest import tree_digest
 from foldhpc.checkpoint.errors import CheckpointError  # noqa: F401 - defined there without torch
+from foldhpc.records.layout import MANIFEST_FILE
 from foldhpc.records.fsio import PRIVATE_DIR_MODE, atomic_write_text, fsync_dir, pid_alive
 
 if TYPE_CHECKING:  # torch is imported where state is staged or loaded: listing checkpoints (foldhpc
@@ -77,7 +78,6 @@ if TYPE_CHECKING:  # torch is imported where state is staged or loaded: listing 
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
 MAX_MANIFEST = 16 << 20  # bytes: an index of ~300 bytes per checkpoint; anything bigger is not one
 # The only names ever indexed, loaded or deleted: a plain name (no "/", no "..") in this directory.
@@ -351,8 +351,8 @@ class CheckpointManager:
         if not self.dir.is_dir():
             return None
         names = sorted(p.name for p in self.dir.iterdir()
-                       if CHECKPOINT_NAME.fullmatch(p.name) or p.name == MANIFEST
-                       or p.name.startswith(f"{MANIFEST}.corrupt-"))
+                       if CHECKPOINT_NAME.fullmatch(p.name) or p.name == MANIFEST_FILE
+                       or p.name.startswith(f"{MANIFEST_FILE}.corrupt-"))
         if not names:
             return None
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -545,7 +545,7 @@ class CheckpointManager:
             # Only file-system errors: a lost run lock (owner_check) still propagates.
             log.warning("checkpoint step %d is committed (%s) but updating the index %s or pruning failed: %s; "
                         "the index is rebuilt from the files at the next save or start", step, final,
-                        self.dir / MANIFEST, e)
+                        self.dir / MANIFEST_FILE, e)
         log.info("checkpoint step %d saved (%s, %.1f MiB, %.2fs) -> %s", step, reason or "save",
                  entry.bytes / 2**20, entry.write_s, final)
         return entry
@@ -567,11 +567,11 @@ class CheckpointManager:
             good = [e for e in entries if e.format <= FORMAT_VERSION and e.file not in self._bad
                     and (self.dir / e.file).is_file()]
             keep = good[-self.keep_last:]
-            if problem and (self.dir / MANIFEST).exists():
-                aside = _free_name(self.dir, f"{MANIFEST}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-                os.replace(self.dir / MANIFEST, aside)
+            if problem and (self.dir / MANIFEST_FILE).exists():
+                aside = _free_name(self.dir, f"{MANIFEST_FILE}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(self.dir / MANIFEST_FILE, aside)
                 log.error("checkpoint index %s was %s; kept it as %s and wrote a new one from the files",
-                          self.dir / MANIFEST, problem, aside.name)
+                          self.dir / MANIFEST_FILE, problem, aside.name)
             self._write_manifest(sorted(keep + foreign, key=lambda e: (e.seq, e.saved_at)))  # matches the files
             kept = {e.file for e in keep + foreign}
             for e in entries:
@@ -614,7 +614,7 @@ class CheckpointManager:
     # ------------------------------------------------------------------ index
     def _read_manifest(self) -> list[CheckpointEntry]:
         """The index's entries; ValueError (or OSError) if anything in it is not as written."""
-        with fileformat.open_regular(self.dir / MANIFEST) as f:  # a FIFO must not block status
+        with fileformat.open_regular(self.dir / MANIFEST_FILE) as f:  # a FIFO must not block status
             raw = f.read(MAX_MANIFEST + 1)
         if len(raw) > MAX_MANIFEST:
             raise ValueError(f"over {MAX_MANIFEST >> 20} MiB")
@@ -638,7 +638,7 @@ class CheckpointManager:
         checkpoint file is already durable and the index is rebuilt from it if this write is lost,
         so two more fsyncs per save would buy nothing."""
         doc = {"version": MANIFEST_VERSION, "checkpoints": [dataclasses.asdict(e) for e in entries]}
-        atomic_write_text(self.dir / MANIFEST, json.dumps(doc, indent=1) + "\n", fsync=False)
+        atomic_write_text(self.dir / MANIFEST_FILE, json.dumps(doc, indent=1) + "\n", fsync=False)
 
     def _index(self, committing: str = "") -> tuple[list[CheckpointEntry], str | None]:
         """(entries oldest first, what was wrong with the manifest or None).
@@ -685,22 +685,22 @@ class CheckpointManager:
                     log.error("CHECKPOINT %s IS BAD and not in the index: %s", p, why)
         newest_listed = max((e.seq for e in listed), default=-1)
         newer = [e for e in extra if e.seq > newest_listed]
-        if extra and (problem or newer or not (self.dir / MANIFEST).exists()):
-            if not (self.dir / MANIFEST).exists():
+        if extra and (problem or newer or not (self.dir / MANIFEST_FILE).exists()):
+            if not (self.dir / MANIFEST_FILE).exists():
                 how = "is missing"
             elif problem:
                 how = f"is {problem}"
             else:
                 how = "does not list them (a save was interrupted after its rename)"
             log.error("checkpoint index %s %s: indexed %d checkpoint file(s) from their own headers: %s",
-                      self.dir / MANIFEST, how, len(extra), ", ".join(e.file for e in extra))
+                      self.dir / MANIFEST_FILE, how, len(extra), ", ".join(e.file for e in extra))
         elif extra:  # all older than the newest listed: the index was written, the pruning after it cut short
             log.info("checkpoint index %s does not list %d older checkpoint file(s) (pruning was interrupted, or a "
-                     "file was briefly invisible): indexed them from their own headers: %s", self.dir / MANIFEST,
+                     "file was briefly invisible): indexed them from their own headers: %s", self.dir / MANIFEST_FILE,
                      len(extra), ", ".join(e.file for e in extra))
         elif problem:
             log.error("checkpoint index %s is %s and there are no checkpoint files to rebuild it from",
-                      self.dir / MANIFEST, problem)
+                      self.dir / MANIFEST_FILE, problem)
         entries = sorted(listed + extra, key=lambda e: (e.seq, e.saved_at))
         return entries, problem
 

@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 from types import FrameType
 from typing import Callable, Iterable
+from foldhpc.records.envvars import READY_FILE_ENV
 
 log = logging.getLogger(__name__)
 
 _Handler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None
 
 #: env var: a file that exists while PreemptionSignals' handlers are installed
-READY_FILE_ENV = "FOLDHPC_READY_FILE"
 
 _early: list[signal.Signals] = []  # signals recorded by hold_early_signals, not yet taken over
 _ignore_on_exit = False

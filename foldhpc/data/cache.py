@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np  # noqa: F401 - tests patch cache.np.savez to simulate a kill mid-write
+from foldhpc.records.envvars import RESCAN_ENV
 
 from . import structure
 from .entries import Entry, entry_key, entry_path, load_entry
@@ -61,7 +62,6 @@ __all__ = ["CACHE_DIRNAME", "DataError", "DatasetReport", "load_dataset", "parse
 log = logging.getLogger(__name__)
 
 CACHE_DIRNAME = ".foldhpc-cache"
-RESCAN_ENV = "FOLDHPC_DATA_RESCAN"
 
 
 # --------------------------------------------------------------------------- public API

@@ -27,11 +27,11 @@ import shutil
 import socket
 import subprocess
 from dataclasses import dataclass, field
+from foldhpc.records.envvars import NODE_ENV
 
 log = logging.getLogger(__name__)
 
 #: env var set by ``foldhpc train --nproc``'s launcher: the node label of its ranks
-NODE_ENV = "FOLDHPC_NODE"
 
 
 class DistEnvError(RuntimeError):

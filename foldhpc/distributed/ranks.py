@@ -25,8 +25,8 @@ from typing import Any
 
 from foldhpc.distributed.env import DistEnv
 from foldhpc.records.fsio import atomic_write_text, pid_alive
+from foldhpc.records.layout import RANKS_DIR
 
-RANKS_DIR = "ranks"
 RUNNING, DONE, FAILED, ABORTED = "running", "done", "failed", "aborted"
 
 

@@ -35,10 +35,11 @@ from typing import Any
 
 from foldhpc.monitor.timeline import (CATEGORIES, PRODUCTIVE, QUEUE, RECOMPUTED, STARTUP, Timeline,
                                       build_timeline)
+from foldhpc.records.exitcodes import ExitCode
+from foldhpc.records.layout import TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_USAGE = 0, 2
 TENSORBOARD_SUBDIR = "goodput"
 
 
@@ -174,7 +175,7 @@ def write_tensorboard(g: Goodput, run_dir: Path) -> Path:
     from torch.utils.tensorboard import SummaryWriter  # only here: torch is heavy
 
     step = max([r.last_step for r in g.processes if r.last_step is not None] or [0])
-    out = Path(run_dir) / "tensorboard" / TENSORBOARD_SUBDIR
+    out = Path(run_dir) / TENSORBOARD_DIR / TENSORBOARD_SUBDIR
     w = SummaryWriter(log_dir=str(out))
     try:
         if g.goodput is not None:
@@ -203,14 +204,14 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         print(f"foldhpc goodput: {run_dir}: no such run directory", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     try:
         g = goodput_of(run_dir, use_sacct=args.sacct)
     except FileNotFoundError as e:
         print(f"foldhpc goodput: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     if args.tensorboard:
         where = write_tensorboard(g, run_dir)
         g.notes.append(f"TensorBoard scalars goodput/* written to {where}")
     print(json.dumps(g.to_dict(), indent=1) if args.json else format_report(g))
-    return EXIT_OK
+    return ExitCode.OK

@@ -21,10 +21,10 @@ from typing import Any
 
 from foldhpc.monitor.timeline import (CHECKPOINT, DATA_WAIT, IDLE, PRODUCTIVE, QUEUE, RECOMPUTED, STARTUP,
                                       VALIDATION, Timeline, build_timeline)
+from foldhpc.records.exitcodes import ExitCode
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_USAGE = 0, 2
 DEFAULT_NAME = "timeline.png"
 COLORS = {QUEUE: "#bdbdbd", STARTUP: "#fdae6b", PRODUCTIVE: "#31a354", RECOMPUTED: "#de2d26",
           CHECKPOINT: "#3182bd", VALIDATION: "#756bb1", DATA_WAIT: "#fed976", IDLE: "#f0f0f0"}
@@ -132,15 +132,15 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         print(f"foldhpc plot: {run_dir}: no such run directory", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     out = Path(args.output) if args.output else run_dir / DEFAULT_NAME
     try:
         written = plot_timeline(run_dir, out)
     except PlotUnavailable as e:
         print(f"foldhpc plot: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except FileNotFoundError as e:
         print(f"foldhpc plot: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     print(written)
-    return EXIT_OK
+    return ExitCode.OK

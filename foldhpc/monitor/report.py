@@ -38,22 +38,21 @@ from foldhpc.records.status import STATUS_FILE, read_status
 from foldhpc.records.fsio import pid_alive
 from foldhpc.cluster import sacct
 from foldhpc.records.history import HISTORY_FILE, job_ids, read_history
+from foldhpc.records.exitcodes import ExitCode
+from foldhpc.records.layout import RUN_MARKERS
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
 FAILURE_STATES = frozenset({sacct.FAILED, sacct.TIMEOUT, sacct.OUT_OF_MEMORY, sacct.NODE_FAIL})
 #: a run stopped after a durable checkpoint and not requeued (requeue limit, or the requeue failed)
 STOPPED = "stopped"
 #: over, or not going on by itself, without having failed: exit status 3
 STOPPED_STATES = frozenset({sacct.CANCELLED, sacct.PREEMPTED, STOPPED, sacct.HELD})
-EXIT_CHECKPOINTED = 75  # foldhpc.train.loop: saved on a signal
 HISTORY_SLACK_S = 60.0  # clock/recording slack when bounding sacct rows by the run's own history
 DEFAULT_RUNS_ROOT = Path("runs")
 DEFAULT_WATCH_S = 10.0
 RUN_SOURCE = "run-dir"  # the state is the run's own record (no Slurm job)
 _JOB_ARG_RE = re.compile(r"\d+(?:_\d+)?")
-_RUN_MARKERS = (STATUS_FILE, HISTORY_FILE, "config.toml", "checkpoints")
 
 EPILOG = """\
 Without arguments: every run directory under the runs root (the parent of run.dir of --config,
@@ -145,12 +144,12 @@ class StatusReport:
     @property
     def exit_status(self) -> int:
         if self.errors or any(not r.found for r in self.runs):
-            return EXIT_USAGE
+            return ExitCode.USAGE
         if any(r.state in FAILURE_STATES for r in self.runs):
-            return EXIT_FAILED
+            return ExitCode.FAILED
         if any(r.state in STOPPED_STATES for r in self.runs):
-            return EXIT_STOPPED
-        return EXIT_OK
+            return ExitCode.STOPPED
+        return ExitCode.OK
 
     def to_dict(self) -> dict[str, Any]:
         return {"generated_at": self.generated_at, "source": self.source, "exit_status": self.exit_status,
@@ -167,7 +166,7 @@ def runs_root_of(config: str | None, overrides: list[str]) -> Path:
 
 
 def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / m).exists() for m in _RUN_MARKERS)
+    return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -377,7 +376,7 @@ def merge(view: RunView, job: sacct.SlurmJob | None) -> RunView:
     view.state = job.state
     if job.state == sacct.PENDING and job.restarts:
         view.state = sacct.REQUEUED  # pending again after a preemption/requeue, not a fresh submission
-    if job.state == sacct.FAILED and _exit_status(job.exit_code) == EXIT_CHECKPOINTED and (
+    if job.state == sacct.FAILED and _exit_status(job.exit_code) == ExitCode.CHECKPOINTED and (
             view.stop_event is not None or view.run_state == "checkpointed"):
         view.state = STOPPED  # saved on a signal and deliberately not requeued: not a crash
     view.reason = _reason(view, job)
@@ -626,13 +625,13 @@ def run(args: argparse.Namespace) -> int:
     """``foldhpc status``: print the report (again and again with --watch); return the exit status."""
     if args.watch is not None and args.watch <= 0:
         print("foldhpc status: --watch SECONDS must be > 0", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     try:
         root = runs_root_of(args.config, args.overrides)
     except ConfigError as e:
         print(f"foldhpc status: config error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    code = EXIT_USAGE
+        return ExitCode.USAGE
+    code = ExitCode.USAGE
     try:
         while True:
             report = gather(args.targets, root)
@@ -659,7 +658,7 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - a status command must report, not crash
         log.debug("foldhpc status failed", exc_info=True)
         print(f"foldhpc status: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitCode.FAILED
 
 
 def main(argv: list[str] | None = None) -> int:

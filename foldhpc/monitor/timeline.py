@@ -49,6 +49,7 @@ from typing import Any, Iterable, Iterator
 from foldhpc.records.fsio import pid_alive
 from foldhpc.records.status import read_status
 from foldhpc.records.history import read_history
+from foldhpc.records.layout import HISTORY_FILE, LOG_FILE, STATUS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ PRODUCTIVE, RECOMPUTED, QUEUE, STARTUP = "productive", "recomputed", "queue_wait
 CHECKPOINT, VALIDATION, DATA_WAIT, IDLE = "checkpoint", "validation", "data_wait", "idle"
 #: every category of wall time, in the order reports list them
 CATEGORIES = (PRODUCTIVE, RECOMPUTED, QUEUE, STARTUP, CHECKPOINT, VALIDATION, DATA_WAIT, IDLE)
-LOG_FILE = "train.log"
 _SLACK_S = 1.0  # clock/recording slack when matching a process start to the job run it belongs to
 #: A train.log line this many seconds earlier than one before it: the clock was stepped back (lines
 #: of two processes, or two threads, can be out of order by milliseconds, never by this much)
@@ -618,11 +618,11 @@ def build_timeline(run_dir: Path, now: float | None = None, use_sacct: bool = Tr
                      "there on are shifted forward to follow on (times from jobs.jsonl and sacct after it may not "
                      "line up with them)")
     if events:
-        sources.append("jobs.jsonl")
+        sources.append(HISTORY_FILE)
     if bad:
         notes.append(f"{bad} unreadable line(s) in jobs.jsonl")
     if status:
-        sources.append("status.json")
+        sources.append(STATUS_FILE)
     attempts = [a for a in attempts if a.spawn is not None or a.first_line is not None]
     if status.get("finished_at") and attempts and status.get("pid") == attempts[-1].pid:
         attempts[-1].finished_at = float(status["finished_at"])

@@ -11,10 +11,10 @@ import json
 import os
 import socket
 import time
+from foldhpc.records.layout import HISTORY_FILE
 from pathlib import Path
 from typing import Any
 
-HISTORY_FILE = "jobs.jsonl"
 
 
 def record_event(run_dir: Path, event: str, **fields: Any) -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from foldhpc.records.fsio import atomic_write_text
+from foldhpc.records.layout import STATUS_FILE
 
 log = logging.getLogger(__name__)
 
-STATUS_FILE = "status.json"
 
 # States a run records itself. Slurm-level states (pending, preempted, timeout...) come from sacct.
 RUNNING, COMPLETED, FAILED, CHECKPOINTED = "running", "completed", "failed", "checkpointed"

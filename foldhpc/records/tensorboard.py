@@ -19,7 +19,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from torch.utils.tensorboard import SummaryWriter
 
@@ -95,12 +95,12 @@ class RunWriter:
     def scalar(self, tag: str, value: float, step: int) -> None:
         self._do(lambda w: w.add_scalar(tag, value, step))
 
-    def restart_marker(self, step: int, restarts: int, slurm: dict[str, Any], note: str = "") -> None:
+    def restart_marker(self, step: int, restarts: int, job_id: str | None, slurm_restarts: int, note: str = "") -> None:
         """A visible event at each resume: a scalar step-change and a text note (``note``: why,
         for a restart inside the job after a crash or hang)."""
-        job = slurm.get("job_id") or "-"
+        job = job_id or "-"
         text = (f"resumed at step {step} (restart #{restarts}, slurm job {job}, "
-                f"SLURM_RESTART_COUNT={slurm.get('restart_count', 0)}){note}")
+                f"SLURM_RESTART_COUNT={slurm_restarts}){note}")
         self._do(lambda w: (w.add_scalar("run/restarts", restarts, step), w.add_text("run/events", text, step)))
 
     def flush(self) -> None:
@@ -122,7 +122,7 @@ class NullWriter:
     def scalar(self, tag: str, value: float, step: int) -> None:
         pass
 
-    def restart_marker(self, step: int, restarts: int, slurm: dict[str, Any], note: str = "") -> None:
+    def restart_marker(self, step: int, restarts: int, job_id: str | None, slurm_restarts: int, note: str = "") -> None:
         pass
 
     def flush(self) -> None:

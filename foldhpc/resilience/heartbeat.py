@@ -26,10 +26,10 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from foldhpc.records.envvars import HEARTBEAT_ENV
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_ENV = "FOLDHPC_HEARTBEAT_FILE"
 PHASES = ("startup", "train", "validation", "checkpoint", "done")
 _FMT = struct.Struct("<QqI")
 WAIT_BEAT_S = 1.0  # a trainer blocked on something slow but sane (a checkpoint write) beats this often

@@ -80,14 +80,14 @@ import signal
 import socket
 import threading
 import time
+from foldhpc.records.exitcodes import ExitCode
+from foldhpc.records.layout import LOCK_DIR, OWNER_FILE
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-LOCK_DIR = "lock"
-EXIT_LOCKED = 2  # `foldhpc train` exit status when the run directory is held by another trainer
 _GEN_RE = re.compile(r"^gen-(\d+)(\.released)?$")
 #: Slurm job states in which the holder's processes may still be alive
 ALIVE_JOB_STATES = frozenset({"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "RESIZING",
@@ -100,7 +100,7 @@ _ATTEMPTS = 50
 class RunDirLocked(RuntimeError):
     """Another live trainer holds the run directory (or has taken it over from this one)."""
 
-    exit_code = EXIT_LOCKED
+    exit_code = ExitCode.LOCKED
 
     def __init__(self, message: str, holder: dict[str, Any] | None = None) -> None:
         super().__init__(message)
@@ -671,7 +671,6 @@ def acquire(run_dir: Path, stale_after: float | str, ending_wait_s: float = ENDI
 
 
 # ------------------------------------------------------------------ the checkpoint directory
-OWNER_FILE = "OWNER.json"  # in a checkpoint directory: the run directory that trains into it
 
 
 class CheckpointDirOwned(RunDirLocked):

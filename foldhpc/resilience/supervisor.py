@@ -61,15 +61,14 @@ from types import FrameType
 from foldhpc.config import Config, parse_duration
 from foldhpc.records.status import StatusFile
 from foldhpc.resilience import heartbeat as hb
-from foldhpc.cluster.env import slurm_info
+from foldhpc.cluster.env import slurm_env
 from foldhpc.records.history import record_event
+from foldhpc.records.exitcodes import ExitCode
+from foldhpc.records.layout import LOG_FILE, STACKS_FILE
+from foldhpc.records.envvars import SUPERVISED_ENV, RESTART_INFO_ENV, READY_FILE_ENV
 
 log = logging.getLogger(__name__)
 
-SUPERVISED_ENV = "FOLDHPC_SUPERVISED"  # set in the trainer: it is supervised, it must not supervise
-RESTART_INFO_ENV = "FOLDHPC_RESTART_INFO"  # JSON for the restarted trainer: count and why
-READY_FILE_ENV = "FOLDHPC_READY_FILE"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHECKPOINTED = 0, 1, 2, 75
 POLL_S = 0.1
 GRACE_S = 10.0  # after one rank failed, how long the others get to notice and record it
 KILL_WAIT_S = 30.0  # how long a killed trainer may take to exit before it is left behind (D state)
@@ -357,16 +356,16 @@ class Supervisor:
                         mark[i] = None  # validation, a checkpoint wait: not a step's time
                     last[i], changed[i] = beat, now
                 rc = codes[i]
-                if failure is None and rc is not None and rc not in (EXIT_OK, EXIT_CHECKPOINTED):
+                if failure is None and rc is not None and rc not in (ExitCode.OK, ExitCode.CHECKPOINTED):
                     reason = f"trainer {_describe_exit(rc)}"
                     error = self._attempt_error()
-                    if rc == EXIT_USAGE and self._usage_error_is_final(error):
+                    if rc == ExitCode.USAGE and self._usage_error_is_final(error):
                         self._kill_all(signal.SIGTERM)
-                        return EXIT_USAGE
-                    if rc == EXIT_USAGE:
+                        return ExitCode.USAGE
+                    if rc == ExitCode.USAGE:
                         reason += " (a user error at startup, in a restart: retried)"
                     failure = Failure(i, last[i].step, last[i].phase, reason, cause=error or reason,
-                                      transient=rc == EXIT_USAGE or transient_io(error))
+                                      transient=rc == ExitCode.USAGE or transient_io(error))
                     failed_at = now
                     log.error("supervisor: %s%s at %s (%s)", f"rank {i} " if n > 1 else "", failure.reason,
                               failure.where(), last[i].phase)  # this form is parsed (foldhpc.monitor.timeline)
@@ -388,13 +387,13 @@ class Supervisor:
                         failure.transient = failure.transient or transient_io(error)
                     return failure
             elif all(c is not None for c in codes):
-                return EXIT_CHECKPOINTED if EXIT_CHECKPOINTED in codes else EXIT_OK
+                return ExitCode.CHECKPOINTED if ExitCode.CHECKPOINTED in codes else ExitCode.OK
             time.sleep(POLL_S)
 
     def _hung(self, rank: int, beat: hb.Beat, silent_s: float, timeout: float, source: str) -> Failure:
         where = f"step {beat.step}" if beat.step >= 0 else "startup"
         reason = (f"hung at {where} in {beat.phase}: no heartbeat for {silent_s:.0f}s (timeout {timeout:.0f}s, "
-                  f"{source}); Python stacks in {self.run_dir / 'stacks.log'}")
+                  f"{source}); Python stacks in {self.run_dir / STACKS_FILE}")
         log.error("supervisor: %s%s", f"rank {rank} " if self.nproc > 1 else "", reason)
         p = self.procs[rank]
         try:
@@ -409,7 +408,7 @@ class Supervisor:
     # ------------------------------------------------------------------ policy
     def _record(self, event: str, **fields: object) -> None:
         try:
-            job = slurm_info()["job_id"]
+            job = slurm_env().job_id
             record_event(self.run_dir, event, job_id=job, **fields)
         except OSError as e:
             log.warning("cannot record %s in %s: %s", event, self.run_dir, e)
@@ -426,7 +425,7 @@ class Supervisor:
         self._status(state="failed", error=error, step=failure.step, in_job_restarts=self.restarts,
                      last_failure=failure.__dict__)
         self._record("gave_up", reason=error, step=failure.step, in_job_restarts=self.restarts)
-        return EXIT_FAILED
+        return ExitCode.FAILED
 
     def run(self) -> int:
         from foldhpc.distributed.env import from_environ
@@ -438,7 +437,7 @@ class Supervisor:
         except Exception:  # noqa: BLE001 - the trainer reports a bad environment itself
             rank = None
         # the supervisor's story (restarts, hangs) and the requeue decision after it belong in train.log
-        setup_logging(self.cfg.run.log_level, self.run_dir / "train.log", rank or None)
+        setup_logging(self.cfg.run.log_level, self.run_dir / LOG_FILE, rank or None)
         ready = os.environ.get(READY_FILE_ENV)
         if ready:
             try:
@@ -476,8 +475,8 @@ class Supervisor:
             if self.preempted is not None:
                 log.warning("supervisor: %s arrived and the trainer then failed (%s): not restarting; exit %d so that "
                             "the job is requeued and resumes from the newest checkpoint", self.preempted.name,
-                            failure.reason, EXIT_CHECKPOINTED)
-                return EXIT_CHECKPOINTED
+                            failure.reason, ExitCode.CHECKPOINTED)
+                return ExitCode.CHECKPOINTED
             if failure.cause.startswith(NO_RETRY_ERRORS):
                 return self._give_up("a restart replays the same steps and cannot cure it", failure)
             if self._deterministic(failure):
@@ -498,7 +497,7 @@ class Supervisor:
             while time.monotonic() < deadline:
                 if self.preempted is not None:
                     log.warning("supervisor: %s during the restart back-off: exit %d for requeue",
-                                self.preempted.name, EXIT_CHECKPOINTED)
-                    return EXIT_CHECKPOINTED
+                                self.preempted.name, ExitCode.CHECKPOINTED)
+                    return ExitCode.CHECKPOINTED
                 time.sleep(POLL_S)
             args = self.restart_args

@@ -45,6 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from foldhpc.records.envvars import PROCESS_VARS
 from foldhpc.records.history import read_history, record_event
 from foldhpc.cluster.command import SlurmCommandError, run_command
 from foldhpc.cluster.sacct import parse_scontrol
@@ -61,8 +62,6 @@ _NO_SUCCESSOR_STATES = frozenset({"COMPLETING", "CANCELLED", "PENDING", "REQUEUE
 SUBMIT_TIMEOUT_S = 30.0
 #: the job's own variables, not to be passed to its successor (SLURM_CONF is the cluster's, kept)
 _KEEP_SLURM = frozenset({"SLURM_CONF"})
-_FOLDHPC_PROCESS_VARS = ("FOLDHPC_SUPERVISED", "FOLDHPC_RESTART_INFO", "FOLDHPC_HEARTBEAT_FILE",
-                         "FOLDHPC_READY_FILE")
 #: trainer arguments that apply to a run's first job only
 _FIRST_JOB_ONLY = ("--no-resume",)
 _FIRST_JOB_ONLY_WITH_VALUE = ("--resume",)
@@ -119,7 +118,7 @@ def successor_env(env: dict[str, str] | None = None) -> dict[str, str]:
     and foldhpc's per-process ones."""
     env = dict(os.environ if env is None else env)
     return {k: v for k, v in env.items()
-            if not (k.startswith("SLURM_") and k not in _KEEP_SLURM) and k not in _FOLDHPC_PROCESS_VARS}
+            if not (k.startswith("SLURM_") and k not in _KEEP_SLURM) and k not in PROCESS_VARS}
 
 
 @contextlib.contextmanager

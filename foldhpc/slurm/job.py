@@ -31,11 +31,13 @@ import submitit
 from foldhpc import faults
 from foldhpc.checkpoint.signals import ignore_after_training, ignore_signals, last_signal_time
 from foldhpc.config import Config, parse_duration
+from foldhpc.records.exitcodes import ExitCode
 from foldhpc.records.status import COMPLETED
-from foldhpc.cluster.env import slurm_info
+from foldhpc.cluster.env import slurm_env
 from foldhpc.records.history import record_event
 from foldhpc.slurm.followup import SubmititFollowUp
 from foldhpc.slurm.requeue import Decision, maybe_requeue
+from foldhpc.records.layout import SLURM_DIR
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +63,17 @@ class SlurmTrainer(submitit.helpers.Checkpointable):
         self.cfg = cfg
 
     def __call__(self) -> dict[str, Any]:
-        from foldhpc.train.loop import EXIT_CHECKPOINTED, Trainer
+        from foldhpc.train.loop import Trainer
 
         from foldhpc.distributed.env import from_environ
 
         cfg = self.cfg
-        info = slurm_info()
-        job = info["job_id"]
+        info = slurm_env()
+        job = info.job_id
         env = from_environ()
         where = {"rank": env.rank, "node": env.node} if env.distributed else {}
         if env.is_main:
-            record_event(cfg.run_dir, "started", job_id=job, restart_count=info["restart_count"],
+            record_event(cfg.run_dir, "started", job_id=job, restart_count=info.restart_count,
                          **({"world_size": env.world_size} if env.distributed else {}))
         # When the trainer stops listening, its signals are ignored rather than handed back to
         # submitit's handler, which would requeue a job whose training has already returned.
@@ -98,13 +100,13 @@ class SlurmTrainer(submitit.helpers.Checkpointable):
 
         def record(d: Decision) -> None:  # before scontrol requeue, which may end this process
             record_event(cfg.run_dir, "requeued" if d.requeue else "stopped", job_id=job, step=result.step,
-                         signal=result.signal, restart_count=info["restart_count"], why=d.kind, reason=d.reason)
+                         signal=result.signal, restart_count=info.restart_count, why=d.kind, reason=d.reason)
 
         # where Slurm will not requeue, the run continues in a follow-up job (foldhpc.slurm.followup)
         maybe_requeue(cfg.slurm.max_requeues, parse_duration(cfg.slurm.signal_lead), signal_at or last_signal_time(),
                       record, followup=SubmititFollowUp(cfg), mode=cfg.slurm.resume, step=result.step)
         logging.shutdown()
-        sys.exit(EXIT_CHECKPOINTED)
+        sys.exit(ExitCode.CHECKPOINTED)
 
     def _supervised(self, job: str | None) -> tuple[Any, float | None]:
         """Train in a child ``foldhpc train`` under :class:`~foldhpc.resilience.supervisor.Supervisor`
@@ -113,11 +115,11 @@ class SlurmTrainer(submitit.helpers.Checkpointable):
         from foldhpc.config import config_to_toml
         from foldhpc.records.fsio import atomic_write_text
         from foldhpc.records.status import read_status
-        from foldhpc.resilience.supervisor import EXIT_CHECKPOINTED, EXIT_OK, Supervisor
+        from foldhpc.resilience.supervisor import Supervisor
         from foldhpc.train.loop import TrainResult
 
         cfg = self.cfg
-        path = cfg.run_dir / "slurm" / f"config-{job or 'local'}.toml"  # the child's config: this job's
+        path = cfg.run_dir / SLURM_DIR / f"config-{job or 'local'}.toml"  # the child's config: this job's
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, config_to_toml(cfg), fsync=False)
         args = ["--config", str(path)]
@@ -130,9 +132,9 @@ class SlurmTrainer(submitit.helpers.Checkpointable):
         from foldhpc.distributed.env import from_environ
 
         rank = from_environ().rank
-        if rc == EXIT_OK:
+        if rc == ExitCode.OK:
             return TrainResult(COMPLETED, int(st.get("step", 0)), None, st.get("metrics") or {}, rank=rank), None
-        if rc == EXIT_CHECKPOINTED:
+        if rc == ExitCode.CHECKPOINTED:
             sig = st.get("signal") or (sup.preempted.name if sup.preempted else None)
             return TrainResult("checkpointed", int(st.get("step", 0)), sig, rank=rank), sup.preempted_at
         raise RuntimeError(st.get("error") or f"the supervised trainer failed (exit status {rc})")

@@ -64,9 +64,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from foldhpc.cluster.env import slurm_info
+from foldhpc.cluster.env import slurm_env
 from foldhpc.cluster.command import SlurmCommandError, run_command
 from foldhpc.cluster.sacct import parse_sacct, parse_scontrol
+from foldhpc.records.exitcodes import ExitCode
+from foldhpc.records.layout import CONFIG_FILE
 
 if TYPE_CHECKING:
     from foldhpc.config import Config
@@ -74,7 +76,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXIT_REQUEUED, EXIT_NOT_REQUEUED, EXIT_USAGE = 0, 3, 2  # EXIT_REQUEUED: also "a follow-up job was submitted"
 #: per Slurm command; a healthy slurmctld/slurmdbd answers in milliseconds
 CALL_TIMEOUT_S = 10.0
 #: left unused before the end of the signal lead (the time-limit kill, a slow exit)
@@ -355,8 +356,8 @@ def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: fl
     ``followup.run_dir``) the run does not go on where :data:`NO_PROGRESS_JOBS` jobs in a row made
     no progress (:func:`no_progress`, kind "no_progress", recorded).
     """
-    info = slurm_info()
-    job_id = info["job_id"]
+    info = slurm_env()
+    job_id = info.job_id
     budget = budget_s(signal_lead_s, signal_at)
     deadline = time.monotonic() + budget
     chain = 0
@@ -364,11 +365,11 @@ def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: fl
         from foldhpc.slurm.followup import chain_restarts
 
         chain = chain_restarts(followup.run_dir, job_id)
-    restarts = info["restart_count"] + chain
+    restarts = info.restart_count + chain
     if mode == "chain" and followup is None:
         log.warning("slurm.resume=chain but no way to submit a follow-up job here: requeueing instead")
         mode = "requeue"
-    d = decide(job_id, restarts, max_requeues, deadline, chain, info["restart_count"], mode)
+    d = decide(job_id, restarts, max_requeues, deadline, chain, info.restart_count, mode)
     if d.kind in ("requeue", "chain", "requeue_refused", "preempted_cancel") and job_id:
         d = no_progress(run_dir or (followup.run_dir if followup is not None else None), step, job_id) or d
     log.warning("requeue decision (within %.0fs): %s", budget, d.reason)
@@ -454,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         log.error("requeue: config error: %s; not requeueing", e)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     # An scancel during the decision sends SIGTERM here too: finish deciding (it sees the job
     # ending and does nothing), rather than die between submitting a follow-up and recording it.
     import signal
@@ -472,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         followup = SbatchFollowUp(cfg.run_dir, args.followup_script, followup_script_args(cfg, args))
     d = maybe_requeue(max_requeues, parse_duration(cfg.slurm.signal_lead), args.signal_at, record, followup,
                       mode=cfg.slurm.resume, step=step, run_dir=cfg.run_dir if record else None)
-    return EXIT_REQUEUED if d.continues else EXIT_NOT_REQUEUED
+    return ExitCode.REQUEUED if d.continues else ExitCode.NOT_REQUEUED
 
 
 def followup_script_args(cfg: "Config", args: argparse.Namespace) -> list[str]:
@@ -482,7 +483,7 @@ def followup_script_args(cfg: "Config", args: argparse.Namespace) -> list[str]:
     the chain; the original arguments only where the run has no config.toml. Never
     ``--force-resume``: the checkpoint the successor resumes from was written with this very
     config (``--no-resume``/``--resume PATH`` are dropped by the follow-up itself)."""
-    resolved = cfg.run_dir / "config.toml"
+    resolved = cfg.run_dir / CONFIG_FILE
     if resolved.is_file():
         return [str(resolved.resolve())]
     log.warning("%s is missing: the follow-up job reads %s again", resolved, args.config)
@@ -504,12 +505,12 @@ def _record(cfg: "Config", d: Decision, step: int | None = None) -> None:
     """The decision in ``<run.dir>/jobs.jsonl``, so ``foldhpc status`` can say why a job stopped."""
     from foldhpc.records.history import record_event
 
-    info = slurm_info()
-    if not info["job_id"]:
+    info = slurm_env()
+    if not info.job_id:
         return  # not a Slurm job: nothing to tell about it
     try:
-        record_event(cfg.run_dir, d.event, job_id=info["job_id"],
-                     restart_count=info["restart_count"], why=d.kind, reason=d.reason,
+        record_event(cfg.run_dir, d.event, job_id=info.job_id,
+                     restart_count=info.restart_count, why=d.kind, reason=d.reason,
                      **({"step": step} if step is not None else {}))
     except OSError as e:
         log.error("could not record the requeue decision in %s: %s", cfg.run_dir, e)

@@ -20,6 +20,7 @@ from pathlib import Path
 from foldhpc.config import Config, ConfigError, load_config, parse_duration
 from foldhpc.records.fsio import make_private_dir
 from foldhpc.records.history import record_event
+from foldhpc.records.layout import SLURM_DIR
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def executor_for(cfg: Config, local: bool = False):
     """A configured submitit executor writing its files under <run.dir>/slurm."""
     import submitit
 
-    folder = Path(cfg.slurm.logs_dir) if cfg.slurm.logs_dir else cfg.run_dir / "slurm"
+    folder = Path(cfg.slurm.logs_dir) if cfg.slurm.logs_dir else cfg.run_dir / SLURM_DIR
     make_private_dir(next(p for p in (folder, *folder.parents) if "%" not in str(p)))  # the pickles a job unpickles
     sig = slurm_signal_name(cfg)
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = sig  # exported to the job: submitit's handler listens on it

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from foldhpc.config import Config, ConfigError, config_to_toml, load_config
+from foldhpc.records.layout import CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, STATUS_FILE, TENSORBOARD_DIR
 
 SWEEP_FILE = "sweep.json"
 MAX_NAME = 120  # characters of a task directory name (longer ones end in a hash)
@@ -158,12 +159,12 @@ def submit_sweep(config: str | None, overrides: list[str], specs: list[str], max
     if previous is not None and [t.get("name") for t in previous["tasks"]] != names:
         raise ConfigError(f"run.dir = '{sweep_dir}' holds another sweep ({len(previous['tasks'])} tasks: "
                           f"{', '.join(str(t.get('name')) for t in previous['tasks'][:4])}...); choose a new run.dir")
-    if previous is None and any((sweep_dir / m).exists() for m in ("status.json", "checkpoints", "jobs.jsonl")):
+    if previous is None and any((sweep_dir / m).exists() for m in (STATUS_FILE, CHECKPOINT_DIR, HISTORY_FILE)):
         raise ConfigError(f"run.dir = '{sweep_dir}' is a single run's directory; a sweep needs a run.dir of its own")
     make_private_dir(sweep_dir)  # issue 19 item 4: not group-writable whatever the umask
     for task, cfg in planned:
         make_private_dir(cfg.run_dir)
-        atomic_write_text(cfg.run_dir / "config.toml", config_to_toml(cfg), fsync=False)
+        atomic_write_text(cfg.run_dir / CONFIG_FILE, config_to_toml(cfg), fsync=False)
     ex = executor_for(root)  # folder: <sweep>/slurm (or slurm.logs_dir); resources: the same for all tasks
     n = len(planned)
     ex.update_parameters(array_parallelism=min(max_parallel or n, n))
@@ -214,7 +215,7 @@ def best_validation(run_dir: Path) -> dict[str, Any] | None:
     """The lowest validation distogram loss of the run so far, its step and the long-range contact
     precision there, from the run's TensorBoard curves (one continuous set across restarts);
     status.json's latest validation where there are no curves. None before any validation."""
-    tb = Path(run_dir) / "tensorboard"
+    tb = Path(run_dir) / TENSORBOARD_DIR
     if tb.is_dir():
         try:
             from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -233,7 +234,7 @@ def best_validation(run_dir: Path) -> dict[str, Any] | None:
         except Exception:  # noqa: BLE001 - unreadable curves: fall back to status.json
             pass
     try:
-        status = json.loads((Path(run_dir) / "status.json").read_text())
+        status = json.loads((Path(run_dir) / STATUS_FILE).read_text())
     except (OSError, ValueError):
         return None
     val = status.get("val") if isinstance(status, dict) else None

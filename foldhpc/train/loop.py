@@ -67,18 +67,16 @@ from foldhpc.resilience.nonfinite import NonFiniteError, NonFiniteGuard
 from foldhpc.resilience import heartbeat as hb
 from foldhpc.resilience import runlock
 from foldhpc.resilience.supervisor import RESTART_INFO_ENV, SUPERVISED_ENV
-from foldhpc.cluster.env import slurm_info
+from foldhpc.cluster.env import slurm_env
 from foldhpc.train.compat import check_resume, runtime_differences
 from foldhpc.train.rng import capture_rng_state, restore_rng_state, step_seed
 from foldhpc.train.schedule import lr_factor
 from foldhpc.train.validation import debug_delayed, validation_due
+from foldhpc.records.exitcodes import ExitCode
+from foldhpc.records.layout import CONFIG_FILE, LOG_FILE, STACKS_FILE, TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2  # a user error before training started (config, data, checkpoint directory): never retried
-EXIT_CHECKPOINTED = 75  # EX_TEMPFAIL: state saved on a preemption signal, requeue me
 
 
 
@@ -92,7 +90,7 @@ class TrainResult:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_OK if self.state == COMPLETED else EXIT_CHECKPOINTED
+        return ExitCode.OK if self.state == COMPLETED else ExitCode.CHECKPOINTED
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -190,12 +188,12 @@ class Trainer:
         self.guard.load_state_dict(state["train"].get("nonfinite"))
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        slurm = slurm_info()
+        slurm = slurm_env()
         return {"config_fingerprint": self.cfg.fingerprint(), "config": self.cfg.to_dict(),
                 "foldhpc_version": foldhpc.__version__, "torch_version": str(torch.__version__),
                 "device": self.device_kind, "world_size": self.env.world_size,
                 "saved_at": time.time(), "host": socket.gethostname(),
-                "slurm_job_id": slurm["job_id"] or "", "slurm_restart_count": slurm["restart_count"]}
+                "slurm_job_id": slurm.job_id or "", "slurm_restart_count": slurm.restart_count}
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -380,7 +378,7 @@ class Trainer:
         if error is not None:
             e = CheckpointError(f"the resumed checkpoint could not be committed ({error}); nothing was trained. "
                                 "Fix the checkpoint directory and run the same command again.")
-            e.exit_code = EXIT_USAGE  # type: ignore[attr-defined]
+            e.exit_code = ExitCode.USAGE  # type: ignore[attr-defined]
             raise e
         self.commit_resume_choice = False
 
@@ -430,26 +428,26 @@ class Trainer:
     def _run_locked(self) -> TrainResult:
         cfg, env = self.cfg, self.env
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(cfg.run.log_level, self.run_dir / "train.log", env.rank if env.distributed else None)
+        setup_logging(cfg.run.log_level, self.run_dir / LOG_FILE, env.rank if env.distributed else None)
         self.lock.log_acquired()
         self._started_at = time.time()
         if self.main:
             try:
-                atomic_write_text(self.run_dir / "config.toml", config_to_toml(cfg))
+                atomic_write_text(self.run_dir / CONFIG_FILE, config_to_toml(cfg))
             except OSError as e:  # run.dir full: every checkpoint holds the config too
                 log.warning("cannot write %s (%s): training goes on (each checkpoint records the config)",
-                            self.run_dir / "config.toml", e.strerror or e)
+                            self.run_dir / CONFIG_FILE, e.strerror or e)
         self.status: StatusFile | NullStatus = StatusFile(self.run_dir) if self.main else NullStatus()
-        slurm = slurm_info()
+        slurm = slurm_env()
         self.status.update(state=RUNNING, max_steps=cfg.train.max_steps, started_at=self._started_at, error=None,
-                           signal=None, slurm_job_id=slurm["job_id"], slurm_restart_count=slurm["restart_count"],
+                           signal=None, slurm_job_id=slurm.job_id, slurm_restart_count=slurm.restart_count,
                            world_size=env.world_size, failed_ranks=None)
         if env.distributed:
             ranks.write_record(self.run_dir, env, ranks.RUNNING)
         self.hb = hb.heartbeat()
         self.restart_info: dict[str, Any] = json.loads(os.environ.get(RESTART_INFO_ENV) or "{}")
         if os.environ.get(SUPERVISED_ENV) == "1":
-            hb.enable_stack_dump(self.run_dir / "stacks.log")
+            hb.enable_stack_dump(self.run_dir / STACKS_FILE)
             self.status.update(in_job_restarts=self.restart_info.get("in_job_restarts", 0))
         self.timings: dict[str, float] = {"imports_s": process_age_s()}
         try:
@@ -470,7 +468,7 @@ class Trainer:
         msg = f"{type(e).__name__}: {e}"
         # A user error (exit 2: config, data, checkpoint directory) is in train.log, not a second
         # time on the console, where `foldhpc` prints it as one line; tracebacks are for bugs.
-        user_error = isinstance(e, ConfigError) or getattr(e, "exit_code", None) == EXIT_USAGE
+        user_error = isinstance(e, ConfigError) or getattr(e, "exit_code", None) == ExitCode.USAGE
         log.error("run failed at step %d: %s", self.step, msg,
                   exc_info=not isinstance(e, (CheckpointError, ConfigError, DataError, PeerFailure, NonFiniteError)),
                   extra={"console": False} if user_error else None)
@@ -505,20 +503,21 @@ class Trainer:
             except CheckpointError as e:
                 # Before the first step (checkpoint directory unusable, no usable checkpoint, a
                 # resume refused): nothing is lost and a restart cannot fix it -- the user must act.
-                e.exit_code = EXIT_USAGE  # type: ignore[attr-defined]
+                e.exit_code = ExitCode.USAGE  # type: ignore[attr-defined]
                 raise
             if self.env.distributed:  # after the restore: DDP broadcasts rank 0's weights (identical anyway)
                 self.forward = torch.nn.parallel.DistributedDataParallel(
                     self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if t.compile and self.device.type == "cuda":
                 self.forward = torch.compile(self.forward)
-            self.writer: RunWriter | NullWriter = (RunWriter(self.run_dir / "tensorboard", start_step=self.step)
+            self.writer: RunWriter | NullWriter = (RunWriter(self.run_dir / TENSORBOARD_DIR, start_step=self.step)
                                                    if self.main else NullWriter())
             if self.restarts:
                 failure = self.restart_info.get("last_failure")
                 note = (f"; restarted inside the job after: {failure['reason']} at step {failure['step']}"
                         if failure else "")
-                self.writer.restart_marker(self.step, self.restarts, slurm_info(), note)
+                job = slurm_env()
+                self.writer.restart_marker(self.step, self.restarts, job.job_id, job.restart_count, note)
                 if failure:
                     self.writer.scalar("run/in_job_restarts", self.restart_info.get("in_job_restarts", 0), self.step)
             self.status.update(step=self.step, restarts=self.restarts)
@@ -651,7 +650,7 @@ class Trainer:
                 t0 = time.monotonic()
                 self._save_for_exit(f"signal:{sig}", seen)
                 log.warning("checkpoint at step %d durable %.2fs after the step boundary; exit %d",
-                            self.step, time.monotonic() - t0, EXIT_CHECKPOINTED)
+                            self.step, time.monotonic() - t0, ExitCode.CHECKPOINTED)
                 self.status.update(state=CHECKPOINTED, step=self.step, signal=sig)
                 return TrainResult(CHECKPOINTED, self.step, sig, rank=self.env.rank)
             if self.step >= t.max_steps:
