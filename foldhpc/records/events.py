@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from foldhpc.records.layout import EVENTS_FILE
 
@@ -58,6 +58,8 @@ KINDS: dict[str, tuple[str, ...]] = {
     "rollback": ("first", "at", "to"),  # skipped steps first..at, back to the checkpoint of step `to`
     "completed": ("step",),
     "failed": ("step", "error"),
+    "failed_ranks": ("step", "error", "ranks"),  # several ranks: the rank(s) to blame, after "failed"
+    "checkpointed": ("step", "signal"),  # exiting for requeue on a durable checkpoint (after a signal)
     # -- the supervisor ---------------------------------------------------------------------------
     "supervisor_spawn": ("pids", "nproc", "restarts"),  # started the trainer (one pid per local rank)
     "supervisor_failure": ("failed_rank", "step", "reason", "cause"),  # a trainer died; step -1: at startup
@@ -87,6 +89,23 @@ class Event:
         return self.data.get(key, default)
 
 
+def check_fields(kind: str, fields: dict[str, Any]) -> None:
+    """ValueError if ``kind`` is not in :data:`KINDS` or ``fields`` lack one it must carry."""
+    need = KINDS.get(kind)
+    if need is None:
+        raise ValueError(f"unknown event kind {kind!r} (add it to foldhpc.records.events.KINDS)")
+    missing = [f for f in need if f not in fields]
+    if missing:
+        raise ValueError(f"event {kind!r} lacks {', '.join(missing)}")
+
+
+class EventSink(Protocol):
+    """Where a component sends its events: an :class:`EventLog`, or a :class:`NullEventLog` where
+    there is no run directory (a manager used by a tool, a test)."""
+
+    def emit(self, kind: str, /, **fields: Any) -> None: ...
+
+
 class EventLog:
     """Appends events of one process to ``<run_dir>/events.jsonl``.
 
@@ -100,12 +119,7 @@ class EventLog:
         self.failing = False
 
     def emit(self, kind: str, /, **fields: Any) -> None:
-        need = KINDS.get(kind)
-        if need is None:
-            raise ValueError(f"unknown event kind {kind!r} (add it to foldhpc.records.events.KINDS)")
-        missing = [f for f in need if f not in fields]
-        if missing:
-            raise ValueError(f"event {kind!r} lacks {', '.join(missing)}")
+        check_fields(kind, fields)
         rec = {"v": VERSION, "t": fields.pop("t", None) or time.time(), "pid": os.getpid(), "rank": self.rank,
                "kind": kind, **fields}
         line = (json.dumps(rec, separators=(",", ":"), default=str) + "\n").encode("utf-8")
@@ -128,8 +142,7 @@ class NullEventLog:
     """Events of a process that records none (tests, tools that only read)."""
 
     def emit(self, kind: str, /, **fields: Any) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"unknown event kind {kind!r}")
+        check_fields(kind, fields)  # the same programming errors fail here as with a real log
 
 
 @dataclass
