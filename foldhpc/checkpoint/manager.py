@@ -70,6 +70,7 @@ from foldhpc import faults
 from foldhpc.checkpoint import fileformat
 from foldhpc.checkpoint.digest import tree_digest
 from foldhpc.checkpoint.errors import CheckpointError  # noqa: F401 - defined there without torch
+from foldhpc.records.events import EventSink, NullEventLog
 from foldhpc.records.layout import MANIFEST_FILE
 from foldhpc.records.fsio import PRIVATE_DIR_MODE, atomic_write_text, fsync_dir, pid_alive
 
@@ -244,7 +245,7 @@ class CheckpointManager:
     """Saves and restores training state under one directory; see the module docstring."""
 
     def __init__(self, directory: Path, keep_last: int = 3, async_save: bool = True,
-                 owner_check: Callable[[], None] | None = None) -> None:
+                 owner_check: Callable[[], None] | None = None, events: EventSink | None = None) -> None:
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.async_save = async_save
@@ -252,6 +253,9 @@ class CheckpointManager:
         # RunLock.verify); called before a commit and before pruning, so a save in flight then
         # neither becomes the new owner's newest checkpoint nor deletes its files.
         self.owner_check = owner_check
+        # events.jsonl of the run (foldhpc.records.events): a manager of a tool or a test has no run
+        # directory, so by default nothing is recorded. Emitted beside the log line that says the same.
+        self.events: EventSink = events if events is not None else NullEventLog()
         # One long-lived writer thread fed by a queue: starting a thread per save costs a GIL
         # handshake of several ms on the training thread.
         self._worker: threading.Thread | None = None
@@ -332,6 +336,7 @@ class CheckpointManager:
                     removed.append(p)
                     log.warning("removed stale temporary checkpoint file %s (%.1f MiB, from a writer that died)",
                                 p, size / 2**20)
+                    self.events.emit("checkpoint_stale_tmp", path=str(p), bytes=size)
             except OSError:
                 continue
         return removed
@@ -438,6 +443,7 @@ class CheckpointManager:
             self._worker.start()
             atexit.register(self.wait)  # a daemon thread: never let interpreter exit cut a write short
         log.info("checkpoint step %d: staging and writing in the background (%s)", step, reason or "save")
+        self.events.emit("checkpoint_staged", step=step, reason=reason or "save")
         self._idle.clear()
         self._staged.clear()
         self._jobs.put((step, state, dict(meta, step=step), reason))
@@ -483,6 +489,7 @@ class CheckpointManager:
                     torch.cuda.synchronize(dev)
         except BaseException as e:  # noqa: BLE001 - reported like a failed write
             log.error("checkpoint at step %d FAILED while copying the state: %s", step, e)
+            self.events.emit("checkpoint_failed", step=step, error=str(e), phase="staging")
             self._staged.set()
             raise
         if not any(d.type == "cpu" for d in devices):
@@ -495,6 +502,8 @@ class CheckpointManager:
             if bad:
                 log.error("checkpoint at step %d REFUSED: non-finite values in %s; nothing written, previous "
                           "checkpoint kept", step, "; ".join(bad))
+                self.events.emit("checkpoint_failed", step=step, phase="refused",
+                                 error=f"refused: non-finite values in {'; '.join(bad)}")
                 raise CheckpointError(f"refused: the state holds non-finite values ({'; '.join(bad)}); nothing "
                                       "was written, the previous checkpoint is kept", damaged=False)
             self._write(step, snap, meta, reason)
@@ -532,6 +541,7 @@ class CheckpointManager:
             except OSError:
                 pass
             log.error("checkpoint at step %d FAILED, previous checkpoint kept: %s", step, e)
+            self.events.emit("checkpoint_failed", step=step, error=str(e), phase="write")
             raise
         entry = CheckpointEntry(file=name, step=step, bytes=header["bytes"], saved_at=info["saved_at"],
                                 digest=header["info"]["digest"], reason=reason,
@@ -548,6 +558,8 @@ class CheckpointManager:
                         self.dir / MANIFEST_FILE, e)
         log.info("checkpoint step %d saved (%s, %.1f MiB, %.2fs) -> %s", step, reason or "save",
                  entry.bytes / 2**20, entry.write_s, final)
+        self.events.emit("checkpoint_committed", step=step, reason=reason or "save", bytes=entry.bytes,
+                         write_s=entry.write_s, path=str(final), file=name, seq=seq, digest=entry.digest)
         return entry
 
     def _index_commit(self, entry: CheckpointEntry) -> None:
@@ -608,8 +620,10 @@ class CheckpointManager:
             return
         if bad:
             log.warning("deleted bad checkpoint %s (%s) now that step %d is durable", e.file, bad[0], durable_step)
+            self.events.emit("checkpoint_deleted", path=e.file, reason=bad[0], step=e.step, durable_step=durable_step)
         else:
             log.info("pruned checkpoint %s (step %d; keep_last=%d)", e.file, e.step, self.keep_last)
+            self.events.emit("checkpoint_pruned", path=e.file, step=e.step, keep_last=self.keep_last)
 
     # ------------------------------------------------------------------ index
     def _read_manifest(self) -> list[CheckpointEntry]:
@@ -773,6 +787,7 @@ class CheckpointManager:
                 kind = "BAD" if e.damaged else "UNREADABLE" if ident is not None else "MISSING"
                 log.error("CHECKPOINT %s (step %d) IS %s: %s -- falling back to the previous one",
                           entry.file, entry.step, kind, why)
+                self.events.emit("checkpoint_rejected", path=entry.file, step=entry.step, problem=kind, reason=why)
                 if e.damaged:
                     self._bad[entry.file] = (why, ident)
                 skipped.append((entry.file, why))
