@@ -20,10 +20,13 @@ import torch
 
 from conftest import GOOD_DATA, TINY, run_foldhpc
 from foldhpc.chaos import local, report, storage
+from foldhpc.chaos.eventtail import EventTail
 from foldhpc.chaos.kinds import DEFAULT_KINDS, KINDS
 from foldhpc.checkpoint import CheckpointManager, fileformat
 from foldhpc.chaos.local import FaultRecord
 from foldhpc.chaos.schedule import Plan, PlanError, PlannedFault, make_plan, parse_kinds, parse_weights
+from foldhpc.records.events import EventLog
+from foldhpc.records.layout import EVENTS_FILE
 
 
 # ---------------------------------------------------------------------- schedule
@@ -126,6 +129,36 @@ def test_fill_leaves_no_byte_free(tmp_path):
         storage.unmount_keeping(d)
     assert not os.path.ismount(d)
     assert (d / "kept.txt").read_text() == "written before\n" and not (d / storage.FILLER).exists()
+
+
+# ---------------------------------------------------------------------- reading events.jsonl
+def test_event_tail_reads_complete_records_as_they_come(tmp_path):
+    """What the runner sees of a run: each complete record once, with the time it was read; a
+    half-written last line waits for its end; garbage and other ranks' records are left out."""
+    tail = EventTail(tmp_path / EVENTS_FILE)
+    assert tail.poll() == []  # no file yet
+    trainer, sup = EventLog(tmp_path, rank=0), EventLog(tmp_path, rank=None)
+    trainer.emit("resumed", path=str(tmp_path / "checkpoints" / "step_00000010.ckpt"), step=10, restarts=1)
+    trainer.emit("progress", step=11, max_steps=50, loss=1.0, lr=0.1, grad_norm=1.0, samples_per_s=9.0,
+                 data_wait_frac=0.0, steps=1)
+    EventLog(tmp_path, rank=1).emit("progress", step=11, max_steps=50, loss=1.0, lr=0.1, grad_norm=1.0,
+                                    samples_per_s=9.0, data_wait_frac=0.0, steps=1)
+    sup.emit("supervisor_restart", restarts=1, delay_s=0.0)
+    line = (tmp_path / EVENTS_FILE).read_bytes().splitlines(keepends=True)[-1]
+    with open(tmp_path / EVENTS_FILE, "ab") as f:
+        f.write(b"not json\n" + line[:20])  # garbage, then a record cut mid-write
+    got = tail.poll()
+    assert [e.kind for e in got] == ["resumed", "progress", "supervisor_restart"]
+    assert got[0].name == "step_00000010.ckpt" and got[0].step == 10 and got[2].step == -1 and got[2].rank is None
+    assert tail.timeline == [(got[1].seen, 11)] and got[1].seen >= got[1].t
+    assert tail.other_ranks == 1 and tail.scan.bad_lines == 1
+    with open(tmp_path / EVENTS_FILE, "ab") as f:
+        f.write(line[20:])  # the rest of the cut record
+    assert tail.poll()[0].kind == "supervisor_restart" and tail.poll() == []
+    assert [e.kind for e in tail.since(1)] == ["progress", "supervisor_restart", "supervisor_restart"]
+    assert tail.last("supervisor_restart", before=3) is got[2] and tail.last_position_of(got[0].pid) == 3
+    with pytest.raises(ValueError, match="unknown event kind"):
+        tail.since(0, "saved")  # a train.log pattern's name, not an event kind: never silently empty
 
 
 # ---------------------------------------------------------------------- verdict
@@ -260,7 +293,7 @@ def test_full_run_directory_is_survived_bit_exact(tmp_path):
     assert verdict.passed, verdict.problems
     full = outcome.records[0]
     assert full.steps_lost == 0 and full.time_to_resume_s is not None
-    assert any("checkpoints of steps" in n for n in full.notes) and any("lost the lines" in n for n in full.notes)
+    assert any("checkpoints of steps" in n for n in full.notes) and any("lost the records" in n for n in full.notes)
     run_dir = tmp_path / "runs" / "chaos"
-    assert not os.path.ismount(run_dir) and (run_dir / "train.log").stat().st_size > 0  # copied back
+    assert not os.path.ismount(run_dir) and (run_dir / EVENTS_FILE).stat().st_size > 0  # copied back
     assert not (run_dir / "checkpoints").exists() and list((tmp_path / "runs" / "chaos-checkpoints").glob("step_*"))

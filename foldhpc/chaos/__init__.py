@@ -13,7 +13,7 @@ restart, a hang after a rollback). Hundreds of seeded faults in one run find tho
 seed makes any failure replayable.
 
 Modules: :mod:`.kinds` (what each fault is and how it is recovered), :mod:`.schedule` (the
-seeded plan), :mod:`.logtail` (reading ``train.log`` as it grows), :mod:`.local` (the runner
+seeded plan), :mod:`.eventtail` (reading ``events.jsonl`` as it grows), :mod:`.local` (the runner
 that drives real ``foldhpc train`` processes), :mod:`.report` (verdict, report.md/json, PNG),
 :mod:`.command` (the CLI).
 """

@@ -74,10 +74,11 @@ KINDS: dict[str, KindSpec] = {k.name: k for k in (
              "finish and do not list it, and the next start resumes from the newest real checkpoint (0 steps "
              "lost after its SIGUSR1); nothing ever blocks opening it", ends_launch=True, hook=False,
              restarts=True, span=15),
-    KindSpec("full_status_fs", "the file system of the run directory (train.log, status.json, TensorBoard; a "
-             "small tmpfs) is full while the checkpoint directory (checkpoint.dir, elsewhere) has space: the "
+    KindSpec("full_status_fs", "the file system of the run directory (events.jsonl, train.log, status.json, "
+             "TensorBoard; a small tmpfs) is full while the checkpoint directory (checkpoint.dir, elsewhere) has "
+             "space: the "
              "trainer goes on without a restart, at least two checkpoints commit while it is full, and once "
-             "space is back train.log and status.json are written again; 0 steps lost", ends_launch=False,
+             "space is back events.jsonl and status.json are written again; 0 steps lost", ends_launch=False,
              hook=False, restarts=False, span=60),
     KindSpec("dead_rank", "one rank other than 0 of a multi-rank run (--nproc N) is SIGKILLed at a random moment: "
              "the others' next collective fails, the supervisor restarts all ranks together", ends_launch=False,

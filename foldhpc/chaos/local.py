@@ -2,7 +2,7 @@
 
 The runner plays both the cluster and the adversary. It starts ``foldhpc train --supervise``
 (a launch: what one Slurm job allocation would run) in its own process group, watches
-``train.log`` (:mod:`.logtail`), injects the planned faults one after another, and starts the
+``events.jsonl`` (:mod:`.eventtail`), injects the planned faults one after another, and starts the
 training again whenever a fault ended the launch -- exactly what a requeue does. Each fault is
 recovered from before the next one is injected, so every record says what that fault cost: the
 step it hit, the checkpoint the next start resumed from (and any it rejected), the steps lost and
@@ -33,10 +33,10 @@ from foldhpc import faults
 from foldhpc.records.envvars import FAULT_PREFIXES
 from foldhpc.chaos import storage
 from foldhpc.chaos.kinds import KINDS, uses_hook
-from foldhpc.chaos.logtail import LogEvent, LogTail
+from foldhpc.chaos.eventtail import EventTail, SeenEvent
 from foldhpc.chaos.schedule import Plan, PlannedFault
 from foldhpc.records.exitcodes import ExitCode
-from foldhpc.records.layout import CHECKPOINT_DIR, LOG_FILE, RANKS_DIR, STATUS_FILE
+from foldhpc.records.layout import CHECKPOINT_DIR, EVENTS_FILE, RANKS_DIR, STATUS_FILE
 
 if TYPE_CHECKING:
     from foldhpc.checkpoint.manager import CheckpointEntry
@@ -52,7 +52,7 @@ MISSING_BACK_S = (0.0, 0.3)  # missing_file: back this soon after the trainer's 
 FULL_FS_CHECKPOINTS = 2  # full_status_fs: checkpoints that must commit while the run directory is full
 # chaos settings that make every fault cheap; the user's --set items override them
 CHAOS_DEFAULTS: dict[str, str] = {
-    "run.log_every": "1",  # the runner reads each completed step from the log
+    "run.log_every": "1",  # a progress record (events.jsonl) for each completed step: the runner reads them
     "train.deterministic": "true",  # bit-exact on CPU
     "checkpoint.every_steps": "10",
     "checkpoint.keep_last": "3",  # a damaged newest file still leaves good ones
@@ -131,7 +131,7 @@ class ChaosOutcome:
     started_at: float  # time.time() when the chaos run (after the reference) started
     unwritable_method: str | None
     settings: dict[str, str]
-    in_job_restarts: int = 0  # the supervisors' restarts of a trainer, as logged
+    in_job_restarts: int = 0  # the supervisors' restarts of a trainer, as recorded (supervisor_restart)
     slurm_jobs: list[str] = field(default_factory=list)  # --backend slurm: every job id the run had
     max_jobs_running: int = 0  # --backend slurm: the most jobs of the run seen RUNNING at once
 
@@ -218,7 +218,7 @@ class LocalRunner:
         self.launch_hook: int | None = None  # the fault whose FOLDHPC_FAIL_* this launch carries
         self.relaunches_for_hooks = 0
         self.unplanned = 0
-        self.tail = LogTail(self.run_dir / LOG_FILE)
+        self.tail = EventTail(self.run_dir / EVENTS_FILE)
         self._immutable: Path | None = None
         self._console: Any = None
 
@@ -301,7 +301,7 @@ class LocalRunner:
             self.launches[-1].rc, self.launches[-1].ended_at = rc, time.time()
 
     def _wait(self, pred: Callable[[], T | None], timeout: float, what: str, allow_exit: bool = False) -> T:
-        """Poll the log until ``pred`` holds; LaunchEnded if the process tree ends first (unless
+        """Poll the events until ``pred`` holds; LaunchEnded if the process tree ends first (unless
         ``allow_exit``), WaitTimeout after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while True:
@@ -330,13 +330,13 @@ class LocalRunner:
         return self._wait(lambda: self._current_step() if self._current_step() >= target else None,
                           self._step_timeout(target - self._current_step()) + START_TIMEOUT_S, f"step {target}")
 
-    def _wait_first_step(self, index: int, what: str) -> LogEvent:
+    def _wait_first_step(self, index: int, what: str) -> SeenEvent:
         return self._wait(lambda: next(iter(self.tail.since(index, "first_step")), None), START_TIMEOUT_S, what)
 
     def _wait_exit(self, timeout: float = 120.0) -> int:
         assert self.proc is not None
         deadline = time.monotonic() + timeout
-        while (rc := self.proc.poll()) is None:  # keep reading the log: its events get their real times
+        while (rc := self.proc.poll()) is None:  # keep reading the events: they get their real times
             if time.monotonic() > deadline:
                 raise WaitTimeout(f"the launch did not exit within {timeout:.0f}s")
             self.tail.poll()
@@ -355,21 +355,21 @@ class LocalRunner:
             self._ended(self.proc.returncode)
 
     def _newest_good(self, before: int | None = None) -> int | None:
-        """Step of the newest good checkpoint according to the log: the latest save, or the
+        """Step of the newest good checkpoint according to the events: the latest commit, or the
         checkpoint a later start verified and resumed from, whichever came last."""
         evs = self.tail.events[:before] if before is not None else self.tail.events
         for e in reversed(evs):
-            if e.kind in ("saved", "resumed"):
+            if e.kind in ("checkpoint_committed", "resumed"):
                 return e.step
         return None  # (a scan from the end: a save or a resume is never far back)
 
     def _trainer_pid(self, check_parent: bool = True) -> int:
-        """The running trainer (rank 0): the process that logged the newest "first step"."""
+        """The running trainer (rank 0): the process that recorded the newest ``first_step``."""
         ev = self.tail.last("first_step")
         if ev is None or self.proc is None:
             raise RuntimeError("no trainer has started yet")
         if check_parent and _ppid(ev.pid) != self.proc.pid:
-            raise RuntimeError(f"pid {ev.pid} (from the log) is not a child of the launch {self.proc.pid}")
+            raise RuntimeError(f"pid {ev.pid} (from its events) is not a child of the launch {self.proc.pid}")
         return ev.pid
 
     def _last_progress(self, pid: int, before: int | None = None) -> int | None:
@@ -377,16 +377,16 @@ class LocalRunner:
         return ev.step if ev else None
 
     # ------------------------------------------------------------------ recovery checks
-    def _resumed(self, rec: FaultRecord, index: int, first: LogEvent) -> LogEvent | None:
+    def _resumed(self, rec: FaultRecord, index: int, first: SeenEvent) -> SeenEvent | None:
         """Fill the record from the events of the start that completed ``first``."""
         rec.time_to_resume_s = round(first.seen - (rec.injected_at or first.seen), 3)
         resumed = [e for e in self.tail.since(index, "resumed") if e.pid == first.pid]
-        rec.rejected = [e.groups[0] for e in self.tail.since(index, "rejected") if e.pid == first.pid]
+        rec.rejected = [e.name for e in self.tail.since(index, "checkpoint_rejected") if e.pid == first.pid]
         if not resumed:
             rec.problems.append("the new trainer did not resume from a checkpoint (started from step 0)")
             return None
         ev = resumed[-1]
-        rec.checkpoint_used, rec.resumed_step = Path(ev.groups[0]).name, ev.step
+        rec.checkpoint_used, rec.resumed_step = ev.name, ev.step
         if rec.step is not None:
             rec.steps_lost = rec.step - ev.step
         return ev
@@ -413,7 +413,7 @@ class LocalRunner:
         rec.launch_exit = self._wait_exit()
         if rec.launch_exit != ExitCode.CHECKPOINTED:
             rec.problems.append(f"exit {rec.launch_exit} after {sig.name}, not {ExitCode.CHECKPOINTED}")
-        saves = self.tail.since(index, "signal_save")
+        saves = self.tail.since(index, "signal")
         rec.step = saves[-1].step if saves else None
         if rec.step is None:
             rec.problems.append(f"no checkpoint on {sig.name}")
@@ -451,18 +451,18 @@ class LocalRunner:
         if tmp is not None and tmp.exists():
             rec.problems.append(f"the half-written {tmp.name} was not removed at the restart")
         if tmp is not None and rec.checkpoint_used == tmp.name.split(".tmp-")[0].lstrip("."):
-            written = any(e.kind == "saved" and f"step_{e.step:08d}.ckpt" == rec.checkpoint_used
+            written = any(e.kind == "checkpoint_committed" and e.name == rec.checkpoint_used
                           for e in self.tail.events[:index])
             if not written:
                 rec.problems.append(f"resumed from {rec.checkpoint_used}, the file whose write was killed")
         rec.resume_measure = "SIGKILL -> first step of the restarted trainer"
 
-    def _restart_of(self, old_pid: int, timeout: float, after: float = 0.0) -> tuple[int, LogEvent]:
+    def _restart_of(self, old_pid: int, timeout: float, after: float = 0.0) -> tuple[int, SeenEvent]:
         """Wait for the supervisor's new trainer after ``old_pid`` (rank 0) died: (position of the
-        new trainer's first event in the log, its "first step" event), seen after ``after``. The
-        old trainer's lines all come before the new one's: it was dead when the supervisor
+        new trainer's first event, its ``first_step`` event), seen after ``after``. The
+        old trainer's records all come before the new one's: it was dead when the supervisor
         started the next."""
-        def found() -> tuple[int, LogEvent] | None:
+        def found() -> tuple[int, SeenEvent] | None:
             evs = self.tail.events
             last_old = self.tail.last_position_of(old_pid)
             for j in range(last_old + 1, len(evs)):
@@ -485,7 +485,7 @@ class LocalRunner:
         rec.resume_measure = "SIGSEGV/SIGKILL to the trainer -> first step of the trainer the supervisor restarted"
 
     def _check_hung(self, rec: FaultRecord, start: int) -> None:
-        if not any(e.kind == "hung" and rec.step is not None and rec.step <= e.step <= rec.step + 1
+        if not any(e.kind == "supervisor_hang" and rec.step is not None and rec.step <= e.step <= rec.step + 1
                    for e in self.tail.events[:start]):
             rec.problems.append("the supervisor did not report the hang")
 
@@ -506,8 +506,8 @@ class LocalRunner:
         rec.newest_durable_step = self._newest_good(start)
         self._resumed(rec, start, first)
         self._check_kill_bounds(rec)
-        if not any(e.seen >= rec.injected_at for e in self.tail.of_kind("restarting")):
-            rec.problems.append("no restart by the supervisor was logged")
+        if not any(e.seen >= rec.injected_at for e in self.tail.of_kind("supervisor_restart")):
+            rec.problems.append("no restart by the supervisor was recorded")
         rec.resume_measure = "SIGKILL of rank >= 1 -> first step of the restarted rank 0"
 
     def _hook(self, f: PlannedFault, rec: FaultRecord) -> None:
@@ -608,14 +608,14 @@ class LocalRunner:
         rec.injected_at = time.time()
         self._set_writable(False)
         try:
-            failed = self._wait(lambda: next(iter(self.tail.since(index, "save_failed")), None),
+            failed = self._wait(lambda: next(iter(self.tail.since(index, "checkpoint_failed")), None),
                                 self._step_timeout(3 * self.plan.every_steps), "a save to fail")
         finally:
             self._set_writable(True)
         restored, index2 = time.time(), len(self.tail.events)
         rec.notes.append(f"{self.unwritable}: save of step {failed.step} failed, "
                          f"{failed.seen - rec.injected_at:.2f}s unwritable")
-        saved = self._wait(lambda: next(iter(self.tail.since(index2, "saved")), None),
+        saved = self._wait(lambda: next(iter(self.tail.since(index2, "checkpoint_committed")), None),
                            self._step_timeout(3 * self.plan.every_steps), "the next save to succeed")
         rec.steps_lost = 0
         rec.time_to_resume_s = round(saved.seen - restored, 3)
@@ -623,7 +623,8 @@ class LocalRunner:
         rec.newest_durable_step = saved.step
 
     def _nan(self, f: PlannedFault, rec: FaultRecord) -> None:
-        ev = self._wait(lambda: next((e for e in self.tail.of_kind("nonfinite") if e.step == f.at_step), None), self._step_timeout(f.at_step - self._current_step()) + START_TIMEOUT_S,
+        ev = self._wait(lambda: next((e for e in self.tail.of_kind("nonfinite_skip") if e.step == f.at_step), None),
+                        self._step_timeout(f.at_step - self._current_step()) + START_TIMEOUT_S,
                         f"the non-finite step {f.at_step}")
         rec.step, rec.injected_at, rec.steps_lost = f.at_step, ev.seen, 0
         self._wait(lambda: any(e.kind == "progress" and e.step > f.at_step and e.seen >= ev.seen
@@ -661,13 +662,13 @@ class LocalRunner:
             self._restart_job(f, f"restart ({f.kind}: fewer than two checkpoints)")
         return two
 
-    def _restart_job(self, f: PlannedFault, why: str) -> tuple[int, LogEvent]:
+    def _restart_job(self, f: PlannedFault, why: str) -> tuple[int, SeenEvent]:
         index = len(self.tail.events)
         self._launch(f.index + 1, why)
         return index, self._wait_first_step(index, "the first step after the restart")
 
     def _no_crash_since(self, rec: FaultRecord, index: int, what: str) -> None:
-        if self.tail.since(index, "restarting"):
+        if self.tail.since(index, "supervisor_restart"):
             rec.problems.append(f"the trainer crashed on {what} (the supervisor restarted it)")
 
     def _missing_file(self, f: PlannedFault, rec: FaultRecord) -> None:
@@ -689,8 +690,8 @@ class LocalRunner:
         try:
             self._launch(f.index + 1, f"restart while {newest.file} is missing")
 
-            def chose() -> LogEvent | None:  # the new trainer looked: it rejected the file or resumed
-                evs = self.tail.since(index, "rejected") + self.tail.since(index, "resumed")
+            def chose() -> SeenEvent | None:  # the new trainer looked: it rejected the file or resumed
+                evs = self.tail.since(index, "checkpoint_rejected") + self.tail.since(index, "resumed")
                 return min(evs, key=lambda e: e.seen) if evs else None
             decided = self._wait(chose, START_TIMEOUT_S, "the restarted trainer's choice of a checkpoint")
             delay = self.rng.uniform(*MISSING_BACK_S)
@@ -706,7 +707,7 @@ class LocalRunner:
         index_back = len(self.tail.events)
         if back_at is not None:
             rec.notes.append(f"{newest.file} missing for {back_at - rec.injected_at:.2f}s, back "
-                             f"{back_at - decided.seen:.2f}s after the new trainer's '{decided.kind}' line")
+                             f"{back_at - decided.seen:.2f}s after the new trainer's '{decided.kind}' record")
         first = self._wait_first_step(index, "the first step after the restart")
         self._resumed(rec, index, first)
         if rec.checkpoint_used not in (None, previous.file, newest.file):
@@ -714,12 +715,12 @@ class LocalRunner:
                                 f"the newest {newest.file}")
         self._no_crash_since(rec, index, "a missing checkpoint")
         # the file is back: the next commit (which prunes and deletes bad files) must keep it
-        saved = self._wait(lambda: next(iter(self.tail.since(index_back, "saved")), None),
+        saved = self._wait(lambda: next(iter(self.tail.since(index_back, "checkpoint_committed")), None),
                            self._step_timeout(3 * self.plan.every_steps), "the next save after the file is back")
-        if any(e.groups[0] == newest.file for e in self.tail.since(index, "deleted_bad")):
+        if any(e.name == newest.file for e in self.tail.since(index, "checkpoint_deleted")):
             rec.problems.append(f"{newest.file}, a good checkpoint only missing for a moment, was deleted as bad "
                                 f"when step {saved.step} committed")
-        elif not path.exists() and not any(e.groups[0] == newest.file for e in self.tail.since(index, "pruned")):
+        elif not path.exists() and not any(e.name == newest.file for e in self.tail.since(index, "checkpoint_pruned")):
             rec.problems.append(f"{newest.file} is gone after the save of step {saved.step} (not pruned by keep_last)")
         rec.resume_measure = "newest file hidden -> first step of the restarted trainer"
 
@@ -779,7 +780,7 @@ class LocalRunner:
         os.mkfifo(fifo)
         rec.injected_at = time.time()
         try:
-            saved = self._wait(lambda: next(iter(self.tail.since(index, "saved")), None),
+            saved = self._wait(lambda: next(iter(self.tail.since(index, "checkpoint_committed")), None),
                                self._step_timeout(3 * self.plan.every_steps), "a save to commit next to the FIFO")
             rec.notes.append(f"{fifo.name} is a FIFO; step {saved.step} committed next to it")
             sig_index = len(self.tail.events)
@@ -787,7 +788,7 @@ class LocalRunner:
             rec.launch_exit = self._wait_exit()
             if rec.launch_exit != ExitCode.CHECKPOINTED:
                 rec.problems.append(f"exit {rec.launch_exit} after SIGUSR1, not {ExitCode.CHECKPOINTED}")
-            saves = self.tail.since(sig_index, "signal_save")
+            saves = self.tail.since(sig_index, "signal")
             rec.step = rec.newest_durable_step = saves[-1].step if saves else None
             # while the job is down, the user looks at the run
             p = self._cli(rec, "checkpoints", str(self.run_dir), "--verify", "--json")
@@ -844,7 +845,7 @@ class LocalRunner:
         trainer = self._trainer_pid()
         rec.step = self._current_step()
         before = max(self._committed_steps(), default=-1)
-        index = len(self.tail.events)
+        index, bad_before = len(self.tail.events), self.tail.scan.bad_lines
         rec.injected_at = time.time()
         filled = storage.fill(self.run_dir)
         full_s = 0.0
@@ -853,13 +854,14 @@ class LocalRunner:
             free = shutil.disk_usage(self.run_dir).free
             rec.notes.append(f"run directory full ({filled / 2**20:.1f} MiB filler, {free} bytes free)")
 
-            # Held full until checkpoints commit at steps train.log could not record: the log's
-            # last page (tmpfs) takes a few more lines after the filler, so a clock would not do
+            # Held full until checkpoints commit at steps events.jsonl could not record (the
+            # checkpoint directory is elsewhere): the file's last page (tmpfs) takes a few more
+            # records after the filler, so a clock would not do
             def committed() -> list[int] | None:
                 got = sorted(s for s in self._committed_steps() if s > max(before, self._current_step()))
                 return got if len(got) >= FULL_FS_CHECKPOINTS else None
             new = self._wait(committed, self._step_timeout((FULL_FS_CHECKPOINTS + 3) * self.plan.every_steps),
-                             f"{FULL_FS_CHECKPOINTS} checkpoints to commit at steps train.log could not record "
+                             f"{FULL_FS_CHECKPOINTS} checkpoints to commit at steps {EVENTS_FILE} could not record "
                              "while the run directory is full")
             full_s = time.time() - rec.injected_at
         finally:
@@ -868,15 +870,18 @@ class LocalRunner:
         rec.notes.append(f"full for {full_s:.2f}s: checkpoints of steps {', '.join(map(str, new))} committed")
         index2 = len(self.tail.events)
         ev = self._wait(lambda: next((e for e in self.tail.since(index2, "progress") if e.step > new[-1]), None),
-                        self._step_timeout(2 * self.plan.every_steps), "train.log to be written again")
+                        self._step_timeout(2 * self.plan.every_steps), f"{EVENTS_FILE} to be written again")
         if ev.pid != trainer:
             rec.problems.append(f"the trainer was replaced while the run directory was full (pid {trainer} -> "
                                 f"{ev.pid})")
         self._no_crash_since(rec, index, "a full run directory")
-        logged = {e.step for e in self.tail.since(index, "progress")}
-        lost = [s for s in range(rec.step + 1, ev.step) if s not in logged]
+        recorded = {e.step for e in self.tail.since(index, "progress")}
+        lost = [s for s in range(rec.step + 1, ev.step) if s not in recorded]
         if lost:
-            rec.notes.append(f"train.log lost the lines of {len(lost)} steps ({lost[0]}-{lost[-1]}) while full")
+            rec.notes.append(f"{EVENTS_FILE} lost the records of {len(lost)} steps ({lost[0]}-{lost[-1]}) while full")
+        if self.tail.scan.bad_lines > bad_before:  # a record cut short where the space ran out, read as one bad line
+            rec.notes.append(f"{EVENTS_FILE}: {self.tail.scan.bad_lines - bad_before} unreadable line(s) skipped "
+                             "(a record cut short by the full file system)")
 
         def status_again() -> dict[str, Any] | None:
             try:
@@ -893,7 +898,7 @@ class LocalRunner:
         rec.steps_lost = 0
         rec.time_to_resume_s = round(ev.seen - restored, 3)
         rec.newest_durable_step = new[-1]
-        rec.resume_measure = "space back -> next step in train.log (the trainer never stopped)"
+        rec.resume_measure = f"space back -> next step in {EVENTS_FILE} (the trainer never stopped)"
 
     # ------------------------------------------------------------------ the run
     def run_chaos(self) -> tuple[RunOutcome, list[FaultRecord]]:
@@ -994,7 +999,7 @@ def run(config: str | None, overrides: list[str], plan: Plan, out: Path, **kwarg
     chaos, records = runner.run_chaos()
     return ChaosOutcome(reference, chaos, records, runner.launches, runner.relaunches_for_hooks, runner.unplanned,
                         list(runner.tail.timeline), started, runner.unwritable, runner.settings,
-                        len(runner.tail.of_kind("restarting")))
+                        len(runner.tail.of_kind("supervisor_restart")))
 
 
 def outcome_to_dict(o: ChaosOutcome) -> dict[str, Any]:

@@ -4,7 +4,7 @@ The run is submitted once with ``foldhpc submit`` (submitit, the user's core pat
 on Slurm and foldhpc carry it: the chaos runner only does what the world does to a job -- a
 user's or the time limit's signal (``scancel --signal=USR1``), a real partition preemption (a
 high-priority job that needs the node), an admin's ``scontrol requeue``, a crash of the trainer
-process, a user's plain ``scancel`` -- and checks what foldhpc made of it, from ``train.log`` and
+process, a user's plain ``scancel`` -- and checks what foldhpc made of it, from ``events.jsonl`` and
 ``jobs.jsonl``: the next job (a follow-up in chain mode, the same job requeued) resumed from the
 checkpoint saved on the signal (0 steps lost), a crash was restarted inside the allocation from
 the newest durable checkpoint, an ``scancel`` ended the run (no follow-up, no requeue: the runner
@@ -164,7 +164,7 @@ class SlurmRunner(LocalRunner):
                       f"--cpus-per-task={cpus}", "--mem=100M", "--output=/dev/null", "--wrap=sleep 3").strip()
             self.preemptors.append(hi.split(";")[0])
             how = f"preemption by job {hi} on {node}"
-        saves = self._wait(lambda: [e for e in self.tail.since(index, "signal_save") if e.pid == trainer] or None,
+        saves = self._wait(lambda: [e for e in self.tail.since(index, "signal") if e.pid == trainer] or None,
                            60.0, f"the checkpoint on the signal ({how})")
         rec.step = saves[-1].step
         first = self._new_first_step(index, trainer, f"the run to resume after {how}")
@@ -182,7 +182,7 @@ class SlurmRunner(LocalRunner):
         index = len(self.tail.events)
         rec.injected_at = time.time()
         _cmd("scancel", job)
-        saves = self._wait(lambda: [e for e in self.tail.since(index, "signal_save") if e.pid == trainer] or None,
+        saves = self._wait(lambda: [e for e in self.tail.since(index, "signal") if e.pid == trainer] or None,
                            60.0, "the checkpoint on scancel's SIGTERM")
         rec.step = saves[-1].step
         self._wait(lambda: not self._states() or None, 60.0, f"job {job} to end")
@@ -272,7 +272,7 @@ def run(config: str | None, overrides: list[str], plan: Plan, out: Path, **kwarg
     started = time.time()
     chaos, records = runner.run_chaos()
     return ChaosOutcome(reference, chaos, records, runner.launches, 0, runner.unplanned, list(runner.tail.timeline),
-                        started, None, runner.settings, len(runner.tail.of_kind("restarting")),
+                        started, None, runner.settings, len(runner.tail.of_kind("supervisor_restart")),
                         slurm_jobs=runner._run_jobs(), max_jobs_running=runner.peak_running)
 
 

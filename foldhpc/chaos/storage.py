@@ -30,7 +30,7 @@ from foldhpc.checkpoint import fileformat
 
 log = logging.getLogger(__name__)
 
-RUN_FS_SIZE_MB = 64  # the chaos run directory's tmpfs: a 200-fault run's log and TensorBoard fit
+RUN_FS_SIZE_MB = 64  # the chaos run directory's tmpfs: a 200-fault run's log, events and TensorBoard fit
 FILLER = ".chaos-filler"  # the file that fills it
 DEEP = 100_000  # nesting depth of the deep_nesting header: far past any recursion limit
 
