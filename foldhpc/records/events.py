@@ -13,6 +13,8 @@ Each line::
 process that has no rank (the supervisor of a one-process run). :data:`KINDS` lists every kind with
 the fields it must carry; :class:`EventLog` refuses to write a record that lacks one (a programming
 error, caught by the tests), and a reader gets the extra fields a newer writer added untouched.
+A non-finite number (the loss of a NaN step) is written as null: JSON has no NaN, and every line
+must stay readable by any JSON parser.
 
 A reader skips and counts, never crashes on: a truncated last line (a process killed mid-write), a
 line of garbage, a record of an unknown version or kind, a record without ``t``/``kind``.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -89,6 +92,17 @@ class Event:
         return self.data.get(key, default)
 
 
+def _finite(x: Any) -> Any:
+    """``x`` with every NaN/inf float (in dicts, lists, tuples) replaced by None."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def check_fields(kind: str, fields: dict[str, Any]) -> None:
     """ValueError if ``kind`` is not in :data:`KINDS` or ``fields`` lack one it must carry."""
     need = KINDS.get(kind)
@@ -122,7 +136,11 @@ class EventLog:
         check_fields(kind, fields)
         rec = {"v": VERSION, "t": fields.pop("t", None) or time.time(), "pid": os.getpid(), "rank": self.rank,
                "kind": kind, **fields}
-        line = (json.dumps(rec, separators=(",", ":"), default=str) + "\n").encode("utf-8")
+        try:
+            text = json.dumps(rec, separators=(",", ":"), default=str, allow_nan=False)
+        except ValueError:  # a NaN or inf somewhere: null (rare; the common case is one dumps)
+            text = json.dumps(_finite(rec), separators=(",", ":"), default=str, allow_nan=False)
+        line = (text + "\n").encode("utf-8")
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
