@@ -63,6 +63,7 @@ from foldhpc.records.status import StatusFile
 from foldhpc.resilience import heartbeat as hb
 from foldhpc.cluster.env import slurm_env
 from foldhpc.records.history import record_event
+from foldhpc.records.events import EventLog, EventSink, NullEventLog
 from foldhpc.records.exitcodes import ExitCode
 from foldhpc.records.layout import LOG_FILE, STACKS_FILE
 from foldhpc.records.envvars import SUPERVISED_ENV, RESTART_INFO_ENV, READY_FILE_ENV
@@ -157,6 +158,10 @@ class Supervisor:
         self.restarts = 0
         self.failures: list[Failure] = []
         self.step_intervals: deque[float] = deque(maxlen=64)  # seconds per step, from heartbeats
+        # the rank of this supervisor's lines (an srun task's; None for a one-process run), and its
+        # events.jsonl (foldhpc.records.events), opened by run() with the log
+        self.rank: int | None = None
+        self.events: EventSink = NullEventLog()
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002
@@ -178,6 +183,7 @@ class Supervisor:
                     p.send_signal(self.pending)
                     self._forwarded[i] = True
                     log.warning("supervisor: forwarded %s to the trainer (pid %d)", self.pending.name, p.pid)
+                    self.events.emit("supervisor_forwarded", signal=self.pending.name, pid=p.pid, local_rank=i)
                 except ProcessLookupError:
                     pass
 
@@ -243,6 +249,8 @@ class Supervisor:
         log.info("supervisor: started the trainer%s (pid %s)%s", f" as {self.nproc} ranks" if self.nproc > 1 else "",
                  " ".join(str(p.pid) for p in self.procs),
                  f", restart {self.restarts} of at most {self.cfg.fault.max_restarts}" if self.restarts else "")
+        self.events.emit("supervisor_spawn", pids=[p.pid for p in self.procs], nproc=self.nproc,
+                         restarts=self.restarts, max_restarts=self.cfg.fault.max_restarts)
 
     def _kill_all(self, first: signal.Signals = signal.SIGKILL) -> None:
         for p in self.procs:
@@ -369,6 +377,9 @@ class Supervisor:
                     failed_at = now
                     log.error("supervisor: %s%s at %s (%s)", f"rank {i} " if n > 1 else "", failure.reason,
                               failure.where(), last[i].phase)  # this form is parsed (foldhpc.monitor.timeline)
+                    self.events.emit("supervisor_failure", failed_rank=i if n > 1 else self.rank, step=failure.step,
+                                     phase=failure.phase, reason=failure.reason, cause=failure.cause,
+                                     exit_code=rc, error=error, transient=failure.transient)
                     if error:
                         log.error("supervisor: the trainer's error: %s", error)
                     error_pending = not error
@@ -395,6 +406,9 @@ class Supervisor:
         reason = (f"hung at {where} in {beat.phase}: no heartbeat for {silent_s:.0f}s (timeout {timeout:.0f}s, "
                   f"{source}); Python stacks in {self.run_dir / STACKS_FILE}")
         log.error("supervisor: %s%s", f"rank {rank} " if self.nproc > 1 else "", reason)
+        self.events.emit("supervisor_hang", failed_rank=rank if self.nproc > 1 else self.rank, step=beat.step,
+                         phase=beat.phase, silent_s=round(silent_s, 3), timeout_s=timeout, source=source,
+                         reason=reason)
         p = self.procs[rank]
         try:
             p.send_signal(signal.SIGQUIT)  # faulthandler in the trainer dumps every thread's stack
@@ -422,6 +436,7 @@ class Supervisor:
     def _give_up(self, why: str, failure: Failure) -> int:
         error = f"{failure.cause or failure.reason} ({why})"
         log.error("supervisor: giving up: %s", error)
+        self.events.emit("supervisor_give_up", reason=error, why=why, step=failure.step, restarts=self.restarts)
         self._status(state="failed", error=error, step=failure.step, in_job_restarts=self.restarts,
                      last_failure=failure.__dict__)
         self._record("gave_up", reason=error, step=failure.step, in_job_restarts=self.restarts)
@@ -438,6 +453,8 @@ class Supervisor:
             rank = None
         # the supervisor's story (restarts, hangs) and the requeue decision after it belong in train.log
         setup_logging(self.cfg.run.log_level, self.run_dir / LOG_FILE, rank or None)
+        self.rank = rank or None  # as its log lines are tagged
+        self.events = EventLog(self.run_dir, self.rank)
         ready = os.environ.get(READY_FILE_ENV)
         if ready:
             try:
@@ -493,6 +510,8 @@ class Supervisor:
             log.warning("supervisor: restarting the trainer from the newest checkpoint in %.1fs (restart %d of %d%s)",
                         wait, self.restarts, f.max_restarts,
                         "; the environment failed, not the training: a longer back-off" if failure.transient else "")
+            self.events.emit("supervisor_restart", restarts=self.restarts, delay_s=wait, max_restarts=f.max_restarts,
+                             step=failure.step, reason=failure.reason, transient=failure.transient)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
                 if self.preempted is not None:
