@@ -11,9 +11,11 @@ logged (a warning), counted (``status.json`` ``nonfinite``; TensorBoard ``fault/
 the running total) and left out of the logged mean loss.
 
 After ``fault.nonfinite_rollback`` (K) consecutive skips the weights themselves are suspect:
-:meth:`NonFiniteGuard.rollback` reloads the newest good checkpoint in the same process on every
-rank (rank 0 picks it, as at a resume), purges the TensorBoard events after its step (as a
-restart does) and records the rollback (log, ``status.json``, ``fault/rollbacks``). Replay is
+:meth:`NonFiniteGuard.rollback` decides whether to roll back and records it; the trainer's
+``restore`` callback (the guard never touches the trainer) reloads the newest good checkpoint in
+the same process on every rank (rank 0 picks it, as at a resume), and the trainer then purges the
+TensorBoard events after its step (as a restart does) and records the rollback (``status.json``,
+``fault/rollbacks``); the guard logs it and writes the ``rollback`` event. Replay is
 deterministic, so a rollback cures a transient fault (a flipped bit, a flaky device) and nothing
 else: if K consecutive skips end at a step where the run has already rolled back once, the fault
 is deterministic (bad weights, bad data, a bug) and the run fails with :class:`NonFiniteError`
@@ -42,9 +44,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
+
+from foldhpc.records.events import EventSink, NullEventLog
 
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,23 @@ log = logging.getLogger(__name__)
 class NonFiniteError(RuntimeError):
     """Non-finite steps the guard cannot cure: again at a place already rolled back from, or no
     checkpoint to roll back to. The trainer fails with it (state ``failed``, this message)."""
+
+
+class RollbackUnavailable(Exception):
+    """Raised by a rollback's ``restore`` callback: there is nothing it can roll back to (the
+    message says why: no checkpoint, one that cannot be loaded)."""
+
+
+class Restored(NamedTuple):
+    """What a rollback's ``restore`` callback loaded: the step it is back at, and the file."""
+
+    step: int
+    path: str
+
+
+#: reloads the newest good checkpoint into the training state (on every rank), or raises
+#: :class:`RollbackUnavailable`
+Restore = Callable[[], Restored]
 
 
 class NonFiniteGuard:
@@ -92,11 +113,13 @@ class NonFiniteGuard:
         """1.0 where this rank's loss is not finite, else 0.0: a device tensor, no host sync."""
         return (~torch.isfinite(loss.detach())).float()
 
-    def check(self, step: int, loss_bad: torch.Tensor, grad_norm: torch.Tensor, writer: Any, status: Any) -> bool:
+    def check(self, step: int, loss_bad: torch.Tensor, grad_norm: torch.Tensor, writer: Any, status: Any,
+              events: EventSink | None = None) -> bool:
         """True: apply the update of step ``step`` (the number it completes as). False: skip it.
 
         ``loss_bad``: :meth:`loss_flag`, summed over the ranks with several; ``grad_norm``: what
-        ``clip_grad_norm_`` returned. One host sync (the verdict must be known to skip).
+        ``clip_grad_norm_`` returned. One host sync (the verdict must be known to skip). A skip is
+        a ``nonfinite_skip`` event in ``events``.
         """
         gn = torch.as_tensor(grad_norm).detach().float().to(loss_bad.device)
         loss_nonfinite, norm = torch.stack([loss_bad.float().reshape(()), gn.reshape(())]).tolist()
@@ -113,19 +136,20 @@ class NonFiniteGuard:
         what = "loss" if loss_nonfinite else "gradient norm"
         log.warning("step %d: non-finite %s (gradient norm %s): update skipped (%d skipped in all, %d in a row; "
                     "rollback after %d)", step, what, norm, self.skipped, self.streak, self.rollback_after)
+        (events or NullEventLog()).emit("nonfinite_skip", step=step, what=what, grad_norm=norm, skipped=self.skipped,
+                                        streak=self.streak, rollback_after=self.rollback_after)
         writer.scalar("fault/nonfinite_skipped", self.skipped, step)
         status.update(nonfinite=self.summary())
         return False
 
     # ------------------------------------------------------------------ rollback
-    def rollback(self, trainer: Any) -> None:
-        """Reload the newest good checkpoint on every rank (``trainer``: a foldhpc Trainer after
-        the step that completed the streak). Raises :class:`NonFiniteError` if the streak ended
-        where one already rolled back, or there is nothing to roll back to."""
-        from foldhpc.checkpoint import CheckpointError
-        from foldhpc.records.tensorboard import RunWriter
-
-        at, first, k = trainer.step, self.streak_start, self.streak
+    def rollback(self, at: int, restore: Restore, events: EventSink | None = None) -> Restored:
+        """Roll back after the streak that step ``at`` completed: ``restore()`` reloads the newest
+        good checkpoint on every rank (its training state, this guard's included: see
+        :meth:`load_state_dict`). Raises :class:`NonFiniteError` if the streak ended where one
+        already rolled back, or there is nothing to roll back to. Returns what was restored; the
+        caller then purges its curves after ``Restored.step`` and records :meth:`summary`."""
+        first, k = self.streak_start, self.streak
         steps = f"steps {first}-{at}" if at > first else f"step {at}"
         before = [r for r in self.rollbacks if r["at"] == at]
         if before:
@@ -134,51 +158,23 @@ class NonFiniteGuard:
                 f"{before[0]['to']}: the replay hit them at the same place, so they are deterministic (weights, "
                 f"data or a bug), not a transient fault; not rolled back again "
                 f"(fault.nonfinite_rollback = {self.rollback_after})")
-        if hasattr(trainer, "hb"):
-            trainer.hb.beat(at, "checkpoint")  # loading one
         t0 = time.monotonic()
-        trainer.ckpt.wait()  # a save in flight is committed (or failed) first
-        path: str | None = None
-        error: str | None = None
-        state: dict[str, Any] | None = None
-        if trainer.main:
-            try:
-                loaded = trainer.ckpt.load_latest() if trainer.ckpt.last_committed is not None else None
-                if loaded is None and trainer.resume not in ("auto", "never"):
-                    payload = trainer.ckpt.load_file(trainer.resume)  # resumed from it, nothing newer since
-                    state, path = payload["state"], str(trainer.resume)
-                elif loaded is not None:
-                    state, path = loaded.state, str(loaded.path)
-                    trainer.ckpt.last_committed = loaded.entry
-            except CheckpointError as e:
-                error = f"the checkpoint to roll back to cannot be loaded: {e}"
-            if path is None and error is None:
-                error = "there is no checkpoint to roll back to"
-        if trainer.group.world_size > 1:
-            choice = trainer.group.broadcast({"path": path, "error": error},
-                                             "waiting for rank 0 to choose the checkpoint to roll back to")
-            path, error = choice["path"], choice["error"]
-            if error is None and not trainer.main:
-                try:
-                    state = trainer.ckpt.load_file(path)["state"]
-                except CheckpointError as e:
-                    error = f"rank {trainer.env.rank} cannot load {path}: {e}"
-        if error is not None:
-            raise NonFiniteError(f"{k} consecutive non-finite steps ({steps}) and {error}")
-        assert state is not None
-        spent, restarts = trainer.train_time_s, trainer.restarts  # what happened, not what the file says
-        self.rollbacks.append({"first": first, "at": at, "to": int(state["train"]["step"])})
-        trainer.load_state_dict(state)  # the guard's own state is merged, see load_state_dict
-        trainer.train_time_s, trainer.restarts = spent, restarts
-        to = trainer.step
+        # Recorded before the state is loaded, as it happened (the merge in load_state_dict keeps
+        # it: the checkpoint predates it); its step "to" is known once the file is read.
+        record = {"first": first, "at": at, "to": -1}
+        self.rollbacks.append(record)
+        try:
+            restored = restore()
+        except RollbackUnavailable as e:
+            self.rollbacks.remove(record)
+            raise NonFiniteError(f"{k} consecutive non-finite steps ({steps}) and {e}") from None
+        except BaseException:
+            self.rollbacks.remove(record)
+            raise
+        record["to"] = restored.step
         log.warning("%d consecutive non-finite steps (%s): rolled back to the checkpoint at step %d (%s) in %.2fs; "
                     "rollback #%d, a second streak ending at step %d fails the run",
-                    k, steps, to, path, time.monotonic() - t0, len(self.rollbacks), at)
-        if trainer.main:
-            # the curves after the checkpoint are replayed: drop them, as a restart does
-            trainer.writer.close()
-            trainer.writer = RunWriter(trainer.run_dir / "tensorboard", start_step=to)
-            trainer.writer.scalar("fault/rollbacks", len(self.rollbacks), to)
-            trainer.writer.scalar("fault/nonfinite_skipped", self.skipped, to)
-            trainer.writer.flush()
-        trainer.status.update(step=to, nonfinite=self.summary())
+                    k, steps, restored.step, restored.path, time.monotonic() - t0, len(self.rollbacks), at)
+        (events or NullEventLog()).emit("rollback", first=first, at=at, to=restored.step, path=restored.path,
+                                        seconds=round(time.monotonic() - t0, 4), rollbacks=len(self.rollbacks))
+        return restored

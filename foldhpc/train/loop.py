@@ -5,6 +5,7 @@ One :class:`Trainer` owns one run directory::
     <run.dir>/config.toml        resolved config of the latest start
     <run.dir>/train.log          console log, appended across restarts
     <run.dir>/status.json        machine-readable state (foldhpc status reads it)
+    <run.dir>/events.jsonl       what happened, as typed records (foldhpc.records.events), every rank
     <run.dir>/tensorboard/       TensorBoard event files, one continuous set of curves
     <run.dir>/checkpoints/       step_XXXXXXXX.ckpt + manifest.json (see foldhpc.checkpoint)
 
@@ -58,12 +59,13 @@ from foldhpc.distributed.group import PeerFailure, SoloGroup, open_group
 from foldhpc.model.loss import distogram_loss
 from foldhpc.model.metrics import EvaluationStopped, evaluate
 from foldhpc.model.model import StructureModel
+from foldhpc.records.events import EventLog, EventSink, NullEventLog
 from foldhpc.records.fmt import format_duration
 from foldhpc.records.logs import setup_logging
 from foldhpc.records.status import CHECKPOINTED, COMPLETED, FAILED, RUNNING, NullStatus, StatusFile
 from foldhpc.records.fsio import atomic_write_text, make_private_dir
 from foldhpc.records.tensorboard import NullWriter, RunWriter
-from foldhpc.resilience.nonfinite import NonFiniteError, NonFiniteGuard
+from foldhpc.resilience.nonfinite import NonFiniteError, NonFiniteGuard, Restored, RollbackUnavailable
 from foldhpc.resilience import heartbeat as hb
 from foldhpc.resilience import runlock
 from foldhpc.resilience.supervisor import RESTART_INFO_ENV, SUPERVISED_ENV
@@ -148,6 +150,9 @@ class Trainer:
         self.restarts = 0
         self.val_step = -1  # last step whose validation completed (checkpointed; see foldhpc.train.validation)
         self.guard = NonFiniteGuard(cfg.fault.nonfinite_rollback)  # non-finite steps: foldhpc.resilience.nonfinite
+        # <run.dir>/events.jsonl, opened by run() (a Trainer set up without it records nothing); every
+        # event is emitted beside the log line that says the same, on the ranks that log it
+        self.events: EventSink = NullEventLog()
 
     # ------------------------------------------------------------------ state protocol
     def state_dict(self) -> dict[str, Any]:
@@ -245,7 +250,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
 
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
-                                      owner_check=self.lock.verify)  # a lost run lock commits and prunes nothing
+                                      owner_check=self.lock.verify,  # a lost run lock commits and prunes nothing
+                                      events=self.events)
         if self.main:  # the writer; preflight also removes dead writers' temporary files
             try:
                 make_private_dir(cfg.checkpoint_dir)  # no group member may swap a checkpoint
@@ -314,6 +320,8 @@ class Trainer:
         self.timings["checkpoint_load_s"] = time.monotonic() - t0
         log.info("resumed from %s at step %d (restart #%d, checkpoint load %.2fs)",
                  where, self.step, self.restarts, self.timings["checkpoint_load_s"])
+        self.events.emit("resumed", path=str(where), step=self.step, restarts=self.restarts,
+                         load_s=self.timings["checkpoint_load_s"])
 
     def _pick_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any], Path] | None:
         """(state, meta, file) to resume from according to ``self.resume``, or None."""
@@ -429,6 +437,12 @@ class Trainer:
         cfg, env = self.cfg, self.env
         self.run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(cfg.run.log_level, self.run_dir / LOG_FILE, env.rank if env.distributed else None)
+        self.events = EventLog(self.run_dir, env.rank)
+        slurm = slurm_env()
+        self.events.emit("process_start", process_start_t=time.time() - process_age_s(), max_steps=cfg.train.max_steps,
+                         host=socket.gethostname(), world_size=env.world_size, node=env.node,
+                         supervised=os.environ.get(SUPERVISED_ENV) == "1", slurm_job_id=slurm.job_id,
+                         slurm_restart_count=slurm.restart_count, foldhpc_version=foldhpc.__version__)
         self.lock.log_acquired()
         self._started_at = time.time()
         if self.main:
@@ -438,7 +452,6 @@ class Trainer:
                 log.warning("cannot write %s (%s): training goes on (each checkpoint records the config)",
                             self.run_dir / CONFIG_FILE, e.strerror or e)
         self.status: StatusFile | NullStatus = StatusFile(self.run_dir) if self.main else NullStatus()
-        slurm = slurm_env()
         self.status.update(state=RUNNING, max_steps=cfg.train.max_steps, started_at=self._started_at, error=None,
                            signal=None, slurm_job_id=slurm.job_id, slurm_restart_count=slurm.restart_count,
                            world_size=env.world_size, failed_ranks=None)
@@ -472,6 +485,7 @@ class Trainer:
         log.error("run failed at step %d: %s", self.step, msg,
                   exc_info=not isinstance(e, (CheckpointError, ConfigError, DataError, PeerFailure, NonFiniteError)),
                   extra={"console": False} if user_error else None)
+        self.events.emit("failed", step=self.step, error=msg, error_type=type(e).__name__, user_error=user_error)
         if not self.env.distributed:
             self.status.update(state=FAILED, step=self.step, error=msg)
             return
@@ -487,6 +501,8 @@ class Trainer:
             if blamed:
                 msg = ranks.describe(blamed)
                 log.error("run failed: %s", msg)
+                self.events.emit("failed_ranks", step=self.step, error=msg,
+                                 ranks=[{k: c.get(k) for k in ("rank", "node", "host", "pid", "why")} for c in blamed])
             status = self.status if isinstance(self.status, StatusFile) else StatusFile(self.run_dir)
             status.update(state=FAILED, step=self.step, error=msg,
                           failed_ranks=[{k: c.get(k) for k in ("rank", "node", "host", "pid", "why")} for c in blamed])
@@ -527,6 +543,8 @@ class Trainer:
                      self.step, t.max_steps, t.batch_size, cfg.data.crop_size, cfg.checkpoint.interval,
                      f" and {cfg.checkpoint.every_steps} steps" if cfg.checkpoint.every_steps else "",
                      ",".join(s.name for s in sigs))
+            self.events.emit("training", first=self.step, last=t.max_steps, batch=t.batch_size,
+                             crop=cfg.data.crop_size, restarts=self.restarts)
             try:
                 result = self._loop(preempt)
             finally:
@@ -647,11 +665,15 @@ class Trainer:
                 in_flight = self.ckpt.in_flight
                 log.warning("received %s: saving a checkpoint at step %d, then exiting for requeue%s", sig, self.step,
                             " (waiting for the background save in flight first)" if in_flight else "")
+                self.events.emit("signal", signal=sig, step=self.step, in_flight=in_flight, from_peer=not received)
                 t0 = time.monotonic()
                 self._save_for_exit(f"signal:{sig}", seen)
+                durable_s = time.monotonic() - t0
                 log.warning("checkpoint at step %d durable %.2fs after the step boundary; exit %d",
-                            self.step, time.monotonic() - t0, ExitCode.CHECKPOINTED)
+                            self.step, durable_s, ExitCode.CHECKPOINTED)
+                self.events.emit("checkpoint_durable", step=self.step, after_boundary_s=round(durable_s, 4))
                 self.status.update(state=CHECKPOINTED, step=self.step, signal=sig)
+                self.events.emit("checkpointed", step=self.step, signal=sig, during="training")
                 return TrainResult(CHECKPOINTED, self.step, sig, rank=self.env.rank)
             if self.step >= t.max_steps:
                 break
@@ -695,7 +717,7 @@ class Trainer:
             faults.cold_first_step()  # test hook, off unless set
             self._wait_staged()  # a background save still copying the last step's weights
             # a non-finite loss or gradient norm: the update is skipped, the step consumed (same verdict on every rank)
-            applied = self.guard.check(self.step + 1, bad, gnorm, self.writer, self.status)
+            applied = self.guard.check(self.step + 1, bad, gnorm, self.writer, self.status, self.events)
             if applied:
                 self.optimizer.step()
             lr = self.scheduler.get_last_lr()[0]
@@ -705,7 +727,7 @@ class Trainer:
             step_s = time.monotonic() - t_start
             self.train_time_s += step_s
             if self.guard.rollback_due:  # K non-finite steps in a row: back to the newest good checkpoint
-                self.guard.rollback(self)
+                self._after_rollback(self.guard.rollback(self.step, self._restore_for_rollback, self.events))
                 it = iter(self._make_loader())
                 win = {"t0": time.monotonic(), "data": 0.0, "steps": 0, "loss": 0.0}
                 continue
@@ -716,6 +738,8 @@ class Trainer:
                 log.info("first step (%d) done in %.3fs; %.2fs after process start (%s)", self.step, step_s,
                          self.timings["process_to_first_step_s"],
                          ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
+                self.events.emit("first_step", step=self.step, step_s=step_s,
+                                 after_start_s=self.timings["process_to_first_step_s"], timings=dict(self.timings))
                 self.status.update(startup=self.timings)
             win["data"] += t_data
             win["steps"] += 1
@@ -743,6 +767,7 @@ class Trainer:
             sig = preempt.received.name if preempt.received is not None else "?"
             log.warning("received %s during the final validation: the final checkpoint (step %d) is durable; "
                         "exiting for requeue, the next start validates and completes", sig, self.step)
+            self.events.emit("checkpointed", step=self.step, signal=sig, during="final_validation")
             self.status.update(state=CHECKPOINTED, step=self.step, signal=sig)
             return TrainResult(CHECKPOINTED, self.step, sig, rank=self.env.rank)
         metrics = final or {}
@@ -750,7 +775,57 @@ class Trainer:
             self.status.update(loss=loss_val)
         self.status.update(state=COMPLETED, step=self.step, metrics=metrics, finished_at=time.time())
         log.info("training completed at step %d: %s", self.step, json.dumps(metrics))
+        self.events.emit("completed", step=self.step, metrics=metrics)
         return TrainResult(COMPLETED, self.step, None, metrics, rank=self.env.rank)
+
+    def _restore_for_rollback(self) -> Restored:
+        """The non-finite guard's ``restore`` (foldhpc.resilience.nonfinite): reload the newest good
+        checkpoint on every rank, rank 0 choosing it as at a resume. The time spent and the restart
+        count are what happened, not what the file says. Raises RollbackUnavailable if there is none."""
+        self.hb.beat(self.step, "checkpoint")  # loading one
+        self.ckpt.wait()  # a save in flight is committed (or failed) first
+        path: str | None = None
+        error: str | None = None
+        state: dict[str, Any] | None = None
+        if self.main:
+            try:
+                loaded = self.ckpt.load_latest() if self.ckpt.last_committed is not None else None
+                if loaded is None and self.resume not in ("auto", "never"):
+                    payload = self.ckpt.load_file(Path(self.resume))  # resumed from it, nothing newer since
+                    state, path = payload["state"], str(self.resume)
+                elif loaded is not None:
+                    state, path = loaded.state, str(loaded.path)
+                    self.ckpt.last_committed = loaded.entry
+            except CheckpointError as e:
+                error = f"the checkpoint to roll back to cannot be loaded: {e}"
+            if path is None and error is None:
+                error = "there is no checkpoint to roll back to"
+        if self.group.world_size > 1:
+            choice = self.group.broadcast({"path": path, "error": error},
+                                          "waiting for rank 0 to choose the checkpoint to roll back to")
+            path, error = choice["path"], choice["error"]
+            if error is None and not self.main:
+                try:
+                    state = self.ckpt.load_file(Path(path))["state"]
+                except CheckpointError as e:
+                    error = f"rank {self.env.rank} cannot load {path}: {e}"
+        if error is not None:
+            raise RollbackUnavailable(error)
+        assert state is not None and path is not None
+        spent, restarts = self.train_time_s, self.restarts
+        self.load_state_dict(state)  # the guard's own state is merged, see NonFiniteGuard.load_state_dict
+        self.train_time_s, self.restarts = spent, restarts
+        return Restored(self.step, path)
+
+    def _after_rollback(self, restored: Restored) -> None:
+        """The curves after the checkpoint rolled back to are replayed: drop them, as a restart does."""
+        if self.main:
+            self.writer.close()
+            self.writer = RunWriter(self.run_dir / TENSORBOARD_DIR, start_step=restored.step)
+            self.writer.scalar("fault/rollbacks", len(self.guard.rollbacks), restored.step)
+            self.writer.scalar("fault/nonfinite_skipped", self.guard.skipped, restored.step)
+            self.writer.flush()
+        self.status.update(step=restored.step, nonfinite=self.guard.summary())
 
     def _log_progress(self, win: dict[str, Any], lr: float, gnorm: float) -> float:
         """One progress line + scalars for the steps since the last one; returns their mean loss."""
@@ -764,6 +839,8 @@ class Trainer:
         eta = (t.max_steps - self.step) * dt / n
         log.info("step %d/%d loss %.4f lr %.2e gnorm %.3f | %.1f samples/s, data wait %.1f%% | ETA %s",
                  self.step, t.max_steps, loss, lr, gnorm, sps, 100 * wait, format_duration(eta))
+        self.events.emit("progress", step=self.step, max_steps=t.max_steps, loss=loss, lr=lr, grad_norm=gnorm,
+                         samples_per_s=sps, data_wait_frac=wait, steps=n, skipped=n - finite, eta_s=eta)
         w = self.writer
         if finite > 0:  # a window of skipped steps only has no loss to draw
             w.scalar("train/loss", loss, self.step)
@@ -799,19 +876,25 @@ class Trainer:
             return {}
         t0 = time.monotonic()
         log.info("validating at step %d (%d batches)", self.step, len(self.val_batches))
+        self.events.emit("validation_start", step=self.step, batches=len(self.val_batches))
         try:
             metrics = evaluate(self.model, self._beating(debug_delayed(self.val_batches)), device=self.device,
                                should_stop=should_stop)
         except EvaluationStopped as e:
+            seconds = time.monotonic() - t0
             log.warning("validation at step %d stopped by a preemption signal after %d of %d batches (%.2fs); "
-                        "it is redone after the resume", self.step, e.batches_done, len(self.val_batches),
-                        time.monotonic() - t0)
+                        "it is redone after the resume", self.step, e.batches_done, len(self.val_batches), seconds)
+            self.events.emit("validation_end", step=self.step, seconds=seconds, stopped=True, metrics={},
+                             batches_done=e.batches_done)
             return None
         self.val_step = self.step
         for k, v in metrics.items():
             self.writer.scalar(f"val/{k}", v, self.step)
-        log.info("validation at step %d (%.1fs): %s", self.step, time.monotonic() - t0,
+        seconds = time.monotonic() - t0
+        log.info("validation at step %d (%.1fs): %s", self.step, seconds,
                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        self.events.emit("validation_end", step=self.step, seconds=seconds, stopped=False, metrics=dict(metrics),
+                         batches_done=len(self.val_batches))
         self.status.update(val=metrics, val_step=self.step)
         return metrics
 
