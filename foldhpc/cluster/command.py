@@ -12,6 +12,9 @@ import subprocess
 log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_S = 30.0  # seconds a Slurm client command may take before it counts as not answering
+#: per command of a decision taken inside a job within its signal lead (requeue, follow-up's last look);
+#: a healthy slurmctld/slurmdbd answers in milliseconds
+CALL_TIMEOUT_S = 10.0
 
 
 class SlurmCommandError(RuntimeError):

@@ -395,6 +395,46 @@ def sacct_jobs(job_ids: list[str]) -> tuple[dict[str, SlurmJob], list[str]]:
     return {jid: job_from_runs(jid, runs) for jid, runs in group_runs(rows).items()}, problems
 
 
+def scontrol_job(job_id: str, timeout: float, oneliner: bool = True) -> dict[str, str]:
+    """slurmctld's record of one job (``scontrol show job``), {} if it does not hold the job;
+    raises SlurmCommandError if slurmctld does not answer (for a job it has forgotten, scontrol
+    exits non-zero with "Invalid job id specified"). ``oneliner=False`` reads the multi-line
+    format, where a path with spaces (WorkDir, StdOut, ...) is whole (:func:`parse_scontrol`)."""
+    cmd = ["scontrol", "show", "job", *(["--oneliner"] if oneliner else []), job_id]
+    return parse_scontrol(run_command(cmd, timeout=timeout)).get(job_id, {})
+
+
+def ctl_job(job_id: str, timeout: float) -> dict[str, str] | None:
+    """:func:`scontrol_job` for a decision that must go on without slurmctld: None (logged) if it
+    does not answer, {} if it does not hold the job."""
+    try:
+        return scontrol_job(job_id, timeout)
+    except SlurmCommandError as e:
+        log.warning("scontrol unavailable for the requeue decision: %s", e)
+        return None
+
+
+def ctl_state(job_id: str, timeout: float) -> str | None:
+    """The job's ``JobState`` as slurmctld says it now (e.g. ``RUNNING``, ``COMPLETING``); None if
+    slurmctld does not answer or does not hold the job. The requeue decision and the follow-up's
+    last look at its predecessor both ask this (foldhpc.slurm.requeue, foldhpc.slurm.followup)."""
+    info = ctl_job(job_id, timeout)
+    return info.get("JobState") if info is not None else None
+
+
+def acct_state(job_id: str, timeout: float) -> str | None:
+    """sacct State of the newest run of the job (e.g. ``CANCELLED by 0``); None (logged) if sacct
+    fails or does not know it yet."""
+    try:
+        out = run_command(["sacct", "--jobs", job_id, "--allocations", "--duplicates", "--parsable2",
+                           "--noheader", "--format=JobID,State"], timeout=timeout)
+    except SlurmCommandError as e:
+        log.warning("sacct unavailable for the requeue decision: %s", e)
+        return None
+    rows = [r for r in parse_sacct(out, ("JobID", "State"))[0] if r.job_id == job_id and r.step is None]
+    return rows[-1].raw_state if rows else None
+
+
 def scontrol_jobs() -> dict[str, dict[str, str]]:
     """Every job slurmctld still holds (one call); raises SlurmCommandError."""
     return parse_scontrol(run_command(["scontrol", "show", "job", "--oneliner"]))
