@@ -296,16 +296,15 @@ def _local_cluster() -> str | None:
 def slurm_job_state(job_id: str) -> tuple[str | None, int | None]:
     """(JobState, Restarts) from slurmctld; ("GONE", None) if it no longer knows the job; (None, None)
     if it does not answer."""
-    from foldhpc.cluster.command import SlurmCommandError, run_command
-    from foldhpc.cluster.sacct import parse_scontrol
+    from foldhpc.cluster.command import SlurmCommandError
+    from foldhpc.cluster.sacct import scontrol_job
 
     try:
-        out = run_command(["scontrol", "show", "job", "--oneliner", job_id], timeout=SCONTROL_TIMEOUT_S)
+        info = scontrol_job(job_id, SCONTROL_TIMEOUT_S)
     except SlurmCommandError as e:
         if "invalid job id" in str(e).lower():
             return "GONE", None
         return None, None
-    info = parse_scontrol(out).get(job_id)
     if not info:
         return "GONE", None
     restarts = info.get("Restarts", "")
@@ -762,11 +761,11 @@ def record_refusal(run_dir: Path, err: RunDirLocked) -> None:
     me = identity()
     if not me["job_id"]:
         return
-    from foldhpc.records.history import record_event
+    from foldhpc.records.history import Refused, write_event
 
     holder = {k: err.holder.get(k) for k in ("host", "pid", "job_id", "since") if err.holder.get(k) is not None}
     try:
-        record_event(run_dir, "refused", job_id=me["job_id"], restart_count=me["restart_count"], holder=holder,
-                     reason=str(err))
+        write_event(run_dir, Refused(job_id=me["job_id"], restart_count=me["restart_count"], holder=holder,
+                                     reason=str(err)))
     except OSError as e:
         log.warning("cannot record the refusal in %s: %s", run_dir, e)
