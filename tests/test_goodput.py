@@ -1,5 +1,6 @@
-"""``foldhpc goodput``: real supervised runs with a SIGKILL after a checkpoint, a plain run, and a
-hand-written Slurm history with a requeue (queue wait from jobs.jsonl's submitted -> started)."""
+"""``foldhpc goodput``: real supervised runs with a SIGKILL after a checkpoint (the same figures with
+and without train.log: goodput reads events.jsonl), a plain run, and a hand-written Slurm history
+with a requeue (queue wait from jobs.jsonl's submitted -> started, the trainers' events.jsonl)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from conftest import ROOT, TINY, foldhpc_cmd, run_foldhpc, set_args, tiny_overrides
 from foldhpc.monitor.goodput import compute
 from foldhpc.monitor.timeline import CATEGORIES, build_timeline
+from foldhpc.records.events import VERSION, check_fields, read_events
 
 STEPS = 30  # configs/tiny.toml
 CKPT_EVERY = 10
@@ -55,19 +57,21 @@ def assert_adds_up(g: dict) -> None:
 
 def test_sigkill_after_a_checkpoint_counts_the_recomputed_steps(tmp_path):
     run = killed_run(tmp_path)
-    log = (run / "train.log").read_text()
-    assert "resumed from" in log and "step_00000020.ckpt" in log  # the newest checkpoint before the kill
+    events, scan = read_events(run)
+    assert scan.notes() == []
+    resumed = [e for e in events if e.kind == "resumed"]
+    assert [(Path(e["path"]).name, e["step"]) for e in resumed] == [("step_00000020.ckpt", 20)]  # the newest before the kill
     g = goodput_json(run, "--tensorboard")
     assert_adds_up(g)
     ckpt = FAIL_AT // CKPT_EVERY * CKPT_EVERY
     assert g["steps"]["recomputed"] == FAIL_AT - ckpt == 5
     assert g["steps"]["productive"] == STEPS
-    # every step executed (one progress line each; the step the trainer died in logged none) is counted once
-    logged = len(re.findall(r"foldhpc\.train\.loop: step \d+/30 loss", log))
+    # every step executed (one progress record each; the step the trainer died in has none) is counted once
+    logged = sum(e["steps"] for e in events if e.kind == "progress")
     assert g["steps"]["executed"] == logged + 1 == STEPS + FAIL_AT - ckpt
     assert g["seconds"]["recomputed"] > 0 and g["seconds"]["productive"] > 0 and g["seconds"]["startup"] > 0
     # the supervisor's 0.2 s restart back-off, less what the segments' edges round off: they come
-    # from millisecond log stamps and from durations the trainer reports (CI once measured 0.1997 s)
+    # from the records' times and from durations the trainer reports (CI once measured 0.1997 s)
     assert g["seconds"]["idle"] >= 0.18
     assert g["seconds"]["queue_wait"] == 0 and g["jobs"] == []  # no Slurm here
     first, second = g["processes"]
@@ -91,6 +95,24 @@ def test_sigkill_after_a_checkpoint_counts_the_recomputed_steps(tmp_path):
     assert "goodput = productive / allocated" in p.stdout
 
 
+def test_goodput_of_a_killed_run_does_not_need_train_log(tmp_path):
+    """Acceptance (issue 20): goodput reads events.jsonl, never train.log: the same steps and wall
+    time with the log and without it (before: without it, wall 0 s and no steps)."""
+    run = killed_run(tmp_path)
+    with_log = goodput_json(run)
+    (run / "train.log").rename(tmp_path / "train.log.aside")
+    without = goodput_json(run)
+    assert with_log["steps"] == without["steps"] == {"productive": STEPS, "recomputed": FAIL_AT - 20,
+                                                     "executed": STEPS + FAIL_AT - 20}
+    assert without["wall_s"] > 0
+    assert without["wall_s"] == pytest.approx(with_log["wall_s"], rel=0.01)
+    assert_adds_up(without)
+    assert without["seconds"] == pytest.approx(with_log["seconds"], abs=1e-6)
+    assert [p["outcome"] for p in without["processes"]] == [p["outcome"] for p in with_log["processes"]]
+    assert "train.log" not in without["sources"] and "events.jsonl" in without["sources"]
+    assert not any("events" in n for n in without["notes"]), without["notes"]
+
+
 def test_uninterrupted_run(tmp_path):
     run = tmp_path / "plain"
     train(run, supervise=False)
@@ -109,8 +131,24 @@ def test_uninterrupted_run(tmp_path):
 JOB = "424242"
 
 
-def _stamp(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(round(t % 1 * 1000)) % 1000:03d}"
+def event(t: float, pid: int, kind: str, rank: int | None = 0, **fields: object) -> dict:
+    """One events.jsonl record as a trainer (rank 0) or the supervisor (rank None) writes it; its
+    fields checked against the schema as EventLog checks them."""
+    check_fields(kind, fields)
+    return {"v": VERSION, "t": t, "pid": pid, "rank": rank, "kind": kind, **fields}
+
+
+def write_events(run: Path, records: list[dict]) -> None:
+    """``run/events.jsonl`` with ``records`` in time order (as the processes appended them)."""
+    with open(run / "events.jsonl", "w") as f:
+        for r in sorted(records, key=lambda r: r["t"]):
+            f.write(json.dumps(r) + "\n")
+
+
+def progress(t: float, pid: int, step: int, max_steps: int, samples_per_s: float, data_wait_frac: float,
+             steps: int = 1) -> dict:
+    return event(t, pid, "progress", step=step, max_steps=max_steps, loss=4.0, lr=1e-3, grad_norm=0.5,
+                 samples_per_s=samples_per_s, data_wait_frac=data_wait_frac, steps=steps)
 
 
 def write_requeue_fixture(run: Path, base: float = 1_790_000_000.0) -> dict[str, float]:
@@ -119,38 +157,35 @@ def write_requeue_fixture(run: Path, base: float = 1_790_000_000.0) -> dict[str,
     run.mkdir(parents=True)
     t = {"submitted": base, "started0": base + 30, "p1": base + 30.5, "requeued": base + 40,
          "started1": base + 52, "p2": base + 52.5, "end": base + 60}
-    events = [("submitted", t["submitted"], {"backend": "slurm"}), ("started", t["started0"], {"restart_count": 0}),
-              ("requeued", t["requeued"], {"step": 4, "signal": "SIGUSR1", "restart_count": 0}),
-              ("started", t["started1"], {"restart_count": 1}), ("completed", t["end"], {"step": 10})]
+    history = [("submitted", t["submitted"], {"backend": "slurm"}), ("started", t["started0"], {"restart_count": 0}),
+               ("requeued", t["requeued"], {"step": 4, "signal": "SIGUSR1", "restart_count": 0}),
+               ("started", t["started1"], {"restart_count": 1}), ("completed", t["end"], {"step": 10})]
     with open(run / "jobs.jsonl", "w") as f:
-        for ev, when, extra in events:
+        for ev, when, extra in history:
             f.write(json.dumps({"event": ev, "time": when, "job_id": JOB, "host": "n1", **extra}) + "\n")
-    lines: list[tuple[float, int, str, str]] = []
+    records: list[dict] = []
 
     def trainer(pid: int, p0: float, s0: int, s1: int, resumed: bool) -> float:
-        lines.append((p0 + 0.5, pid, "foldhpc.resilience.runlock", "run directory lock: holding lock/gen-1"))
+        records.append(event(p0 + 0.5, pid, "process_start", process_start_t=p0, max_steps=10))
         if resumed:
-            lines.append((p0 + 1.4, pid, "foldhpc.train.loop", f"resumed from ck/step_{s0:08d}.ckpt at step {s0} "
-                                                               "(restart #1, checkpoint load 0.10s)"))
-        lines.append((p0 + 1.5, pid, "foldhpc.train.loop", f"training steps {s0}..10, batch 2, crop 32"))
-        lines.append((p0 + 2.0, pid, "foldhpc.train.loop", f"first step ({s0 + 1}) done in 0.500s; 2.00s after process "
-                                                           "start (imports_s 1.00, data_s 0.10, setup_s 0.40, "
-                                                           "first_step_s 0.50, process_to_first_step_s 2.00)"))
+            records.append(event(p0 + 1.4, pid, "resumed", path=f"ck/step_{s0:08d}.ckpt", step=s0, restarts=1))
+        records.append(event(p0 + 1.5, pid, "training", first=s0, last=10, batch=2))
+        records.append(event(p0 + 2.0, pid, "first_step", step=s0 + 1, step_s=0.5, after_start_s=2.0,
+                             timings={"imports_s": 1.0, "data_s": 0.1, "setup_s": 0.4, "first_step_s": 0.5,
+                                      "process_to_first_step_s": 2.0}))
         for i, s in enumerate(range(s0 + 1, s1 + 1)):  # 0.5 s a step, 10 % of it waiting for data
-            lines.append((p0 + 2.0 + 0.5 * i, pid, "foldhpc.train.loop",
-                          f"step {s}/10 loss 4.0000 lr 1.00e-03 gnorm 0.500 | 4.0 samples/s, data wait 10.0% | ETA 0m01s"))
+            records.append(progress(p0 + 2.0 + 0.5 * i, pid, s, 10, 4.0, 0.1))
         return p0 + 2.0 + 0.5 * (s1 - s0 - 1)
 
     last = trainer(101, t["p1"], 0, 4, False)
-    lines.append((last + 0.1, 101, "foldhpc.train.loop", "received SIGUSR1: saving a checkpoint at step 4, then exiting"))
-    lines.append((last + 0.4, 101, "foldhpc.train.loop", "checkpoint at step 4 durable 0.30s after the step boundary; "
-                                                          "exit 75"))
+    records.append(event(last + 0.1, 101, "signal", signal="SIGUSR1", step=4))
+    records.append(event(last + 0.4, 101, "checkpoint_durable", step=4, after_boundary_s=0.3))
+    records.append(event(last + 0.4, 101, "checkpointed", step=4, signal="SIGUSR1"))
     last = trainer(202, t["p2"], 4, 10, True)
-    lines.append((last + 0.2, 202, "foldhpc.checkpoint.manager", "checkpoint step 10 saved (final, 0.3 MiB, 0.20s) -> "
-                                                                  "ck/step_00000010.ckpt"))
-    lines.append((last + 0.3, 202, "foldhpc.train.loop", "training completed at step 10: {}"))
-    (run / "train.log").write_text("".join(f"{_stamp(w)} INFO [pid {pid}] {name}: {msg}\n"
-                                           for w, pid, name, msg in sorted(lines)))
+    records.append(event(last + 0.2, 202, "checkpoint_committed", step=10, reason="final", bytes=300_000,
+                         write_s=0.2, path="ck/step_00000010.ckpt"))
+    records.append(event(last + 0.3, 202, "completed", step=10))
+    write_events(run, records)
     (run / "status.json").write_text(json.dumps({"state": "completed", "step": 10, "max_steps": 10, "pid": 202,
                                                  "host": "n1", "finished_at": last + 0.35}))
     return t

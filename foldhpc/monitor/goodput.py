@@ -19,7 +19,9 @@ to its end (now, while it runs) is split into :data:`~foldhpc.monitor.timeline.C
 goodput = productive / allocated, where allocated = wall - queue_wait: the share of the time the
 run held its resources that trained the model. The same per process start and per Slurm job run.
 All of it is computed from the run's records by :mod:`foldhpc.monitor.timeline`; nothing here
-talks to the trainer. ``--tensorboard`` adds the figures to ``<run_dir>/tensorboard/goodput``.
+talks to the trainer. A run made before foldhpc recorded events (no ``events.jsonl``) gets its wall
+time, queue wait and job runs, and ``null`` for every figure that needs the trainer's records (the
+steps, the categories but queue wait, goodput), with a note that says so. ``--tensorboard`` adds the figures to ``<run_dir>/tensorboard/goodput``.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ class Row:
     start: float
     end: float
     outcome: str
-    seconds: dict[str, float]
-    steps: dict[str, int]
+    seconds: dict[str, float | None]
+    steps: dict[str, int | None]
     allocated_s: float
     goodput: float | None
     job_id: str | None = None
@@ -71,8 +73,8 @@ class Goodput:
     running: bool
     wall_s: float
     allocated_s: float
-    seconds: dict[str, float]  # per category; they add up to wall_s
-    steps: dict[str, int]  # productive, recomputed, executed
+    seconds: dict[str, float | None]  # per category; they add up to wall_s (None: unknown, a run without events)
+    steps: dict[str, int | None]  # productive, recomputed, executed (None: unknown)
     goodput: float | None  # productive / allocated
     processes: list[Row]
     jobs: list[Row]
@@ -101,15 +103,23 @@ def _ratio(sec: dict[str, float]) -> tuple[float, float | None]:
 
 def compute(tl: Timeline) -> Goodput:
     """Sum the timeline per category, for the run, each process start and each job run."""
-    sec, steps = _sum(tl.segments)
-    allocated, fraction = _ratio(sec)
+    known = tl.steps_known
+
+    def figures(segments: list[Any]) -> tuple[dict[str, float | None], dict[str, int | None], float, float | None]:
+        sec, steps = _sum(segments)
+        allocated, fraction = _ratio(sec)
+        if known:
+            return dict(sec), dict(steps), allocated, fraction
+        # no trainer records: only the queue wait is measured; the rest of the allocation is not split
+        return ({k: (v if k == QUEUE else None) for k, v in sec.items()}, {k: None for k in steps}, allocated, None)
+
+    sec, steps, allocated, fraction = figures(tl.segments)
     by_lane: dict[int, list[Any]] = defaultdict(list)
     for s in tl.segments:
         by_lane[s.lane].append(s)
     processes = []
     for ln in tl.lanes:
-        ls, lsteps = _sum(by_lane[ln.index])
-        alloc, frac = _ratio(ls)
+        ls, lsteps, alloc, frac = figures(by_lane[ln.index])
         processes.append(Row(ln.label, ln.start, ln.end, ln.outcome, ls, lsteps, alloc, frac, ln.job_id, ln.job_run,
                              ln.pid, ln.start_step, ln.last_step, ln.startup))
     jobs = []
@@ -119,8 +129,7 @@ def compute(tl: Timeline) -> Goodput:
             groups.setdefault((ln.job_id, ln.job_run), []).append(ln)
     for (jid, run), lanes in groups.items():
         segs = [s for ln in lanes for s in by_lane[ln.index]]
-        js, jsteps = _sum(segs)
-        alloc, frac = _ratio(js)
+        js, jsteps, alloc, frac = figures(segs)
         label = f"job {jid}" + (f" run {run}" if run else "")
         jobs.append(Row(label, min(ln.start for ln in lanes), max(ln.end for ln in lanes), lanes[-1].outcome, js,
                         jsteps, alloc, frac, jid, run))
@@ -137,16 +146,23 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _f(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
 def format_report(g: Goodput) -> str:
     wall = g.wall_s
     out = [f"{g.run_dir}: {wall:.2f} s wall{' (still running: up to now)' if g.running else ''}, "
            f"allocated {g.allocated_s:.2f} s (wall - queue wait)", ""]
     out.append(f"{'CATEGORY':<12} {'SECONDS':>10} {'% WALL':>7} {'STEPS':>6}")
     for k in CATEGORIES:
-        steps = str(g.steps[k]) if k in (PRODUCTIVE, RECOMPUTED) else ""
-        out.append(f"{k:<12} {g.seconds[k]:>10.3f} {_pct(g.seconds[k] / wall if wall else None):>7} {steps:>6}")
-    total = sum(g.seconds.values())
-    out.append(f"{'total':<12} {total:>10.3f} {_pct(total / wall if wall else None):>7} {g.steps['executed']:>6}")
+        s = g.seconds[k]
+        steps = ("-" if g.steps[k] is None else str(g.steps[k])) if k in (PRODUCTIVE, RECOMPUTED) else ""
+        out.append(f"{k:<12} {_f(s, 3):>10} {_pct(s / wall if wall and s is not None else None):>7} {steps:>6}")
+    total = None if None in g.seconds.values() else sum(v for v in g.seconds.values() if v is not None)
+    executed = "-" if g.steps["executed"] is None else str(g.steps["executed"])
+    out.append(f"{'total':<12} {_f(total, 3):>10} {_pct(total / wall if wall and total is not None else None):>7} "
+               f"{executed:>6}")
     out += ["", f"goodput = productive / allocated = {_pct(g.goodput)}"]
 
     def table(title: str, rows: list[Row], with_steps: bool) -> None:
@@ -157,9 +173,9 @@ def format_report(g: Goodput) -> str:
                         f"{'RECOMPUTED_S':>12} {'ALLOC_S':>8} {'GOODPUT':>7}  OUTCOME"])
         for r in rows:
             span = (f"{r.start_step}->{r.last_step}" if with_steps and r.start_step is not None else
-                    f"+{r.steps[PRODUCTIVE]}/{r.steps[RECOMPUTED]}")
-            out.append(f"{r.label:<{w}} {span:>9} {r.seconds[QUEUE]:>8.2f} {r.seconds[STARTUP]:>9.2f} "
-                       f"{r.seconds[PRODUCTIVE]:>12.3f} {r.seconds[RECOMPUTED]:>12.3f} {r.allocated_s:>8.2f} "
+                    "-" if r.steps[PRODUCTIVE] is None else f"+{r.steps[PRODUCTIVE]}/{r.steps[RECOMPUTED]}")
+            out.append(f"{r.label:<{w}} {span:>9} {_f(r.seconds[QUEUE], 2):>8} {_f(r.seconds[STARTUP], 2):>9} "
+                       f"{_f(r.seconds[PRODUCTIVE], 3):>12} {_f(r.seconds[RECOMPUTED], 3):>12} {r.allocated_s:>8.2f} "
                        f"{_pct(r.goodput):>7}  {r.outcome}")
 
     table("PROCESS START", g.processes, True)
@@ -181,10 +197,13 @@ def write_tensorboard(g: Goodput, run_dir: Path) -> Path:
         if g.goodput is not None:
             w.add_scalar("goodput/fraction", g.goodput, step)
         for k, v in g.seconds.items():
-            w.add_scalar(f"goodput/{k}_s", v, step)
+            if v is not None:
+                w.add_scalar(f"goodput/{k}_s", v, step)
         w.add_scalar("goodput/wall_s", g.wall_s, step)
-        w.add_scalar("goodput/productive_steps", g.steps[PRODUCTIVE], step)
-        w.add_scalar("goodput/recomputed_steps", g.steps[RECOMPUTED], step)
+        for k in (PRODUCTIVE, RECOMPUTED):
+            n = g.steps[k]
+            if n is not None:  # unknown for a run without events
+                w.add_scalar(f"goodput/{k}_steps", n, step)
     finally:
         w.close()
     return out

@@ -4,8 +4,9 @@ Top: one row per process start (restart) or Slurm job run, bars for queue wait, 
 training (productive / recomputed), checkpoint stalls, validation, data wait and idle time --
 the very segments ``foldhpc goodput`` sums (:mod:`foldhpc.monitor.timeline`) -- with checkpoint
 writes as thin bars under each row and markers for signals, crashes, restarts, requeues and
-injected faults. Bottom, on the same time axis: the training step over wall time, so a crash
-shows as the step falling back to the checkpoint it resumed from.
+rollbacks; faults injected from outside (``foldhpc chaos``) as vertical lines. Bottom, on the same
+time axis: the training step over wall time, so a crash shows as the step falling back to the
+checkpoint it resumed from.
 
 matplotlib is optional (``pip install 'foldhpc[plot]'``) and imported only here, with the Agg
 backend: this runs on login and compute nodes without a display.
@@ -22,6 +23,7 @@ from typing import Any
 from foldhpc.monitor.timeline import (CHECKPOINT, DATA_WAIT, IDLE, PRODUCTIVE, QUEUE, RECOMPUTED, STARTUP,
                                       VALIDATION, Timeline, build_timeline)
 from foldhpc.records.exitcodes import ExitCode
+from foldhpc.records.layout import EVENTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,9 @@ def draw(tl: Timeline, out: Path, fault_marks: list[tuple[float, str]] | None = 
     h2, _ = ax.get_legend_handles_labels()
     ax.legend(handles=handles + h2, fontsize=7, ncol=min(8, len(handles) + len(h2)), loc="lower left",
               bbox_to_anchor=(0, 1.0), frameon=False)
-    fig.suptitle(f"{tl.run_dir}: {tl.wall_s:.1f} s wall" + (" (running)" if tl.running else ""), fontsize=9)
+    fig.suptitle(f"{tl.run_dir}: {tl.wall_s:.1f} s wall" + (" (running)" if tl.running else "")
+                 + ("" if tl.steps_known else f" -- no {EVENTS_FILE}: made before foldhpc recorded events, steps unknown"),
+                 fontsize=9)
 
     # step over wall time: a line per process start, so a restart shows as a fall back
     lanes_pts: dict[int, list[tuple[float, int]]] = {}

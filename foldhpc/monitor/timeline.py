@@ -3,32 +3,38 @@
 ``foldhpc goodput`` sums the segments per category and ``foldhpc plot`` draws them; both read
 only what a run already writes, so they work on any run directory, finished, running or long dead:
 
-* ``train.log`` (every process of the run appends to it, each line with its pid and, since this
-  module exists, milliseconds): trainer starts (the supervisor's "started the trainer"), the
-  first-step line with the startup timings of *that* start (``status.json`` keeps only the latest),
-  one progress line per ``run.log_every`` steps with samples/s and the data-wait fraction (so the
-  window's measured loop time is ``steps x batch / samples_per_s``), validation and checkpoint
-  lines, resumes ("resumed from ... at step N"), the supervisor's failure line (the step the trainer
-  was working on when it died), non-finite rollbacks, injected faults.
+* ``events.jsonl`` (:mod:`foldhpc.records.events`: every process of the run appends typed records,
+  each with its pid, rank and a float time): trainer starts (the supervisor's ``supervisor_spawn``
+  with the trainer pids), ``first_step`` with the startup timings of *that* start (``status.json``
+  keeps only the latest), one ``progress`` record per ``run.log_every`` steps with samples/s and the
+  data-wait fraction (so the window's measured loop time is ``steps x batch / samples_per_s``),
+  validation and checkpoint records, resumes, the supervisor's failure and hang records (the step
+  the trainer was working on when it died), non-finite rollbacks.
 * ``jobs.jsonl``: submitted / started / requeued / stopped / completed / failed, with float times:
   the queue wait of each Slurm job run, refined by sacct's Submit/Start/End where sacct answers.
 * ``status.json``: whether the run is still going (then the timeline ends *now*).
 
+``train.log`` is prose for people and is never parsed: rewording a log line changes nothing here.
+A run made before foldhpc recorded events has a ``train.log`` and no ``events.jsonl``: its timeline
+holds what ``jobs.jsonl``, ``status.json`` and sacct say (wall time, queue waits, job runs), and
+:attr:`Timeline.steps_known` is False with a note: its step figures are unknown, not zero.
 TensorBoard is not read: a resume purges the scalars of the steps a crash lost, and events after
 the last flush die with the process, which are exactly the steps goodput must count as recomputed;
-``train.log`` is flushed line by line.
+``events.jsonl`` is written a record at a time.
 
-``train.log`` is read line by line, in one pass, and only what the timeline needs of each line is
-kept: a log of gigabytes is never in memory. A line stamped more than :data:`CLOCK_STEP_S` earlier
-than one before it means the wall clock was stepped back (an NTP step, a VM resumed): the lines from
-there on are shifted forward to follow on, with a note, so the timeline never runs backwards.
+``events.jsonl`` is read record by record, in one pass, and only what the timeline needs of each is
+kept: a file of gigabytes is never in memory. A truncated last line, a garbage line, a record of an
+unknown version or kind, or one whose fields are not what its kind says is skipped, counted and
+noted. A record stamped more than :data:`CLOCK_STEP_S` earlier than one before it means the wall
+clock was stepped back (an NTP step, a VM resumed): the records from there on are shifted forward
+to follow on, with a note, so the timeline never runs backwards.
 
 Every instant between the run's first record (its first submission, else its first process start)
 and its end (now, while it runs) belongs to exactly one segment, so the categories add up to the
 wall time. Inside a progress window the split between data wait, checkpoint stall and compute is
 by measured durations (poured into the window's free time in that order), not by exact instants:
-the window's own lines carry no finer timing. The stall of a background checkpoint (the training
-thread waits for the state copy in the next step) is not logged; it is estimated as the window's
+the window's own records carry no finer timing. The stall of a background checkpoint (the training
+thread waits for the state copy in the next step) is not recorded; it is estimated as the window's
 excess over the attempt's median step time.
 """
 
@@ -37,7 +43,6 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-import re
 import shutil
 import socket
 import statistics
@@ -46,10 +51,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from foldhpc.records.events import Event, EventScan, has_events, iter_events
 from foldhpc.records.fsio import pid_alive
-from foldhpc.records.status import read_status
 from foldhpc.records.history import read_history
-from foldhpc.records.layout import HISTORY_FILE, LOG_FILE, STATUS_FILE
+from foldhpc.records.layout import EVENTS_FILE, HISTORY_FILE, LOG_FILE, STATUS_FILE
+from foldhpc.records.status import read_status
 
 log = logging.getLogger(__name__)
 
@@ -58,114 +64,79 @@ CHECKPOINT, VALIDATION, DATA_WAIT, IDLE = "checkpoint", "validation", "data_wait
 #: every category of wall time, in the order reports list them
 CATEGORIES = (PRODUCTIVE, RECOMPUTED, QUEUE, STARTUP, CHECKPOINT, VALIDATION, DATA_WAIT, IDLE)
 _SLACK_S = 1.0  # clock/recording slack when matching a process start to the job run it belongs to
-#: A train.log line this many seconds earlier than one before it: the clock was stepped back (lines
-#: of two processes, or two threads, can be out of order by milliseconds, never by this much)
+#: A record this many seconds earlier than one before it: the clock was stepped back (records of
+#: two processes, or two threads, can be out of order by milliseconds, never by this much)
 CLOCK_STEP_S = 1.0
-
-_LINE_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:[.,](\d{3}))? (\w+) \[pid (\d+)\] "
-                      r"(?:\[rank (\d+)\] )?([\w.]+): (.*)$")
-_SPAWN_RE = re.compile(r"^supervisor: started the trainer(?: as \d+ ranks)? \(pid ([\d ]+)\)")
-_SUP_FAIL_RE = re.compile(r"^supervisor: (?:rank (\d+) )?(trainer .+?) at (?:step (-?\d+)|startup) \((\w+)\)$")
-_SUP_HANG_RE = re.compile(r"^supervisor: (?:rank (\d+) )?(hung at (?:step (-?\d+)|startup) in \w+)")
-_PROGRESS_RE = re.compile(r"^step (\d+)/(\d+) loss \S+ lr \S+ gnorm \S+ \| ([\d.]+) samples/s, data wait ([\d.]+)%")
-_TRAINING_RE = re.compile(r"^training steps (\d+)\.\.(\d+), batch (\d+)")
-_RESUMED_RE = re.compile(r"^resumed from (\S+) at step (\d+)")
-_FIRST_RE = re.compile(r"^first step \((\d+)\) done in ([\d.]+)s; ([\d.]+)s after process start \((.*)\)$")
-_TIMING_RE = re.compile(r"(\w+_s) ([\d.]+)")
-_VAL_START_RE = re.compile(r"^validating at step (\d+)")
-_VAL_END_RE = re.compile(r"^validation at step (\d+) (?:\(|stopped)")
-_SIGNAL_RE = re.compile(r"^received (SIG\w+): saving a checkpoint at step (\d+)")
-_DURABLE_RE = re.compile(r"^checkpoint at step (\d+) durable ([\d.]+)s after the step boundary")
-_STAGING_RE = re.compile(r"^checkpoint step (\d+): staging and writing in the background")
-_SAVED_RE = re.compile(r"^checkpoint step (\d+) saved \((\w[\w:-]*), [\d.]+ MiB, ([\d.]+)s\)")
-_ROLLBACK_RE = re.compile(r"rolled back to the checkpoint at step (\d+)")
-_FAILED_RE = re.compile(r"^run failed at step (\d+): (.*)$")
-_COMPLETED_RE = re.compile(r"^training completed at step (\d+)")
+#: the note of a run directory without events.jsonl (made before foldhpc recorded events)
+NO_EVENTS_NOTE = (f"no {EVENTS_FILE}: this run was made before foldhpc recorded events; step figures are unknown "
+                  f"(wall time, queue wait and job runs are from {HISTORY_FILE}, {STATUS_FILE} and sacct; "
+                  f"{LOG_FILE} is prose and is not parsed)")
 
 
 # ------------------------------------------------------------------ records
-@dataclass(slots=True)
-class LogLine:
-    time: float
-    precise: bool  # the line has milliseconds (older train.log files have whole seconds)
-    level: str
-    pid: int
-    rank: int | None
-    logger: str
-    msg: str
-
-
-_STAMP: list[Any] = [None, 0.0]  # the last whole-second stamp parsed and its time (lines come in order)
-
-
-def parse_log_line(line: str) -> LogLine | None:
-    """One ``train.log`` line; None for continuation lines (tracebacks) and anything else."""
-    m = _LINE_RE.match(line)
-    if not m:
-        return None
-    stamp, ms, level, pid, rank, logger, msg = m.groups()
-    if stamp == _STAMP[0]:
-        base = _STAMP[1]
-    else:
-        try:
-            base = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
-        except ValueError:
-            return None
-        _STAMP[:] = [stamp, base]
-    return LogLine(base + (int(ms) / 1000 if ms else 0.0), ms is not None, level, int(pid),
-                   int(rank) if rank is not None else None, logger, msg)
-
-
 @dataclass
-class LogScan:
-    """What :func:`iter_log` saw besides the lines it yielded (filled as they are read)."""
+class EventTrail:
+    """What :func:`iter_run_events` saw besides the records it yielded (filled as they are read)."""
 
-    lines: int = 0  # parsed lines
-    first: float | None = None  # time of the first and the last parsed line
+    scan: EventScan = field(default_factory=EventScan)  # lines read, and skipped by why
+    records: int = 0  # records yielded
+    malformed: int = 0  # records of a known kind whose fields are not what the kind says (skipped)
+    first: float | None = None  # time of the first and the last record
     last: float | None = None
-    all_precise: bool = True  # every line has milliseconds
     saved: list[tuple[int, int, float, float, str]] = field(default_factory=list)  # pid, step, time, write_s, reason
-    clock_steps: list[tuple[float, float]] = field(default_factory=list)  # (stamp as logged, seconds back)
+    clock_steps: list[tuple[float, float]] = field(default_factory=list)  # (stamp as recorded, seconds back)
+
+    def notes(self) -> list[str]:
+        out = self.scan.notes()
+        if self.malformed:
+            out.append(f"{EVENTS_FILE}: skipped {self.malformed} record(s) whose fields are not what their kind says")
+        return out
 
 
-def iter_log(run_dir: Path, scan: LogScan | None = None) -> Iterator[LogLine]:
-    """The parsed lines of ``<run_dir>/train.log`` one by one (nothing if there is none), on a
-    clock that never goes back (see the module docstring; ``scan.clock_steps``).
+def iter_run_events(run_dir: Path, trail: EventTrail | None = None) -> Iterator[tuple[float, Event]]:
+    """``(time, event)`` of every readable record of ``<run_dir>/events.jsonl`` in file order (nothing
+    if there is none), ``time`` on a clock that never goes back (see the module docstring;
+    ``trail.clock_steps``).
 
-    Only the lines of rank 0 and its supervisor (on one host, one clock) decide a clock step: the
-    other ranks' lines may come from other nodes' clocks.
+    Only the records of rank 0 and its supervisor (on one host, one clock) decide a clock step: the
+    other ranks' records may come from other nodes' clocks.
     """
-    scan = scan if scan is not None else LogScan()
-    try:
-        f = open(Path(run_dir) / LOG_FILE, encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return
+    trail = trail if trail is not None else EventTrail()
     offset, newest = 0.0, -math.inf
-    with f:
-        for raw in f:
-            ln = parse_log_line(raw.rstrip("\r\n"))
-            if ln is None:
-                continue
-            t = ln.time + offset
-            if ln.rank in (None, 0):
-                if t < newest - CLOCK_STEP_S:
-                    scan.clock_steps.append((ln.time, newest - t))
-                    offset += newest - t
-                    t = newest
-                newest = max(newest, t)
-            ln.time = t
-            scan.lines += 1
-            scan.first = t if scan.first is None else scan.first
-            scan.last = t
-            scan.all_precise = scan.all_precise and ln.precise
-            if m := _SAVED_RE.match(ln.msg):
-                scan.saved.append((ln.pid, int(m.group(1)), t, float(m.group(3)), m.group(2)))
-            yield ln
+    for ev in iter_events(Path(run_dir), trail.scan):
+        t = ev.t + offset
+        if ev.rank in (None, 0):
+            if t < newest - CLOCK_STEP_S:
+                trail.clock_steps.append((ev.t, newest - t))
+                offset += newest - t
+                t = newest
+            newest = max(newest, t)
+        trail.records += 1
+        trail.first = t if trail.first is None else trail.first
+        trail.last = t
+        if ev.kind == "checkpoint_committed":
+            step, write_s = _int(ev.get("step")), _num(ev.get("write_s"))
+            if step is not None and write_s is not None:
+                trail.saved.append((ev.pid, step, t, write_s, str(ev.get("reason"))))
+        yield t, ev
 
 
-def read_log(run_dir: Path) -> list[LogLine]:
-    """All parsed lines of ``<run_dir>/train.log`` in a list: for small logs (see :func:`iter_log`)."""
-    return list(iter_log(run_dir))
+def _num(v: Any) -> float | None:
+    """A finite number from a record's field, else None (a hand-edited or newer record)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _timings(v: Any) -> dict[str, float]:
+    """The ``*_s`` numbers of a first_step record's ``timings``."""
+    if not isinstance(v, dict):
+        return {}
+    return {str(k): float(x) for k, x in v.items() if str(k).endswith("_s") and _num(x) is not None}
 
 
 # ------------------------------------------------------------------ the timeline
@@ -237,6 +208,8 @@ class Timeline:
     step_points: list[tuple[float, int]]  # (time, step) of every progress line, in time order
     notes: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    #: False for a run made before foldhpc recorded events: no step figures (unknown, not zero)
+    steps_known: bool = True
 
     @property
     def wall_s(self) -> float:
@@ -251,8 +224,9 @@ class Timeline:
 class _Attempt:
     pid: int
     spawn: float | None = None
-    first_line: float | None = None
+    first_line: float | None = None  # its first and last own record
     last_line: float | None = None
+    process_start: float | None = None  # when the OS started it (its process_start record)
     start_step: int | None = None
     batch: int | None = None
     resumed_from: int | None = None
@@ -271,11 +245,12 @@ class _Attempt:
 
     @property
     def start(self) -> float:
-        """The process start: the first-step line minus its age then (/proc), else the spawn."""
+        """The process start: the first step's time minus its age then (/proc), else the earliest of
+        the spawn, the process_start record's OS start time and its first record."""
         p2f = self.timings.get("process_to_first_step_s")
         if self.first_step_at is not None and p2f:
             return self.first_step_at - p2f
-        return min(t for t in (self.spawn, self.first_line) if t is not None)
+        return min(t for t in (self.spawn, self.process_start, self.first_line) if t is not None)
 
     @property
     def end(self) -> float:
@@ -283,12 +258,22 @@ class _Attempt:
                                self.spawn) if t is not None)
 
 
-def _parse_attempts(lines: Iterable[LogLine], marks: list[Mark]) -> list[_Attempt]:
-    """Trainer process starts in order, from the supervisor's and the trainers' own lines."""
+class _Malformed(Exception):
+    """A record of a known kind whose fields are not what the kind says: skipped and counted."""
+
+
+def _need(v: int | float | None) -> Any:
+    if v is None:
+        raise _Malformed
+    return v
+
+
+def _parse_attempts(records: Iterable[tuple[float, Event]], marks: list[Mark], trail: EventTrail) -> list[_Attempt]:
+    """Trainer process starts in order, from the supervisor's and the trainers' own records."""
     attempts: dict[int, _Attempt] = {}
     order: list[int] = []
     other_ranks: set[int] = set()
-    current: _Attempt | None = None  # the newest supervised start (the one a failure line is about)
+    current: _Attempt | None = None  # the newest supervised start (the one a failure record is about)
 
     def get(pid: int) -> _Attempt:
         if pid not in attempts:
@@ -296,76 +281,111 @@ def _parse_attempts(lines: Iterable[LogLine], marks: list[Mark]) -> list[_Attemp
             order.append(pid)
         return attempts[pid]
 
-    for ln in lines:
-        if ln.rank not in (None, 0) or ln.pid in other_ranks:
+    for t, ev in records:
+        if ev.rank not in (None, 0) or ev.pid in other_ranks:
             continue
-        msg = ln.msg
-        if ln.logger.endswith("resilience.supervisor"):
-            if m := _SPAWN_RE.match(msg):
-                pids = [int(p) for p in m.group(1).split()]
-                current = get(pids[0])
-                current.spawn = ln.time
-                other_ranks.update(pids[1:])
-            elif (m := _SUP_FAIL_RE.match(msg)) or (m := _SUP_HANG_RE.match(msg)):
-                if current is not None and current.failure is None:
-                    step = int(m.group(3)) if m.group(3) is not None else None
-                    current.failure = (ln.time, step, m.group(2))
-                    current.outcome = m.group(2)
-                    marks.append(Mark(ln.time, "crash", f"{m.group(2)}" + (f" at step {step}" if step else "")))
-            elif msg.startswith("supervisor: restarting the trainer"):
-                marks.append(Mark(ln.time, "restart", "restart"))
-            elif msg.startswith("supervisor: giving up"):
-                marks.append(Mark(ln.time, "gave_up", "gave up"))
-            elif msg.startswith("supervisor: forwarded"):
-                marks.append(Mark(ln.time, "signal", msg.split()[2]))
-            continue
-        if ln.logger.endswith("faults") and "injecting a fault" in msg:
-            marks.append(Mark(ln.time, "fault", msg.split(":", 1)[0]))
-        is_trainer = ln.logger.startswith(("foldhpc.train", "foldhpc.checkpoint", "foldhpc.resilience.runlock",
-                                           "foldhpc.resilience.nonfinite", "foldhpc.data", "foldhpc.faults"))
-        if not is_trainer:
-            continue
-        a = get(ln.pid)
-        a.first_line = ln.time if a.first_line is None else a.first_line
-        a.last_line = ln.time
-        if m := _PROGRESS_RE.match(msg):
-            a.progress.append((ln.time, int(m.group(1)), float(m.group(3)), float(m.group(4)) / 100))
-        elif m := _STAGING_RE.match(msg):
-            a.staging.append(ln.time)
-        elif m := _SAVED_RE.match(msg):
-            if m.group(2) == "final":  # blocking, right after the last step's progress line
-                t0 = a.progress[-1][0] if a.progress else (a.first_step_at or ln.time)
-                a.blocking.append((t0, ln.time))
-        elif m := _VAL_START_RE.match(msg):
-            a._val_open = ln.time
-        elif m := _VAL_END_RE.match(msg):
-            if a._val_open is not None:
-                a.validations.append((a._val_open, ln.time))
-            a._val_open = None
-        elif m := _TRAINING_RE.match(msg):
-            a.start_step, a.batch = int(m.group(1)), int(m.group(3))
-        elif m := _RESUMED_RE.match(msg):
-            a.resumed_from = int(m.group(2))
-        elif m := _FIRST_RE.match(msg):
-            a.first_step_at = ln.time
-            a.timings = {k: float(v) for k, v in _TIMING_RE.findall(m.group(4))}
-        elif m := _SIGNAL_RE.match(msg):
-            a._sig_open = ln.time
-            marks.append(Mark(ln.time, "signal", m.group(1)))
-        elif m := _DURABLE_RE.match(msg):
-            a.blocking.append((a._sig_open if a._sig_open is not None else ln.time - float(m.group(2)), ln.time))
-            a.outcome = "checkpointed"
-        elif m := _ROLLBACK_RE.search(msg):
-            a.rollbacks.append((ln.time, int(m.group(1))))
-            marks.append(Mark(ln.time, "rollback", f"rollback to {m.group(1)}"))
-        elif m := _FAILED_RE.match(msg):
-            a.outcome = f"failed: {m.group(2)[:80]}"
-            marks.append(Mark(ln.time, "crash", m.group(2)[:60]))
-        elif _COMPLETED_RE.match(msg):
-            a.outcome = "completed"
-        elif "during the final validation" in msg:
-            a.outcome = "checkpointed"
+        kind = ev.kind
+        try:
+            if kind.startswith("supervisor_"):
+                current = _supervisor_event(t, ev, current, get, other_ranks, marks)
+                continue
+            a = get(ev.pid)
+            a.first_line = t if a.first_line is None else a.first_line
+            a.last_line = t
+            _trainer_event(t, ev, a, marks)
+        except _Malformed:
+            trail.malformed += 1
     return [attempts[p] for p in order]
+
+
+def _supervisor_event(t: float, ev: Event, current: _Attempt | None, get: Any, other_ranks: set[int],
+                      marks: list[Mark]) -> _Attempt | None:
+    """One supervisor record; returns the newest supervised start (a spawn makes a new one)."""
+    kind = ev.kind
+    if kind == "supervisor_spawn":
+        pids = ev.get("pids")
+        if not isinstance(pids, list) or not pids or any(_int(p) is None for p in pids):
+            raise _Malformed
+        current = get(pids[0])
+        current.spawn = t
+        other_ranks.update(pids[1:])
+    elif kind in ("supervisor_failure", "supervisor_hang"):
+        step = _int(ev.get("step"))
+        step = step if step is not None and step >= 0 else None  # -1: at startup
+        if kind == "supervisor_failure":
+            why = ev.get("reason")
+            if not isinstance(why, str):
+                raise _Malformed
+        else:
+            why = f"hung at {f'step {step}' if step is not None else 'startup'} in {ev.get('phase')}"
+        if current is not None and current.failure is None:
+            current.failure = (t, step, why)
+            current.outcome = why
+            marks.append(Mark(t, "crash", why + (f" at step {step}" if step else "")))
+    elif kind == "supervisor_restart":
+        marks.append(Mark(t, "restart", "restart"))
+    elif kind == "supervisor_give_up":
+        marks.append(Mark(t, "gave_up", "gave up"))
+    elif kind == "supervisor_forwarded":
+        marks.append(Mark(t, "signal", str(ev.get("signal"))))
+    return current
+
+
+def _trainer_event(t: float, ev: Event, a: _Attempt, marks: list[Mark]) -> None:
+    """One record of trainer process ``a`` (rank 0 or a one-process run)."""
+    kind = ev.kind
+    if kind == "progress":
+        wait = _num(ev.get("data_wait_frac"))
+        a.progress.append((t, _need(_int(ev.get("step"))), _need(_num(ev.get("samples_per_s"))),
+                           min(1.0, max(0.0, _need(wait)))))
+    elif kind == "checkpoint_staged":
+        a.staging.append(t)
+    elif kind == "checkpoint_committed":
+        if ev.get("reason") == "final":  # blocking, right after the last step's progress record
+            t0 = a.progress[-1][0] if a.progress else (a.first_step_at or t)
+            a.blocking.append((t0, t))
+    elif kind == "validation_start":
+        a._val_open = t
+    elif kind == "validation_end":
+        if a._val_open is not None:
+            a.validations.append((a._val_open, t))
+        a._val_open = None
+        if ev.get("stopped"):  # by a preemption signal: a checkpoint and an exit for requeue follow
+            a.outcome = "checkpointed"
+    elif kind == "training":
+        first, batch = _need(_int(ev.get("first"))), _need(_int(ev.get("batch")))
+        a.start_step, a.batch = first, batch
+    elif kind == "resumed":
+        a.resumed_from = _int(ev.get("step"))
+    elif kind == "process_start":
+        a.process_start = _num(ev.get("process_start_t"))
+        if a.process_start is not None:
+            a.process_start += t - ev.t  # on the clock-step-corrected time line
+    elif kind == "first_step":
+        a.first_step_at = t
+        a.timings = _timings(ev.get("timings"))
+        after = _num(ev.get("after_start_s"))
+        if "process_to_first_step_s" not in a.timings and after is not None:
+            a.timings["process_to_first_step_s"] = after
+    elif kind == "signal":
+        a._sig_open = t
+        marks.append(Mark(t, "signal", str(ev.get("signal"))))
+    elif kind == "checkpoint_durable":
+        after = _num(ev.get("after_boundary_s"))
+        a.blocking.append((a._sig_open if a._sig_open is not None else t - (after or 0.0), t))
+        a.outcome = "checkpointed"
+    elif kind == "rollback":
+        to = _need(_int(ev.get("to")))
+        a.rollbacks.append((t, to))
+        marks.append(Mark(t, "rollback", f"rollback to {to}"))
+    elif kind == "failed":
+        error = str(ev.get("error"))
+        a.outcome = f"failed: {error[:80]}"
+        marks.append(Mark(t, "crash", error[:60]))
+    elif kind == "completed":
+        a.outcome = "completed"
+    elif kind == "checkpointed":  # exiting for requeue on a durable checkpoint (a signal in the final validation)
+        a.outcome = "checkpointed"
 
 
 def _executions(a: _Attempt) -> list[tuple[float, int]]:
@@ -589,34 +609,53 @@ def _refine_with_sacct(runs: list[_JobRun], notes: list[str], sources: list[str]
 
 
 # ------------------------------------------------------------------ building
+def _times(*values: Any) -> list[float]:
+    return [v for v in (_num(x) for x in values) if v is not None]
+
+
 def build_timeline(run_dir: Path, now: float | None = None, use_sacct: bool = True) -> Timeline:
-    """The run's timeline from its records; raises FileNotFoundError if ``run_dir`` has none."""
+    """The run's timeline from its records; raises FileNotFoundError, with why, if ``run_dir`` has
+    nothing to build one from."""
     run_dir = Path(run_dir)
     now = time.time() if now is None else now
     notes: list[str] = []
     sources: list[str] = []
-    scan = LogScan()
+    trail = EventTrail()
     marks: list[Mark] = []
-    attempts = _parse_attempts(iter_log(run_dir, scan), marks)  # the one pass over train.log
+    attempts = _parse_attempts(iter_run_events(run_dir, trail), marks, trail)  # the one pass over events.jsonl
     events, bad = read_history(run_dir)
     try:
         status = read_status(run_dir) or {}
     except ValueError as e:
         status, _ = {}, notes.append(str(e))
-    if not scan.lines and not events and not status:
-        raise FileNotFoundError(f"{run_dir}: no {LOG_FILE}, jobs.jsonl or status.json: not a foldhpc run directory?")
-    if scan.lines:
-        sources.append(LOG_FILE)
-        if not scan.all_precise:
-            notes.append(f"{LOG_FILE} has lines with whole-second times (written before foldhpc logged "
-                         "milliseconds): segments placed by them are accurate to about a second")
-    for when, back in scan.clock_steps:
+    has_log = (run_dir / LOG_FILE).exists()
+    if not trail.records and not events and not status:
+        if trail.scan.lines:
+            raise FileNotFoundError(f"{run_dir}: {EVENTS_FILE} has no readable record ({'; '.join(trail.notes())}) "
+                                    f"and there is no {HISTORY_FILE} or {STATUS_FILE}")
+        if has_log:
+            raise FileNotFoundError(f"{run_dir}: only {LOG_FILE}, no {EVENTS_FILE}, {HISTORY_FILE} or {STATUS_FILE}: "
+                                    f"a run made before foldhpc recorded events, and {LOG_FILE} is prose that "
+                                    "foldhpc does not parse: nothing to build a timeline from")
+        raise FileNotFoundError(f"{run_dir}: no {EVENTS_FILE}, {HISTORY_FILE} or {STATUS_FILE}: "
+                                "not a foldhpc run directory?")
+    # No events.jsonl although a trainer ran (its train.log, its status.json, a job run that
+    # started): a run made before foldhpc recorded events. A job still waiting for its first start
+    # has no events yet, and no steps: that is zero, not unknown.
+    legacy = not has_events(run_dir) and (has_log or bool(status) or any(e.get("event") == "started" for e in events))
+    if trail.records:
+        sources.append(EVENTS_FILE)
+    notes += trail.notes()
+    if legacy:
+        log.warning("%s: %s", run_dir, NO_EVENTS_NOTE)
+        notes.append(NO_EVENTS_NOTE)
+    for when, back in trail.clock_steps:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
-        log.warning("%s: the clock went back %.1f s at the line stamped %s (an NTP step?)", run_dir / LOG_FILE,
+        log.warning("%s: the clock went back %.1f s at the record stamped %s (an NTP step?)", run_dir / EVENTS_FILE,
                     back, stamp)
-        notes.append(f"{LOG_FILE}: the clock went back {back:.1f} s at the line stamped {stamp}; the lines from "
-                     "there on are shifted forward to follow on (times from jobs.jsonl and sacct after it may not "
-                     "line up with them)")
+        notes.append(f"{EVENTS_FILE}: the clock went back {back:.1f} s at the record stamped {stamp}; the records "
+                     "from there on are shifted forward to follow on (times from jobs.jsonl and sacct after it may "
+                     "not line up with them)")
     if events:
         sources.append(HISTORY_FILE)
     if bad:
@@ -647,11 +686,18 @@ def build_timeline(run_dir: Path, now: float | None = None, use_sacct: bool = Tr
     firsts = [a.start for a in attempts] + [r.pending_since for r in jruns if r.pending_since is not None]
     firsts += [r.started for r in jruns if r.started is not None]
     firsts += [float(e["time"]) for e in events if e.get("event") == "submitted" and isinstance(e.get("time"), (int, float))]
-    if not firsts:
-        firsts = [scan.first] if scan.first is not None else [float(status.get("started_at") or now)]
-    start = min(firsts)
     lasts = [a.end for a in attempts] + [float(e["time"]) for e in events if isinstance(e.get("time"), (int, float))]
-    lasts += [scan.last] if scan.last is not None else []
+    lasts += [trail.last] if trail.last is not None else []
+    if legacy:  # no process records: the span of every record there is
+        firsts += _times(status.get("started_at"), *(e.get("time") for e in events))
+        lasts += _times(status.get("started_at"), status.get("updated_at"), status.get("finished_at"))
+        if not firsts and not running:
+            raise FileNotFoundError(f"{run_dir}: no {EVENTS_FILE} (a run made before foldhpc recorded events), and "
+                                    f"neither {HISTORY_FILE} nor {STATUS_FILE} holds a time: nothing to build a "
+                                    "timeline from")
+    if not firsts:
+        firsts = [trail.first] if trail.first is not None else [float(_num(status.get("started_at")) or now)]
+    start = min(firsts)
     end = now if running else max(lasts + [start])
     end = max(end, start)
 
@@ -671,6 +717,13 @@ def build_timeline(run_dir: Path, now: float | None = None, use_sacct: bool = Tr
                               + (" (pending)" if r.started is None else " (no trainer record)"),
                               None, r.job_id, r.run, t, r.ended or (end if r.started is None else t),
                               outcome="pending" if r.started is None else (r.end_event or "unknown")))
+    if legacy and not jruns and status:  # a local run: its newest process start, as status.json tells it
+        t0 = _num(status.get("started_at"))
+        t0 = start if t0 is None else max(start, min(t0, end))
+        t1 = end if running else max([t0] + _times(status.get("finished_at"), status.get("updated_at")))
+        pid = _int(status.get("pid"))
+        lanes.append(Lane(len(lanes), f"pid {pid} (no {EVENTS_FILE})" if pid is not None else f"no {EVENTS_FILE}",
+                          None, None, None, t0, min(t1, end), outcome=str(st or "unknown")))
     lanes.sort(key=lambda ln: ln.start)
     for i, ln in enumerate(lanes):
         ln.index = i
@@ -723,7 +776,7 @@ def build_timeline(run_dir: Path, now: float | None = None, use_sacct: bool = Tr
 
     step_points = sorted((t, s) for a in attempts for t, s, _, _ in a.progress)
     writes = []
-    for pid, step, t, write_s, reason in scan.saved:
+    for pid, step, t, write_s, reason in trail.saved:
         if pid in by_pid:
             writes.append(Write(by_pid[pid], step, t, write_s, reason))
     for e in events:
@@ -733,7 +786,8 @@ def build_timeline(run_dir: Path, now: float | None = None, use_sacct: bool = Tr
         if m.lane is None and lanes:
             m.lane = max((ln.index for ln in lanes if ln.start <= m.time), default=0)
     marks.sort(key=lambda m: m.time)
-    return Timeline(str(run_dir), start, end, running, lanes, segments, marks, writes, step_points, notes, sources)
+    return Timeline(str(run_dir), start, end, running, lanes, segments, marks, writes, step_points, notes, sources,
+                    steps_known=not legacy)
 
 
 def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
