@@ -17,10 +17,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from foldhpc.config import ConfigError, load_config
+from foldhpc.config import Config, ConfigError, load_config
 from foldhpc.records.exitcodes import ExitCode
+
+if TYPE_CHECKING:
+    from foldhpc.distributed.env import DistEnv
+    from foldhpc.slurm.job import JobOutcome
 
 log = logging.getLogger("foldhpc.cli")
 
@@ -61,20 +65,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     ignore_after_training()
     heartbeat().beat(-1, "startup")  # tells a supervisor that signals may be forwarded now
     from foldhpc.cluster.env import slurm_env
-    from foldhpc.records.history import record_event
     from foldhpc.train.loop import Trainer
 
     slurm = slurm_env()
     resume = _resume_mode(args, slurm)
     if slurm.job_id and not supervised and _first_task():  # the story of the job for `foldhpc status` (submitit jobs record
-        try:                                # it in foldhpc.slurm.job, supervised ones in the supervisor)
-            record_event(cfg.run_dir, "started", job_id=slurm.job_id, restart_count=slurm.restart_count,
-                         backend="sbatch")
-        except OSError as e:
-            log.warning("cannot record the job in %s: %s", cfg.run_dir, e)
+        _record_started(cfg, slurm)         # it in foldhpc.slurm.job, supervised ones in _supervise)
     result = Trainer(cfg, resume=resume, force_resume=_force_resume(args, slurm)).run()
     _debug_hold_after_train()
     return result.exit_code
+
+
+def _record_started(cfg: Any, slurm: Any, **extra: Any) -> None:
+    """The "started" event of a batch script's job run (``backend`` "sbatch"); a failure to write it
+    is logged: training goes on without its story."""
+    from foldhpc.records.history import record_started
+
+    try:
+        record_started(cfg.run_dir, slurm, backend="sbatch", **extra)
+    except OSError as e:
+        log.warning("cannot record the job in %s: %s", cfg.run_dir, e)
 
 
 def _first_task() -> bool:
@@ -122,9 +132,8 @@ def _wants_supervisor(args: argparse.Namespace, cfg: Any) -> bool:
 
 def _supervise(args: argparse.Namespace, cfg: Any) -> int:
     """This process becomes the supervisor of the trainer (``--nproc N``: of N local ranks)."""
-    from foldhpc.resilience.supervisor import Supervisor
     from foldhpc.cluster.env import slurm_env
-    from foldhpc.records.history import record_event
+    from foldhpc.resilience.supervisor import Supervisor
 
     if args.nproc > 1:
         if "RANK" in os.environ or os.environ.get("SLURM_STEP_NUM_TASKS", "1") != "1":
@@ -136,11 +145,7 @@ def _supervise(args: argparse.Namespace, cfg: Any) -> int:
     slurm = slurm_env()
     resume = _resume_mode(args, slurm)
     if slurm.job_id and _first_task():
-        try:
-            record_event(cfg.run_dir, "started", job_id=slurm.job_id, restart_count=slurm.restart_count,
-                         backend="sbatch", supervised=True)
-        except OSError as e:
-            log.warning("cannot record the job in %s: %s", cfg.run_dir, e)
+        _record_started(cfg, slurm, supervised=True)
     common: list[str] = ["--config", args.config] if args.config else []
     for o in args.overrides:
         common += ["--set", o]
@@ -154,6 +159,80 @@ def _supervise(args: argparse.Namespace, cfg: Any) -> int:
     rc = Supervisor(cfg, first, common, nproc=args.nproc).run()
     _debug_hold_after_train()
     return rc
+
+
+def train_in_job(cfg: Config, env: DistEnv, job_id: str | None) -> JobOutcome:
+    """The payload of a submitit job (:class:`foldhpc.slurm.job.Payload`, passed by ``foldhpc
+    submit``; pickled with the job by reference, so the compute node imports this module): train
+    ``cfg`` as rank ``env``, in this process, or with ``fault.max_restarts`` > 0 in a child
+    ``foldhpc train`` under the supervisor (restarted in this allocation after a crash or hang)."""
+    from foldhpc.slurm.job import JobOutcome
+
+    if cfg.fault.max_restarts > 0:
+        return _supervised_in_job(cfg, job_id)
+    from foldhpc.train.loop import Trainer
+
+    r = Trainer(cfg, resume="auto", env=env).run()
+    return JobOutcome(r.state, r.step, r.signal, r.metrics)
+
+
+def _supervised_in_job(cfg: Config, job_id: str | None) -> JobOutcome:
+    """The supervised trainer's outcome, from its exit status and status.json, with the time of the
+    preemption signal if one came; raises if it failed."""
+    from foldhpc.config import config_to_toml
+    from foldhpc.records.fsio import atomic_write_text
+    from foldhpc.records.layout import SLURM_DIR
+    from foldhpc.records.status import COMPLETED, read_status
+    from foldhpc.resilience.supervisor import Supervisor
+    from foldhpc.slurm.job import JobOutcome, preemption_signals
+
+    path = cfg.run_dir / SLURM_DIR / f"config-{job_id or 'local'}.toml"  # the child's config: this job's
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, config_to_toml(cfg), fsync=False)
+    child = ["--config", str(path)]
+    sup = Supervisor(cfg, child, child, extra_signals=tuple(preemption_signals(cfg)))
+    rc = sup.run()
+    try:
+        st = read_status(cfg.run_dir) or {}
+    except ValueError:
+        st = {}
+    if rc == ExitCode.OK:
+        return JobOutcome(COMPLETED, int(st.get("step", 0)), None, st.get("metrics") or {})
+    if rc == ExitCode.CHECKPOINTED:
+        sig = st.get("signal") or (sup.preempted.name if sup.preempted else None)
+        return JobOutcome("checkpointed", int(st.get("step", 0)), sig, signal_at=sup.preempted_at)
+    raise RuntimeError(st.get("error") or f"the supervised trainer failed (exit status {rc})")
+
+
+def _add_submit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="TOML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key (repeatable)")
+    p.add_argument("--local", action="store_true", help="run the job locally (no Slurm), in the background")
+    p.add_argument("--sweep", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                   help="sweep: one Slurm job array over the cartesian product of all --sweep values, each task "
+                        "in its own run directory <run.dir>/<key=value,...> (repeatable; foldhpc.slurm.sweep)")
+    p.add_argument("--max-parallel", type=int, default=0, metavar="N",
+                   help="with --sweep: at most N tasks run at once (sbatch --array=...%%N; default: all)")
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    """``foldhpc submit`` (also ``python -m foldhpc.submit``): the job runs :func:`train_in_job`."""
+    if args.sweep:
+        from foldhpc.slurm import sweep
+
+        array_id, sweep_dir, tasks = sweep.submit_sweep(args.config, args.overrides, args.sweep, train_in_job,
+                                                        args.max_parallel, local=args.local)
+        sweep.print_submitted(array_id, sweep_dir, tasks, args.max_parallel)
+        return 0
+    if args.max_parallel:
+        raise ConfigError("--max-parallel limits the tasks of a sweep: it needs --sweep")
+    from foldhpc.slurm.submit import submit
+
+    cfg = load_config(args.config, args.overrides)
+    job_id = submit(cfg, train_in_job, local=args.local)
+    print(f"submitted job {job_id}\nrun directory {cfg.run_dir.resolve()}")
+    return 0
 
 
 def _debug_hold_after_train() -> None:
@@ -249,13 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     starter.add_arguments(p)
     p.set_defaults(func=starter.run)
 
-    from foldhpc.slurm import submit as submit_mod
-
     p = sub.add_parser("submit", help="submit the training run to Slurm (submitit), or run it locally",
                        description="Submit a single-GPU Slurm job that trains, checkpoints on its preemption "
                                    "signal and requeues itself. Same as python -m foldhpc.submit.")
-    submit_mod.add_arguments(p)
-    p.set_defaults(func=submit_mod.run)
+    _add_submit_args(p)
+    p.set_defaults(func=_cmd_submit)
 
     from foldhpc.monitor import report as status_mod
 

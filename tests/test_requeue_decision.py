@@ -128,8 +128,8 @@ def test_decide_tells_slurm_requeueing_from_restarts(monkeypatch):
     """``decide`` compares slurmctld's Restarts with this job's own SLURM_RESTART_COUNT (not the chain's)."""
     import time as _time
 
-    monkeypatch.setattr(requeue, "_ctl_job", lambda j, t: {"JobState": "COMPLETING", "Restarts": "2", "Requeue": "1"})
-    monkeypatch.setattr(requeue, "_acct_state", lambda j, t: "PREEMPTED")
+    monkeypatch.setattr(requeue, "ctl_job", lambda j, t: {"JobState": "COMPLETING", "Restarts": "2", "Requeue": "1"})
+    monkeypatch.setattr(requeue, "acct_state", lambda j, t: "PREEMPTED")
     deadline = _time.monotonic() + 10
     assert requeue.decide("42", 5, 20, deadline, chain_restarts=3, own_restarts=2).kind == "preempted_cancel"
     assert requeue.decide("42", 4, 20, deadline, chain_restarts=3, own_restarts=1).kind == "ending"

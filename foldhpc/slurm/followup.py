@@ -18,7 +18,8 @@ the newest checkpoint. The jobs of one run form a *chain*:
   submitted is caught by a last look at the job after the submission, which cancels the successor
   (``afterany`` would otherwise start it: Slurm treats a cancelled predecessor as "ended");
 * two ways to submit, like the first submission: the submitit path goes through
-  :func:`foldhpc.slurm.submit.submit` (the same executor, resources from the config), the sbatch
+  :func:`foldhpc.slurm.submit.submit` (:class:`foldhpc.slurm.submit.SubmititFollowUp`: the same
+  executor and job payload, resources from the config), the sbatch
   path re-submits the batch script itself with the job's own resources read from
   ``scontrol show job`` and the trainer's arguments without ``--no-resume``/``--resume PATH``
   (those were for the first job only).
@@ -28,6 +29,8 @@ its environment (``SLURM_RESTART_COUNT`` of a requeued job would otherwise leak 
 and so are foldhpc's per-process ones (supervisor, heartbeat, ready file).
 
 :class:`FollowUp` is what :func:`foldhpc.slurm.requeue.maybe_requeue` needs: ``submit(after)``.
+This module is the bottom of ``foldhpc.slurm`` (requeue, job, submit and sweep import it, it
+imports none of them); what slurmctld says of a job comes from :mod:`foldhpc.cluster.sacct`.
 The "chain" resume mode (``slurm.resume = "chain"``: a follow-up at every signal instead of a
 requeue, :func:`foldhpc.slurm.requeue.maybe_requeue`) uses the same object, and so does a job
 that a preemption cancels (PreemptMode=CANCEL).
@@ -43,19 +46,16 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
+from foldhpc.cluster.command import CALL_TIMEOUT_S, SlurmCommandError, run_command
+from foldhpc.cluster.sacct import ctl_state as _scontrol_state, scontrol_job
 from foldhpc.records.envvars import PROCESS_VARS
-from foldhpc.records.history import read_history, record_event
-from foldhpc.cluster.command import SlurmCommandError, run_command
-from foldhpc.cluster.sacct import parse_scontrol
-
-if TYPE_CHECKING:
-    from foldhpc.config import Config
+from foldhpc.records.history import FollowedUp, FollowupCancelled, Submitted, or_absent, read_history, write_event
 
 log = logging.getLogger(__name__)
 
-FOLLOWUP_EVENT = "followup"
+FOLLOWUP_EVENT = FollowedUp.EVENT
 #: states of the predecessor, seen after the successor was submitted, that mean "no successor":
 #: it is being cancelled, or Slurm requeued it after all (a late answer to a failed requeue)
 _NO_SUCCESSOR_STATES = frozenset({"COMPLETING", "CANCELLED", "PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"})
@@ -122,6 +122,14 @@ def successor_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def successor_environ() -> Iterator[None]:
+    """``os.environ`` is :func:`successor_env` for the duration: submitit runs ``sbatch`` with the
+    process environment (the submitit path's successor, :class:`foldhpc.slurm.submit.SubmititFollowUp`)."""
+    with _environ(successor_env()):
+        yield
+
+
+@contextlib.contextmanager
 def _environ(env: dict[str, str]) -> Iterator[None]:
     """``os.environ`` replaced for the duration (submitit runs ``sbatch`` with the process environment)."""
     saved = dict(os.environ)
@@ -132,21 +140,6 @@ def _environ(env: dict[str, str]) -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-
-
-# ------------------------------------------------------------------ submitit path
-class SubmititFollowUp:
-    """The successor of a submitit job: :func:`foldhpc.slurm.submit.submit` with the same config."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.run_dir = cfg.run_dir
-
-    def submit(self, after: str, **record: Any) -> str:
-        from foldhpc.slurm.submit import submit
-
-        with _environ(successor_env()):
-            return submit(self.cfg, dependency=f"afterany:{after}", **record)
 
 
 # ------------------------------------------------------------------ sbatch path
@@ -275,8 +268,7 @@ class SbatchFollowUp:
     def submit(self, after: str, **record: Any) -> str:
         try:
             # the multi-line record: each path (WorkDir, StdOut, ...) ends with its line
-            info = parse_scontrol(run_command(["scontrol", "show", "job", after],
-                                              timeout=SUBMIT_TIMEOUT_S)).get(after, {})
+            info = scontrol_job(after, SUBMIT_TIMEOUT_S, oneliner=False)
         except SlurmCommandError as e:
             raise SlurmCommandError(f"cannot read job {after}'s resources: {e}") from None
         if not info:
@@ -293,8 +285,8 @@ class SbatchFollowUp:
         new = p.stdout.strip().split(";")[0]
         if not new:
             raise SlurmCommandError(f"sbatch printed no job id: {p.stdout!r}")
-        record_event(self.run_dir, "submitted", job_id=new, backend="slurm", partition=info.get("Partition", ""),
-                     **record)
+        write_event(self.run_dir, Submitted(job_id=new, backend="slurm", partition=info.get("Partition", ""),
+                                            **record))
         return new
 
 
@@ -307,7 +299,7 @@ def hand_over(followup: FollowUp, job_id: str, chain_restarts_now: int, why: str
 
     ``chain_restarts_now``: restarts the chain has used before this one (the successor's
     ``chain_restarts`` is one more). ``ctl_state(job_id)`` -> JobState or None (slurmctld's view;
-    default: :func:`foldhpc.slurm.requeue` asks ``scontrol``). SIGTERM is held off meanwhile: an
+    default: :func:`foldhpc.cluster.sacct.ctl_state` asks ``scontrol``). SIGTERM is held off meanwhile: an
     ``scancel`` must not kill this process between "submitted" and "recorded" (Slurm's SIGKILL
     after KillWait still ends it). ``last_look=False`` skips that look: for a job that a preemption
     is cancelling (PreemptMode=CANCEL), COMPLETING is expected and the successor is the point.
@@ -315,18 +307,16 @@ def hand_over(followup: FollowUp, job_id: str, chain_restarts_now: int, why: str
     :func:`foldhpc.slurm.requeue.no_progress` sees a chain that makes none).
     """
     if ctl_state is None:
-        from foldhpc.slurm.requeue import CALL_TIMEOUT_S, _ctl_state
-
         def ctl_state(j: str) -> str | None:
-            return _ctl_state(j, CALL_TIMEOUT_S)
+            return _scontrol_state(j, CALL_TIMEOUT_S)
 
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         total = chain_restarts_now + 1
         new = followup.submit(job_id, followup_of=job_id, chain_restarts=total)
-        record_event(followup.run_dir, FOLLOWUP_EVENT, job_id=job_id, followup_job_id=new, chain_restarts=total,
-                     restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), reason=why,
-                     **({"step": step} if step is not None else {}))
+        write_event(followup.run_dir, FollowedUp(
+            job_id=job_id, followup_job_id=new, chain_restarts=total,
+            restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), reason=why, step=or_absent(step)))
         log.warning("submitted follow-up job %s (afterany:%s) for run directory %s: %s", new, job_id,
                     followup.run_dir, why)
         state = (ctl_state(job_id) or "").split(" ")[0].upper() if last_look else ""
@@ -337,8 +327,8 @@ def hand_over(followup: FollowUp, job_id: str, chain_restarts_now: int, why: str
                 run_command(["scancel", new], timeout=SUBMIT_TIMEOUT_S)
             except SlurmCommandError as e:
                 log.error("could not cancel follow-up job %s: %s (scancel it)", new, e)
-            record_event(followup.run_dir, "followup_cancelled", job_id=new, followup_of=job_id,
-                         reason=f"job {job_id} was {state} once its follow-up had been submitted")
+            write_event(followup.run_dir, FollowupCancelled(
+                job_id=new, followup_of=job_id, reason=f"job {job_id} was {state} once its follow-up had been submitted"))
         return new
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)

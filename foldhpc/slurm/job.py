@@ -1,10 +1,16 @@
-"""The object submitit runs on the compute node: a Checkpointable training job.
+"""The object submitit runs on the compute node: a Checkpointable job around a payload.
+
+:class:`SlurmJob` is the executor: it tells the job's story in jobs.jsonl, runs its
+:class:`Payload` (what trains: ``foldhpc.cli.train_in_job``, the trainer or its supervisor,
+given by whoever submits) and, after a checkpoint on a signal, decides the requeue. It knows no
+trainer, so ``foldhpc.slurm`` imports nothing of ``foldhpc.train`` or the supervisor; the
+payload is pickled with the job (a module-level function or a small class of a layer above).
 
 submitit's own signal handler would call ``checkpoint()`` from inside the signal handler, i.e.
 in the middle of whatever the training step was doing, and it decides "timeout or preemption" by
 elapsed time alone. So while training runs, foldhpc's own handlers (installed by the trainer for
 ``checkpoint.signals``) take over: the signal is recorded, the state is saved at the next step
-boundary, and only then does :meth:`SlurmTrainer.__call__` decide whether to requeue
+boundary, and only then does :meth:`SlurmJob.__call__` decide whether to requeue
 (:mod:`foldhpc.slurm.requeue`) and exit. ``checkpoint()`` is kept for signals that arrive before
 the trainer is listening: it returns a fresh job that finds its state in the run directory, never
 in a pickle. Once training has returned (completed or checkpointed) the signals are ignored until
@@ -24,20 +30,21 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import submitit
 
 from foldhpc import faults
 from foldhpc.checkpoint.signals import ignore_after_training, ignore_signals, last_signal_time
-from foldhpc.config import Config, parse_duration
-from foldhpc.records.exitcodes import ExitCode
-from foldhpc.records.status import COMPLETED
 from foldhpc.cluster.env import slurm_env
-from foldhpc.records.history import record_event
-from foldhpc.slurm.followup import SubmititFollowUp
-from foldhpc.slurm.requeue import Decision, maybe_requeue
-from foldhpc.records.layout import SLURM_DIR
+from foldhpc.config import Config, parse_duration
+from foldhpc.distributed.env import DistEnv, from_environ
+from foldhpc.records.exitcodes import ExitCode
+from foldhpc.records.history import Completed, Failed, record_started, write_event
+from foldhpc.records.status import COMPLETED
+from foldhpc.slurm.followup import FollowUp
+from foldhpc.slurm.requeue import Decision, decision_event, maybe_requeue
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +54,7 @@ log = logging.getLogger(__name__)
 HOLD_AFTER_TRAIN_ENV = faults.HOLD_AFTER_TRAIN
 
 
-def _preemption_signals(cfg: Config) -> set[signal.Signals]:
+def preemption_signals(cfg: Config) -> set[signal.Signals]:
     """The trainer's signals plus the one submitit's handler listens on."""
     sigs = set(cfg.checkpoint.signal_numbers())
     name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "")
@@ -58,40 +65,55 @@ def _preemption_signals(cfg: Config) -> set[signal.Signals]:
     return sigs
 
 
-class SlurmTrainer(submitit.helpers.Checkpointable):
-    def __init__(self, cfg: Config) -> None:
+@dataclass(frozen=True)
+class JobOutcome:
+    """How the payload's training ended, when it did not raise: ``state`` "completed" (exit 0) or
+    "checkpointed" (a durable checkpoint after a preemption signal: exit 75, requeue or follow-up)."""
+
+    state: str
+    step: int
+    signal: str | None = None  # the preemption signal's name, where known
+    metrics: dict[str, float] = field(default_factory=dict)
+    signal_at: float | None = None  # time.time() of the signal, where the payload knows it (a supervisor)
+
+
+class Payload(Protocol):
+    """What the job runs: training of ``cfg`` as this rank (``env``) of Slurm job ``job_id``.
+    Picklable (submitit pickles the job with it); raises on a failure."""
+
+    def __call__(self, cfg: Config, env: DistEnv, job_id: str | None) -> JobOutcome: ...
+
+
+class SlurmJob(submitit.helpers.Checkpointable):
+    """The submitit job of one run: ``payload`` trains ``cfg``; ``followup`` submits the successor
+    where Slurm will not requeue (:class:`foldhpc.slurm.submit.SubmititFollowUp`), None: requeue only."""
+
+    def __init__(self, cfg: Config, payload: Payload, followup: FollowUp | None = None) -> None:
         self.cfg = cfg
+        self.payload = payload
+        self.followup = followup
 
     def __call__(self) -> dict[str, Any]:
-        from foldhpc.train.loop import Trainer
-
-        from foldhpc.distributed.env import from_environ
-
         cfg = self.cfg
         info = slurm_env()
         job = info.job_id
         env = from_environ()
         where = {"rank": env.rank, "node": env.node} if env.distributed else {}
         if env.is_main:
-            record_event(cfg.run_dir, "started", job_id=job, restart_count=info.restart_count,
-                         **({"world_size": env.world_size} if env.distributed else {}))
+            record_started(cfg.run_dir, info, **({"world_size": env.world_size} if env.distributed else {}))
         # When the trainer stops listening, its signals are ignored rather than handed back to
         # submitit's handler, which would requeue a job whose training has already returned.
         ignore_after_training()
-        signal_at: float | None = None
         try:
-            if cfg.fault.max_restarts > 0:  # in-job restarts: the trainer runs as a supervised child
-                result, signal_at = self._supervised(job)
-            else:
-                result = Trainer(cfg, resume="auto", env=env).run()
+            result = self.payload(cfg, env, job)
         except BaseException as e:
-            record_event(cfg.run_dir, "failed", job_id=job, error=f"{type(e).__name__}: {e}", **where)
+            write_event(cfg.run_dir, Failed(job_id=job, error=f"{type(e).__name__}: {e}", **where))
             raise
-        ignore_signals(_preemption_signals(cfg))  # also submitit's own signal, if it is not one of ours
+        ignore_signals(preemption_signals(cfg))  # also submitit's own signal, if it is not one of ours
         if not env.is_main:
             return {"step": result.step, "state": result.state, "rank": env.rank}
         if result.state == COMPLETED:
-            record_event(cfg.run_dir, "completed", job_id=job, step=result.step)
+            write_event(cfg.run_dir, Completed(job_id=job, step=result.step))
             hold = faults.seconds(HOLD_AFTER_TRAIN_ENV)
             if hold > 0:
                 log.warning("%s: staying alive %.1fs after training", HOLD_AFTER_TRAIN_ENV, hold)
@@ -99,45 +121,15 @@ class SlurmTrainer(submitit.helpers.Checkpointable):
             return {"step": result.step, "metrics": result.metrics}
 
         def record(d: Decision) -> None:  # before scontrol requeue, which may end this process
-            record_event(cfg.run_dir, "requeued" if d.requeue else "stopped", job_id=job, step=result.step,
-                         signal=result.signal, restart_count=info.restart_count, why=d.kind, reason=d.reason)
+            write_event(cfg.run_dir, decision_event(d, job, info.restart_count, result.step, signal=result.signal))
 
         # where Slurm will not requeue, the run continues in a follow-up job (foldhpc.slurm.followup)
-        maybe_requeue(cfg.slurm.max_requeues, parse_duration(cfg.slurm.signal_lead), signal_at or last_signal_time(),
-                      record, followup=SubmititFollowUp(cfg), mode=cfg.slurm.resume, step=result.step)
+        maybe_requeue(cfg.slurm.max_requeues, parse_duration(cfg.slurm.signal_lead),
+                      result.signal_at or last_signal_time(), record, followup=self.followup, mode=cfg.slurm.resume,
+                      step=result.step)
         logging.shutdown()
         sys.exit(ExitCode.CHECKPOINTED)
 
-    def _supervised(self, job: str | None) -> tuple[Any, float | None]:
-        """Train in a child ``foldhpc train`` under :class:`~foldhpc.resilience.supervisor.Supervisor`
-        (restarted in this allocation after a crash or hang); the outcome as a TrainResult and
-        the time of the preemption signal, if one came."""
-        from foldhpc.config import config_to_toml
-        from foldhpc.records.fsio import atomic_write_text
-        from foldhpc.records.status import read_status
-        from foldhpc.resilience.supervisor import Supervisor
-        from foldhpc.train.loop import TrainResult
-
-        cfg = self.cfg
-        path = cfg.run_dir / SLURM_DIR / f"config-{job or 'local'}.toml"  # the child's config: this job's
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, config_to_toml(cfg), fsync=False)
-        args = ["--config", str(path)]
-        sup = Supervisor(cfg, args, args, extra_signals=tuple(_preemption_signals(cfg)))
-        rc = sup.run()
-        try:
-            st = read_status(cfg.run_dir) or {}
-        except ValueError:
-            st = {}
-        from foldhpc.distributed.env import from_environ
-
-        rank = from_environ().rank
-        if rc == ExitCode.OK:
-            return TrainResult(COMPLETED, int(st.get("step", 0)), None, st.get("metrics") or {}, rank=rank), None
-        if rc == ExitCode.CHECKPOINTED:
-            sig = st.get("signal") or (sup.preempted.name if sup.preempted else None)
-            return TrainResult("checkpointed", int(st.get("step", 0)), sig, rank=rank), sup.preempted_at
-        raise RuntimeError(st.get("error") or f"the supervised trainer failed (exit status {rc})")
-
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        return submitit.helpers.DelayedSubmission(SlurmTrainer(self.cfg))
+        """A fresh job of the same run: it finds its state in the run directory, never in a pickle."""
+        return submitit.helpers.DelayedSubmission(SlurmJob(self.cfg, self.payload, self.followup))

@@ -64,20 +64,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from foldhpc.cluster.command import CALL_TIMEOUT_S, SlurmCommandError, run_command
 from foldhpc.cluster.env import slurm_env
-from foldhpc.cluster.command import SlurmCommandError, run_command
-from foldhpc.cluster.sacct import parse_sacct, parse_scontrol
+from foldhpc.cluster.sacct import acct_state, ctl_job, ctl_state
 from foldhpc.records.exitcodes import ExitCode
+from foldhpc.records.history import ABSENT, Requeued, Stopped, or_absent, read_history, write_event
 from foldhpc.records.layout import CONFIG_FILE
+from foldhpc.slurm.followup import FollowUp, SbatchFollowUp, chain_restarts, hand_over
 
 if TYPE_CHECKING:
     from foldhpc.config import Config
-    from foldhpc.slurm.followup import FollowUp
+    from foldhpc.records.history import Maybe
 
 log = logging.getLogger(__name__)
 
-#: per Slurm command; a healthy slurmctld/slurmdbd answers in milliseconds
-CALL_TIMEOUT_S = 10.0
 #: left unused before the end of the signal lead (the time-limit kill, a slow exit)
 SAFETY_MARGIN_S = 10.0
 #: the decision gets at least this long even if the lead looks used up (the kill may be late)
@@ -122,6 +122,14 @@ class Decision:
     def event(self) -> str:
         """The jobs.jsonl event for this decision."""
         return "requeued" if self.requeue else "followup" if self.followup_job_id else "stopped"
+
+
+def decision_event(d: Decision, job_id: str | None, restart_count: int, step: Maybe[int] = ABSENT,
+                   signal: Maybe[str | None] = ABSENT) -> Requeued | Stopped:
+    """The jobs.jsonl event of a decision that ``record`` is given: requeued or stopped (a follow-up
+    is recorded by :func:`foldhpc.slurm.followup.hand_over` itself, never through ``record``)."""
+    kind = Requeued if d.requeue else Stopped
+    return kind(job_id=job_id, restart_count=restart_count, why=d.kind, reason=d.reason, step=step, signal=signal)
 
 
 def refused(error: str) -> bool:
@@ -187,33 +195,6 @@ def decide_from(job_id: str | None, restart_count: int, max_requeues: int,
                           f"{restart_count}{over} < slurm.max_requeues={max_requeues}) will be requeued", "requeue")
 
 
-def _ctl_job(job_id: str, timeout: float) -> dict[str, str] | None:
-    """slurmctld's record of the job (``scontrol show job``); None if it does not answer."""
-    try:
-        out = run_command(["scontrol", "show", "job", "--oneliner", job_id], timeout=timeout)
-    except SlurmCommandError as e:
-        log.warning("scontrol unavailable for the requeue decision: %s", e)
-        return None
-    return parse_scontrol(out).get(job_id, {})
-
-
-def _ctl_state(job_id: str, timeout: float) -> str | None:
-    info = _ctl_job(job_id, timeout)
-    return info.get("JobState") if info is not None else None
-
-
-def _acct_state(job_id: str, timeout: float) -> str | None:
-    """sacct State of the newest run of the job; None if sacct fails or does not know it yet."""
-    try:
-        out = run_command(["sacct", "--jobs", job_id, "--allocations", "--duplicates", "--parsable2",
-                           "--noheader", "--format=JobID,State"], timeout=timeout)
-    except SlurmCommandError as e:
-        log.warning("sacct unavailable for the requeue decision: %s", e)
-        return None
-    rows = [r for r in parse_sacct(out, ("JobID", "State"))[0] if r.job_id == job_id and r.step is None]
-    return rows[-1].raw_state if rows else None
-
-
 def jobs_without_progress(events: list[dict[str, Any]], step: int) -> int:
     """How many jobs in a row, ending with the current one (which checkpointed at ``step``), made
     no checkpoint progress: the continuation events (:data:`CONTINUATION_EVENTS`) at the end of
@@ -238,8 +219,6 @@ def no_progress(run_dir: Path | None, step: int | None, job_id: str) -> Decision
     :data:`NO_PROGRESS_JOBS` jobs in a row, else None (also when the step or history is unknown)."""
     if run_dir is None or step is None:
         return None
-    from foldhpc.records.history import read_history
-
     try:
         events = read_history(run_dir)[0]
     except OSError:
@@ -273,13 +252,13 @@ def decide(job_id: str | None, restart_count: int, max_requeues: int, deadline: 
     """
     if not job_id:
         return decide_from(job_id, restart_count, max_requeues, None, None, mode=mode)
-    info = _ctl_job(job_id, _timeout(deadline))
+    info = ctl_job(job_id, _timeout(deadline))
     ctl = info.get("JobState") if info is not None else None
-    acct = _acct_state(job_id, _timeout(deadline)) if ctl is not None else None
+    acct = acct_state(job_id, _timeout(deadline)) if ctl is not None else None
     settle = min(deadline, time.monotonic() + ACCT_SETTLE_S)
     while _word(ctl) == "COMPLETING" and _word(acct) in (None, "RUNNING", "PENDING", "REQUEUED") and time.monotonic() < settle:
         time.sleep(0.5)
-        acct = _acct_state(job_id, _timeout(deadline))
+        acct = acct_state(job_id, _timeout(deadline))
     flag = (info or {}).get("Requeue")
     allowed = {"0": False, "1": True}.get(flag or "")
     own = restart_count - chain_restarts if own_restarts is None else own_restarts
@@ -314,7 +293,7 @@ def _requeue(job_id: str, deadline: float) -> tuple[bool, str]:
             return True, ""
         except SlurmCommandError as e:
             err = e
-        state = _word(_ctl_state(job_id, _timeout(deadline)))
+        state = _word(ctl_state(job_id, _timeout(deadline)))
         if state is not None and state not in REQUEUEABLE_CTL_STATES:
             log.error("scontrol requeue %s failed (%s) and the job is now %s: not retrying", job_id, err, state)
             return False, "ending"
@@ -331,7 +310,7 @@ def _requeue(job_id: str, deadline: float) -> tuple[bool, str]:
 
 
 def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: float | None = None,
-                  record: Callable[[Decision], None] | None = None, followup: "FollowUp | None" = None,
+                  record: Callable[[Decision], None] | None = None, followup: FollowUp | None = None,
                   mode: str = "requeue", step: int | None = None, run_dir: Path | None = None) -> Decision:
     """Decide for the current job (SLURM_* variables) and requeue if right.
 
@@ -362,8 +341,6 @@ def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: fl
     deadline = time.monotonic() + budget
     chain = 0
     if followup is not None and job_id:
-        from foldhpc.slurm.followup import chain_restarts
-
         chain = chain_restarts(followup.run_dir, job_id)
     restarts = info.restart_count + chain
     if mode == "chain" and followup is None:
@@ -404,10 +381,8 @@ def _not_requeueable(job_id: str, deadline: float) -> None:
                     "too, the run-directory lock makes the second job exit", job_id, e)
 
 
-def _follow_up(followup: "FollowUp", job_id: str, restarts: int, why: str,
+def _follow_up(followup: FollowUp, job_id: str, restarts: int, why: str,
                record: Callable[[Decision], None] | None, last_look: bool = True, step: int | None = None) -> Decision:
-    from foldhpc.slurm.followup import hand_over
-
     try:
         new = hand_over(followup, job_id, restarts, why, last_look=last_look, step=step)
     except (SlurmCommandError, OSError) as e:
@@ -468,8 +443,6 @@ def main(argv: list[str] | None = None) -> int:
     record = (lambda d: _record(cfg, d, step)) if args.config or args.overrides else None
     followup = None
     if args.followup_script and args.config:
-        from foldhpc.slurm.followup import SbatchFollowUp
-
         followup = SbatchFollowUp(cfg.run_dir, args.followup_script, followup_script_args(cfg, args))
     d = maybe_requeue(max_requeues, parse_duration(cfg.slurm.signal_lead), args.signal_at, record, followup,
                       mode=cfg.slurm.resume, step=step, run_dir=cfg.run_dir if record else None)
@@ -503,15 +476,11 @@ def _checkpointed_step(run_dir: Path) -> int | None:
 
 def _record(cfg: "Config", d: Decision, step: int | None = None) -> None:
     """The decision in ``<run.dir>/jobs.jsonl``, so ``foldhpc status`` can say why a job stopped."""
-    from foldhpc.records.history import record_event
-
     info = slurm_env()
     if not info.job_id:
         return  # not a Slurm job: nothing to tell about it
     try:
-        record_event(cfg.run_dir, d.event, job_id=info.job_id,
-                     restart_count=info.restart_count, why=d.kind, reason=d.reason,
-                     **({"step": step} if step is not None else {}))
+        write_event(cfg.run_dir, decision_event(d, info.job_id, info.restart_count, or_absent(step)))
     except OSError as e:
         log.error("could not record the requeue decision in %s: %s", cfg.run_dir, e)
 

@@ -1,6 +1,7 @@
-"""``python -m foldhpc.submit`` / ``foldhpc submit``: send a training run to Slurm via submitit.
+"""Send a training run to Slurm via submitit (``foldhpc submit``, whose arguments are parsed in
+:mod:`foldhpc.cli`; ``python -m foldhpc.submit`` is the same command).
 
-The job runs :class:`~foldhpc.slurm.job.SlurmTrainer` with ``--requeue`` and
+The job runs :class:`~foldhpc.slurm.job.SlurmJob` around the caller's payload with ``--requeue`` and
 ``--signal=<slurm.signal>@<slurm.signal_lead>`` on ``slurm.nodes`` nodes with ``slurm.gpus`` GPUs
 each and one task (rank) per GPU (``slurm.tasks_per_node`` overrides that), which submitit starts
 with ``srun``; the default is one node, one GPU, one process. ``--local`` runs the same job in a
@@ -10,17 +11,19 @@ local subprocess (submitit's local executor) without Slurm, one rank only (``fol
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
-from foldhpc.config import Config, ConfigError, load_config, parse_duration
+from foldhpc.config import Config, ConfigError, parse_duration
 from foldhpc.records.fsio import make_private_dir
-from foldhpc.records.history import record_event
+from foldhpc.records.history import Submitted, write_event
 from foldhpc.records.layout import SLURM_DIR
+from foldhpc.slurm.followup import successor_environ
+from foldhpc.slurm.job import Payload, SlurmJob
 
 log = logging.getLogger(__name__)
 
@@ -83,50 +86,41 @@ def executor_for(cfg: Config, local: bool = False):
     return ex
 
 
-def submit(cfg: Config, local: bool = False, dependency: str | None = None, **record: object) -> str:
+class SubmititFollowUp:
+    """The successor of a submitit job (:mod:`foldhpc.slurm.followup`): :func:`submit` with the same
+    config and payload, from an environment without this job's Slurm variables. Pickled with the job."""
+
+    def __init__(self, cfg: Config, payload: Payload) -> None:
+        self.cfg = cfg
+        self.payload = payload
+        self.run_dir = cfg.run_dir
+
+    def submit(self, after: str, **record: Any) -> str:
+        with successor_environ():
+            return submit(self.cfg, self.payload, dependency=f"afterany:{after}", **record)
+
+
+def job_for(cfg: Config, payload: Payload) -> SlurmJob:
+    """The submitit job of ``cfg``'s run: ``payload`` trains; where Slurm will not requeue it, a
+    follow-up job of the same payload continues the run."""
+    return SlurmJob(cfg, payload, followup=SubmititFollowUp(cfg, payload))
+
+
+def submit(cfg: Config, payload: Payload, local: bool = False, dependency: str | None = None,
+           **record: Any) -> str:
     """Submit the run; returns the job id. The run directory gets the job in jobs.jsonl.
 
-    ``dependency`` (e.g. ``"afterany:123"``) and the extra ``record`` fields of the "submitted"
-    event are for follow-up jobs (:mod:`foldhpc.slurm.followup`).
+    ``payload``: what the job runs (:class:`foldhpc.slurm.job.Payload`, e.g.
+    ``foldhpc.cli.train_in_job``). ``dependency`` (e.g. ``"afterany:123"``) and the extra
+    ``record`` fields of the "submitted" event are for follow-up jobs (:mod:`foldhpc.slurm.followup`).
     """
-    from foldhpc.slurm.job import SlurmTrainer
-
     check_submittable(cfg)
     make_private_dir(cfg.run_dir)
     ex = executor_for(cfg, local=local)
     if dependency:
         ex.update_parameters(additional_parameters={**ex.parameters.get("additional_parameters", {}),
                                                     "dependency": dependency})
-    job = ex.submit(SlurmTrainer(cfg))
-    record_event(cfg.run_dir, "submitted", job_id=str(job.job_id), backend="local" if local else "slurm",
-                 partition=cfg.slurm.partition, **record)
+    job = ex.submit(job_for(cfg, payload))
+    write_event(cfg.run_dir, Submitted(job_id=str(job.job_id), backend="local" if local else "slurm",
+                                       partition=cfg.slurm.partition, **record))
     return str(job.job_id)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", metavar="FILE", help="TOML config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config key (repeatable)")
-    p.add_argument("--local", action="store_true", help="run the job locally (no Slurm), in the background")
-    p.add_argument("--sweep", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
-                   help="sweep: one Slurm job array over the cartesian product of all --sweep values, each task "
-                        "in its own run directory <run.dir>/<key=value,...> (repeatable; foldhpc.slurm.sweep)")
-    p.add_argument("--max-parallel", type=int, default=0, metavar="N",
-                   help="with --sweep: at most N tasks run at once (sbatch --array=...%%N; default: all)")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.sweep:
-        from foldhpc.slurm import sweep
-
-        array_id, sweep_dir, tasks = sweep.submit_sweep(args.config, args.overrides, args.sweep, args.max_parallel,
-                                                        local=args.local)
-        sweep.print_submitted(array_id, sweep_dir, tasks, args.max_parallel)
-        return 0
-    if args.max_parallel:
-        raise ConfigError("--max-parallel limits the tasks of a sweep: it needs --sweep")
-    cfg = load_config(args.config, args.overrides)
-    job_id = submit(cfg, local=args.local)
-    print(f"submitted job {job_id}\nrun directory {cfg.run_dir.resolve()}")
-    return 0
-

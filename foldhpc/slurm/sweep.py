@@ -8,7 +8,7 @@ directory ``<run.dir>/<name>``, named from its overrides so a person can read it
 resolved ``config.toml`` from submission on. ``<run.dir>/sweep.json`` lists the axes and the
 tasks; ``<run.dir>/slurm/`` holds submitit's files (``<array>_<task>_*``).
 
-A task is a :class:`~foldhpc.slurm.job.SlurmTrainer` like a single run: it checkpoints, saves on
+A task is a :class:`~foldhpc.slurm.job.SlurmJob` like a single run (the same payload): it checkpoints, saves on
 its preemption signal, requeues *itself* (``scontrol requeue <array>_<task>``: the job id of an
 array task is ``ARRAYID_TASK`` everywhere, :func:`foldhpc.cluster.env.slurm_info`), resumes and
 completes on its own; ``slurm.max_requeues`` counts per task (each task has its own
@@ -43,7 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from foldhpc.config import Config, ConfigError, config_to_toml, load_config
+from foldhpc.records.fsio import atomic_write_text, make_private_dir
+from foldhpc.records.history import Submitted, write_event
 from foldhpc.records.layout import CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, STATUS_FILE, TENSORBOARD_DIR
+from foldhpc.slurm.job import Payload
+from foldhpc.slurm.submit import check_submittable, executor_for, job_for
 
 SWEEP_FILE = "sweep.json"
 MAX_NAME = 120  # characters of a task directory name (longer ones end in a hash)
@@ -109,8 +113,6 @@ def grid(axes: list[tuple[str, list[str]]]) -> list[SweepTask]:
 def plan(config: str | None, overrides: list[str], specs: list[str]) -> tuple[Config, list[tuple[SweepTask, Config]]]:
     """The sweep's own config (its run.dir is the sweep directory) and each task's resolved config,
     all validated before anything is submitted."""
-    from foldhpc.slurm.submit import check_submittable
-
     root = load_config(config, overrides)
     axes = parse_axes(specs)
     if not axes:
@@ -139,14 +141,10 @@ def read_sweep(sweep_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and isinstance(data.get("tasks"), list) else None
 
 
-def submit_sweep(config: str | None, overrides: list[str], specs: list[str], max_parallel: int = 0,
+def submit_sweep(config: str | None, overrides: list[str], specs: list[str], payload: Payload, max_parallel: int = 0,
                  local: bool = False) -> tuple[str, Path, list[SweepTask]]:
-    """Submit the grid as one job array; returns (array job id, sweep directory, tasks)."""
-    from foldhpc.records.fsio import atomic_write_text, make_private_dir
-    from foldhpc.records.history import record_event
-    from foldhpc.slurm.job import SlurmTrainer
-    from foldhpc.slurm.submit import executor_for
-
+    """Submit the grid as one job array, each task running ``payload`` (:class:`foldhpc.slurm.job.Payload`);
+    returns (array job id, sweep directory, tasks)."""
     if local:
         raise ConfigError("--sweep needs Slurm (one job array); without it, run each task with "
                           "foldhpc train --set run.dir=... --set KEY=VALUE")
@@ -169,12 +167,12 @@ def submit_sweep(config: str | None, overrides: list[str], specs: list[str], max
     n = len(planned)
     ex.update_parameters(array_parallelism=min(max_parallel or n, n))
     with ex.batch():
-        jobs = [ex.submit(SlurmTrainer(cfg)) for _, cfg in planned]
+        jobs = [ex.submit(job_for(cfg, payload)) for _, cfg in planned]
     array_id = str(jobs[0].job_id).split("_", 1)[0]
     for (task, cfg), job in zip(planned, jobs):
         task.job_id = str(job.job_id)
-        record_event(cfg.run_dir, "submitted", job_id=task.job_id, backend="slurm", partition=root.slurm.partition,
-                     sweep=str(sweep_dir), array_task=task.index)
+        write_event(cfg.run_dir, Submitted(job_id=task.job_id, backend="slurm", partition=root.slurm.partition,
+                                           sweep=str(sweep_dir), array_task=task.index))
     record = {
         "version": 1, "config": str(Path(config).resolve()) if config else None, "overrides": list(overrides),
         "axes": [[k, v] for k, v in parse_axes(specs)], "max_parallel": max_parallel or None,
