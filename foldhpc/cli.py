@@ -23,6 +23,7 @@ from foldhpc.config import Config, ConfigError, load_config
 from foldhpc.records.exitcodes import ExitCode
 
 if TYPE_CHECKING:
+    from foldhpc.cluster.env import SlurmEnv
     from foldhpc.distributed.env import DistEnv
     from foldhpc.slurm.job import JobOutcome
 
@@ -76,7 +77,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _record_started(cfg: Any, slurm: Any, **extra: Any) -> None:
+def _record_started(cfg: Config, slurm: SlurmEnv, **extra: Any) -> None:
     """The "started" event of a batch script's job run (``backend`` "sbatch"); a failure to write it
     is logged: training goes on without its story."""
     from foldhpc.records.history import record_started
@@ -93,7 +94,7 @@ def _first_task() -> bool:
     return os.environ.get("SLURM_PROCID", "0") == "0" and os.environ.get("RANK", "0") == "0"
 
 
-def _resume_mode(args: argparse.Namespace, slurm: dict[str, Any]) -> str:
+def _resume_mode(args: argparse.Namespace, slurm: SlurmEnv) -> str:
     """"never", "auto" or a checkpoint path; a requeued Slurm job always resumes ("auto")."""
     resume = "never" if args.no_resume else (args.resume or "auto")
     if slurm.restart_count > 0 and resume != "auto":
@@ -107,7 +108,7 @@ def _resume_mode(args: argparse.Namespace, slurm: dict[str, Any]) -> str:
     return resume
 
 
-def _force_resume(args: argparse.Namespace, slurm: dict[str, Any]) -> bool:
+def _force_resume(args: argparse.Namespace, slurm: SlurmEnv) -> bool:
     """``--force-resume`` applies to a Slurm job's first run only: sbatch replays the job's arguments
     on every requeue, and the checkpoint a requeued run resumes from was written by this run with
     the config it trains with, so forcing again could only let a config file edited since then move
