@@ -8,7 +8,6 @@ import json
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -60,7 +59,8 @@ def test_sigkill_after_a_checkpoint_counts_the_recomputed_steps(tmp_path):
     events, scan = read_events(run)
     assert scan.notes() == []
     resumed = [e for e in events if e.kind == "resumed"]
-    assert [(Path(e["path"]).name, e["step"]) for e in resumed] == [("step_00000020.ckpt", 20)]  # the newest before the kill
+    # it resumed from the newest checkpoint before the kill
+    assert [(Path(e["path"]).name, e["step"]) for e in resumed] == [("step_00000020.ckpt", 20)]
     g = goodput_json(run, "--tensorboard")
     assert_adds_up(g)
     ckpt = FAIL_AT // CKPT_EVERY * CKPT_EVERY

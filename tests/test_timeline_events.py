@@ -49,8 +49,8 @@ def killed_run_records(run: Path) -> dict[str, float]:
     first, last = trainer(101, BASE, 0, 25, 30, checkpoint_every=10)
     recs += first
     died = last + 0.1
-    recs.append(event(died, 11, "supervisor_failure", rank=None, failed_rank=None, step=26, reason="trainer killed by SIGKILL",
-                      cause="trainer killed by SIGKILL"))
+    recs.append(event(died, 11, "supervisor_failure", rank=None, failed_rank=None, step=26,
+                      reason="trainer killed by SIGKILL", cause="trainer killed by SIGKILL"))
     recs.append(event(died + 0.01, 11, "supervisor_restart", rank=None, restarts=1, delay_s=0.2))
     respawn = died + 0.21
     recs.append(event(respawn, 11, "supervisor_spawn", rank=None, pids=[202], nproc=1, restarts=1))

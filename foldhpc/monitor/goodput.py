@@ -21,7 +21,8 @@ run held its resources that trained the model. The same per process start and pe
 All of it is computed from the run's records by :mod:`foldhpc.monitor.timeline`; nothing here
 talks to the trainer. A run made before foldhpc recorded events (no ``events.jsonl``) gets its wall
 time, queue wait and job runs, and ``null`` for every figure that needs the trainer's records (the
-steps, the categories but queue wait, goodput), with a note that says so. ``--tensorboard`` adds the figures to ``<run_dir>/tensorboard/goodput``.
+steps, the categories but queue wait, goodput), with a note that says so. ``--tensorboard`` adds
+the figures to ``<run_dir>/tensorboard/goodput``.
 """
 
 from __future__ import annotations

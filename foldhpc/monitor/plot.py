@@ -92,7 +92,8 @@ def draw(tl: Timeline, out: Path, fault_marks: list[tuple[float, str]] | None = 
     ax.legend(handles=handles + h2, fontsize=7, ncol=min(8, len(handles) + len(h2)), loc="lower left",
               bbox_to_anchor=(0, 1.0), frameon=False)
     fig.suptitle(f"{tl.run_dir}: {tl.wall_s:.1f} s wall" + (" (running)" if tl.running else "")
-                 + ("" if tl.steps_known else f" -- no {EVENTS_FILE}: made before foldhpc recorded events, steps unknown"),
+                 + ("" if tl.steps_known
+                    else f" -- no {EVENTS_FILE}: made before foldhpc recorded events, steps unknown"),
                  fontsize=9)
 
     # step over wall time: a line per process start, so a restart shows as a fall back

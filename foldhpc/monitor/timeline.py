@@ -49,7 +49,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from foldhpc.records.events import Event, EventScan, has_events, iter_events
 from foldhpc.records.fsio import pid_alive
@@ -298,8 +298,8 @@ def _parse_attempts(records: Iterable[tuple[float, Event]], marks: list[Mark], t
     return [attempts[p] for p in order]
 
 
-def _supervisor_event(t: float, ev: Event, current: _Attempt | None, get: Any, other_ranks: set[int],
-                      marks: list[Mark]) -> _Attempt | None:
+def _supervisor_event(t: float, ev: Event, current: _Attempt | None, get: Callable[[int], _Attempt],
+                      other_ranks: set[int], marks: list[Mark]) -> _Attempt | None:
     """One supervisor record; returns the newest supervised start (a spawn makes a new one)."""
     kind = ev.kind
     if kind == "supervisor_spawn":
