@@ -293,7 +293,7 @@ def test_sigusr1_writes_forwarded_signal_and_checkpoint_durable(tmp_path):
     events, _ = read_events(run)
     (trainer,) = [e.pid for e in kinds_of(events, "process_start")]
     (fwd,) = kinds_of(events, "supervisor_forwarded")
-    assert fwd["signal"] == "SIGUSR1" and fwd["pid"] == trainer and fwd.rank is None
+    assert fwd["signal"] == "SIGUSR1" and fwd["trainer_pid"] == trainer and fwd.rank is None
     (sig,) = kinds_of(events, "signal")
     assert sig["signal"] == "SIGUSR1" and sig.pid == trainer and sig["from_peer"] is False
     (durable,) = kinds_of(events, "checkpoint_durable")

@@ -111,6 +111,9 @@ def check_fields(kind: str, fields: dict[str, Any]) -> None:
     missing = [f for f in need if f not in fields]
     if missing:
         raise ValueError(f"event {kind!r} lacks {', '.join(missing)}")
+    clash = [f for f in fields if f in _BASE and f != "t"]
+    if clash:  # it would overwrite the record's own (pid: the writer's process, not the one meant)
+        raise ValueError(f"event {kind!r}: field(s) {', '.join(clash)} are the record's own; use another name")
 
 
 class EventSink(Protocol):

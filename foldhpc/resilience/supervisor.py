@@ -183,7 +183,8 @@ class Supervisor:
                     p.send_signal(self.pending)
                     self._forwarded[i] = True
                     log.warning("supervisor: forwarded %s to the trainer (pid %d)", self.pending.name, p.pid)
-                    self.events.emit("supervisor_forwarded", signal=self.pending.name, pid=p.pid, local_rank=i)
+                    self.events.emit("supervisor_forwarded", signal=self.pending.name, trainer_pid=p.pid,
+                                     local_rank=i)
                 except ProcessLookupError:
                     pass
 
