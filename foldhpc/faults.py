@@ -41,6 +41,7 @@ import signal
 import time
 from pathlib import Path
 from typing import Any
+from foldhpc.records.events import EventSink
 from foldhpc.records.envvars import (FAIL_AT_STEP, FAIL_KIND, FAIL_ON_RANK, FAIL_ONCE, FIRST_STEP_DELAY,  # noqa: F401
                                      HOLD_AFTER_TRAIN, NAN_AT_STEPS, NAN_KIND, NAN_ON_RANK, NAN_ONCE, STEP_DELAY,
                                      VAL_BATCH_DELAY, WRITE_DELAY)
@@ -92,8 +93,9 @@ def cold_first_step() -> None:
         time.sleep(delay)
 
 
-def after_step(step: int, rank: int = 0) -> None:
-    """Called by the training loop after optimizer step ``step``: inject what is configured."""
+def after_step(step: int, rank: int = 0, events: EventSink | None = None) -> None:
+    """Called by the training loop after optimizer step ``step``: inject what is configured
+    (recorded in ``events`` first, so that a timeline marks where the fault was injected)."""
     delay = seconds(STEP_DELAY)
     if delay:
         time.sleep(delay)
@@ -112,6 +114,8 @@ def after_step(step: int, rank: int = 0) -> None:
         marker.write_text(f"{os.getpid()} step {step} at {time.time():.6f}\n")  # read by bench_restart.py
     kind = os.environ.get(FAIL_KIND, "exception") or "exception"
     log.warning("%s=%d %s=%s: injecting a fault on rank %d (debug hook)", FAIL_AT_STEP, at, FAIL_KIND, kind, rank)
+    if events is not None:
+        events.emit("fault_injected", what=f"{FAIL_AT_STEP}={at} {FAIL_KIND}={kind}", step=step)
     for h in logging.getLogger("foldhpc").handlers:
         h.flush()
     if kind == "segfault":
@@ -145,7 +149,7 @@ def _steps(spec: str) -> set[int]:
     return out
 
 
-def nan_loss(loss: Any, step: int, rank: int = 0, model: Any = None) -> Any:
+def nan_loss(loss: Any, step: int, rank: int = 0, model: Any = None, events: EventSink | None = None) -> Any:
     """Called by the training loop with the loss of optimizer step ``step`` (numbered like
     ``after_step``: the step that completes as ``step``): the loss, or a non-finite one where
     ``FOLDHPC_NAN_AT_STEPS`` says so (see the table above). ``model``: for ``weights``."""
@@ -170,6 +174,8 @@ def nan_loss(loss: Any, step: int, rank: int = 0, model: Any = None) -> Any:
         kind = "loss"
     log.warning("%s=%s %s=%s: making step %d non-finite on rank %d (debug hook)", NAN_AT_STEPS, spec, NAN_KIND,
                 kind, step, rank)
+    if events is not None:
+        events.emit("fault_injected", what=f"{NAN_AT_STEPS}={spec} {NAN_KIND}={kind}", step=step)
     if kind == "value":  # the value is NaN, the gradient is the loss's own (finite)
         return loss + (loss.new_tensor(float("nan")) - loss).detach()
     if kind == "weights" and model is not None:

@@ -33,7 +33,7 @@ def test_plot_of_a_run_with_a_restart(tmp_path):
     from foldhpc.monitor.timeline import build_timeline
 
     tl = build_timeline(run)
-    assert len(tl.lanes) == 2 and {m.kind for m in tl.marks} >= {"crash", "restart"}
+    assert len(tl.lanes) == 2 and {m.kind for m in tl.marks} >= {"crash", "restart", "fault"}
     out = plot_timeline(run, tmp_path / "chaos" / "t.png", fault_marks=[(tl.start + 1.0, "SIGKILL trainer")])
     assert out == tmp_path / "chaos" / "t.png"
     assert_png(out)

@@ -282,6 +282,9 @@ def _parse_attempts(records: Iterable[tuple[float, Event]], marks: list[Mark], t
         return attempts[pid]
 
     for t, ev in records:
+        if ev.kind == "fault_injected":  # on whichever rank it fired
+            marks.append(Mark(t, "fault", str(ev.get("what"))))
+            continue
         if ev.rank not in (None, 0) or ev.pid in other_ranks:
             continue
         kind = ev.kind

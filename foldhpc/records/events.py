@@ -70,6 +70,8 @@ KINDS: dict[str, tuple[str, ...]] = {
     "supervisor_restart": ("restarts", "delay_s"),  # restarting the trainer after a failure
     "supervisor_give_up": ("reason",),
     "supervisor_forwarded": ("signal",),  # a signal passed on to the trainer
+    # -- fault injection (foldhpc.faults; never in a normal run) --------------------------------
+    "fault_injected": ("what", "step"),  # what: the hook and its setting, e.g. "FOLDHPC_FAIL_KIND=kill"
 }
 
 _BASE = ("v", "t", "pid", "rank", "kind")

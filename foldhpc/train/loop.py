@@ -696,7 +696,7 @@ class Trainer:
             with torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext():
                 out = self.forward(batch)
                 loss, stats = distogram_loss(out["distogram_logits"].float(), batch)
-            loss = faults.nan_loss(loss, self.step + 1, self.env.rank, self.model)  # test hook, off unless set
+            loss = faults.nan_loss(loss, self.step + 1, self.env.rank, self.model, self.events)  # test hook, off unless set
             share = loss.detach()  # this rank's part of the global batch's loss
             bad = self.guard.loss_flag(loss)  # 1 where this rank's loss is not finite (no host sync)
             if world > 1:
@@ -723,7 +723,7 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             self.step += 1
-            faults.after_step(self.step, self.env.rank)  # test hooks; nothing unless set (foldhpc.faults)
+            faults.after_step(self.step, self.env.rank, self.events)  # test hooks; nothing unless set (foldhpc.faults)
             step_s = time.monotonic() - t_start
             self.train_time_s += step_s
             if self.guard.rollback_due:  # K non-finite steps in a row: back to the newest good checkpoint
