@@ -377,7 +377,7 @@ class Supervisor:
                                       transient=rc == ExitCode.USAGE or transient_io(error))
                     failed_at = now
                     log.error("supervisor: %s%s at %s (%s)", f"rank {i} " if n > 1 else "", failure.reason,
-                              failure.where(), last[i].phase)  # this form is parsed (foldhpc.monitor.timeline)
+                              failure.where(), last[i].phase)  # for people; tools read the supervisor_failure event
                     self.events.emit("supervisor_failure", failed_rank=i if n > 1 else self.rank, step=failure.step,
                                      phase=failure.phase, reason=failure.reason, cause=failure.cause,
                                      exit_code=rc, error=error, transient=failure.transient)
