@@ -19,7 +19,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 from torch.utils.tensorboard import SummaryWriter
 
@@ -30,6 +30,21 @@ RETRY_S = 30.0
 #: ... if the file system has this much room again (a try on a full one only fails once more,
 #: with a traceback from TensorBoard's writer thread)
 RETRY_FREE_BYTES = 1 << 20
+
+
+@runtime_checkable
+class ScalarSink(Protocol):
+    """Where the trainer draws the run's curves: a :class:`RunWriter` (rank 0) or a
+    :class:`NullWriter` (the other ranks). None of its methods raises for a failed write."""
+
+    def scalar(self, tag: str, value: float, step: int) -> None: ...
+
+    def restart_marker(self, step: int, restarts: int, job_id: str | None, slurm_restarts: int,
+                       note: str = "") -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class RunWriter:
@@ -101,7 +116,11 @@ class RunWriter:
         job = job_id or "-"
         text = (f"resumed at step {step} (restart #{restarts}, slurm job {job}, "
                 f"SLURM_RESTART_COUNT={slurm_restarts}){note}")
-        self._do(lambda w: (w.add_scalar("run/restarts", restarts, step), w.add_text("run/events", text, step)))
+
+        def mark(w: SummaryWriter) -> None:
+            w.add_scalar("run/restarts", restarts, step)
+            w.add_text("run/events", text, step)
+        self._do(mark)
 
     def flush(self) -> None:
         if self._w is not None:  # nothing to retry for: a flush writes nothing new
