@@ -501,7 +501,8 @@ def _check_numbers(cfg: Config) -> None:
                 raise ConfigError(f"{sf.name}.{kf.name} = {v}: must be a finite number")
 
 
-SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__ for f in fields(Config)}  # type: ignore[misc]
+#: section name -> its dataclass, in the order of Config
+SECTIONS: dict[str, type] = {name: type(section) for name, section in vars(Config()).items()}
 
 
 def _coerce(section: str, key: str, value: Any, typ: Any) -> Any:
