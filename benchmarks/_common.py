@@ -2,6 +2,11 @@
 
 Not a benchmark itself. The scripts next to it import it as ``_common`` (they are run as
 ``python benchmarks/bench_*.py`` so this folder is on ``sys.path``).
+
+What a training run did is read from its ``<run.dir>/events.jsonl`` (foldhpc.records.events), never
+from ``train.log``: that is prose for people and may be reworded. Only the records of rank 0 and of
+rank-less processes (the supervisor) are read, the run's story as ``train.log`` told it; a run that
+grows is followed with :func:`event_tail` (foldhpc.chaos.eventtail: appended bytes, complete lines).
 """
 
 from __future__ import annotations
@@ -9,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -18,14 +22,13 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from foldhpc.chaos.eventtail import EventTail
+from foldhpc.records.events import Event, iter_events
+from foldhpc.records.layout import EVENTS_FILE
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default.toml"
 TRAINRUN = Path(__file__).resolve().with_name("_trainrun.py")
-
-# "step 50/100 loss 3.8570 lr 1.00e-03 gnorm 0.889 | 24.5 samples/s, data wait 1.8% | ETA 0m08s"
-PROGRESS_RE = re.compile(r"step (\d+)/(\d+) loss \S+ lr \S+ gnorm \S+ \| ([\d.]+) samples/s, "
-                         r"data wait ([\d.]+)%")
-FIRST_STEP_MARK = "first step ("
 
 
 # ------------------------------------------------------------------ statistics
@@ -104,10 +107,28 @@ def run_training(run_dir: Path, overrides: Sequence[str] = (), trace: Path | Non
                               stderr=subprocess.STDOUT, timeout=timeout).returncode
 
 
-def progress_lines(log_text: str) -> list[dict[str, float]]:
-    """Progress lines of a train.log: step, samples/s, data wait fraction."""
-    return [{"step": int(m.group(1)), "max_steps": int(m.group(2)), "samples_per_s": float(m.group(3)),
-             "data_wait_frac": float(m.group(4)) / 100.0} for m in PROGRESS_RE.finditer(log_text)]
+def run_events(run_dir: Path, kind: str | None = None) -> list[Event]:
+    """The records of rank 0 and of rank-less processes in ``<run_dir>/events.jsonl``, in file order,
+    optionally of one ``kind`` (nothing if the file does not exist)."""
+    return [e for e in iter_events(run_dir) if e.rank in (None, 0) and (kind is None or e.kind == kind)]
+
+
+def event_tail(run_dir: Path) -> EventTail:
+    """A reader of ``<run_dir>/events.jsonl`` as it grows: each ``poll()`` parses the complete lines
+    appended since the last one (rank 0 and rank-less records only)."""
+    return EventTail(Path(run_dir) / EVENTS_FILE)
+
+
+def progress_windows(events: Iterable[Event]) -> list[dict[str, float]]:
+    """The ``progress`` records among ``events`` (one per log window): step, max_steps, samples/s,
+    data wait fraction."""
+    return [{"step": int(e["step"]), "max_steps": int(e["max_steps"]), "samples_per_s": float(e["samples_per_s"]),
+             "data_wait_frac": float(e["data_wait_frac"])} for e in events if e.kind == "progress"]
+
+
+def progress_records(run_dir: Path) -> list[dict[str, float]]:
+    """The progress windows of a run (rank 0), see :func:`progress_windows`."""
+    return progress_windows(run_events(run_dir, "progress"))
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, poll: float = 0.005) -> Any:

@@ -18,7 +18,7 @@ P2  Throughput with timed checkpoints vs disabled (goals: 15 min cadence >= 99.5
     excess period of the step containing a save (stall + background-write contention) — the
     only honest 15 min figure from a few-minute run.
 P3  Restart latency (goal <= 10 s): ``foldhpc train`` resumed after SIGUSR1/exit 75; wall time
-    from Popen to the "first step" line in train.log (polled at 10 ms) plus the process's own
+    from Popen to the ``first_step`` record in events.jsonl (polled at 10 ms) plus the process's own
     ``status.json`` ``startup`` breakdown. Cycle 0 is the fresh start and is not counted.
 P4  Signal to durable checkpoint (goal <= one step + 2 s): SIGUSR1 to the running process, time
     until a new entry is committed in checkpoints/manifest.json (polled at 5 ms) and until the
@@ -47,9 +47,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import (DEFAULT_CONFIG, FIRST_STEP_MARK, REPO, default_out, environment, fmt_summary,
-                     print_table, progress_lines, read_json, run_training, summary, train_cmd, verdict,
-                     wait_for, write_json)
+from _common import (DEFAULT_CONFIG, REPO, default_out, environment, event_tail, fmt_summary, print_table,
+                     progress_windows, read_json, run_training, summary, train_cmd, verdict, wait_for,
+                     write_json)
+
+from foldhpc.chaos.eventtail import EventTail
 
 GOAL_STALL_RATIO = 0.05
 GOAL_15M = 0.995
@@ -248,13 +250,10 @@ def p2(steps: int, cadences: list[str], tmp: Path, quick: bool, skip: int = SKIP
 
 
 # ====================================================================== P3 + P4
-def _read_from(path: Path, offset: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return ""
+def _seen(tail: EventTail, start: int, kind: str, pid: int | None = None) -> int:
+    """How many records of ``kind`` (of process ``pid``) the run has appended from position ``start`` on."""
+    tail.poll()
+    return len(tail.since(start, kind, pid=pid))
 
 
 def _manifest_steps(path: Path) -> set[int] | None:
@@ -266,19 +265,21 @@ def _manifest_steps(path: Path) -> set[int] | None:
 
 def p3_p4(cycles: int, train_s: float, log_every: int, tmp: Path, windows: int = 3) -> dict[str, Any]:
     run_dir = tmp / "restart"
-    log, status, manifest = run_dir / "train.log", run_dir / "status.json", run_dir / "checkpoints" / "manifest.json"
+    status, manifest = run_dir / "status.json", run_dir / "checkpoints" / "manifest.json"
+    tail = event_tail(run_dir)  # one reader over every cycle: a cycle's records are those from `start` on
     cmd = train_cmd(run_dir, ["train.max_steps=1000000", "train.val_every=0", f"run.log_every={log_every}"])
     rows_p3, rows_p4, records = [], [], []
     rng = random.Random(0)
     for i in range(cycles):
-        offset = log.stat().st_size if log.exists() else 0
+        tail.poll()
+        start = len(tail.events)
         prev_startup = (read_json(status) or {}).get("startup")
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         console = open(f"{run_dir}.console", "ab")
         t0 = time.monotonic()
         p = subprocess.Popen(cmd, cwd=REPO, stdout=console, stderr=subprocess.STDOUT)
         try:
-            ok = wait_for(lambda: FIRST_STEP_MARK in _read_from(log, offset) or p.poll() is not None, 300, 0.01)
+            ok = wait_for(lambda: _seen(tail, start, "first_step") or p.poll() is not None, 300, 0.01)
             t_first = time.monotonic() - t0
             if not ok or p.poll() is not None:
                 raise SystemExit(f"cycle {i}: no first step (exit {p.poll()}); see {run_dir}.console")
@@ -288,8 +289,7 @@ def p3_p4(cycles: int, train_s: float, log_every: int, tmp: Path, windows: int =
             # train >= train_s and >= `windows` progress lines (a step-time estimate), then signal at a
             # random point within a step
             t_min = time.monotonic() + train_s
-            wait_for(lambda: time.monotonic() >= t_min and _read_from(log, offset).count(
-                f"[pid {p.pid}] foldhpc.train.loop: step ") >= windows, 300, 0.05)
+            wait_for(lambda: time.monotonic() >= t_min and _seen(tail, start, "progress", p.pid) >= windows, 300, 0.05)
             time.sleep(rng.uniform(0.0, 0.2))
             before = _manifest_steps(manifest) or set()
             t_sig = time.monotonic()
@@ -304,9 +304,8 @@ def p3_p4(cycles: int, train_s: float, log_every: int, tmp: Path, windows: int =
                 p.kill()
                 p.wait()
             console.close()
-        text = _read_from(log, offset)
-        mine = "\n".join(ln for ln in text.splitlines() if f"[pid {p.pid}]" in ln)
-        win = progress_lines(mine)
+        tail.poll()
+        win = progress_windows(e.event for e in tail.since(start, "progress", pid=p.pid))
         steady = win[1:] or win
         sps = statistics.median(x["samples_per_s"] for x in steady) if steady else float("nan")
         step_s = 4 / sps if sps == sps else float("nan")  # batch 4 (default config)

@@ -23,7 +23,7 @@ L2  training-thread stall of an async save inside a real training loop: real ste
     exactly as the Trainer does.
 L3  restart at scale: ``foldhpc train --config configs/large.toml`` (CPU, crop 16, batch 1) is
     stopped by SIGUSR1 (1 GB checkpoint), then restarted N times: wall time from Popen to the
-    "first step" log line, plus the process's own breakdown (status.json ``startup``).
+    ``first_step`` record in events.jsonl, plus the process's own breakdown (status.json ``startup``).
 
     python benchmarks/bench_checkpoint_scale.py             # README figures (~10 min on 2 cores)
     python benchmarks/bench_checkpoint_scale.py --quick     # smoke test: 4-block model, 1 round
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -46,7 +45,8 @@ from typing import Any, Callable
 
 import torch
 
-from _common import REPO, default_out, environment, fmt_summary, print_table, read_json, summary, wait_for, write_json
+from _common import (REPO, default_out, environment, event_tail, fmt_summary, print_table, read_json, summary,
+                     wait_for, write_json)
 
 LARGE = REPO / "configs" / "large.toml"
 GOAL_RESTART_S = 10.0
@@ -346,22 +346,23 @@ def stall_in_loop(tr: Any, tmp: Path, rounds: int) -> dict[str, Any]:
 
 
 # ====================================================================== L3
-FIRST_STEP_RE = re.compile(r"first step \((\d+)\) done")
-
-
 def restart(tmp: Path, cycles: int, overrides: list[str]) -> dict[str, Any]:
     run = tmp / "l3-run"
     sets = [a for o in [f"run.dir={run}", "train.val_every=0", "checkpoint.interval=0", "run.log_every=1",
                         "train.max_steps=100000", *overrides] for a in ("--set", o)]
     cmd = [sys.executable, "-m", "foldhpc", "train", "--config", str(LARGE), *sets]
     walls, startups = [], []
+    tail = event_tail(run)
+
+    def first_steps() -> int:
+        tail.poll()
+        return len(tail.of_kind("first_step"))
+
     for cycle in range(cycles + 1):  # cycle 0: the fresh start that writes the first 1 GB checkpoint
-        log = run / "train.log"
-        before = log.read_text().count("first step (") if log.exists() else 0
+        before = first_steps()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        ok = wait_for(lambda: log.exists() and log.read_text().count("first step (") > before or proc.poll() is not None,
-                      900, 0.01)
+        ok = wait_for(lambda: first_steps() > before or proc.poll() is not None, 900, 0.01)
         wall = time.perf_counter() - t0
         if not ok or proc.poll() is not None:
             raise RuntimeError(f"L3: trainer did not reach its first step: {proc.stderr.read()[-2000:]}")

@@ -10,8 +10,8 @@ Measures, on the default CPU demo (configs/default.toml: examples/data, 329 real
     delivered through the Trainer's DataLoader (``data.num_workers`` 1 = default, and 0);
 (c) share of training-step time spent waiting for data on the default config (goal <= 1 %):
     ``foldhpc train`` with ``train.val_every = 0`` (and ``train.val_max_samples = 1``: only the
-    end-of-run validation, outside the measurement, is shortened), parsed from the "data wait X%" progress
-    lines of train.log; median over log windows, the first window (DataLoader start) reported
+    end-of-run validation, outside the measurement, is shortened), the ``data_wait_frac`` of each
+    ``progress`` record in events.jsonl; median over log windows, the first window (DataLoader start) reported
     apart. The same run with ``data.num_workers = 1`` (one DataLoader worker) for comparison; 0 is the default.
 
 Noisy shared machine: every figure is a median [min..max] over repeats; conditions that are
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import (DEFAULT_CONFIG, REPO, default_out, environment, fmt_summary, print_table,
-                     progress_lines, run_training, summary, verdict, write_json)
+                     progress_records, run_training, summary, verdict, write_json)
 
 from foldhpc.config import Config, load_config
 from foldhpc.data.cache import _n_workers, prepare_dataset
@@ -162,7 +162,7 @@ def bench_warm(cfg: Config, repeats: int, n_batches: int, tmp: Path) -> dict[str
 
 
 def _windows(run_dir: Path) -> list[dict[str, float]]:
-    return progress_lines((run_dir / "train.log").read_text())
+    return progress_records(run_dir)
 
 
 def bench_wait(steps: int, repeats: int, log_every: int, variants: list[int], batch: int, tmp: Path

@@ -7,8 +7,8 @@ D1  the per-step stop agreement: one ``agree()`` (a 2-int64 MAX all-reduce on th
     Goal: agreement <= 1 % of step time.
 D2  scaling: samples/s (global) of the default config, same per-rank batch (4), interleaved:
     1 rank x 1 thread, 1 rank x 2 threads (both cores, the fair single-process baseline here)
-    and 2 ranks x 1 thread (``foldhpc train --nproc 2``). Medians of the log windows after the
-    first (warm-up) one.
+    and 2 ranks x 1 thread (``foldhpc train --nproc 2``). Medians of the log windows (rank 0's
+    ``progress`` records in events.jsonl) after the first (warm-up) one.
 
     python benchmarks/bench_distributed.py [--rounds 2] [--steps 120] [--calls 2000] [--quick]
 
@@ -27,8 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (DEFAULT_CONFIG, REPO, default_out, environment, fmt_summary, print_table, progress_lines,
-                     summary, verdict, write_json)
+from _common import (DEFAULT_CONFIG, REPO, default_out, environment, fmt_summary, print_table,
+                     progress_records, summary, verdict, write_json)
 
 
 def agree_worker(calls: int, out: Path) -> None:
@@ -86,7 +86,7 @@ def train_rate(work: Path, name: str, nproc: int, threads: int, steps: int, batc
     with open(f"{run}.console", "ab") as console:
         rc = subprocess.run(cmd, cwd=REPO, stdout=console, stderr=subprocess.STDOUT, timeout=1800).returncode
     assert rc == 0, f"{name}: exit {rc}; see {run}.console"
-    windows = progress_lines((run / "train.log").read_text())
+    windows = progress_records(run)  # rank 0's windows (samples/s of the global batch)
     return [w["samples_per_s"] for w in windows[1:]]  # the first window includes warm-up
 
 

@@ -7,7 +7,8 @@ or on partition preemption with ``preempt_send_user_signal``) and measures, from
 * ``durable_s``   the checkpoint is committed in checkpoints/manifest.json
 * ``running_s``   the job that continues the run is RUNNING: the requeued job itself
                   (``slurm.resume = "requeue"``) or the follow-up job (``"chain"``)
-* ``resumed_s``   the first resumed training step is done (train.log)
+* ``resumed_s``   the first resumed training step is done (a ``first_step`` record after the
+                  ``resumed`` one in events.jsonl)
 
 for each mode (trials interleaved: requeue, chain, requeue, ...) on the cluster profile with
 Slurm's defaults and on the one with the documented settings (``AuthInfo=cred_expire=5``,
@@ -32,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import event_tail
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
@@ -79,11 +82,12 @@ def one_trial(workdir: Path, mode: str) -> dict[str, float]:
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     out = sh(sys.executable, "-m", "foldhpc", "submit", "--config", str(ROOT / "configs/tiny.toml"), *args)
     job = re.search(r"submitted job (\d+)", out).group(1)
-    log = run_dir / "train.log"
+    tail = event_tail(run_dir)
 
     def training() -> bool:
         """job trains"""
-        return log.exists() and re.search(r"step 20/", log.read_text()) is not None
+        tail.poll()
+        return any(e.step >= 20 for e in tail.of_kind("progress"))
 
     try:
         poll(training, 180)
@@ -120,10 +124,10 @@ def one_trial(workdir: Path, mode: str) -> dict[str, float]:
         t_running = time.monotonic() - t0
 
         def resumed() -> bool:
-            """first resumed step logged"""
-            text = log.read_text()
-            i = text.find("resumed from")
-            return i >= 0 and "first step" in text[i:]
+            """first resumed step recorded"""
+            tail.poll()
+            starts = tail.by_kind.get("resumed", [])  # [(position in tail.events, record)]
+            return bool(starts) and bool(tail.since(starts[0][0], "first_step"))
 
         poll(resumed, 120, 0.02)
         t_resumed = time.monotonic() - t0

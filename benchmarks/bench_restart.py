@@ -3,7 +3,8 @@
 Runs the default config under ``foldhpc train --supervise`` with a transient fault injected after
 step 30 (``FOLDHPC_FAIL_AT_STEP``/``FOLDHPC_FAIL_KIND``/``FOLDHPC_FAIL_ONCE``, foldhpc.faults) and
 measures, from the moment of the fault (written by the fault hook into its marker file), the time
-until the restarted trainer has finished its first resumed step (train.log, polled every 5 ms).
+until the restarted trainer has finished its first resumed step (its ``first_step`` record in
+events.jsonl, polled every 5 ms).
 Kinds: an exception, SIGSEGV, SIGKILL (the OOM killer's signal). Default back-off 2 s included.
 Goal: median <= 10 s.
 
@@ -21,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (DEFAULT_CONFIG, REPO, default_out, environment, fmt_summary, print_table, summary, verdict,
-                     write_json)
+from _common import (DEFAULT_CONFIG, REPO, default_out, environment, event_tail, fmt_summary, print_table, summary,
+                     verdict, write_json)
 
 FAIL_AT = 30
 
@@ -36,17 +37,19 @@ def one(work: Path, kind: str, i: int) -> dict[str, float]:
            "--set", "train.val_every=0", "--set", "train.val_max_samples=1", "--set", "run.log_every=5"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     resumed_at = None
-    log = run / "train.log"
+    tail = event_tail(run)
     while proc.poll() is None:
-        if resumed_at is None and marker.exists() and log.exists():
-            if log.read_text().count("first step (") >= 2:
+        if resumed_at is None and marker.exists():
+            tail.poll()
+            if len(tail.of_kind("first_step")) >= 2:
                 resumed_at = time.time()
         time.sleep(0.005)
-    assert proc.returncode == 0 and resumed_at is not None, f"{kind}: exit {proc.returncode}; see {log}"
-    fault_at = float(re.search(r" at ([\d.]+)", marker.read_text()).group(1))
-    m = re.findall(r"first step \((\d+)\) done in [\d.]+s; ([\d.]+)s after process start", log.read_text())
-    return {"fault_to_resumed_step_s": resumed_at - fault_at, "resumed_process_to_first_step_s": float(m[-1][1]),
-            "resumed_at_step": int(m[-1][0])}
+    assert proc.returncode == 0 and resumed_at is not None, f"{kind}: exit {proc.returncode}; see {run / 'train.log'}"
+    fault_at = float(re.search(r" at ([\d.]+)", marker.read_text()).group(1))  # the fault hook's marker file
+    tail.poll()
+    last = tail.of_kind("first_step")[-1]
+    return {"fault_to_resumed_step_s": resumed_at - fault_at,
+            "resumed_process_to_first_step_s": float(last.get("after_start_s")), "resumed_at_step": last.step}
 
 
 def main() -> int:
