@@ -314,10 +314,11 @@ def test_a_follow_up_of_the_sbatch_path_trains_with_the_run_dirs_config_and_neve
 
 def test_force_resume_applies_to_a_jobs_first_run_only():
     from foldhpc.cli import _force_resume, build_parser
+    from foldhpc.cluster.env import SlurmEnv
 
     args = build_parser().parse_args(["train", "--force-resume"])
-    assert _force_resume(args, {"job_id": "5", "restart_count": 0}) is True
-    assert _force_resume(args, {"job_id": "5", "restart_count": 1}) is False  # sbatch replayed it on a requeue
+    assert _force_resume(args, SlurmEnv("5", 0)) is True
+    assert _force_resume(args, SlurmEnv("5", 1)) is False  # sbatch replayed it on a requeue
 
 
 def test_a_chain_without_progress_is_counted_per_job_in_a_row():

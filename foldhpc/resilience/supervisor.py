@@ -62,7 +62,7 @@ from foldhpc.config import Config, parse_duration
 from foldhpc.records.status import StatusFile
 from foldhpc.resilience import heartbeat as hb
 from foldhpc.cluster.env import slurm_env
-from foldhpc.records.history import record_event
+from foldhpc.records.history import GaveUp, JobEvent, Restarted, write_event
 from foldhpc.records.events import EventLog, EventSink, NullEventLog
 from foldhpc.records.exitcodes import ExitCode
 from foldhpc.records.layout import LOG_FILE, STACKS_FILE
@@ -421,12 +421,11 @@ class Supervisor:
         return Failure(rank, beat.step, beat.phase, reason, cause=f"hung at {where} in {beat.phase}")
 
     # ------------------------------------------------------------------ policy
-    def _record(self, event: str, **fields: object) -> None:
+    def _record(self, event: JobEvent) -> None:
         try:
-            job = slurm_env().job_id
-            record_event(self.run_dir, event, job_id=job, **fields)
+            write_event(self.run_dir, event)
         except OSError as e:
-            log.warning("cannot record %s in %s: %s", event, self.run_dir, e)
+            log.warning("cannot record %s in %s: %s", event.EVENT, self.run_dir, e)
 
     def _status(self, **fields: object) -> None:
         try:
@@ -440,7 +439,7 @@ class Supervisor:
         self.events.emit("supervisor_give_up", reason=error, why=why, step=failure.step, restarts=self.restarts)
         self._status(state="failed", error=error, step=failure.step, in_job_restarts=self.restarts,
                      last_failure=failure.__dict__)
-        self._record("gave_up", reason=error, step=failure.step, in_job_restarts=self.restarts)
+        self._record(GaveUp(job_id=slurm_env().job_id, reason=error, step=failure.step, in_job_restarts=self.restarts))
         return ExitCode.FAILED
 
     def run(self) -> int:
@@ -506,8 +505,8 @@ class Supervisor:
             wait = backoff * 2 ** self.restarts * (TRANSIENT_BACKOFF_FACTOR if failure.transient else 1)
             self.restarts += 1
             self._status(state="restarting", in_job_restarts=self.restarts, last_failure=failure.__dict__)
-            self._record("restarted", attempt=self.restarts, step=failure.step, reason=failure.reason,
-                         **({"rank": failure.rank} if self.nproc > 1 else {}))
+            self._record(Restarted(job_id=slurm_env().job_id, attempt=self.restarts, step=failure.step,
+                                   reason=failure.reason, **({"rank": failure.rank} if self.nproc > 1 else {})))
             log.warning("supervisor: restarting the trainer from the newest checkpoint in %.1fs (restart %d of %d%s)",
                         wait, self.restarts, f.max_restarts,
                         "; the environment failed, not the training: a longer back-off" if failure.transient else "")
