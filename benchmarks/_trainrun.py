@@ -1,7 +1,8 @@
 """``foldhpc train`` with a timing trace: the same Trainer, config and exit codes as the CLI.
 
-Used by bench_checkpoint.py to get what train.log cannot give: the exact end time of every
-training step and the time the training thread spends inside ``Trainer._save``. The only
+Used by bench_checkpoint.py to get what the run's records (events.jsonl: a ``progress`` record per
+log window) cannot give: the exact end time of every training step and the time the training
+thread spends inside ``Trainer._save``. The only
 additions are two overridden hooks that take a ``time.perf_counter()`` and call the original.
 
     python benchmarks/_trainrun.py --trace T.json --config configs/default.toml --set key=value ...
