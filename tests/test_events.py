@@ -316,3 +316,18 @@ def test_every_kind_the_runtime_writes_is_in_the_schema():
     emitted = set(re.findall(r"\.emit\(\"(\w+)\"", src))
     assert emitted <= set(KINDS)
     assert len(emitted) >= 27  # every kind above: the trainer's, the manager's, the supervisor's
+
+
+def test_a_record_cut_short_stays_a_line_of_its_own(tmp_path):
+    """A fragment left by a short write (a full disk) or a killed writer does not swallow the next
+    record, whichever process writes it: the writer ends the fragment first."""
+    from foldhpc.records.events import EventLog, read_events
+
+    log = EventLog(tmp_path, rank=0)
+    log.emit("signal", signal="SIGUSR1", step=1)
+    with open(tmp_path / "events.jsonl", "ab") as f:
+        f.write(b'{"v":1,"t":1.0,"pid":1,"rank":0,"kind":"sig')  # cut mid-record
+    EventLog(tmp_path, rank=1).emit("signal", signal="SIGTERM", step=2)
+    events, scan = read_events(tmp_path)
+    assert [(e.rank, e["signal"]) for e in events] == [(0, "SIGUSR1"), (1, "SIGTERM")]
+    assert scan.bad_lines == 1

@@ -147,11 +147,18 @@ class EventLog:
             text = json.dumps(_finite(rec), separators=(",", ":"), default=str, allow_nan=False)
         line = (text + "\n").encode("utf-8")
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, line)
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    # a record cut short (a full disk, a writer killed mid-line, by any process of
+                    # the run): end that fragment so that this record stays a line of its own
+                    line = b"\n" + line
+                n = os.write(fd, line)
             finally:
                 os.close(fd)
+            if n < len(line):
+                raise OSError(28, "short write (no space left?)")
         except OSError as e:
             if not self.failing:
                 log.warning("cannot append to %s (%s): training goes on; events are lost until a write succeeds",
