@@ -293,7 +293,7 @@ def report(runs: dict[str, list[dict]], calls: dict[str, Any], sets: dict[int, P
         rows_c.append(["added per 1000 files"] + [f"{growth[v]['fs_calls_per_1k_files']:.0f} stat+open" for v in VARIANTS])
         print_table("file-system calls of one warm start (strace -f -c, whole process incl. imports)",
                     ["set", *VARIANTS], rows_c)
-    rows_m.append([f"2nd process per 1000 files"] + [f"+{growth[v]['second_uss_per_1k_files_mb']:.1f} MB" for v in VARIANTS])
+    rows_m.append(["2nd process per 1000 files"] + [f"+{growth[v]['second_uss_per_1k_files_mb']:.1f} MB" for v in VARIANTS])
     print_table("memory after an epoch of reads, MB: RSS of the process / USS of a forked worker / "
                 "USS of a second process (median)", ["set", *VARIANTS], rows_m)
     n_hi = out["scales"][hi]["n_files"]

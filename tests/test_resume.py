@@ -142,7 +142,7 @@ def test_sigkill_resumes_from_last_durable_checkpoint_and_replays(tmp_path, refe
     steps = [s for s, _ in curve]
     assert steps == sorted(set(steps)) == list(range(1, STEPS + 1))  # no duplicated / out-of-order steps
     assert curve == loss_curve(ref_run)
-    assert f"resumed from" in (run / "train.log").read_text()
+    assert "resumed from" in (run / "train.log").read_text()
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("run/restarts")] == [(durable, 1.0)]  # restart marker

@@ -468,9 +468,9 @@ def query_jobs(job_ids: list[str]) -> SlurmQuery:
         live = None
         notes.append(f"scontrol unavailable ({e})")
     if source == "sacct":
-        for jid, job in found.items():
+        for jid, sjob in found.items():
             if live and jid in live:
-                _cross_check(job, live[jid])
+                _cross_check(sjob, live[jid])
         for jid in ids:  # submitted a moment ago: slurmdbd has not recorded it yet
             if jid not in found and live and jid in live:
                 found[jid] = job_from_scontrol(jid, live[jid])

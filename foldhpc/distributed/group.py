@@ -101,7 +101,7 @@ class TorchGroup(SoloGroup):
     def collective(self, what: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         return self._call(what, fn, *args, **kwargs)
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, what: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - DistBackendError, RuntimeError, ValueError...

@@ -62,9 +62,9 @@ from foldhpc.model.model import StructureModel
 from foldhpc.records.events import EventLog, EventSink, NullEventLog
 from foldhpc.records.fmt import format_duration
 from foldhpc.records.logs import setup_logging
-from foldhpc.records.status import CHECKPOINTED, COMPLETED, FAILED, RUNNING, NullStatus, StatusFile
+from foldhpc.records.status import CHECKPOINTED, COMPLETED, FAILED, RUNNING, NullStatus, StatusFile, StatusSink
 from foldhpc.records.fsio import atomic_write_text, make_private_dir
-from foldhpc.records.tensorboard import NullWriter, RunWriter
+from foldhpc.records.tensorboard import NullWriter, RunWriter, ScalarSink
 from foldhpc.resilience.nonfinite import NonFiniteError, NonFiniteGuard, Restored, RollbackUnavailable
 from foldhpc.resilience import heartbeat as hb
 from foldhpc.resilience import runlock
@@ -451,7 +451,7 @@ class Trainer:
             except OSError as e:  # run.dir full: every checkpoint holds the config too
                 log.warning("cannot write %s (%s): training goes on (each checkpoint records the config)",
                             self.run_dir / CONFIG_FILE, e.strerror or e)
-        self.status: StatusFile | NullStatus = StatusFile(self.run_dir) if self.main else NullStatus()
+        self.status: StatusSink = StatusFile(self.run_dir) if self.main else NullStatus()
         self.status.update(state=RUNNING, max_steps=cfg.train.max_steps, started_at=self._started_at, error=None,
                            signal=None, slurm_job_id=slurm.job_id, slurm_restart_count=slurm.restart_count,
                            world_size=env.world_size, failed_ranks=None)
@@ -526,7 +526,7 @@ class Trainer:
                     self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if t.compile and self.device.type == "cuda":
                 self.forward = torch.compile(self.forward)
-            self.writer: RunWriter | NullWriter = (RunWriter(self.run_dir / TENSORBOARD_DIR, start_step=self.step)
+            self.writer: ScalarSink = (RunWriter(self.run_dir / TENSORBOARD_DIR, start_step=self.step)
                                                    if self.main else NullWriter())
             if self.restarts:
                 failure = self.restart_info.get("last_failure")

@@ -89,10 +89,8 @@ def wait_for_state(
     """
     wanted = {states} if isinstance(states, str) else set(states)
     deadline = time.monotonic() + timeout
-    last: tuple[str | None, str | None] = (None, None)
     while True:
         sc, sa = scontrol_state(job_id), sacct_state(job_id)
-        last = (sc, sa)
         for st in (sc, sa):
             if st in wanted:
                 return st

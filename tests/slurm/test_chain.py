@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from conftest import read_json, run_foldhpc, wait_for
-from foldhpc.checkpoint.manager import CheckpointManager
 from .helpers import cancel_all_jobs, job_restarts, preempt, run, sacct_rows, scontrol_job, \
     wait_sacct_row
 from .test_followup import events, followup_of, status_of, template_job

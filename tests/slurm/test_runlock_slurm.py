@@ -46,7 +46,7 @@ def test_second_job_on_a_run_dir_in_use_refuses_naming_the_holder(tmp_path, jobs
     row = wait_sacct_row(j2, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=120)
     assert row["State"] == "FAILED" and row["ExitCode"] == "2:0", row
     out = (tmp_path / f"slurm-{j2}.out").read_text()
-    assert f"is in use by another trainer: pid " in out and f"Slurm job {j1}" in out, out
+    assert "is in use by another trainer: pid " in out and f"Slurm job {j1}" in out, out
     assert "Traceback" not in out, out
     assert scontrol_state(j1) == "RUNNING"
     assert (run_dir / "config.toml").read_text() == config  # the refused job wrote nothing there
