@@ -197,3 +197,10 @@ def test_rank_that_raises_is_named_with_its_error(tmp_path):
     assert st["state"] == "failed" and [r["rank"] for r in st["failed_ranks"]] == [1]
     assert "injected failure at step 7" in st["error"] and st["error"].startswith("rank 1 on")
     assert "[rank 1]" in (run / "train.log").read_text()  # rank 1's error reached the run log, marked
+    from foldhpc.records.events import read_events
+
+    events, _ = read_events(run)
+    named = [e for e in events if e.kind == "failed_ranks"]  # the failing rank, and rank 0, name the one to blame
+    assert named and all([r["rank"] for r in e["ranks"]] == [1] for e in named), named
+    assert any(st["error"].startswith(e["error"]) for e in named)  # status adds the supervisor's verdict
+    assert {(e.rank, e["step"]) for e in events if e.kind == "fault_injected"} == {(1, 7)}  # once per start

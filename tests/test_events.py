@@ -162,6 +162,9 @@ def test_a_failed_run_writes_failed_with_the_logged_error(tmp_path, monkeypatch)
     assert failed["error_type"] == "InjectedFailure"
     assert f"run failed at step 7: {failed['error']}" in (run / "train.log").read_text()
     assert not kinds_of(events, "completed")
+    (fault,) = kinds_of(events, "fault_injected")  # the hook says what it injected, before the failure
+    assert (fault["step"], fault["what"]) == (7, "FOLDHPC_FAIL_AT_STEP=7 FOLDHPC_FAIL_KIND=exception")
+    assert fault.t <= failed.t
 
 
 # ---------------------------------------------------------------------------- the checkpoint manager
