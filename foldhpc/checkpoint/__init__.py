@@ -8,7 +8,15 @@ second or two that importing torch takes (a signal in that window would otherwis
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names' types for type checkers; at run time __getattr__ imports them on first use
+    from foldhpc.checkpoint.digest import state_digest as state_digest
+    from foldhpc.checkpoint.errors import CheckpointError as CheckpointError
+    from foldhpc.checkpoint.manager import (CheckpointEntry as CheckpointEntry,
+                                            CheckpointManager as CheckpointManager,
+                                            LoadedCheckpoint as LoadedCheckpoint)
+    from foldhpc.checkpoint.signals import PreemptionSignals as PreemptionSignals, ignore_signals as ignore_signals
 
 _EXPORTS = {
     "CheckpointEntry": "foldhpc.checkpoint.manager", "CheckpointError": "foldhpc.checkpoint.errors",

@@ -61,7 +61,7 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, TypeGuard, cast
 
 if TYPE_CHECKING:  # imported where tensors are handled: reading a header (foldhpc status,
     import torch   # foldhpc checkpoints) must not cost a torch import
@@ -134,7 +134,7 @@ def _kind(mode: int) -> str:
     return "not a plain file"
 
 
-def is_count(x: Any) -> bool:
+def is_count(x: Any) -> TypeGuard[int]:
     """A non-negative int that is not a bool (``True`` is an int to Python, not to a header)."""
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
@@ -169,7 +169,8 @@ def byte_view(t: torch.Tensor) -> memoryview:
     import torch
 
     flat = t.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    # numpy's stubs give ndarray no __buffer__ before Python 3.12, though it has the buffer protocol
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")  # type: ignore[arg-type]
 
 
 def _crc_batch(mvs: list[memoryview]) -> list[int]:
@@ -185,7 +186,7 @@ class Checksummer:
 
     def __init__(self) -> None:
         self.crcs: list[list[int]] = []
-        self._batches: list[tuple[list[tuple[int, int]], Future]] = []
+        self._batches: list[tuple[list[tuple[int, int]], Future[list[int]]]] = []
         self._keys: list[tuple[int, int]] = []
         self._mvs: list[memoryview] = []
         self._bytes = 0
@@ -487,7 +488,7 @@ def read_header(path: Path) -> dict[str, Any]:
         header, data_end = _guarded(path, lambda: _read_header(f, path, size))
         _guarded(path, lambda: _tensor_nodes(header["state"], path, data_end))
     header["bytes"] = size
-    return header
+    return cast("dict[str, Any]", header)
 
 
 # What parsing a malformed header can raise beyond FormatError: every such case is meant to be
@@ -518,7 +519,7 @@ def read(path: Path, verify: bool = True) -> dict[str, Any]:
 
     path = Path(path)
     if file_format(path) == 1:
-        return _guarded(path, lambda: _read_v1(path))
+        return cast("dict[str, Any]", _guarded(path, lambda: _read_v1(path)))
     with open_regular(path, buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         header, data_end = _guarded(path, lambda: _read_header(f, path, size))
@@ -530,7 +531,9 @@ def read(path: Path, verify: bool = True) -> dict[str, Any]:
         # the pool's threads, each a contiguous share of the file, each checking the crc32s of what
         # it read: page faults, copies out of the page cache and crc32s run on every core at once.
         bufs = {id(n): torch.empty(n[3], dtype=torch.uint8) for n in nodes}
-        views = {k: memoryview(t.numpy()) if t.numel() else memoryview(bytearray()) for k, t in bufs.items()}
+        # numpy's stubs give ndarray no __buffer__ before Python 3.12, though it has the buffer protocol
+        views = {k: memoryview(t.numpy()) if t.numel() else memoryview(bytearray())  # type: ignore[arg-type]
+                 for k, t in bufs.items()}
         pieces = [(n, j, a, min(n[3], a + PIECE)) for n in nodes for j, a in enumerate(range(0, n[3], PIECE))]
         pieces.sort(key=lambda u: u[0][2] + u[2])
         pool = checksum_pool()

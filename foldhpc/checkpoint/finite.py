@@ -7,12 +7,12 @@ live weights; both need it, so it lives at the lower of the two layers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 
-def _floating_tensors(tree: Any, path: str = ""):
+def _floating_tensors(tree: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(tree, torch.Tensor):
         if tree.is_floating_point() or tree.is_complex():
             yield path, tree

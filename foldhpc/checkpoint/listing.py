@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from foldhpc.checkpoint.manager import CheckpointError, CheckpointManager
+from foldhpc.checkpoint.errors import CheckpointError
+from foldhpc.checkpoint.manager import CheckpointManager
 from foldhpc.config import load_config
 from foldhpc.records.fmt import format_age
 from foldhpc.records.layout import CHECKPOINT_DIR, CONFIG_FILE

@@ -70,6 +70,7 @@ from foldhpc import faults
 from foldhpc.checkpoint import fileformat
 from foldhpc.checkpoint.digest import tree_digest
 from foldhpc.checkpoint.errors import CheckpointError  # noqa: F401 - defined there without torch
+from foldhpc.records.envvars import WRITE_DELAY
 from foldhpc.records.events import EventSink, NullEventLog
 from foldhpc.records.layout import MANIFEST_FILE
 from foldhpc.records.fsio import PRIVATE_DIR_MODE, atomic_write_text, fsync_dir, pid_alive
@@ -90,7 +91,7 @@ FORMAT_VERSION = fileformat.FORMAT
 STALE_TMP_S = 3600.0  # a temporary file this old is a dead writer's, whoever wrote it
 # Debug hook for tests (foldhpc.faults): seconds every write sleeps before its rename (keeps a
 # save "in flight").
-WRITE_DELAY_ENV = faults.WRITE_DELAY
+WRITE_DELAY_ENV = WRITE_DELAY
 
 StateSource = Union[dict[str, Any], Callable[[], dict[str, Any]]]
 
@@ -480,7 +481,7 @@ class CheckpointManager:
         try:
             live = state() if callable(state) else state
             # snapshot pins (and copies non-blocking) only the buffers of CUDA tensors
-            pin = torch.cuda.is_available() and torch.cuda.is_initialized()
+            pin = torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]  # torch: unannotated
             devices: set[torch.device] = set()
             # one save at a time, so the staging buffers are free
             snap = snapshot(live, pin=pin, staging=self._staging, devices=devices, copy_small_host=not in_place)
@@ -524,7 +525,7 @@ class CheckpointManager:
         tmp = self.dir / self._tmp_name(name)
         try:
             seq = max((e.seq for e in self.entries()), default=0) + 1
-            info = {"step": step, "seq": seq, "reason": reason, "saved_at": time.time()}
+            info: dict[str, Any] = {"step": step, "seq": seq, "reason": reason, "saved_at": time.time()}
             with open(tmp, "wb") as f:
                 header = fileformat.write(f, state, meta, info, digest_of=tree_digest, data_done=self._staged.set)
                 f.flush()
