@@ -36,7 +36,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np  # noqa: F401 - tests patch cache.np.savez to simulate a kill mid-write
 from foldhpc.records.envvars import RESCAN_ENV
@@ -231,7 +231,7 @@ def load_dataset(cfg_data: DataConfig, run_dir: str | os.PathLike[str] | None = 
     """The ``[data]`` config section's dataset: the sealed manifest if there is a usable
     one, else (or with ``rescan``, default ``$FOLDHPC_DATA_RESCAN``) :func:`prepare_dataset`."""
     cache = resolve_cache_dir(cfg_data, run_dir)
-    filters = dict(min_length=cfg_data.min_length, max_length=cfg_data.max_length,
+    filters: dict[str, Any] = dict(min_length=cfg_data.min_length, max_length=cfg_data.max_length,
                    min_completeness=cfg_data.min_completeness)
     if rescan is None:
         rescan = os.environ.get(RESCAN_ENV, "").strip().lower() in ("1", "true", "yes")

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from . import structure
 from .files import atomic_write
@@ -88,7 +88,7 @@ def _read(path: Path) -> dict[str, Any] | None:
         d = json.loads(path.read_text())
         if d.get("version") == INDEX_VERSION and d.get("parser_version") == structure.PARSER_VERSION:
             dict(d["files"])
-            return d
+            return cast("dict[str, Any]", d)
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

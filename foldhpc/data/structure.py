@@ -17,7 +17,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -102,7 +102,7 @@ class ProteinChain:
         return float(self.atom_mask[:, :3].all(axis=1).mean())
 
 
-def structure_format(path: str | Path) -> str | None:
+def structure_format(path: str | os.PathLike[str]) -> str | None:
     """``"pdb"``, ``"mmcif"`` or None (unsupported) from the file name, ignoring ``.gz``."""
     name = Path(path).name.lower()
     if name.endswith(".gz"):
@@ -393,8 +393,10 @@ def _cif_backbone_rows(text: str) -> str:
     return "\n".join(lines[:start] + kept + lines[end:])
 
 
-def _run_biopython(fmt: str, text: str, simple_cif: bool):  # -> Bio.PDB.Structure.Structure
-    from Bio.PDB import MMCIFParser, PDBParser  # lazy: keeps `import foldhpc.data` light
+def _run_biopython(fmt: str, text: str, simple_cif: bool) -> Any:  # -> Bio.PDB.Structure.Structure
+    # lazy: keeps `import foldhpc.data` light; the modules Bio.PDB re-exports the parsers from
+    from Bio.PDB.MMCIFParser import MMCIFParser
+    from Bio.PDB.PDBParser import PDBParser
     from Bio.PDB.MMCIFParser import FastMMCIFParser
 
     if fmt == "mmcif" and simple_cif:
@@ -402,10 +404,11 @@ def _run_biopython(fmt: str, text: str, simple_cif: bool):  # -> Bio.PDB.Structu
         # full tokenizer) and gives identical chains on plain files; anything it chokes on
         # gets a second opinion (and a better error message) from the full parser.
         try:
-            return _quiet(FastMMCIFParser(QUIET=True), text)
+            return _quiet(FastMMCIFParser(QUIET=True), text)  # type: ignore[no-untyped-call]  # Bio: unannotated
         except Exception:  # noqa: BLE001 - fall through to the full parser
             log.debug("FastMMCIFParser failed, retrying with MMCIFParser", exc_info=True)
-    parser = PDBParser(QUIET=True) if fmt == "pdb" else MMCIFParser(QUIET=True)
+    # Bio's parsers are unannotated
+    parser = PDBParser(QUIET=True) if fmt == "pdb" else MMCIFParser(QUIET=True)  # type: ignore[no-untyped-call]
     try:
         return _quiet(parser, text)
     except Exception as e:  # Biopython raises many types (ValueError, KeyError, IndexError, ...)
@@ -423,7 +426,7 @@ def _run_biopython(fmt: str, text: str, simple_cif: bool):  # -> Bio.PDB.Structu
         raise StructureError(f"corrupt {kind}: {msg}") from None
 
 
-def _quiet(parser, text: str):
+def _quiet(parser: Any, text: str) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return parser.get_structure("x", io.StringIO(text))
@@ -458,7 +461,7 @@ def _atom_site_is_simple(text: str) -> bool:
     return in_rows
 
 
-def _chain_arrays(chain, prefix: str, source: str) -> ProteinChain | None:
+def _chain_arrays(chain: Any, prefix: str, source: str) -> ProteinChain | None:
     letters: list[str] = []
     coords: list[np.ndarray] = []
     masks: list[list[bool]] = []
@@ -502,7 +505,7 @@ def _chain_arrays(chain, prefix: str, source: str) -> ProteinChain | None:
     )
 
 
-def _major_residue(disordered):  # Bio.PDB DisorderedResidue -> Residue
+def _major_residue(disordered: Any) -> Any:  # Bio.PDB DisorderedResidue -> Residue
     """The child residue :func:`_major_names` picks (an mmCIF whose atom_site loop is not
     simple enough for the text pass); Biopython itself selects the name read last."""
     children = [r for r in disordered.disordered_get_list() if r.get_resname() in _PROTEIN_NAMES]
