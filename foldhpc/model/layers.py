@@ -67,7 +67,8 @@ class Transition(nn.Module):
         self.fc2 = nn.Linear(factor * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(self.norm(x))))
+        out: torch.Tensor = self.fc2(F.relu(self.fc1(self.norm(x))))  # nn.Module.__call__ is typed Any
+        return out
 
 
 class AttentionWithPairBias(nn.Module):
@@ -102,7 +103,8 @@ class AttentionWithPairBias(nn.Module):
         logits = logits + key_bias[:, None, None, :]
         weights = torch.softmax(logits, dim=-1).to(v.dtype)
         o = torch.matmul(weights, v).transpose(1, 2).reshape(b, n, self.n_heads * self.d_head)
-        return self.out(o * torch.sigmoid(self.gate(x)))
+        out: torch.Tensor = self.out(o * torch.sigmoid(self.gate(x)))  # nn.Module.__call__ is typed Any
+        return out
 
 
 class OuterProductUpdate(nn.Module):
@@ -164,4 +166,5 @@ class TriangleMultiplication(nn.Module):
         else:
             t = torch.matmul(a.transpose(-1, -2), b)
         t = t.permute(0, 2, 3, 1)
-        return torch.sigmoid(self.gate(x)) * self.out(self.norm_out(t))
+        out: torch.Tensor = torch.sigmoid(self.gate(x)) * self.out(self.norm_out(t))  # Module.__call__: Any
+        return out

@@ -31,7 +31,8 @@ def virtual_cb(coords: torch.Tensor) -> torch.Tensor:
     b = ca - n
     c = c - ca
     a = torch.linalg.cross(b, c, dim=-1)
-    return -0.58273431 * a + 0.56802827 * b - 0.54067466 * c + ca
+    cb: torch.Tensor = -0.58273431 * a + 0.56802827 * b - 0.54067466 * c + ca  # torch.linalg.cross is typed Any
+    return cb
 
 
 def distogram_bins(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -127,7 +128,7 @@ class EvaluationStopped(Exception):
         self.batches_done = batches_done
 
 
-def _to_device(batch: Mapping[str, object], device: torch.device) -> dict[str, object]:
+def _to_device(batch: Mapping[str, object], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
