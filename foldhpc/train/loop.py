@@ -42,7 +42,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, cast
 
 import torch
 from torch.utils.data import DataLoader
@@ -52,7 +52,7 @@ from foldhpc import faults
 from foldhpc.checkpoint import CheckpointError, CheckpointManager, PreemptionSignals, ignore_signals
 from foldhpc.config import Config, ConfigError, config_to_toml
 from foldhpc.data.cache import DataError, load_dataset
-from foldhpc.data.dataset import StepSampler, TrainBatches, ValBatches, split_by_sequence
+from foldhpc.data.dataset import Batch, StepSampler, TrainBatches, ValBatches, split_by_sequence
 from foldhpc.distributed import ranks
 from foldhpc.distributed.env import DistEnv, from_environ
 from foldhpc.distributed.group import PeerFailure, SoloGroup, open_group
@@ -68,7 +68,7 @@ from foldhpc.records.tensorboard import NullWriter, RunWriter, ScalarSink
 from foldhpc.resilience.nonfinite import NonFiniteError, NonFiniteGuard, Restored, RollbackUnavailable
 from foldhpc.resilience import heartbeat as hb
 from foldhpc.resilience import runlock
-from foldhpc.resilience.supervisor import RESTART_INFO_ENV, SUPERVISED_ENV
+from foldhpc.records.envvars import RESTART_INFO_ENV, SUPERVISED_ENV
 from foldhpc.cluster.env import slurm_env
 from foldhpc.train.compat import check_resume, runtime_differences
 from foldhpc.train.rng import capture_rng_state, restore_rng_state, step_seed
@@ -104,7 +104,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device = {name!r}: CUDA is not available on {socket.gethostname()}; "
                           "use \"auto\" or \"cpu\"")
-    if dev.type == "cuda" and dev.index is None:
+    # cast: torch's stubs type device.index as int, but it is None for a device named without one
+    if dev.type == "cuda" and cast("int | None", dev.index) is None:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     return dev
 
@@ -270,7 +271,7 @@ class Trainer:
                               f"use a multiple of {env.world_size} (it is the global batch)")
         self.group = open_group(env, self.cfg.distributed.backend, self.device.type, self.cfg.distributed.timeout_s)
         self.timings["rendezvous_s"] = getattr(self.group, "join_s", 0.0)
-        layout = self.group.all_gather({"rank": env.rank, "node": env.node, "host": socket.gethostname(),
+        layout: list[dict[str, Any]] = self.group.all_gather({"rank": env.rank, "node": env.node, "host": socket.gethostname(),
                                         "pid": os.getpid(), "device": str(self.device)}, "exchanging rank layout")
         if self.main:
             ranks.remove_stale(self.run_dir, env.world_size)
@@ -384,10 +385,10 @@ class Trainer:
                 error = str(e)
         error = self.group.broadcast(error, "waiting for rank 0 to commit the resumed checkpoint")
         if error is not None:
-            e = CheckpointError(f"the resumed checkpoint could not be committed ({error}); nothing was trained. "
-                                "Fix the checkpoint directory and run the same command again.")
-            e.exit_code = ExitCode.USAGE  # type: ignore[attr-defined]
-            raise e
+            err = CheckpointError(f"the resumed checkpoint could not be committed ({error}); nothing was trained. "
+                                  "Fix the checkpoint directory and run the same command again.")
+            err.exit_code = ExitCode.USAGE  # type: ignore[attr-defined]
+            raise err
         self.commit_resume_choice = False
 
     def _apply_optimizer_config(self) -> None:
@@ -552,7 +553,7 @@ class Trainer:
                 self.writer.close()
         return result
 
-    def _make_loader(self) -> DataLoader:
+    def _make_loader(self) -> DataLoader[Batch]:
         nw = self.cfg.data.num_workers
         return DataLoader(
             self.train_batches, batch_size=None,
@@ -633,7 +634,7 @@ class Trainer:
         dev = self.device
         world = self.group.world_size
         seen: list[Any] = []
-        it = iter(self._make_loader()) if self.step < t.max_steps else iter(())
+        it: Iterator[Batch] = iter(self._make_loader()) if self.step < t.max_steps else iter(())
         last_save_t = time.monotonic()
         steps_due = False  # a checkpoint.every_steps save not taken yet: a background save was in flight
         win: dict[str, Any] = {"t0": time.monotonic(), "data": 0.0, "steps": 0, "loss": 0.0}
@@ -720,7 +721,7 @@ class Trainer:
             applied = self.guard.check(self.step + 1, bad, gnorm, self.writer, self.status, self.events)
             if applied:
                 self.optimizer.step()
-            lr = self.scheduler.get_last_lr()[0]
+            lr = cast(float, self.scheduler.get_last_lr()[0])  # a float lr (torch: float | Tensor)
             self.scheduler.step()
             self.step += 1
             faults.after_step(self.step, self.env.rank, self.events)  # test hooks; nothing unless set (foldhpc.faults)
@@ -806,7 +807,8 @@ class Trainer:
             path, error = choice["path"], choice["error"]
             if error is None and not self.main:
                 try:
-                    state = self.ckpt.load_file(Path(path))["state"]
+                    # rank 0 sends a path whenever it sends no error
+                    state = self.ckpt.load_file(Path(cast(str, path)))["state"]
                 except CheckpointError as e:
                     error = f"rank {self.env.rank} cannot load {path}: {e}"
         if error is not None:

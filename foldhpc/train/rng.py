@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -25,14 +25,15 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 def capture_rng_state() -> dict[str, Any]:
     """All RNG states as tensors and plain values (what the checkpoint file format can hold)."""
-    np_state = np.random.get_state()
+    # the legacy tuple (the default for the global MT19937 generator); numpy's stubs say dict | tuple
+    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {"name": np_state[0], "key": torch.from_numpy(np_state[1].astype(np.int64)),
                   "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # torch: unannotated
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from foldhpc import faults
+from foldhpc.records.envvars import VAL_BATCH_DELAY
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ T = TypeVar("T")
 
 #: Debug hook for tests (foldhpc.faults): sleep this long before each validation batch, so a
 #: signal can be delivered while a validation is demonstrably in progress.
-DELAY_ENV = faults.VAL_BATCH_DELAY
+DELAY_ENV = VAL_BATCH_DELAY
 
 
 def validation_due(step: int, val_every: int, max_steps: int) -> bool:
