@@ -339,6 +339,7 @@ def judge(rec: dict[str, Any], mtime: float, stale_after_s: float, me: dict[str,
     # a pid recorded wrongly) still holds it, and "its pid is gone" must not win over that.
     flock = path is not None and _flock_held(path)
     if local_pid:
+        assert isinstance(pid, int)  # local_pid says so
         proc = proc_start(pid)
         if proc is not None and proc[1] not in ("Z", "X") and rec.get("pid_start") in (None, proc[0]):
             return Verdict(True, f"its process {pid} on this host is running")

@@ -57,6 +57,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import cast
 
 from foldhpc.config import Config, parse_duration
 from foldhpc.records.status import StatusFile
@@ -66,7 +67,7 @@ from foldhpc.records.history import GaveUp, JobEvent, Restarted, write_event
 from foldhpc.records.events import EventLog, EventSink, NullEventLog
 from foldhpc.records.exitcodes import ExitCode
 from foldhpc.records.layout import LOG_FILE, STACKS_FILE
-from foldhpc.records.envvars import SUPERVISED_ENV, RESTART_INFO_ENV, READY_FILE_ENV
+from foldhpc.records.envvars import HEARTBEAT_ENV, SUPERVISED_ENV, RESTART_INFO_ENV, READY_FILE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ class Supervisor:
         self._prepare_beat_files()
         for rank in range(self.nproc):
             path = self._hb_path(rank)
-            env = dict(base, **{hb.HEARTBEAT_ENV: str(path)})
+            env = dict(base, **{HEARTBEAT_ENV: str(path)})
             if self.nproc > 1:
                 env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(self.nproc),
                            LOCAL_WORLD_SIZE=str(self.nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
@@ -514,9 +515,11 @@ class Supervisor:
                              step=failure.step, reason=failure.reason, transient=failure.transient)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
-                if self.preempted is not None:
+                # the signal handler sets it at any time; mypy, having seen it None above, would not
+                preempted = cast("signal.Signals | None", self.preempted)
+                if preempted is not None:
                     log.warning("supervisor: %s during the restart back-off: exit %d for requeue",
-                                self.preempted.name, ExitCode.CHECKPOINTED)
+                                preempted.name, ExitCode.CHECKPOINTED)
                     return ExitCode.CHECKPOINTED
                 time.sleep(POLL_S)
             args = self.restart_args
