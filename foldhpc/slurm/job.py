@@ -31,7 +31,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 import submitit
 
@@ -40,6 +40,7 @@ from foldhpc.checkpoint.signals import ignore_after_training, ignore_signals, la
 from foldhpc.cluster.env import slurm_env
 from foldhpc.config import Config, parse_duration
 from foldhpc.distributed.env import DistEnv, from_environ
+from foldhpc.records.envvars import HOLD_AFTER_TRAIN
 from foldhpc.records.exitcodes import ExitCode
 from foldhpc.records.history import Completed, Failed, record_started, write_event
 from foldhpc.records.status import COMPLETED
@@ -51,7 +52,20 @@ log = logging.getLogger(__name__)
 
 #: debug hook for tests (foldhpc.faults): seconds to stay alive after training completed (a late
 #: signal can then be sent to a finished job)
-HOLD_AFTER_TRAIN_ENV = faults.HOLD_AFTER_TRAIN
+HOLD_AFTER_TRAIN_ENV = HOLD_AFTER_TRAIN
+
+
+class _Where(TypedDict, total=False):
+    """The ``failed`` event's fields that name the rank of a multi-rank job (none for one rank)."""
+
+    rank: int
+    node: str
+
+
+class _StartedFields(TypedDict, total=False):
+    """The ``started`` event's optional field that a multi-rank job sets."""
+
+    world_size: int
 
 
 def preemption_signals(cfg: Config) -> set[signal.Signals]:
@@ -98,9 +112,10 @@ class SlurmJob(submitit.helpers.Checkpointable):
         info = slurm_env()
         job = info.job_id
         env = from_environ()
-        where = {"rank": env.rank, "node": env.node} if env.distributed else {}
+        where: _Where = {"rank": env.rank, "node": env.node} if env.distributed else {}
         if env.is_main:
-            record_started(cfg.run_dir, info, **({"world_size": env.world_size} if env.distributed else {}))
+            started: _StartedFields = {"world_size": env.world_size} if env.distributed else {}
+            record_started(cfg.run_dir, info, **started)
         # When the trainer stops listening, its signals are ignored rather than handed back to
         # submitit's handler, which would requeue a job whose training has already returned.
         ignore_after_training()

@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from foldhpc.config import Config, ConfigError, parse_duration
 from foldhpc.records.fsio import make_private_dir
@@ -24,6 +24,9 @@ from foldhpc.records.history import Submitted, write_event
 from foldhpc.records.layout import SLURM_DIR
 from foldhpc.slurm.followup import successor_environ
 from foldhpc.slurm.job import Payload, SlurmJob
+
+if TYPE_CHECKING:
+    from submitit.core.core import PicklingExecutor
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ def check_submittable(cfg: Config) -> None:
                           f"slurm.time = {cfg.slurm.time!r}")
 
 
-def executor_for(cfg: Config, local: bool = False):
+def executor_for(cfg: Config, local: bool = False) -> PicklingExecutor:
     """A configured submitit executor writing its files under <run.dir>/slurm."""
     import submitit
 
@@ -63,7 +66,7 @@ def executor_for(cfg: Config, local: bool = False):
             raise ConfigError(f"--local runs one rank; this config asks for {cfg.slurm.world_size} "
                               f"(slurm.nodes x tasks per node). Use `foldhpc train --nproc {cfg.slurm.world_size}` "
                               "to train with several ranks on this machine.")
-        ex = submitit.LocalExecutor(folder=folder)
+        ex: PicklingExecutor = submitit.LocalExecutor(folder=folder)
         ex.update_parameters(timeout_min=timeout_min)
         return ex
     if shutil.which("sbatch") is None:
