@@ -34,7 +34,8 @@ from typing import Any
 
 from foldhpc.config import ConfigError, load_config
 from foldhpc.records.fmt import format_age
-from foldhpc.records.status import STATUS_FILE, read_status
+from foldhpc.records.layout import STATUS_FILE
+from foldhpc.records.status import read_status
 from foldhpc.records.fsio import pid_alive
 from foldhpc.cluster import sacct
 from foldhpc.records.history import HISTORY_FILE, job_ids, read_history
@@ -271,8 +272,8 @@ def read_run(run_dir: Path, job_id: str | None = None) -> RunView:
         chain = chain_of(events, view.job_id)
         if len(chain) > 1:
             view.chain = chain
-            link = next((e for e in reversed(events) if e.get("event") == "followup"
-                         and str(e.get("followup_job_id")) == view.job_id), {})
+            link: dict[str, Any] = next((e for e in reversed(events) if e.get("event") == "followup"
+                                         and str(e.get("followup_job_id")) == view.job_id), {})
             view.chain_restarts = _int_or_none(link.get("chain_restarts")) or len(chain) - 1
     if view.job_id is not None:
         mine = [e for e in events if str(e.get("job_id")) == view.job_id and isinstance(e.get("time"), (int, float))]
@@ -631,7 +632,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"foldhpc status: config error: {e}", file=sys.stderr)
         return ExitCode.USAGE
-    code = ExitCode.USAGE
+    code: int = ExitCode.USAGE
     try:
         while True:
             report = gather(args.targets, root)

@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from foldhpc.cluster.command import SlurmCommandError
 from foldhpc.records.events import Event, EventScan, has_events, iter_events
 from foldhpc.records.fsio import pid_alive
 from foldhpc.records.history import read_history
@@ -587,7 +588,7 @@ def _refine_with_sacct(runs: list[_JobRun], notes: list[str], sources: list[str]
 
     try:
         jobs, _ = sacct.sacct_jobs(ids)
-    except sacct.SlurmCommandError as e:
+    except SlurmCommandError as e:
         notes.append(f"sacct unavailable ({e}): queue wait from jobs.jsonl alone")
         return
     used = False
@@ -629,8 +630,9 @@ def build_timeline(run_dir: Path, now: float | None = None, use_sacct: bool = Tr
     events, bad = read_history(run_dir)
     try:
         status = read_status(run_dir) or {}
-    except ValueError as e:
-        status, _ = {}, notes.append(str(e))
+    except ValueError as err:
+        status = {}
+        notes.append(str(err))
     has_log = (run_dir / LOG_FILE).exists()
     if not trail.records and not events and not status:
         if trail.scan.lines:
@@ -754,27 +756,27 @@ def build_timeline(run_dir: Path, now: float | None = None, use_sacct: bool = Tr
     spans.sort()
     extra: list[tuple[float, float, str, int]] = []
     for r in jruns:
-        lane = next((ln.index for ln in lanes if ln.job_id == r.job_id and ln.job_run == r.run), None)
-        if lane is None:
+        row = next((ln.index for ln in lanes if ln.job_id == r.job_id and ln.job_run == r.run), None)
+        if row is None:
             continue
         if r.pending_since is not None:
             q_end = r.started if r.started is not None else end
-            extra.append((r.pending_since, q_end, QUEUE, lane))
+            extra.append((r.pending_since, q_end, QUEUE, row))
             marks.append(Mark(r.pending_since, "requeue" if r.run else "submitted",
-                              "requeued" if r.run else "submitted", lane))
+                              "requeued" if r.run else "submitted", row))
         if r.started is not None:  # the job run is up, its trainer not yet: launch, supervisor imports
             first = min((ln.start for ln in lanes if ln.job_id == r.job_id and ln.job_run == r.run
                          and ln.pid is not None), default=None)
             if first is not None:
-                extra.append((r.started, first, STARTUP, lane))
+                extra.append((r.started, first, STARTUP, row))
     for x, y, kind, lane in sorted(extra):
-        for a, b in _subtract((max(x, start), min(y, end)), spans):
-            segments.append(Segment(kind, a, b, lane))
-            spans.append((a, b))
+        for lo, hi in _subtract((max(x, start), min(y, end)), spans):
+            segments.append(Segment(kind, lo, hi, lane))
+            spans.append((lo, hi))
             spans.sort()
-    for a, b in _subtract((start, end), _merge(spans)):  # between starts: restart back-off, unrecorded time
-        lane = max((ln.index for ln in lanes if ln.start <= b + 1e-6), default=0)
-        segments.append(Segment(IDLE, a, b, lane))
+    for lo, hi in _subtract((start, end), _merge(spans)):  # between starts: restart back-off, unrecorded time
+        lane = max((ln.index for ln in lanes if ln.start <= hi + 1e-6), default=0)
+        segments.append(Segment(IDLE, lo, hi, lane))
     segments.sort(key=lambda s: (s.start, s.end))
 
     step_points = sorted((t, s) for a in attempts for t, s, _, _ in a.progress)
