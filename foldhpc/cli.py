@@ -51,7 +51,7 @@ def check_run_dir(cfg: Any) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_run_dir(cfg)
-    from foldhpc.resilience.supervisor import SUPERVISED_ENV
+    from foldhpc.records.envvars import SUPERVISED_ENV
 
     supervised = os.environ.get(SUPERVISED_ENV) == "1"
     if not supervised and _wants_supervisor(args, cfg):
@@ -240,8 +240,9 @@ def _debug_hold_after_train() -> None:
     """Test hook: stay alive ``$FOLDHPC_DEBUG_HOLD_AFTER_TRAIN_S`` seconds after training returned,
     so a test can send a late signal to a finished trainer (it must be ignored)."""
     from foldhpc import faults
+    from foldhpc.records.envvars import HOLD_AFTER_TRAIN
 
-    hold = faults.seconds(faults.HOLD_AFTER_TRAIN)
+    hold = faults.seconds(HOLD_AFTER_TRAIN)
     if hold > 0:
         log.warning("FOLDHPC_DEBUG_HOLD_AFTER_TRAIN_S: staying alive %.1fs after training", hold)
         time.sleep(hold)

@@ -29,8 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from foldhpc import faults
-from foldhpc.records.envvars import FAULT_PREFIXES
+from foldhpc.records.envvars import FAIL_AT_STEP, FAIL_KIND, FAIL_ONCE, FAULT_PREFIXES, NAN_AT_STEPS, WRITE_DELAY
 from foldhpc.chaos import storage
 from foldhpc.chaos.kinds import KINDS, uses_hook
 from foldhpc.chaos.eventtail import EventTail, SeenEvent
@@ -169,7 +168,8 @@ def _ppid(pid: int) -> int | None:
 
 def final_state(run_dir: Path, ckpt_dir: Path) -> tuple[bool, int | None, str | None, str]:
     """(completed according to status.json, final step, state digest of the newest good checkpoint, error)."""
-    from foldhpc.checkpoint.manager import CheckpointError, CheckpointManager
+    from foldhpc.checkpoint.errors import CheckpointError
+    from foldhpc.checkpoint.manager import CheckpointManager
 
     try:
         state = json.loads((run_dir / STATUS_FILE).read_text()).get("state")
@@ -244,7 +244,7 @@ class LocalRunner:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(FAULT_PREFIXES)}
         if nan and self.plan.nan_steps:
-            env[faults.NAN_AT_STEPS] = ",".join(str(s) for s in self.plan.nan_steps)
+            env[NAN_AT_STEPS] = ",".join(str(s) for s in self.plan.nan_steps)
         env.update(extra)
         return env
 
@@ -284,10 +284,10 @@ class LocalRunner:
         hook = next((f for f in window if uses_hook(f.kind) and not self._marker(f).exists()), None)
         self.launch_hook = hook.index if hook else None
         if hook is not None:
-            extra.update({faults.FAIL_AT_STEP: str(hook.at_step), faults.FAIL_ONCE: str(self._marker(hook)),
-                          faults.FAIL_KIND: "exception" if hook.kind == "exception" else hook.variant})
+            extra.update({FAIL_AT_STEP: str(hook.at_step), FAIL_ONCE: str(self._marker(hook)),
+                          FAIL_KIND: "exception" if hook.kind == "exception" else hook.variant})
         if window and window[-1].kind == "kill_during_write":
-            extra[faults.WRITE_DELAY] = str(self.write_delay_s)
+            extra[WRITE_DELAY] = str(self.write_delay_s)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self._console is None:
             self._console = open(self.run_dir / "console.log", "ab")
