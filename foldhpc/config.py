@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -581,7 +582,7 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load ``path`` (TOML), apply ``section.key=value`` overrides, validate everything."""
     cfg = Config()
     if path is not None:
