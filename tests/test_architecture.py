@@ -28,7 +28,7 @@ LAYERS = [
     {"checkpoint"},
     {"distributed"},
     {"resilience"},
-    {"train"},
+    {"train", "session"},
     {"slurm"},
     {"monitor"},
     {"chaos"},

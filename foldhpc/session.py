@@ -1,0 +1,458 @@
+"""``foldhpc.Session``: foldhpc's guarantees around a training loop the user wrote.
+
+::
+
+    import foldhpc
+    with foldhpc.Session("runs/mine", states={"model": model, "optimizer": opt, "scheduler": sched}) as run:
+        for step in run.steps(10_000):     # starts at the resumed step
+            loss = my_step(model, my_batch(step))
+            run.wait_staged()               # before anything mutates tracked state
+            opt.step(); sched.step()
+    raise SystemExit(run.exit_code)         # 0 done, 75 "requeue me"
+
+The session is the built-in trainer's (:mod:`foldhpc.train.loop`) runtime without its model: the
+same run lock, records, checkpoint manager, signal handling and exit codes, composed here, not
+re-implemented. See :class:`Session` for what it guarantees and what it does not yet.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+
+import foldhpc
+from foldhpc.checkpoint import CheckpointError, CheckpointManager, PreemptionSignals
+from foldhpc.checkpoint.manager import CheckpointEntry
+from foldhpc.cluster.env import slurm_env
+from foldhpc.config import Config, ConfigError, config_to_toml, load_config
+from foldhpc.records.envvars import SUPERVISED_ENV
+from foldhpc.records.events import EventLog, EventSink, NullEventLog
+from foldhpc.records.exitcodes import ExitCode
+from foldhpc.records.fsio import atomic_write_text, make_private_dir
+from foldhpc.records.layout import CONFIG_FILE, LOG_FILE, STACKS_FILE, TENSORBOARD_DIR
+from foldhpc.records.logs import setup_logging
+from foldhpc.records.status import CHECKPOINTED, COMPLETED, FAILED, RUNNING, NullStatus, StatusFile, StatusSink
+from foldhpc.resilience import heartbeat as hb
+from foldhpc.resilience import runlock
+from foldhpc.train.rng import capture_rng_state, restore_rng_state
+
+if TYPE_CHECKING:  # imported by the first log_scalars(): TensorBoard costs a third of a second to import
+    from foldhpc.records.tensorboard import RunWriter
+
+log = logging.getLogger(__name__)
+
+#: the checkpoint key under which the session keeps its own state (step, restarts, RNG states);
+#: no entry of ``states`` may use it
+SESSION_KEY = "foldhpc"
+
+#: run directories (resolved) of the sessions entered in this process and not yet left
+_LIVE: set[Path] = set()
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """What every value of ``states`` must be: torch.distributed.checkpoint's ``Stateful`` protocol
+    (torch modules, optimizers, LR schedulers and GradScalers already are)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+class StatesMismatch(CheckpointError):
+    """A checkpoint whose entries are not the session's ``states`` (missing or extra keys), or one
+    a state refused to load. A user error (exit 2): nothing was loaded from it, nothing written."""
+
+    exit_code = ExitCode.USAGE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, damaged=False)
+
+
+def _check_states(states: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(states, Mapping) or not states:
+        raise TypeError("states must be a non-empty dict of name -> object with state_dict()/load_state_dict(), "
+                        f"not {type(states).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in states.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"states: key {key!r} must be a non-empty str")
+        if key == SESSION_KEY:
+            raise ValueError(f"states[{key!r}]: the name {SESSION_KEY!r} is the session's own; use another one")
+        missing = [m for m in ("state_dict", "load_state_dict") if not callable(getattr(value, m, None))]
+        if missing:
+            raise TypeError(f"states[{key!r}] ({type(value).__name__}) has no {' / '.join(f'{m}()' for m in missing)}: "
+                            "every value must follow the Stateful protocol (state_dict() and load_state_dict(), "
+                            "as torch modules, optimizers and schedulers do)")
+        out[key] = value
+    return out
+
+
+def _resolve_config(config: Config | str | os.PathLike[str] | None, run_dir: Path) -> Config:
+    if config is None:
+        cfg = Config()
+    elif isinstance(config, Config):
+        cfg = copy.deepcopy(config)
+    elif isinstance(config, (str, os.PathLike)):
+        cfg = load_config(config)
+    else:
+        raise TypeError(f"config must be a foldhpc Config, a TOML path or None, not {type(config).__name__}")
+    cfg.run.dir = str(run_dir)  # the session's run directory wins over the config's run.dir
+    cfg.validate()
+    return cfg
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+class Session:
+    """foldhpc's runtime for a loop the user wrote; use it as a context manager (see the module docstring).
+
+    ``run_dir``: the run directory (``run.dir`` of the config is replaced by it). ``states``: name ->
+    object with ``state_dict()`` / ``load_state_dict()``; together with the RNG states (python,
+    numpy, torch, CUDA) they are the checkpoint. ``config``: a :class:`foldhpc.config.Config`, the
+    path of a TOML file, or None (defaults); the ``[checkpoint]``, ``[run]`` (log level) and
+    ``fault.lock_stale_after`` keys apply.
+
+    Entering takes the run lock (a second session or trainer on a live run directory is refused:
+    :class:`~foldhpc.resilience.runlock.RunDirLocked`), writes ``config.toml``, ``status.json``,
+    ``events.jsonl`` and ``train.log``, installs the preemption signal handlers
+    (``checkpoint.signals``) and resumes from the newest checkpoint that verifies (falling back
+    to older ones). A checkpoint whose keys are not those of ``states`` is refused
+    (:class:`StatesMismatch`, naming the keys) before anything is loaded or written.
+
+    :meth:`steps` yields the step numbers from the resumed one; a step is done when the loop comes
+    back for the next one, and the checkpoint of step ``s`` holds the states after ``s`` steps.
+    Saves: every ``checkpoint.interval`` (wall clock) and every ``checkpoint.every_steps`` in
+    the background, at the end (blocking), and at once at the next step boundary after a
+    preemption signal (blocking; then :meth:`steps` ends and :attr:`exit_code` is 75). Call
+    :meth:`wait_staged` before anything changes a tracked tensor (``optimizer.step()``): a
+    background save reads the live tensors until then. ``state_dict()`` is called at the step
+    boundary, so plain values (a scheduler's counters) are taken then; tensors that the forward
+    pass itself changes (BatchNorm running statistics) are not safe with background saves: set
+    ``checkpoint.async_save = false`` for such a model.
+
+    Bit-exact resume holds when the loop's batches are a function of the step (or come from a
+    tracked state) and every random draw goes through the generators the session saves, on the
+    same torch build and thread count (see :mod:`foldhpc.train.loop`).
+
+    Not yet: several ranks (stop agreement, rank 0 writes), the non-finite guard with rollback,
+    ``[task]`` configs and config-compatibility checks at resume, a helper for resumable datasets,
+    ``--resume PATH`` / ``--no-resume`` equivalents. One process, one rank.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], states: Mapping[str, Any],
+                 config: Config | str | os.PathLike[str] | None = None) -> None:
+        self.states = _check_states(states)
+        self.run_dir = Path(run_dir)
+        self.cfg = _resolve_config(config, self.run_dir)
+        self.step = 0  #: steps done (the resumed step before the first)
+        self.restarts = 0  #: resumes from a checkpoint over the run's life
+        self.exit_code: int = ExitCode.FAILED  #: 0 done, 75 checkpointed on a signal (requeue me)
+        self.resumed_from: Path | None = None
+        self.events: EventSink = NullEventLog()
+        self.status: StatusSink = NullStatus()
+        self.lock: runlock.RunLock | runlock.NoLock = runlock.NoLock()
+        self.ckpt: CheckpointManager | None = None
+        self._preempt: PreemptionSignals | None = None
+        self._writer: RunWriter | None = None
+        self._seen: CheckpointEntry | None = None
+        self._entered = False
+        self._finished = False
+        self._resumed_step = 0
+        self._progress_steps = 0
+        self._live: Path | None = None
+
+    # ------------------------------------------------------------------ enter / exit
+    def __enter__(self) -> Session:
+        if self._entered:
+            raise RuntimeError("a Session is entered once")
+        self._entered = True
+        cfg = self.cfg
+        here = self.run_dir.resolve()
+        if here in _LIVE:  # the run lock takes over its own process's leftovers: it cannot tell this apart
+            raise runlock.RunDirLocked(f"run directory {self.run_dir} is held by another Session of this process "
+                                       f"(pid {os.getpid()}): one writer per run directory")
+        make_private_dir(self.run_dir)
+        try:
+            self.lock = runlock.acquire(self.run_dir, cfg.fault.lock_stale_after)
+        except runlock.RunDirLocked as e:
+            runlock.record_refusal(self.run_dir, e)
+            raise
+        try:
+            self._start()
+        except BaseException as e:
+            self._fail(e)
+            self._teardown()
+            raise
+        _LIVE.add(here)
+        self._live = here
+        return self
+
+    def _start(self) -> None:
+        cfg = self.cfg
+        note = runlock.claim_checkpoint_dir(cfg.checkpoint_dir, self.run_dir)
+        if note and isinstance(self.lock, runlock.RunLock):
+            self.lock.notes.append(note)
+        setup_logging(cfg.run.log_level, self.run_dir / LOG_FILE)
+        self.events = EventLog(self.run_dir, 0)
+        slurm = slurm_env()
+        supervised = os.environ.get(SUPERVISED_ENV) == "1"
+        self.events.emit("process_start", process_start_t=time.time(), max_steps=None, host=socket.gethostname(),
+                         world_size=1, supervised=supervised, slurm_job_id=slurm.job_id,
+                         slurm_restart_count=slurm.restart_count, foldhpc_version=foldhpc.__version__,
+                         session=True)
+        self.lock.log_acquired()
+        try:
+            atomic_write_text(self.run_dir / CONFIG_FILE, config_to_toml(cfg))
+        except OSError as e:
+            log.warning("cannot write %s (%s): the run goes on (each checkpoint records the config)",
+                        self.run_dir / CONFIG_FILE, e.strerror or e)
+        self.status = StatusFile(self.run_dir)
+        self.status.update(state=RUNNING, started_at=time.time(), error=None, signal=None, slurm_job_id=slurm.job_id,
+                           slurm_restart_count=slurm.restart_count, world_size=1, failed_ranks=None)
+        self.hb = hb.heartbeat()
+        if supervised:
+            hb.enable_stack_dump(self.run_dir / STACKS_FILE)
+        self.hb.beat(0, "startup")
+        self._preempt = PreemptionSignals(cfg.checkpoint.signal_numbers())
+        self._preempt.__enter__()
+        self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
+                                      owner_check=self.lock.verify, events=self.events)
+        try:
+            make_private_dir(cfg.checkpoint_dir)
+        except OSError:
+            pass  # preflight says what is wrong with it
+        est = sum(_tensor_bytes(s.state_dict()) for s in self.states.values()) + (1 << 20)
+        self.ckpt.preflight(est, cfg.checkpoint.min_free_mb << 20)
+        self._restore()
+        self.status.update(step=self.step, restarts=self.restarts)
+
+    def _restore(self) -> None:
+        assert self.ckpt is not None
+        t0 = time.monotonic()
+        loaded = self.ckpt.load_latest()
+        if loaded is None:
+            return
+        state, where = loaded.state, loaded.path
+        want, have = set(self.states), set(state) - {SESSION_KEY}
+        if SESSION_KEY not in state or want != have:
+            parts = []
+            if want - have:
+                parts.append(f"missing from the checkpoint: {', '.join(repr(k) for k in sorted(want - have))}")
+            if have - want:
+                parts.append(f"in the checkpoint but not in states: {', '.join(repr(k) for k in sorted(have - want))}")
+            if SESSION_KEY not in state:
+                parts.append(f"no {SESSION_KEY!r} entry (not written by foldhpc.Session)")
+            raise StatesMismatch(
+                f"checkpoint {where} does not match the session's states ({'; '.join(parts)}): it holds "
+                f"{sorted(have)}, the session tracks {sorted(want)}. Nothing was loaded or written. Pass the same "
+                f"states as the run that wrote it, or use another run directory.")
+        self.ckpt.last_committed = loaded.entry
+        if loaded.skipped:
+            self.status.update(warning=f"skipped bad checkpoints: {loaded.skipped}")
+        for key, obj in self.states.items():
+            try:
+                obj.load_state_dict(state[key])
+            except Exception as e:  # noqa: BLE001 - any state's own complaint, named by its key
+                raise StatesMismatch(f"checkpoint {where}: states[{key!r}].load_state_dict() refused it: "
+                                     f"{type(e).__name__}: {e}") from e
+        own = state[SESSION_KEY]
+        restore_rng_state(own["rng"])
+        self.step = self._resumed_step = int(own["step"])
+        self.restarts = int(own.get("restarts", 0)) + 1
+        self.resumed_from = where
+        self._seen = loaded.entry
+        load_s = time.monotonic() - t0
+        log.info("resumed from %s at step %d (restart #%d, checkpoint load %.2fs)", where, self.step, self.restarts,
+                 load_s)
+        self.events.emit("resumed", path=str(where), step=self.step, restarts=self.restarts, load_s=load_s)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            if exc is not None:
+                if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+                    self._fail(exc)
+            elif not self._finished:
+                # left the loop early without an error: the user's decision to stop; keep the work
+                self._save_for_exit("exit")
+                self.status.update(state=CHECKPOINTED, step=self.step)
+                self.events.emit("checkpointed", step=self.step, signal=None, during="exit")
+                self.exit_code = ExitCode.OK
+        finally:
+            self._teardown()
+
+    def _fail(self, e: BaseException) -> None:
+        msg = f"{type(e).__name__}: {e}"
+        user_error = isinstance(e, (ConfigError, StatesMismatch)) or getattr(e, "exit_code", None) == ExitCode.USAGE
+        log.error("run failed at step %d: %s", self.step, msg, exc_info=not user_error,
+                  extra={"console": False} if user_error else None)
+        self.events.emit("failed", step=self.step, error=msg, error_type=type(e).__name__, user_error=user_error)
+        self.status.update(state=FAILED, step=self.step, error=msg)
+        self.exit_code = ExitCode.USAGE if user_error else ExitCode.FAILED
+
+    def _teardown(self) -> None:
+        try:
+            if self.ckpt is not None:
+                self.ckpt.wait()
+            if self._writer is not None:
+                self._writer.close()
+            if self._preempt is not None:
+                self._preempt.__exit__(None, None, None)
+        finally:
+            self.lock.release()
+            if self._live is not None:
+                _LIVE.discard(self._live)
+        hb.heartbeat().beat(self.step, "done")
+
+    # ------------------------------------------------------------------ the loop
+    def steps(self, total: int) -> Iterator[int]:
+        """Yield ``step`` for each step from the resumed one up to ``total`` (exclusive), saving at
+        the step boundaries as the class docstring says; ends early, after a durable save, on a
+        preemption signal."""
+        if not self._entered or self.ckpt is None or self._preempt is None:
+            raise RuntimeError("Session.steps() is called inside `with Session(...) as run:`")
+        if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+            raise TypeError(f"steps(total): total must be a non-negative int, not {total!r}")
+        cfg, preempt, ckpt = self.cfg, self._preempt, self.ckpt
+        interval, every = cfg.checkpoint.interval_s, cfg.checkpoint.every_steps
+        self.status.update(max_steps=total, step=self.step)
+        log.info("steps %d..%d, checkpoint every %s%s, signals %s", self.step, total, cfg.checkpoint.interval,
+                 f" and {every} steps" if every else "", ",".join(s.name for s in preempt.signals))
+        self.events.emit("training", first=self.step, last=total, batch=None, restarts=self.restarts)
+        start, last_save_t, due = self.step, time.monotonic(), False
+        while True:  # the step boundary: self.step steps are done
+            self.hb.beat(self.step + 1, "train")
+            self.lock.check()  # taken over by another writer: stop, write nothing
+            self._note_checkpoint()
+            if preempt.received is not None:
+                sig = preempt.received.name
+                in_flight = ckpt.in_flight
+                log.warning("received %s: saving a checkpoint at step %d, then exiting for requeue%s", sig,
+                            self.step, " (waiting for the background save in flight first)" if in_flight else "")
+                self.events.emit("signal", signal=sig, step=self.step, in_flight=in_flight, from_peer=False)
+                t0 = time.monotonic()
+                self._save_for_exit(f"signal:{sig}")
+                durable_s = time.monotonic() - t0
+                log.warning("checkpoint at step %d durable %.2fs after the step boundary; exit %d", self.step,
+                            durable_s, ExitCode.CHECKPOINTED)
+                self.events.emit("checkpoint_durable", step=self.step, after_boundary_s=round(durable_s, 4))
+                self.status.update(state=CHECKPOINTED, step=self.step, signal=sig)
+                self.events.emit("checkpointed", step=self.step, signal=sig, during="training")
+                self.exit_code = ExitCode.CHECKPOINTED
+                self._finished = True
+                return
+            if self.step >= total:
+                break
+            at_multiple = bool(every) and self.step > start and self.step % every == 0
+            due = due or at_multiple
+            timer_due = interval > 0 and time.monotonic() - last_save_t >= interval
+            if due or timer_due:
+                if self._save("steps" if due else "timer", blocking=False):
+                    last_save_t, due = time.monotonic(), False
+            yield self.step
+            self.step += 1
+        self._save_for_exit("final")
+        self.status.update(state=COMPLETED, step=self.step, finished_at=time.time())
+        log.info("completed at step %d", self.step)
+        self.events.emit("completed", step=self.step, metrics={})
+        self.exit_code = ExitCode.OK
+        self._finished = True
+
+    def wait_staged(self) -> None:
+        """Block until a background save no longer reads the live tensors; call it before anything
+        changes a tracked state (``optimizer.step()``). Beats the heartbeat while it waits."""
+        if self.ckpt is None:
+            return
+        self.hb.beat(self.step + 1, "train")
+        while not self.ckpt.wait_staged(timeout=hb.WAIT_BEAT_S):
+            self.hb.beat(self.step + 1, "checkpoint")
+
+    def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Draw ``scalars`` at ``step`` in the run's TensorBoard curves (one continuous set across
+        restarts); a ``loss`` entry also goes to status.json and a ``progress`` event."""
+        if self._writer is None:
+            from foldhpc.records.tensorboard import RunWriter
+
+            self._writer = RunWriter(self.run_dir / TENSORBOARD_DIR, start_step=self._resumed_step)
+            if self.restarts:
+                job = slurm_env()
+                self._writer.restart_marker(self._resumed_step, self.restarts, job.job_id, job.restart_count)
+        values = {k: float(v) for k, v in scalars.items()}
+        for tag, v in values.items():
+            self._writer.scalar(tag, v, step)
+        nan = float("nan")
+        loss = values.get("loss", values.get("train/loss", nan))
+        self.events.emit("progress", step=step, max_steps=self.status.data.get("max_steps"), loss=loss,
+                         lr=values.get("lr", values.get("train/lr", nan)),
+                         grad_norm=values.get("grad_norm", values.get("train/grad_norm", nan)),
+                         samples_per_s=nan, data_wait_frac=nan, steps=max(0, self.step - self._progress_steps),
+                         scalars=values)
+        self._progress_steps = self.step
+        self.status.update(step=self.step, **({"loss": loss} if loss == loss else {}))
+
+    # ------------------------------------------------------------------ saving
+    def _state_source(self) -> dict[str, Any]:
+        """The checkpoint's state as of this step boundary: every ``state_dict()`` is called now
+        (references to the live tensors; the manager stages them), the RNG states copied now."""
+        state: dict[str, Any] = {k: obj.state_dict() for k, obj in self.states.items()}
+        state[SESSION_KEY] = {"step": self.step, "restarts": self.restarts, "rng": capture_rng_state()}
+        return state
+
+    def _meta(self) -> dict[str, Any]:
+        slurm = slurm_env()
+        return {"config_fingerprint": self.cfg.fingerprint(), "config": self.cfg.to_dict(),
+                "foldhpc_version": foldhpc.__version__, "torch_version": str(torch.__version__), "world_size": 1,
+                "saved_at": time.time(), "host": socket.gethostname(), "slurm_job_id": slurm.job_id or "",
+                "slurm_restart_count": slurm.restart_count, "session": True, "states": sorted(self.states)}
+
+    def _save(self, reason: str, blocking: bool) -> bool:
+        assert self.ckpt is not None
+        if blocking:
+            self.hb.beat(self.step, "checkpoint")
+            self.ckpt.wait()
+        last = self.ckpt.last_committed
+        if last is not None and last.step == self.step and not self.ckpt.in_flight:
+            return True  # this exact state is already durable
+        if self._writer is not None:
+            self._writer.flush()  # the curves up to a durable checkpoint survive a SIGKILL
+        return self.ckpt.save(self.step, self._state_source(), self._meta(), reason=reason, blocking=blocking)
+
+    def _save_for_exit(self, reason: str) -> None:
+        self._save(reason, blocking=True)
+        self._note_checkpoint()
+
+    def _note_checkpoint(self) -> None:
+        """Surface background-save results (status, TensorBoard) on the loop's thread."""
+        assert self.ckpt is not None
+        err = self.ckpt.poll_error()
+        if err is not None:
+            self.status.update(last_save_error=f"{type(err).__name__}: {err}")
+        last = self.ckpt.last_committed
+        if last is not None and last is not self._seen:
+            self._seen = last
+            self.status.update(last_checkpoint={"step": last.step, "file": last.file, "saved_at": last.saved_at},
+                               last_save_error=None)
+            if self._writer is not None:
+                self._writer.scalar("checkpoint/write_s", last.write_s, last.step)
+                self._writer.flush()
+
+
+__all__ = ["SESSION_KEY", "Session", "Stateful", "StatesMismatch"]
