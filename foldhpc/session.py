@@ -169,6 +169,7 @@ class Session:
         self.events: EventSink = NullEventLog()
         self.status: StatusSink = NullStatus()
         self.lock: runlock.RunLock | runlock.NoLock = runlock.NoLock()
+        self.hb: hb.Heartbeat | hb.NoHeartbeat = hb.NoHeartbeat()  # the supervisor's, once entered
         self.ckpt: CheckpointManager | None = None
         self._preempt: PreemptionSignals | None = None
         self._writer: RunWriter | None = None

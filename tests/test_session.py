@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,24 @@ def test_signal_in_process_stops_at_the_next_boundary_and_resume_continues(tmp_p
         assert torch.equal(again["model"].weight, states["model"].weight)
         _train(run2, again, 10)
     assert run2.exit_code == 0 and _latest(tmp_path / "run").entry.step == 10
+
+
+def test_saves_every_n_steps_on_the_timer_and_at_the_end(tmp_path: Path) -> None:
+    cfg = Config()
+    cfg.checkpoint.every_steps, cfg.checkpoint.keep_last, cfg.checkpoint.async_save = 2, 10, False
+    states = _states()
+    with foldhpc.Session(tmp_path / "steps", states=states, config=cfg) as run:
+        _train(run, states, 5)
+    entries = CheckpointManager(tmp_path / "steps" / "checkpoints").entries()
+    assert [(e.step, e.reason) for e in entries] == [(2, "steps"), (4, "steps"), (5, "final")]
+
+    cfg.checkpoint.every_steps, cfg.checkpoint.interval = 0, "0.1s"
+    states = _states()
+    with foldhpc.Session(tmp_path / "timer", states=states, config=cfg) as run:
+        for _ in run.steps(4):
+            time.sleep(0.06)
+    reasons = [e.reason for e in CheckpointManager(tmp_path / "timer" / "checkpoints").entries()]
+    assert reasons[-1] == "final" and "timer" in reasons[:-1]
 
 
 def test_a_states_value_without_state_dict_is_refused_naming_its_key(tmp_path: Path) -> None:
