@@ -37,7 +37,7 @@ from foldhpc.config import Config, ConfigError, config_to_toml, load_config
 from foldhpc.records.envvars import SUPERVISED_ENV
 from foldhpc.records.events import EventLog, EventSink, NullEventLog
 from foldhpc.records.exitcodes import ExitCode
-from foldhpc.records.fsio import atomic_write_text, make_private_dir
+from foldhpc.records.fsio import atomic_write_text, make_private_dir, process_age_s
 from foldhpc.records.layout import CONFIG_FILE, LOG_FILE, STACKS_FILE, TENSORBOARD_DIR
 from foldhpc.records.logs import setup_logging
 from foldhpc.records.status import CHECKPOINTED, COMPLETED, FAILED, RUNNING, NullStatus, StatusFile, StatusSink
@@ -215,7 +215,7 @@ class Session:
         self.events = EventLog(self.run_dir, 0)
         slurm = slurm_env()
         supervised = os.environ.get(SUPERVISED_ENV) == "1"
-        self.events.emit("process_start", process_start_t=time.time(), max_steps=None, host=socket.gethostname(),
+        self.events.emit("process_start", process_start_t=time.time() - process_age_s(), max_steps=None, host=socket.gethostname(),
                          world_size=1, supervised=supervised, slurm_job_id=slurm.job_id,
                          slurm_restart_count=slurm.restart_count, foldhpc_version=foldhpc.__version__,
                          session=True)

@@ -112,3 +112,15 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def process_age_s() -> float:
+    """Seconds since this process started: /proc/uptime minus the process's start time (both
+    since boot, in sub-second units; /proc/stat's boot time has whole seconds only). 0 where
+    /proc is unavailable."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0

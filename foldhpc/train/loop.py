@@ -63,7 +63,7 @@ from foldhpc.records.events import EventLog, EventSink, NullEventLog
 from foldhpc.records.fmt import format_duration
 from foldhpc.records.logs import setup_logging
 from foldhpc.records.status import CHECKPOINTED, COMPLETED, FAILED, RUNNING, NullStatus, StatusFile, StatusSink
-from foldhpc.records.fsio import atomic_write_text, make_private_dir
+from foldhpc.records.fsio import atomic_write_text, make_private_dir, process_age_s
 from foldhpc.records.tensorboard import NullWriter, RunWriter, ScalarSink
 from foldhpc.resilience.nonfinite import NonFiniteError, NonFiniteGuard, Restored, RollbackUnavailable
 from foldhpc.resilience import heartbeat as hb
@@ -108,18 +108,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if dev.type == "cuda" and cast("int | None", dev.index) is None:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     return dev
-
-
-def process_age_s() -> float:
-    """Seconds since this process started: /proc/uptime minus the process's start time (both
-    since boot, in sub-second units; /proc/stat's boot time has whole seconds only). 0 where
-    /proc is unavailable."""
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 def _worker_init(signals: list[signal.Signals], worker_id: int) -> None:  # noqa: ARG001
