@@ -1,4 +1,4 @@
-"""``foldhpc`` command line: ``train``, ``data``, ``checkpoints``, ``init``, ``submit``, ``status``.
+"""``foldhpc`` command line: ``train``, ``supervise``, ``data``, ``checkpoints``, ``init``, ``submit``, ``status``.
 
 Exit codes: 0 success; 1 the command failed (during training: the reason is in status.json and the
 log; an unexpected error prints a traceback); 2 a user error, printed as one line without a
@@ -162,6 +162,35 @@ def _supervise(args: argparse.Namespace, cfg: Any) -> int:
     return rc
 
 
+#: how ``foldhpc supervise`` is called, for its one-line usage error
+SUPERVISE_USAGE = "foldhpc supervise [--config FILE] [--set K=V ...] [--max-restarts N] -- CMD [ARG ...]"
+
+
+def _cmd_supervise(args: argparse.Namespace) -> int:
+    """``foldhpc supervise -- CMD``: run a command foldhpc did not write under the supervisor
+    (restarts after a crash, signals forwarded, exit 75 honoured, status.json and jobs.jsonl);
+    ``main`` has split ``CMD`` off at the first ``--``."""
+    command: list[str] = list(getattr(args, "child_command", None) or [])
+    if args.stray or not command:
+        raise ConfigError(f"supervise needs the command after '--': {SUPERVISE_USAGE}")
+    overrides = list(args.overrides)
+    if args.max_restarts is not None:
+        overrides.append(f"fault.max_restarts={args.max_restarts}")
+    cfg = load_config(args.config, overrides)
+    check_run_dir(cfg)
+    from foldhpc.cluster.env import slurm_env
+    from foldhpc.records.envvars import SUPERVISED_ENV
+    from foldhpc.resilience.supervisor import Supervisor
+
+    if os.environ.get(SUPERVISED_ENV) == "1":
+        raise ConfigError("foldhpc supervise runs under a supervisor already (FOLDHPC_SUPERVISED=1): run the "
+                          "command directly")
+    slurm = slurm_env()
+    if slurm.job_id and _first_task():
+        _record_started(cfg, slurm, supervised=True)
+    return Supervisor(cfg, [], [], command=command).run()
+
+
 def train_in_job(cfg: Config, env: DistEnv, job_id: str | None) -> JobOutcome:
     """The payload of a submitit job (:class:`foldhpc.slurm.job.Payload`, passed by ``foldhpc
     submit``; pickled with the job by reference, so the compute node imports this module): train
@@ -307,6 +336,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(slurm.nodes, slurm.gpus): see foldhpc submit")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("supervise", help="run any command under the supervisor: restarts, signals, exit 75, records",
+                       usage=SUPERVISE_USAGE,
+                       description="Run CMD (a script foldhpc did not write) under the supervisor: restarted after "
+                                   "a crash (fault.max_restarts times, fault.restart_backoff doubling), preemption "
+                                   "signals forwarded to it, its exit 75 (checkpointed: hand over / requeue) "
+                                   "returned, restarts in jobs.jsonl and events.jsonl, state in status.json of "
+                                   "run.dir. Hangs are watched only if CMD beats (a foldhpc.Session does).")
+    _add_config_args(p)
+    p.add_argument("--max-restarts", type=int, metavar="N", help="same as --set fault.max_restarts=N")
+    p.add_argument("stray", nargs="*", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_supervise)
+
     p = sub.add_parser("data", help="prepare and inspect the structure dataset")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     for name, helptext in (("prepare", "parse structures into the feature cache (parallel)"),
@@ -389,7 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     from foldhpc.records.logs import setup_logging
     from foldhpc.resilience.runlock import RunDirLocked
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    child: list[str] = []
+    if argv[:1] == ["supervise"] and "--" in argv:  # the command is the supervised child's, unparsed
+        i = argv.index("--")
+        argv, child = argv[:i], argv[i + 1:]
     args = build_parser().parse_args(argv)
+    args.child_command = child
     setup_logging("INFO")
     try:
         return int(args.func(args))

@@ -33,6 +33,14 @@ file system) is logged and left behind after ``KILL_WAIT_S``, never waited for f
 Heartbeat files live on ``/dev/shm``; where it is full (or missing), in the node's temporary
 directory, else the run directory.
 
+Any command (``foldhpc supervise -- CMD``): ``command`` replaces ``python -m foldhpc train``. A
+command foldhpc did not write cannot say when it listens, so preemption signals are not ignored in
+it before its start and are forwarded to it at once; it is not watched for hangs until it beats
+(a :class:`foldhpc.Session` inside it does, through ``$FOLDHPC_HEARTBEAT_FILE``, and then gets the
+whole watchdog). The run lock stays the child's (a Session takes it itself): the supervisor only
+refuses to start on a run directory another live writer holds. Its exit codes are read like the
+trainer's: 0 done, 75 checkpointed (hand over / requeue), anything else a crash.
+
 Exit status: the trainer's 0 or 75; 2 for a config/usage error of the first start (never
 restarted, unless its cause is an I/O error); 1 when the restarts are used up or the failure is
 deterministic (``status.json`` says why).
@@ -60,7 +68,7 @@ from types import FrameType
 from typing import cast
 
 from foldhpc.config import Config, parse_duration
-from foldhpc.records.status import StatusFile
+from foldhpc.records.status import CHECKPOINTED, COMPLETED, RUNNING, StatusFile
 from foldhpc.resilience import heartbeat as hb
 from foldhpc.cluster.env import slurm_env
 from foldhpc.records.history import GaveUp, JobEvent, Restarted, write_event
@@ -130,16 +138,25 @@ class Failure:
         return f"step {self.step}" if self.step >= 0 else "startup"
 
 
+def trainer_command() -> list[str]:
+    """The child a supervisor runs by default: foldhpc's own trainer, in this interpreter."""
+    return [sys.executable, "-m", "foldhpc", "train"]
+
+
 class Supervisor:
     """Runs ``python -m foldhpc train`` (``nproc`` ranks) under the policy of ``cfg.fault``.
 
     ``first_args`` are the trainer's arguments for the first start (they may hold ``--no-resume``
     or ``--resume PATH``), ``restart_args`` those of a restart (always "resume from the newest").
+    ``command`` (``foldhpc supervise -- CMD``) runs that command instead, with the arguments
+    appended, as a *foreign* child: see the module docstring for what changes.
     """
 
     def __init__(self, cfg: Config, first_args: list[str], restart_args: list[str], nproc: int = 1,
-                 extra_signals: tuple[signal.Signals, ...] = ()) -> None:
+                 extra_signals: tuple[signal.Signals, ...] = (), command: list[str] | None = None) -> None:
         self.cfg = cfg
+        self.foreign = command is not None  # not foldhpc's trainer: it may never beat
+        self.command = list(command) if command is not None else trainer_command()
         self.first_args = first_args
         self.restart_args = restart_args
         self.nproc = nproc
@@ -179,7 +196,7 @@ class Supervisor:
         for i, p in enumerate(self.procs):
             if self._forwarded[i] or p.poll() is not None:
                 continue
-            if hb.read(self._hb_path(i)).count > 0:
+            if self.foreign or hb.read(self._hb_path(i)).count > 0:
                 try:
                     p.send_signal(self.pending)
                     self._forwarded[i] = True
@@ -237,6 +254,8 @@ class Supervisor:
         port = str(free_port()) if self.nproc > 1 else ""
         self.procs, self._forwarded = [], []
         self._prepare_beat_files()
+        if self.foreign:  # the command may write no status of its own: the supervisor's is all there is
+            self._status(state=RUNNING, in_job_restarts=self.restarts, error=None)
         for rank in range(self.nproc):
             path = self._hb_path(rank)
             env = dict(base, **{HEARTBEAT_ENV: str(path)})
@@ -244,15 +263,19 @@ class Supervisor:
                 env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(self.nproc),
                            LOCAL_WORLD_SIZE=str(self.nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                            FOLDHPC_NODE=socket.gethostname())
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "foldhpc", "train", *args], env=env,
-                                               preexec_fn=functools.partial(_child_setup, self.signals)))
+            # a foreign command cannot tell when it listens: its signals are not ignored (a shell
+            # could not trap them then), they are forwarded at once (see _forward)
+            self.procs.append(subprocess.Popen([*self.command, *args], env=env,
+                                               preexec_fn=functools.partial(_child_setup,
+                                                                            [] if self.foreign else self.signals)))
             self._pids.add(self.procs[-1].pid)
             self._forwarded.append(False)
         log.info("supervisor: started the trainer%s (pid %s)%s", f" as {self.nproc} ranks" if self.nproc > 1 else "",
                  " ".join(str(p.pid) for p in self.procs),
                  f", restart {self.restarts} of at most {self.cfg.fault.max_restarts}" if self.restarts else "")
         self.events.emit("supervisor_spawn", pids=[p.pid for p in self.procs], nproc=self.nproc,
-                         restarts=self.restarts, max_restarts=self.cfg.fault.max_restarts)
+                         restarts=self.restarts, max_restarts=self.cfg.fault.max_restarts,
+                         **({"command": self.command} if self.foreign else {}))
 
     def _kill_all(self, first: signal.Signals = signal.SIGKILL) -> None:
         for p in self.procs:
@@ -292,6 +315,8 @@ class Supervisor:
     def _timeout(self, beat: hb.Beat, started: bool) -> tuple[float, str]:
         """(seconds without a beat that count as a hang, the setting they come from)."""
         f = self.cfg.fault
+        if self.foreign and beat.count == 0:
+            return 0.0, "off: the command writes no heartbeat"
         if beat.count == 0 or beat.phase in ("startup", "done") or not started:
             return parse_duration(f.startup_timeout), ("fault.startup_timeout: exiting" if beat.phase == "done" else
                                                        "fault.startup_timeout: before the first step's backward")
@@ -463,13 +488,34 @@ class Supervisor:
             except OSError as e:
                 log.warning("cannot create the ready file %s: %s", ready, e)
         try:
-            return self._run()
+            if self.foreign:
+                self._check_lock()
+            rc = self._run()
+            if self.foreign and rc in (ExitCode.OK, ExitCode.CHECKPOINTED):
+                self._status(state=COMPLETED if rc == ExitCode.OK else CHECKPOINTED, error=None,
+                             in_job_restarts=self.restarts,
+                             **({"finished_at": time.time()} if rc == ExitCode.OK else {}))
+            return rc
         finally:
             if ready:
                 Path(ready).unlink(missing_ok=True)
             for s in previous:  # the trainers are done: a late signal must not kill the supervisor
                 signal.signal(s, signal.SIG_IGN)
             self._remove_beat_files()
+
+    def _check_lock(self) -> None:
+        """Before a foreign command starts: refuse (:class:`~foldhpc.resilience.runlock.RunDirLocked`,
+        exit 2) a run directory another live writer holds. The lock is taken and given back at once,
+        not held: a :class:`foldhpc.Session` in the command takes it itself, and the run lock never
+        takes over a live process of this host (the supervisor) for it."""
+        from foldhpc.resilience import runlock
+
+        try:
+            lock = runlock.acquire(self.run_dir, self.cfg.fault.lock_stale_after)
+        except runlock.RunDirLocked as e:
+            runlock.record_refusal(self.run_dir, e)
+            raise
+        lock.release()
 
     def _deterministic(self, failure: Failure) -> bool:
         """The same failure twice in a row: the same step *and* the same cause (two unrelated

@@ -1,0 +1,176 @@
+"""``foldhpc supervise -- CMD``: a command foldhpc did not write, under the supervisor (issue 21 item 3).
+
+Restarts after a crash within ``fault.max_restarts``, giving up after them, exit 75 honoured
+without a restart, a preemption signal forwarded to the child, and a :class:`foldhpc.Session`
+script restarted after a SIGKILL ending bit-identical with an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ROOT, read_json, wait_for
+
+EXAMPLE = ROOT / "examples" / "own_loop.py"
+FAST = ["--set", "fault.restart_backoff=0.05"]
+
+
+def _supervise(run_dir: Path, *opts: str, cmd: list[str]) -> list[str]:
+    return [sys.executable, "-m", "foldhpc", "supervise", "--set", f"run.dir={run_dir}", *FAST, *opts, "--", *cmd]
+
+
+def _run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def _events(run_dir: Path, kind_prefix: str = "supervisor_") -> list[dict[str, Any]]:
+    lines = (run_dir / "events.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["kind"].startswith(kind_prefix)]
+
+
+def _jobs(run_dir: Path) -> list[str]:
+    return [json.loads(line)["event"] for line in (run_dir / "jobs.jsonl").read_text().splitlines()]
+
+
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_crash_once_then_success_is_restarted(tmp_path: Path) -> None:
+    run, marker = tmp_path / "run", tmp_path / "crashed"
+    code = (f"import os, sys, pathlib; m = pathlib.Path({str(marker)!r})\n"
+            "if not m.exists(): m.touch(); sys.exit(3)\n"
+            "assert os.environ['FOLDHPC_SUPERVISED'] == '1' and os.environ['FOLDHPC_HEARTBEAT_FILE']\n")
+    r = _run(_supervise(run, "--set", "fault.max_restarts=2", cmd=_py(code)))
+    assert r.returncode == 0, r.stderr
+    kinds = [e["kind"] for e in _events(run)]
+    assert kinds.count("supervisor_spawn") == 2, kinds
+    assert "supervisor_failure" in kinds and "supervisor_restart" in kinds, kinds
+    assert _events(run)[0]["command"] == _py(code)
+    assert "restarted" in _jobs(run)
+    status = read_json(run / "status.json")
+    assert status["state"] == "completed" and status["in_job_restarts"] == 1
+
+
+def test_always_failing_command_gives_up(tmp_path: Path) -> None:
+    run, count = tmp_path / "run", tmp_path / "count"
+    # a different exit status each time: not "the same failure twice" (deterministic, given up at once)
+    code = (f"import sys, pathlib; c = pathlib.Path({str(count)!r}); n = len(c.read_text()) if c.exists() else 0\n"
+            "c.write_text('x' * (n + 1)); sys.exit(4 + n)\n")
+    r = _run(_supervise(run, "--max-restarts", "2", cmd=_py(code)))
+    assert r.returncode == 1, r.stderr
+    kinds = [e["kind"] for e in _events(run)]
+    assert kinds.count("supervisor_spawn") == 3 and "supervisor_give_up" in kinds, kinds
+    jobs = _jobs(run)
+    assert jobs.count("restarted") == 2 and jobs[-1] == "gave_up", jobs
+    status = read_json(run / "status.json")
+    assert status["state"] == "failed" and "exit status 6" in status["error"]
+    assert "fault.max_restarts = 2" in status["error"]
+
+
+def test_exit_75_is_handed_over_without_restart(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    r = _run(_supervise(run, "--max-restarts", "3", cmd=_py("import sys; sys.exit(75)")))
+    assert r.returncode == 75, r.stderr
+    kinds = [e["kind"] for e in _events(run)]
+    assert kinds.count("supervisor_spawn") == 1 and "supervisor_restart" not in kinds, kinds
+    assert read_json(run / "status.json")["state"] == "checkpointed"
+
+
+def test_sigusr1_is_forwarded_to_the_command(tmp_path: Path) -> None:
+    run, ready = tmp_path / "run", tmp_path / "ready"
+    code = ("import signal, sys, time, pathlib\n"
+            "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75))\n"
+            f"pathlib.Path({str(ready)!r}).touch()\n"
+            "time.sleep(60)\nsys.exit(1)\n")
+    p = subprocess.Popen(_supervise(run, "--max-restarts", "2", cmd=_py(code)), cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: ready.exists() or p.poll() is not None, "the child's handler", timeout=30, poll=0.02)
+        p.send_signal(signal.SIGUSR1)
+        out, _ = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 75, out
+    forwarded = [e for e in _events(run) if e["kind"] == "supervisor_forwarded"]
+    assert len(forwarded) == 1 and forwarded[0]["signal"] == "SIGUSR1", _events(run)
+
+
+def test_usage_error_without_command(tmp_path: Path) -> None:
+    r = _run([sys.executable, "-m", "foldhpc", "supervise", "--set", f"run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--" in r.stderr, r.stderr
+    r = _run([sys.executable, "-m", "foldhpc", "supervise", "--help"])
+    assert r.returncode == 0 and "-- CMD" in r.stdout
+
+
+def _latest(run_dir: Path) -> Any:
+    from foldhpc.checkpoint import CheckpointManager
+
+    loaded = CheckpointManager(run_dir / "checkpoints").load_latest()
+    assert loaded is not None, f"no checkpoint in {run_dir}"
+    return loaded
+
+
+def _assert_same(a: Any, b: Any, where: str = "") -> None:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.timeout(120)
+def test_session_script_restarted_after_sigkill_is_bit_identical(tmp_path: Path) -> None:
+    steps, every = 3000, 250
+    cfg = tmp_path / "session.toml"
+    cfg.write_text(f"[checkpoint]\nevery_steps = {every}\nkeep_last = 2\n")
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    script = [sys.executable, str(EXAMPLE)]
+    p = subprocess.Popen(_supervise(run, "--config", str(cfg), "--max-restarts", "2",
+                                    cmd=[*script, str(run), str(steps), str(cfg)]),
+                         cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def committed() -> bool:
+            events = run / "events.jsonl"
+            return events.is_file() and '"kind":"checkpoint_committed"' in events.read_text()
+
+        wait_for(lambda: committed() or p.poll() is not None, "a first checkpoint", timeout=60, poll=0.01)
+        assert p.poll() is None, p.communicate()[0]
+        child = _events(run, "supervisor_spawn")[0]["pids"][0]
+        os.kill(child, signal.SIGKILL)
+        out, _ = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out
+    kinds = [e["kind"] for e in _events(run)]
+    assert kinds.count("supervisor_spawn") == 2 and "supervisor_restart" in kinds, kinds
+    assert "killed by SIGKILL" in next(e for e in _events(run) if e["kind"] == "supervisor_failure")["reason"]
+    r = _run([*script, str(ref), str(steps), str(cfg)], timeout=90)
+    assert r.returncode == 0, r.stderr
+    got, want = _latest(run), _latest(ref)
+    assert got.entry.step == want.entry.step == steps
+    assert got.entry.digest == want.entry.digest
+    for key in ("model", "optimizer", "scheduler"):
+        _assert_same(got.state[key], want.state[key], key)
+    _assert_same(got.state["foldhpc"]["rng"]["torch"], want.state["foldhpc"]["rng"]["torch"], "rng/torch")
