@@ -174,3 +174,14 @@ def test_session_script_restarted_after_sigkill_is_bit_identical(tmp_path: Path)
     for key in ("model", "optimizer", "scheduler"):
         _assert_same(got.state[key], want.state[key], key)
     _assert_same(got.state["foldhpc"]["rng"]["torch"], want.state["foldhpc"]["rng"]["torch"], "rng/torch")
+
+
+def test_run_dir_held_by_a_live_writer_is_refused(tmp_path: Path) -> None:
+    from foldhpc.resilience import runlock
+
+    run, ran = tmp_path / "run", tmp_path / "ran"
+    run.mkdir()
+    with runlock.acquire(run, "5m"):  # this test process: alive, on this host
+        r = _run(_supervise(run, cmd=_py(f"import pathlib; pathlib.Path({str(ran)!r}).touch()")))
+    assert r.returncode == 2 and "in use by another" in r.stderr, r.stderr
+    assert not ran.exists()
