@@ -10,15 +10,15 @@ import sys
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import foldhpc
 
 
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch of ``step``: a function of the step alone, so a resumed run sees the same data."""
-    g = torch.Generator().manual_seed(step)
-    x = torch.randn(64, 32, generator=g)
-    return x, (x[:, :4].sum(dim=1, keepdim=True) > 0).float()
+def dataset() -> TensorDataset:
+    """Any map-style dataset (len() and ds[i]); here 4096 random points and their labels."""
+    x = torch.randn(4096, 32, generator=torch.Generator().manual_seed(0))
+    return TensorDataset(x, (x[:, :4].sum(dim=1, keepdim=True) > 0).float())
 
 
 def main(run_dir: str, total: int, config: str | None) -> int:
@@ -28,8 +28,9 @@ def main(run_dir: str, total: int, config: str | None) -> int:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     states = {"model": model, "optimizer": opt, "scheduler": sched}
     with foldhpc.Session(run_dir, states=states, config=config) as run:
+        batches = run.batches(dataset(), batch_size=64)  # batches[step]: a function of (train.seed, step)
         for step in run.steps(total):
-            x, y = batch(step)
+            x, y = batches[step]
             loss = nn.functional.binary_cross_entropy_with_logits(model(x), y)
             opt.zero_grad()
             loss.backward()

@@ -22,18 +22,21 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import torch
+from torch import nn
+from torch.utils.data import default_collate
 
 import foldhpc
 from foldhpc.checkpoint import CheckpointError, CheckpointManager, PreemptionSignals
 from foldhpc.checkpoint.manager import CheckpointEntry
 from foldhpc.cluster.env import slurm_env
 from foldhpc.config import Config, ConfigError, config_to_toml, load_config
+from foldhpc.data.dataset import TrainBatches
 from foldhpc.records.envvars import SUPERVISED_ENV
 from foldhpc.records.events import EventLog, EventSink, NullEventLog
 from foldhpc.records.exitcodes import ExitCode
@@ -46,6 +49,7 @@ from foldhpc.resilience import runlock
 from foldhpc.train.rng import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:  # imported by the first log_scalars(): TensorBoard costs a third of a second to import
+    from foldhpc.data.structure import ProteinChain
     from foldhpc.records.tensorboard import RunWriter
 
 log = logging.getLogger(__name__)
@@ -61,11 +65,89 @@ _LIVE: set[Path] = set()
 @runtime_checkable
 class Stateful(Protocol):
     """What every value of ``states`` must be: torch.distributed.checkpoint's ``Stateful`` protocol
-    (torch modules, optimizers, LR schedulers and GradScalers already are)."""
+    (torch modules, optimizers, LR schedulers and GradScalers already are).
+
+    Optional, not part of the protocol: ``capture_state_dict()``, the capture-at-the-boundary hook
+    (see :class:`Session`, "Background saves"). When a value has it, a background save calls it at
+    the step boundary instead of ``state_dict()``; it returns a state dict that later changes of
+    the object do not reach (copied tensors, not views of the live ones)."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+class MapDataset(Protocol):
+    """A map-style dataset: ``len(ds)`` and ``ds[i]`` for ``0 <= i < len(ds)`` (a
+    ``torch.utils.data.Dataset`` with ``__len__``, a list, a ``TensorDataset``)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
+class StepBatches:
+    """The batches of a map-style dataset as a pure function of the step: ``batches[step]``.
+
+    Nothing to checkpoint and nothing to fast-forward: the batch of step ``s`` on rank ``r`` is a
+    function of ``(seed, s, r, world_size)`` alone, so a resumed loop that asks for
+    ``batches[step]`` sees exactly the batches it would have seen without the interruption, in
+    any process, with any number of DataLoader workers. The index stream is the built-in
+    trainer's (:meth:`foldhpc.data.dataset.TrainBatches.indices`, used here, not re-implemented):
+    the concatenation of one random permutation of ``range(len(dataset))`` per epoch (epoch ``e``
+    drawn from ``(seed, e)``), step ``s`` taking samples ``s*B .. s*B+B-1`` of it, so every index
+    is drawn once per epoch (an epoch ends mid-batch when ``B`` does not divide the length).
+
+    ``batch_size`` (``B``) is the *global* batch: rank ``r`` of ``world_size`` gets samples
+    ``r*b .. r*b+b-1`` (``b = B / world_size``) of the step's global batch. ``collate_fn`` turns
+    the list of ``dataset[i]`` into the batch (default: ``torch.utils.data.default_collate``, as a
+    ``DataLoader``'s). :meth:`Session.batches` makes one seeded from the run's ``train.seed``.
+
+    The dataset's length is read once: a dataset that grows or shrinks changes every later batch.
+    The stream keeps one pointer per sample (8 bytes) for the length it was made with.
+    """
+
+    def __init__(self, dataset: MapDataset, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1,
+                 collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
+        n = len(dataset)
+        if n < 1:
+            raise ValueError("StepBatches(dataset): the dataset is empty (len() == 0)")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"StepBatches(batch_size={batch_size!r}): a positive int")
+        if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
+            raise ValueError(f"StepBatches: batch_size {batch_size} cannot be split over world_size {world_size} "
+                             f"(rank {rank}): batch_size is the global batch, a multiple of world_size")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.collate_fn: Callable[[list[Any]], Any] = collate_fn if collate_fn is not None else default_collate
+        # TrainBatches.indices reads only len(records): a list of n placeholders stands for the dataset
+        # (no sample is loaded); crop_size is unused by indices()
+        self._stream = TrainBatches(cast("Sequence[ProteinChain]", [None] * n), batch_size, 1, self.seed)
+
+    def __len__(self) -> int:
+        return len(self._stream.records)
+
+    def epoch_of(self, step: int) -> int:
+        """The epoch that the first sample of ``step`` belongs to."""
+        return self._stream.epoch_of(step)
+
+    def global_indices(self, step: int) -> list[int]:
+        """Dataset indices of the global batch of ``step`` (every rank's samples, rank 0 first)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise IndexError(f"StepBatches: step must be an int >= 0, not {step!r}")
+        return self._stream.indices(step)
+
+    def indices(self, step: int) -> list[int]:
+        """Dataset indices of this rank's part of the batch of ``step``."""
+        b = self.batch_size // self.world_size
+        return self.global_indices(step)[self.rank * b:(self.rank + 1) * b]
+
+    def __getitem__(self, step: int) -> Any:
+        """This rank's batch of ``step``: ``collate_fn([dataset[i] for i in indices(step)])``."""
+        return self.collate_fn([self.dataset[i] for i in self.indices(step)])
 
 
 class StatesMismatch(CheckpointError):
@@ -121,6 +203,31 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
+def _capture(obj: Any) -> dict[str, Any]:
+    """``obj``'s state dict at the step boundary, safe from what runs before :meth:`Session.wait_staged`.
+
+    ``capture_state_dict()`` when the object has it (the user's hook). For a ``torch.nn.Module``,
+    its buffers in the state dict are cloned: forward passes update buffers in place (BatchNorm's
+    running statistics and ``num_batches_tracked``) while a background save still reads them;
+    parameters are left as references (only ``optimizer.step()`` changes them, after
+    ``wait_staged()``). Anything else: ``state_dict()``.
+    """
+    hook = getattr(obj, "capture_state_dict", None)
+    if callable(hook) and not isinstance(hook, nn.Module):
+        captured = hook()
+        if not isinstance(captured, dict):
+            raise TypeError(f"capture_state_dict() of {type(obj).__name__} returned {type(captured).__name__}, "
+                            "not a state dict")
+        return captured
+    sd: dict[str, Any] = obj.state_dict()
+    if isinstance(obj, nn.Module):
+        for name, _ in obj.named_buffers():
+            value = sd.get(name)
+            if isinstance(value, torch.Tensor):
+                sd[name] = value.clone()
+    return sd
+
+
 class Session:
     """foldhpc's runtime for a loop the user wrote; use it as a context manager (see the module docstring).
 
@@ -140,21 +247,45 @@ class Session:
     :meth:`steps` yields the step numbers from the resumed one; a step is done when the loop comes
     back for the next one, and the checkpoint of step ``s`` holds the states after ``s`` steps.
     Saves: every ``checkpoint.interval`` (wall clock) and every ``checkpoint.every_steps`` in
-    the background, at the end (blocking), and at once at the next step boundary after a
-    preemption signal (blocking; then :meth:`steps` ends and :attr:`exit_code` is 75). Call
-    :meth:`wait_staged` before anything changes a tracked tensor (``optimizer.step()``): a
-    background save reads the live tensors until then. ``state_dict()`` is called at the step
-    boundary, so plain values (a scheduler's counters) are taken then; tensors that the forward
-    pass itself changes (BatchNorm running statistics) are not safe with background saves: set
-    ``checkpoint.async_save = false`` for such a model.
+    the background (``checkpoint.async_save``, the default; in place when it is false), at the end
+    (blocking), and at once at the next step boundary after a preemption signal (blocking; then
+    :meth:`steps` ends and :attr:`exit_code` is 75). A loop that leaves :meth:`steps` early
+    without an error is saved too (exit code 0).
 
-    Bit-exact resume holds when the loop's batches are a function of the step (or come from a
-    tracked state) and every random draw goes through the generators the session saves, on the
-    same torch build and thread count (see :mod:`foldhpc.train.loop`).
+    Background saves: the states are captured at the step boundary and written while the next
+    step runs. Call :meth:`wait_staged` before anything changes a tracked tensor
+    (``optimizer.step()``): until then the save may still read the live tensors. What the
+    forward pass itself changes is captured at the boundary, so it needs no care: the buffers of
+    every ``torch.nn.Module`` value (BatchNorm's running statistics) are cloned then, and plain
+    values (a scheduler's counters) are taken then. Any other state that the loop changes in
+    place before :meth:`wait_staged` opts in with the capture hook: a ``capture_state_dict()``
+    method returning a copied state dict, called instead of ``state_dict()`` for background
+    saves (:class:`Stateful`). Blocking and in-place saves run with nothing else running and
+    capture nothing.
 
-    Not yet: several ranks (stop agreement, rank 0 writes), the non-finite guard with rollback,
-    ``[task]`` configs and config-compatibility checks at resume, a helper for resumable datasets,
-    ``--resume PATH`` / ``--no-resume`` equivalents. One process, one rank.
+    Exact resume: bit-exact when the loop's batches are a function of the step (:meth:`batches`
+    gives a map-style dataset's, :class:`StepBatches`) or come from a tracked state, and every
+    random draw goes through the generators the session saves (python, numpy, torch, CUDA), on
+    the same torch build and thread count (see :mod:`foldhpc.train.loop`).
+
+    Errors: a ``states`` value without ``state_dict()`` / ``load_state_dict()`` (``TypeError``,
+    naming its key); a checkpoint that is not the states' (:class:`StatesMismatch`, exit code 2,
+    naming the keys; nothing loaded or written); a live run directory
+    (:class:`~foldhpc.resilience.runlock.RunDirLocked`); a config key out of range
+    (:class:`~foldhpc.config.ConfigError`). A failure inside the ``with`` block is recorded in
+    ``status.json`` (``failed``) and :attr:`exit_code` (1, or 2 for a user error), then raised.
+
+    Not yet (one process, rank 0 of 1, for now):
+
+    - several ranks: stop agreement, rank 0 writes, ``StepBatches`` for rank ``r`` (the class
+      takes ``rank`` / ``world_size``; :meth:`batches` passes 0 / 1);
+    - the non-finite guard with rollback (today the checkpoint manager refuses to write a state
+      holding NaN/inf; the loop is neither stopped nor rolled back);
+    - ``[task]`` configs, and config-compatibility checks at resume (``model.*``-style refusals);
+    - ``--resume PATH`` / ``--no-resume`` / ``--force-resume`` equivalents;
+    - iterable-style datasets (``StepBatches`` needs ``len()`` and ``dataset[i]``);
+    - a capture hook that copies to the host on its own stream (``capture_state_dict()`` copies
+      are synchronous, on the loop's thread).
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], states: Mapping[str, Any],
@@ -386,6 +517,14 @@ class Session:
         while not self.ckpt.wait_staged(timeout=hb.WAIT_BEAT_S):
             self.hb.beat(self.step + 1, "checkpoint")
 
+    def batches(self, dataset: MapDataset, batch_size: int,
+                collate_fn: Callable[[list[Any]], Any] | None = None) -> StepBatches:
+        """``dataset``'s batches as a pure function of the step (:class:`StepBatches`): use
+        ``batches[step]`` inside ``for step in run.steps(...)`` and a resumed run continues with
+        exactly the batches it would have seen. Seeded from the config's ``train.seed``; this
+        process is rank 0 of 1 (``batch_size`` is the global batch)."""
+        return StepBatches(dataset, batch_size, self.cfg.train.seed, rank=0, world_size=1, collate_fn=collate_fn)
+
     def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Draw ``scalars`` at ``step`` in the run's TensorBoard curves (one continuous set across
         restarts); a ``loss`` entry also goes to status.json and a ``progress`` event."""
@@ -410,10 +549,13 @@ class Session:
         self.status.update(step=self.step, **({"loss": loss} if loss == loss else {}))
 
     # ------------------------------------------------------------------ saving
-    def _state_source(self) -> dict[str, Any]:
+    def _state_source(self, background: bool) -> dict[str, Any]:
         """The checkpoint's state as of this step boundary: every ``state_dict()`` is called now
-        (references to the live tensors; the manager stages them), the RNG states copied now."""
-        state: dict[str, Any] = {k: obj.state_dict() for k, obj in self.states.items()}
+        (references to the live tensors; the manager stages them), the RNG states copied now. For a
+        background save, what the next forward pass may change is captured now too
+        (:func:`_capture`)."""
+        state: dict[str, Any] = {k: _capture(obj) if background else obj.state_dict()
+                                 for k, obj in self.states.items()}
         state[SESSION_KEY] = {"step": self.step, "restarts": self.restarts, "rng": capture_rng_state()}
         return state
 
@@ -434,7 +576,11 @@ class Session:
             return True  # this exact state is already durable
         if self._writer is not None:
             self._writer.flush()  # the curves up to a durable checkpoint survive a SIGKILL
-        return self.ckpt.save(self.step, self._state_source(), self._meta(), reason=reason, blocking=blocking)
+        if not blocking and self.ckpt.in_flight:
+            return False  # the manager would refuse it: capture nothing; tried again at a later boundary
+        background = not blocking and self.ckpt.async_save
+        return self.ckpt.save(self.step, self._state_source(background), self._meta(), reason=reason,
+                              blocking=blocking)
 
     def _save_for_exit(self, reason: str) -> None:
         self._save(reason, blocking=True)
@@ -456,4 +602,4 @@ class Session:
                 self._writer.flush()
 
 
-__all__ = ["SESSION_KEY", "Session", "Stateful", "StatesMismatch"]
+__all__ = ["SESSION_KEY", "MapDataset", "Session", "StepBatches", "Stateful", "StatesMismatch"]

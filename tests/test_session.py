@@ -5,6 +5,7 @@ The signal and the kill run the example script in a subprocess (they are the poi
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -249,3 +250,189 @@ def test_import_foldhpc_stays_torch_free() -> None:
     from foldhpc.session import Session
 
     assert foldhpc.Session is Session
+
+
+# ---------------------------------------------------------------------------------------- StepBatches
+
+def _indices_in_a_fresh_process(n: int, batch: int, seed: int, steps: list[int]) -> list[list[int]]:
+    code = ("import json, sys; from foldhpc.session import StepBatches; "
+            f"b = StepBatches(list(range({n})), {batch}, seed={seed}); "
+            f"print(json.dumps([b.indices(s) for s in {steps!r}]))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    return list(json.loads(p.stdout))
+
+
+def test_step_batches_are_a_pure_function_of_seed_and_step_and_cover_each_epoch() -> None:
+    from foldhpc.data.dataset import TrainBatches
+    from foldhpc.session import StepBatches
+
+    n, b = 24, 4
+    data = [torch.full((3,), float(i)) for i in range(n)]
+    batches = StepBatches(data, b, seed=7)
+    steps = [0, 1, 5, 6, 13, 1000]
+    here = [batches.indices(s) for s in steps]
+    assert here == _indices_in_a_fresh_process(n, b, 7, steps)  # no state: another process draws the same
+    assert here == [StepBatches(data, b, seed=7).indices(s) for s in steps]  # nor call order
+    assert here != [StepBatches(data, b, seed=8).indices(s) for s in steps]
+    assert batches.indices(0) != batches.indices(1)
+    for epoch in range(3):  # every index once per epoch, in another order each epoch
+        drawn = [i for s in range(epoch * n // b, (epoch + 1) * n // b) for i in batches.indices(s)]
+        assert sorted(drawn) == list(range(n))
+        assert batches.epoch_of(epoch * n // b) == epoch
+    assert batches.indices(0) + batches.indices(1) != batches.indices(6) + batches.indices(7)
+    records = TrainBatches(data, b, 1, 7)  # type: ignore[arg-type]  # only len() of the records is read
+    assert here == [records.indices(s) for s in steps]  # the built-in trainer's stream, not a second one
+    x = batches[5]  # default_collate: the step's samples stacked
+    assert torch.equal(x, torch.stack([data[i] for i in batches.indices(5)]))
+
+    halves = [StepBatches(data, b, seed=7, rank=r, world_size=2) for r in (0, 1)]
+    assert halves[0].indices(5) + halves[1].indices(5) == batches.indices(5)  # ranks split the global batch
+    with pytest.raises(ValueError, match="world_size"):
+        StepBatches(data, 3, seed=7, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="empty"):
+        StepBatches([], 3, seed=7)
+    with pytest.raises(IndexError, match="step"):
+        batches.indices(-1)
+
+
+def test_run_batches_resume_with_the_same_indices_seeded_from_train_seed(tmp_path: Path) -> None:
+    data = torch.utils.data.TensorDataset(torch.arange(40.0).reshape(20, 2), torch.arange(20))
+    cfg = Config()
+    cfg.train.seed = 3
+
+    def loop(total: int, signal_at: int | None = None) -> tuple[Any, list[list[int]]]:
+        states = _states()
+        seen: list[list[int]] = []
+        with foldhpc.Session(tmp_path / "run", states=states, config=cfg) as run:
+            batches = run.batches(data, 5)
+            for step in run.steps(total):
+                x, idx = batches[step]  # TensorDataset + default_collate: (features, labels)
+                assert torch.equal(x, data.tensors[0][idx])
+                seen.append(idx.tolist())
+                run.wait_staged()
+                if step == signal_at:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+        return run, seen
+
+    run, first = loop(12, signal_at=4)
+    assert run.exit_code == 75 and len(first) == 5
+    run, rest = loop(12)
+    assert run.restarts == 1 and len(rest) == 7
+    from foldhpc.session import StepBatches
+
+    reference = StepBatches(data, 5, seed=3)
+    assert first + rest == [reference.indices(s) for s in range(12)]  # resumed at step 5 with step 5's batch
+    assert first + rest != [StepBatches(data, 5, seed=0).indices(s) for s in range(12)]
+
+
+# ---------------------------------------------------------------------------------------- capture at the boundary
+
+class _ManySmall:
+    """A state of many small tensors, listed before the model: staging them on the writer thread takes
+    long enough that the loop's next forward pass runs first (what a slow host or a big state does)."""
+
+    def __init__(self, count: int = 4000) -> None:
+        self.tensors = {f"t{i}": torch.zeros(1) for i in range(count)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.tensors)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tensors = dict(state_dict)
+
+
+def _bn_states() -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return {"padding": _ManySmall(), "model": model, "optimizer": opt}
+
+
+def _bn_train(run: Any, states: dict[str, Any], total: int, signal_at: int | None = None) -> None:
+    model, opt = states["model"], states["optimizer"]
+    for step in run.steps(total):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(16, 4, generator=g) * (step + 1)  # running statistics move a lot every step
+        loss = model(x).pow(2).mean()  # the forward pass updates BatchNorm's running_mean/var in place
+        opt.zero_grad()
+        loss.backward()
+        run.wait_staged()
+        opt.step()
+        if step == signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def _by_step(ckpt_dir: Path) -> dict[int, dict[str, Any]]:
+    mgr = CheckpointManager(ckpt_dir)
+    return {e.step: mgr.load_file(ckpt_dir / e.file)["state"] for e in mgr.entries()}
+
+
+def test_background_saves_capture_batchnorm_statistics_at_the_boundary_and_resume_bit_exactly(tmp_path: Path) -> None:
+    ref_cfg = Config()
+    ref_cfg.checkpoint.every_steps, ref_cfg.checkpoint.keep_last, ref_cfg.checkpoint.async_save = 1, 20, False
+    states = _bn_states()
+    with foldhpc.Session(tmp_path / "ref", states=states, config=ref_cfg) as run:
+        _bn_train(run, states, 12)
+    reference = _by_step(tmp_path / "ref" / "checkpoints")  # in place: nothing runs while they are written
+    assert sorted(reference) == list(range(1, 13))
+
+    def same_as_reference(saved: dict[int, dict[str, Any]]) -> None:
+        for step, state in saved.items():
+            for key in ("model", "optimizer"):
+                _assert_same(state[key], reference[step][key], f"step {step} {key}")
+
+    cfg = copy.deepcopy(ref_cfg)
+    cfg.checkpoint.every_steps, cfg.checkpoint.async_save = 3, True
+    states = _bn_states()
+    with foldhpc.Session(tmp_path / "run", states=states, config=cfg) as run:
+        _bn_train(run, states, 12, signal_at=7)
+    assert run.exit_code == 75 and run.step == 8
+    entries = CheckpointManager(tmp_path / "run" / "checkpoints").entries()
+    assert entries[0].reason == "steps" and entries[0].step == 3  # written while step 3's forward pass ran
+    assert entries[-1].reason == "signal:SIGUSR1" and entries[-1].step == 8
+    same_as_reference(_by_step(tmp_path / "run" / "checkpoints"))
+
+    states = _bn_states()
+    with foldhpc.Session(tmp_path / "run", states=states, config=cfg) as run:
+        assert run.step == 8
+        _bn_train(run, states, 12)
+    assert run.exit_code == 0
+    final = _by_step(tmp_path / "run" / "checkpoints")
+    assert 12 in final
+    same_as_reference(final)
+
+
+def test_a_capture_state_dict_hook_is_what_a_background_save_writes(tmp_path: Path) -> None:
+    class Counter:
+        """Changed in place by the loop before wait_staged(): only its hook's copy is safe."""
+
+        def __init__(self) -> None:
+            self.count = torch.zeros(4000)  # many small tensors are staged before it (see _ManySmall)
+            self.captured = 0
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"count": self.count}
+
+        def capture_state_dict(self) -> dict[str, Any]:
+            self.captured += 1
+            return {"count": self.count.clone()}
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            self.count = state_dict["count"].clone()
+
+    cfg = Config()
+    cfg.checkpoint.every_steps, cfg.checkpoint.keep_last = 2, 10
+    counter = Counter()
+    with foldhpc.Session(tmp_path / "run", states={"padding": _ManySmall(), "counter": counter}, config=cfg) as run:
+        for step in run.steps(6):
+            counter.count += 1  # before wait_staged(): a background save may be reading it
+            run.wait_staged()
+    entries = CheckpointManager(tmp_path / "run" / "checkpoints").entries()
+    background = [e.step for e in entries if e.reason == "steps"]
+    assert background[:1] == [2] and entries[-1].step == 6 and entries[-1].reason == "final"
+    assert counter.captured == len(background)  # a blocking save (the final one) captures nothing
+    saved = _by_step(tmp_path / "run" / "checkpoints")
+    for step, state in saved.items():
+        assert torch.equal(state["counter"]["count"], torch.full((4000,), float(step))), step
