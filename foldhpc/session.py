@@ -4,8 +4,9 @@
 
     import foldhpc
     with foldhpc.Session("runs/mine", states={"model": model, "optimizer": opt, "scheduler": sched}) as run:
+        batches = run.batches(my_dataset, batch_size=64)   # batches[step]: the same after a resume
         for step in run.steps(10_000):     # starts at the resumed step
-            loss = my_step(model, my_batch(step))
+            loss = my_step(model, batches[step])
             run.wait_staged()               # before anything mutates tracked state
             opt.step(); sched.step()
     raise SystemExit(run.exit_code)         # 0 done, 75 "requeue me"
@@ -103,6 +104,10 @@ class StepBatches:
     the list of ``dataset[i]`` into the batch (default: ``torch.utils.data.default_collate``, as a
     ``DataLoader``'s). :meth:`Session.batches` makes one seeded from the run's ``train.seed``.
 
+    It is itself a map-style dataset of steps, so a ``DataLoader`` can prefetch the batches in
+    worker processes: ``DataLoader(batches, sampler=StepSampler(run.step, total), batch_size=None,
+    num_workers=k)`` (:class:`foldhpc.data.dataset.StepSampler`, as the built-in trainer does).
+
     The dataset's length is read once: a dataset that grows or shrinks changes every later batch.
     The stream keeps one pointer per sample (8 bytes) for the length it was made with.
     """
@@ -127,7 +132,9 @@ class StepBatches:
         # (no sample is loaded); crop_size is unused by indices()
         self._stream = TrainBatches(cast("Sequence[ProteinChain]", [None] * n), batch_size, 1, self.seed)
 
-    def __len__(self) -> int:
+    @property
+    def num_samples(self) -> int:
+        """The dataset's length, as read when this was made."""
         return len(self._stream.records)
 
     def epoch_of(self, step: int) -> int:
@@ -271,21 +278,23 @@ class Session:
     Errors: a ``states`` value without ``state_dict()`` / ``load_state_dict()`` (``TypeError``,
     naming its key); a checkpoint that is not the states' (:class:`StatesMismatch`, exit code 2,
     naming the keys; nothing loaded or written); a live run directory
-    (:class:`~foldhpc.resilience.runlock.RunDirLocked`); a config key out of range
-    (:class:`~foldhpc.config.ConfigError`). A failure inside the ``with`` block is recorded in
+    (:class:`~foldhpc.resilience.runlock.RunDirLocked`); a config that does not validate
+    (:class:`~foldhpc.config.ConfigError`, naming the key). A failure inside the ``with`` block is recorded in
     ``status.json`` (``failed``) and :attr:`exit_code` (1, or 2 for a user error), then raised.
 
     Not yet (one process, rank 0 of 1, for now):
 
-    - several ranks: stop agreement, rank 0 writes, ``StepBatches`` for rank ``r`` (the class
-      takes ``rank`` / ``world_size``; :meth:`batches` passes 0 / 1);
+    - several ranks: stop agreement on a signal, rank 0 writes, :meth:`batches` for rank ``r``
+      of ``world_size`` (:class:`StepBatches` itself takes ``rank`` / ``world_size``; the session
+      passes 0 / 1);
     - the non-finite guard with rollback (today the checkpoint manager refuses to write a state
       holding NaN/inf; the loop is neither stopped nor rolled back);
-    - ``[task]`` configs, and config-compatibility checks at resume (``model.*``-style refusals);
-    - ``--resume PATH`` / ``--no-resume`` / ``--force-resume`` equivalents;
-    - iterable-style datasets (``StepBatches`` needs ``len()`` and ``dataset[i]``);
-    - a capture hook that copies to the host on its own stream (``capture_state_dict()`` copies
-      are synchronous, on the loop's thread).
+    - ``[task]`` configs, and config-compatibility checks at resume (a changed hyperparameter is
+      not refused the way the built-in trainer refuses a changed ``model.*`` key);
+    - choosing the checkpoint to resume from, starting afresh over existing checkpoints, or
+      forcing a resume (the CLI's ``--resume PATH`` / ``--no-resume`` / ``--force-resume``): the
+      session always resumes from the newest checkpoint that verifies;
+    - iterable-style datasets (:class:`StepBatches` needs ``len()`` and ``dataset[i]``).
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], states: Mapping[str, Any],

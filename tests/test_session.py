@@ -264,7 +264,7 @@ def _indices_in_a_fresh_process(n: int, batch: int, seed: int, steps: list[int])
 
 
 def test_step_batches_are_a_pure_function_of_seed_and_step_and_cover_each_epoch() -> None:
-    from foldhpc.data.dataset import TrainBatches
+    from foldhpc.data.dataset import StepSampler, TrainBatches
     from foldhpc.session import StepBatches
 
     n, b = 24, 4
@@ -285,6 +285,11 @@ def test_step_batches_are_a_pure_function_of_seed_and_step_and_cover_each_epoch(
     assert here == [records.indices(s) for s in steps]  # the built-in trainer's stream, not a second one
     x = batches[5]  # default_collate: the step's samples stacked
     assert torch.equal(x, torch.stack([data[i] for i in batches.indices(5)]))
+
+    assert batches.num_samples == n
+    loader: Any = torch.utils.data.DataLoader(batches, sampler=StepSampler(3, 7), batch_size=None)  # type: ignore[arg-type]
+    for step, got in zip(range(3, 7), loader, strict=True):  # a DataLoader over steps, as the trainer's
+        assert torch.equal(got, batches[step])
 
     halves = [StepBatches(data, b, seed=7, rank=r, world_size=2) for r in (0, 1)]
     assert halves[0].indices(5) + halves[1].indices(5) == batches.indices(5)  # ranks split the global batch
