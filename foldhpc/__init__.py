@@ -7,12 +7,15 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Session", "__version__"]
+#: the public API for a training loop of one's own (foldhpc.session), imported on first use
+_SESSION_API = ("Session", "StepBatches", "Stateful", "StatesMismatch")
+
+__all__ = [*_SESSION_API, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    """``foldhpc.Session`` is imported on first use (PEP 562): ``import foldhpc`` stays free of torch,
+    """``foldhpc.Session`` and its companions are imported on first use (PEP 562): ``import foldhpc`` stays free of torch,
     so the CLI's fast paths (``foldhpc status``, signal handling before torch loads) keep their speed."""
-    if name == "Session":
-        return importlib.import_module("foldhpc.session").Session
+    if name in _SESSION_API:
+        return getattr(importlib.import_module("foldhpc.session"), name)
     raise AttributeError(f"module 'foldhpc' has no attribute {name!r}")
