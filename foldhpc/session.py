@@ -317,7 +317,7 @@ class Session:
         self._entered = False
         self._finished = False
         self._resumed_step = 0
-        self._progress_steps = 0
+        self._scalars: dict[str, float] = {}  # what log_scalars() last drew, for the progress records
         self._live: Path | None = None
 
     # ------------------------------------------------------------------ enter / exit
@@ -477,8 +477,12 @@ class Session:
         self.status.update(max_steps=total, step=self.step)
         log.info("steps %d..%d, checkpoint every %s%s, signals %s", self.step, total, cfg.checkpoint.interval,
                  f" and {every} steps" if every else "", ",".join(s.name for s in preempt.signals))
-        self.events.emit("training", first=self.step, last=total, batch=None, restarts=self.restarts)
+        self.events.emit("training", first=self.step, last=total, batch=1, restarts=self.restarts)  # batch 1: a step
         start, last_save_t, due = self.step, time.monotonic(), False
+        # progress windows for goodput (foldhpc.monitor.timeline): timed here, at the step boundaries,
+        # every run.log_every steps; the first step ends the start-up
+        step_t0 = win_t0 = time.monotonic()
+        win_start, first_done = self.step, False
         while True:  # the step boundary: self.step steps are done
             self.hb.beat(self.step + 1, "train")
             self.lock.check()  # taken over by another writer: stop, write nothing
@@ -510,6 +514,15 @@ class Session:
                     last_save_t, due = time.monotonic(), False
             yield self.step
             self.step += 1
+            now = time.monotonic()
+            if not first_done:
+                first_done, win_t0, win_start = True, now, self.step
+                age = process_age_s()
+                self.events.emit("first_step", step=self.step, step_s=round(now - step_t0, 6), after_start_s=age,
+                                 timings={"process_to_first_step_s": age})
+            elif self.step - win_start >= cfg.run.log_every or self.step >= total:
+                self._progress(total, self.step - win_start, now - win_t0)
+                win_t0, win_start = now, self.step
         self._save_for_exit("final")
         self.status.update(state=COMPLETED, step=self.step, finished_at=time.time())
         log.info("completed at step %d", self.step)
@@ -547,15 +560,17 @@ class Session:
         values = {k: float(v) for k, v in scalars.items()}
         for tag, v in values.items():
             self._writer.scalar(tag, v, step)
-        nan = float("nan")
-        loss = values.get("loss", values.get("train/loss", nan))
-        self.events.emit("progress", step=step, max_steps=self.status.data.get("max_steps"), loss=loss,
-                         lr=values.get("lr", values.get("train/lr", nan)),
-                         grad_norm=values.get("grad_norm", values.get("train/grad_norm", nan)),
-                         samples_per_s=nan, data_wait_frac=nan, steps=max(0, self.step - self._progress_steps),
-                         scalars=values)
-        self._progress_steps = self.step
-        self.status.update(step=self.step, **({"loss": loss} if loss == loss else {}))
+        self._scalars = values
+        loss = values.get("loss", values.get("train/loss"))
+        self.status.update(step=self.step, **({"loss": loss} if loss is not None and loss == loss else {}))
+
+    def _progress(self, total: int, steps: int, seconds: float) -> None:
+        """A ``progress`` record for the window of ``steps`` steps just done (a step counts as one
+        sample: the session does not know the batch), with the scalars last logged."""
+        v = self._scalars
+        self.events.emit("progress", step=self.step, max_steps=total, loss=v.get("loss", v.get("train/loss")),
+                         lr=v.get("lr", v.get("train/lr")), grad_norm=v.get("grad_norm", v.get("train/grad_norm")),
+                         samples_per_s=steps / max(seconds, 1e-9), data_wait_frac=0.0, steps=steps, scalars=v)
 
     # ------------------------------------------------------------------ saving
     def _state_source(self, background: bool) -> dict[str, Any]:

@@ -129,6 +129,18 @@ def test_example_resumes_bit_exactly_after_sigkill(tmp_path: Path, reference: Pa
     rc, out = _finish(_start(run, N, cfg))  # the dead holder's lock is taken over (same host, pid gone)
     assert rc == 0, out
     _assert_bit_identical(run, reference)
+    # goodput counts the session's steps from its own records: every step once as productive, the
+    # steps the kill lost (beyond the checkpoint the second start resumed from) as recomputed
+    from foldhpc.monitor.goodput import goodput_of
+    from foldhpc.records.events import read_events
+
+    events, _ = read_events(run)
+    killed_at = max(e["step"] for e in events if e.kind == "progress" and e.t < min(
+        e2.t for e2 in events if e2.kind == "resumed"))
+    resumed = next(e["step"] for e in events if e.kind == "resumed")
+    g = goodput_of(run, use_sacct=False)
+    assert g.steps["productive"] == N and g.steps["recomputed"] >= killed_at - resumed > 0, (g.steps, g.notes)
+    assert not [n for n in g.notes if "skipped" in n], g.notes
 
 
 # ---------------------------------------------------------------------------------------- in-process
