@@ -10,7 +10,7 @@ tasks; ``<run.dir>/slurm/`` holds submitit's files (``<array>_<task>_*``).
 
 A task is a :class:`~foldhpc.slurm.job.SlurmJob` like a single run (the same payload): it checkpoints, saves on
 its preemption signal, requeues *itself* (``scontrol requeue <array>_<task>``: the job id of an
-array task is ``ARRAYID_TASK`` everywhere, :func:`foldhpc.cluster.env.slurm_info`), resumes and
+array task is ``ARRAYID_TASK`` everywhere, :class:`foldhpc.cluster.env.SlurmEnv`), resumes and
 completes on its own; ``slurm.max_requeues`` counts per task (each task has its own
 ``SLURM_RESTART_COUNT``); a task cancelled with ``scancel <array>_<task>`` stays cancelled while
 the others go on. Submitting the same sweep again (same run.dir and task names) continues every
