@@ -189,4 +189,5 @@ def test_every_steps_saves_are_caught_up_behind_a_slow_writer(tmp_path, monkeypa
         busy = max(x for x in started if x < k)  # the save in flight at step k
         after = next((x for x in started if x > busy), 60)  # 60: the final save
         assert after <= done_at[busy] + 1, (k, busy, after, done_at, started)  # caught up at once
-    assert any(x % 5 for x in started), started  # the catch-ups are saves between the multiples
+    # (a catch-up usually lands between two multiples of 5; it lands on one when the write happens to
+    # become durable just before a multiple, so that is not asserted: the bound above is the rule)
