@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -138,3 +139,29 @@ def fill_fs(fs: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+def latest_checkpoint(run_dir: Path) -> Any:
+    """The newest good checkpoint of ``run_dir`` (its default checkpoint directory), loaded."""
+    from foldhpc.checkpoint import CheckpointManager
+
+    loaded = CheckpointManager(run_dir / "checkpoints").load_latest()
+    assert loaded is not None, f"no checkpoint in {run_dir}"
+    return loaded
+
+
+def assert_same_state(a: Any, b: Any, where: str = "") -> None:
+    """Two nested states are equal bit for bit (tensors by dtype and torch.equal), naming the first
+    path that differs."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

@@ -25,7 +25,7 @@ from foldhpc.config import Config
 from foldhpc.resilience.runlock import RunDirLocked
 from foldhpc.session import StatesMismatch
 
-from conftest import ROOT, read_json, wait_for
+from conftest import ROOT, read_json, wait_for, assert_same_state, latest_checkpoint
 
 EXAMPLE = ROOT / "examples" / "own_loop.py"
 N = 6000  # steps of the example: ~2 s on this machine, so a signal or a kill lands mid-run
@@ -54,25 +54,7 @@ def _committed(run_dir: Path) -> bool:
     return events.is_file() and '"kind":"checkpoint_committed"' in events.read_text()
 
 
-def _latest(run_dir: Path) -> Any:
-    loaded = CheckpointManager(run_dir / "checkpoints").load_latest()
-    assert loaded is not None, f"no checkpoint in {run_dir}"
-    return loaded
-
-
-def _assert_same(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
+_latest, _assert_same = latest_checkpoint, assert_same_state
 
 
 def _assert_bit_identical(run: Path, ref: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, read_json, wait_for
+from conftest import ROOT, read_json, wait_for, assert_same_state, latest_checkpoint
 
 EXAMPLE = ROOT / "examples" / "own_loop.py"
 FAST = ["--set", "fault.restart_backoff=0.05"]
@@ -113,29 +113,7 @@ def test_usage_error_without_command(tmp_path: Path) -> None:
     assert r.returncode == 0 and "-- CMD" in r.stdout
 
 
-def _latest(run_dir: Path) -> Any:
-    from foldhpc.checkpoint import CheckpointManager
-
-    loaded = CheckpointManager(run_dir / "checkpoints").load_latest()
-    assert loaded is not None, f"no checkpoint in {run_dir}"
-    return loaded
-
-
-def _assert_same(a: Any, b: Any, where: str = "") -> None:
-    import torch
-
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
+_latest, _assert_same = latest_checkpoint, assert_same_state
 
 
 @pytest.mark.timeout(120)
