@@ -48,8 +48,17 @@ def check_run_dir(cfg: Any) -> None:
                           "set run.dir to a writable folder, e.g. --set run.dir=runs/try1") from None
 
 
+def _load_checked(config: str | None, overrides: list[str]) -> Config:
+    """The config, with its ``task.factory`` importable (a TaskError, exit 2, before anything runs)."""
+    from foldhpc.task import check_task
+
+    cfg = load_config(config, overrides)
+    check_task(cfg)
+    return cfg
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_checked(args.config, args.overrides)
     check_run_dir(cfg)
     from foldhpc.records.envvars import SUPERVISED_ENV
 
@@ -66,13 +75,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     ignore_after_training()
     heartbeat().beat(-1, "startup")  # tells a supervisor that signals may be forwarded now
     from foldhpc.cluster.env import slurm_env
-    from foldhpc.train.loop import Trainer
+    from foldhpc.task import train
 
     slurm = slurm_env()
     resume = _resume_mode(args, slurm)
     if slurm.job_id and not supervised and _first_task():  # the story of the job for `foldhpc status` (submitit jobs record
         _record_started(cfg, slurm)         # it in foldhpc.slurm.job, supervised ones in _supervise)
-    result = Trainer(cfg, resume=resume, force_resume=_force_resume(args, slurm)).run()
+    result = train(cfg, resume=resume, force_resume=_force_resume(args, slurm))
     _debug_hold_after_train()
     return result.exit_code
 
@@ -200,9 +209,9 @@ def train_in_job(cfg: Config, env: DistEnv, job_id: str | None) -> JobOutcome:
 
     if cfg.fault.max_restarts > 0:
         return _supervised_in_job(cfg, job_id)
-    from foldhpc.train.loop import Trainer
+    from foldhpc.task import train
 
-    r = Trainer(cfg, resume="auto", env=env).run()
+    r = train(cfg, resume="auto", env=env)
     return JobOutcome(r.state, r.step, r.signal, r.metrics)
 
 
@@ -251,6 +260,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if args.sweep:
         from foldhpc.slurm import sweep
 
+        _load_checked(args.config, args.overrides)
         array_id, sweep_dir, tasks = sweep.submit_sweep(args.config, args.overrides, args.sweep, train_in_job,
                                                         args.max_parallel, local=args.local)
         sweep.print_submitted(array_id, sweep_dir, tasks, args.max_parallel)
@@ -259,7 +269,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         raise ConfigError("--max-parallel limits the tasks of a sweep: it needs --sweep")
     from foldhpc.slurm.submit import submit
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_checked(args.config, args.overrides)
     job_id = submit(cfg, train_in_job, local=args.local)
     print(f"submitted job {job_id}\nrun directory {cfg.run_dir.resolve()}")
     return 0

@@ -390,6 +390,61 @@ class FaultConfig:
         return max(floor, 20 * median_step_s) if median_step_s else floor
 
 
+#: ``task.factory`` spellings: ``package.module:function`` or ``path/to/file.py:function``
+TASK_FACTORY_RE = re.compile(r"(?:[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*|[^:]+\.py):[A-Za-z_]\w*")
+#: nesting of ``task.params`` tables and lists (a deeper one is a generated file gone wrong)
+MAX_PARAMS_DEPTH = 8
+
+
+def _check_params(value: Any, where: str, depth: int = 0) -> None:
+    """``task.params`` holds what TOML holds, within the bounds every other key has."""
+    _check(depth <= MAX_PARAMS_DEPTH, f"params: {where} is nested deeper than {MAX_PARAMS_DEPTH} levels")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check(isinstance(k, str) and bool(k), f"params: {where} has a key {k!r}; keys are non-empty strings")
+            _check(_control_char(k) is None, f"params: key {where}.{k!r} contains a control character")
+            _check_params(v, f"{where}.{k}", depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_params(v, f"{where}[{i}]", depth + 1)
+    elif isinstance(value, bool):
+        pass
+    elif isinstance(value, int):
+        _check(-MAX_INT - 1 <= value <= MAX_INT, f"params: {where} = {value}: out of range (64-bit integers only)")
+    elif isinstance(value, float):
+        _check(math.isfinite(value), f"params: {where} = {value}: must be a finite number")
+    elif isinstance(value, str):
+        bad = _control_char(value)
+        _check(bad is None, f"params: {where} = {value!r}: contains a control character ({bad})")
+    else:
+        raise ValueError(f"params: {where} = {value!r}: a {type(value).__name__}; use what TOML has "
+                         "(strings, numbers, booleans, lists, tables)")
+
+
+@dataclass
+class TaskConfig:
+    """What is trained: a model and its loop. See :mod:`foldhpc.task`.
+
+    ``factory`` names an importable function that builds a :class:`foldhpc.task.Task` from the
+    run's Config: ``"my_pkg.tasks:build"`` (imported as a module; the working directory is on the
+    path) or ``"path/to/tasks.py:build"`` (a file, relative to the working directory). Empty: the
+    built-in distogram model (:mod:`foldhpc.train.loop`). ``params`` is the task's own free-form
+    table (``[task.params]``), given to the factory as ``cfg.task.params`` and fingerprinted into
+    every checkpoint: a changed value is refused at resume like a changed ``model.*`` key.
+    """
+
+    factory: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _check(not self.factory or TASK_FACTORY_RE.fullmatch(self.factory) is not None,
+               "factory must be \"package.module:function\" or \"path/to/file.py:function\"")
+        _check_params(self.params, "task.params")
+        if self.params and not self.factory:
+            raise ValueError("params: [task.params] is set but task.factory is empty: the built-in model takes "
+                             "its settings from [model] and [train]; name your factory in task.factory")
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -400,6 +455,7 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -466,6 +522,8 @@ def _check_text(cfg: Config) -> None:
         section = getattr(cfg, sf.name)
         for kf in fields(section):
             where, value = f"{sf.name}.{kf.name}", getattr(section, kf.name)
+            if where == "task.params":
+                continue  # free-form: TaskConfig.validate checks every value, nested ones too
             items: list[tuple[str, str]] = []
             if isinstance(value, str):
                 items = [("", value)]
@@ -535,6 +593,10 @@ def _coerce(section: str, key: str, value: Any, typ: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where} = {value!r}: expected a list")
         return [_coerce(section, key, v, item) for v in value]
+    if origin is dict and section == "task":  # task.params: free-form, TOML's own types kept
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} = {value!r}: expected a table, e.g. [task.params] or {{ layers = 2 }}")
+        return value
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} = {value!r}: expected a table, e.g. {{ key = \"value\" }}")
@@ -572,6 +634,13 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
     lhs, rhs = item.split("=", 1)
     lhs = lhs.strip()
+    if lhs.startswith("task.params.") and lhs.count(".") == 2 and lhs.split(".")[2]:
+        # --set task.params.layers=4: one entry of the free-form table
+        try:
+            value = tomllib.loads(f"v = {rhs}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = rhs
+        return "task", "params", {lhs.split(".")[2]: value}
     if lhs.count(".") != 1:
         raise ConfigError(f"--set {item!r}: key must be section.key, e.g. train.max_steps=100")
     section, key = lhs.split(".")
@@ -597,6 +666,8 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         _apply(cfg, data, str(p))
     for item in overrides:
         section, key, value = _parse_override(item)
+        if (section, key) == ("task", "params") and item.strip().startswith("task.params."):
+            value = {**cfg.task.params, **value}  # one entry: merged into the table, the others kept
         _apply(cfg, {section: {key: value}}, "--set")
     cfg.validate()
     return cfg

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 import foldhpc
+from foldhpc import faults
 from foldhpc.checkpoint import CheckpointError, CheckpointManager, PreemptionSignals
 from foldhpc.checkpoint.manager import CheckpointEntry
 from foldhpc.cluster.env import slurm_env
@@ -47,6 +48,7 @@ from foldhpc.records.logs import setup_logging
 from foldhpc.records.status import CHECKPOINTED, COMPLETED, FAILED, RUNNING, NullStatus, StatusFile, StatusSink
 from foldhpc.resilience import heartbeat as hb
 from foldhpc.resilience import runlock
+from foldhpc.train.compat import API_REMEDY, check_resume
 from foldhpc.train.rng import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:  # imported by the first log_scalars(): TensorBoard costs a third of a second to import
@@ -275,6 +277,11 @@ class Session:
     random draw goes through the generators the session saves (python, numpy, torch, CUDA), on
     the same torch build and thread count (see :mod:`foldhpc.train.loop`).
 
+    Config at resume: a checkpoint written with other ``task.*`` values (``[task.params]``, the
+    hyperparameters of a :mod:`foldhpc.task`) or another ``train.seed`` is refused
+    (:class:`~foldhpc.train.compat.IncompatibleResume`, naming every changed key, old -> new;
+    nothing loaded or written) unless ``force_resume=True``.
+
     Errors: a ``states`` value without ``state_dict()`` / ``load_state_dict()`` (``TypeError``,
     naming its key); a checkpoint that is not the states' (:class:`StatesMismatch`, exit code 2,
     naming the keys; nothing loaded or written); a live run directory
@@ -289,23 +296,23 @@ class Session:
       passes 0 / 1);
     - the non-finite guard with rollback (today the checkpoint manager refuses to write a state
       holding NaN/inf; the loop is neither stopped nor rolled back);
-    - ``[task]`` configs, and config-compatibility checks at resume (a changed hyperparameter is
-      not refused the way the built-in trainer refuses a changed ``model.*`` key);
-    - choosing the checkpoint to resume from, starting afresh over existing checkpoints, or
-      forcing a resume (the CLI's ``--resume PATH`` / ``--no-resume`` / ``--force-resume``): the
-      session always resumes from the newest checkpoint that verifies;
+    - choosing the checkpoint to resume from or starting afresh over existing checkpoints (the
+      CLI's ``--resume PATH`` / ``--no-resume``): the session always resumes from the newest
+      checkpoint that verifies;
     - iterable-style datasets (:class:`StepBatches` needs ``len()`` and ``dataset[i]``).
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], states: Mapping[str, Any],
-                 config: Config | str | os.PathLike[str] | None = None) -> None:
+                 config: Config | str | os.PathLike[str] | None = None, *, force_resume: bool = False) -> None:
         self.states = _check_states(states)
+        self.force_resume = bool(force_resume)
         self.run_dir = Path(run_dir)
         self.cfg = _resolve_config(config, self.run_dir)
         self.step = 0  #: steps done (the resumed step before the first)
         self.restarts = 0  #: resumes from a checkpoint over the run's life
         self.exit_code: int = ExitCode.FAILED  #: 0 done, 75 checkpointed on a signal (requeue me)
         self.resumed_from: Path | None = None
+        self.signal: str | None = None  #: the preemption signal that ended steps(), by name
         self.events: EventSink = NullEventLog()
         self.status: StatusSink = NullStatus()
         self.lock: runlock.RunLock | runlock.NoLock = runlock.NoLock()
@@ -405,6 +412,7 @@ class Session:
                 f"checkpoint {where} does not match the session's states ({'; '.join(parts)}): it holds "
                 f"{sorted(have)}, the session tracks {sorted(want)}. Nothing was loaded or written. Pass the same "
                 f"states as the run that wrote it, or use another run directory.")
+        self._check_config(loaded.meta, where)
         self.ckpt.last_committed = loaded.entry
         if loaded.skipped:
             self.status.update(warning=f"skipped bad checkpoints: {loaded.skipped}")
@@ -424,6 +432,24 @@ class Session:
         log.info("resumed from %s at step %d (restart #%d, checkpoint load %.2fs)", where, self.step, self.restarts,
                  load_s)
         self.events.emit("resumed", path=str(where), step=self.step, restarts=self.restarts, load_s=load_s)
+
+    def _check_config(self, meta: Mapping[str, Any], where: Path) -> None:
+        """Refuse a checkpoint written with other ``task.*`` values or another ``train.seed`` (the
+        keys that decide what a session's run computes: the task's hyperparameters and the batch
+        order of :meth:`batches`), unless ``force_resume``; see :mod:`foldhpc.train.compat`."""
+        old = meta.get("config")
+        if not isinstance(old, dict):
+            log.warning("checkpoint %s records no config; cannot check that it matches this one", where)
+            return
+        new = self.cfg.to_dict()
+
+        def keys(d: Mapping[str, Any]) -> dict[str, Any]:
+            out: dict[str, Any] = {"train": {"seed": (d.get("train") or {}).get("seed")}}
+            if "task" in d:
+                out["task"] = d["task"]
+            return out
+
+        check_resume(keys(old), keys(new), where, self.force_resume, remedy=API_REMEDY)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -502,6 +528,7 @@ class Session:
                 self.status.update(state=CHECKPOINTED, step=self.step, signal=sig)
                 self.events.emit("checkpointed", step=self.step, signal=sig, during="training")
                 self.exit_code = ExitCode.CHECKPOINTED
+                self.signal = sig
                 self._finished = True
                 return
             if self.step >= total:
@@ -514,6 +541,7 @@ class Session:
                     last_save_t, due = time.monotonic(), False
             yield self.step
             self.step += 1
+            faults.after_step(self.step, 0, self.events)  # test hooks (foldhpc chaos); nothing unless set
             now = time.monotonic()
             if not first_done:
                 first_done, win_t0, win_start = True, now, self.step
@@ -535,6 +563,7 @@ class Session:
         changes a tracked state (``optimizer.step()``). Beats the heartbeat while it waits."""
         if self.ckpt is None:
             return
+        faults.cold_first_step()  # test hook, off unless set
         self.hb.beat(self.step + 1, "train")
         while not self.ckpt.wait_staged(timeout=hb.WAIT_BEAT_S):
             self.hb.beat(self.step + 1, "checkpoint")

@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 
+from foldhpc.task import check_task
 from foldhpc.config import ConfigError, load_config
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         kinds += list(MULTI_RANK_KINDS)
     sets = [f"{k}={v}" for k, v in local.CHAOS_DEFAULTS.items()] + list(args.overrides)
     cfg = load_config(args.config, sets + [f"run.dir={out / 'runs' / 'chaos'}"])  # validate before any work
+    check_task(cfg)
     every = cfg.checkpoint.every_steps
     if every <= 0:
         raise ConfigError("foldhpc chaos needs checkpoint.every_steps > 0 (faults must find checkpoints to resume)")

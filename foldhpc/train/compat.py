@@ -5,7 +5,7 @@ only holds if everything that decides *what* is computed from the checkpoint's s
 same as when the checkpoint was written. Every config key falls in one of three classes:
 
 ``TRAJECTORY`` (refused unless ``--force-resume``)
-    All of ``model.*``; ``data.*`` except the worker counts and the cache location (they pick
+    All of ``model.*`` and ``task.*`` (the factory and each ``task.params`` entry); ``data.*`` except the worker counts and the cache location (they pick
     the structures, the split and the crops); and ``train.seed`` (batches and dropout are a
     function of (seed, step)), ``batch_size``, ``max_steps`` (the cosine schedule spans it),
     ``lr``, ``weight_decay``, ``warmup_steps``, ``min_lr_ratio``, ``grad_clip`` and ``amp``
@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from foldhpc.checkpoint import CheckpointError
+from foldhpc.records.exitcodes import ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ TRAJECTORY, NUMERICS, HARMLESS = "trajectory", "numerics", "harmless"
 
 def classify(section: str, key: str) -> str:
     """The class of config key ``section.key`` (see the module docstring)."""
-    if section == "model":
+    if section in ("model", "task"):  # task.factory and every task.params.* entry
         return TRAJECTORY
     if section == "data":
         return HARMLESS if key in DATA_HARMLESS_KEYS else TRAJECTORY
@@ -85,9 +86,13 @@ def diff_configs(old: dict[str, Any], new: dict[str, Any]) -> ConfigDiff:
     """Compare two ``Config.to_dict()`` trees key by key (a key one side lacks shows as <unset>)."""
     out = ConfigDiff()
     for section in sorted(set(old) | set(new)):
-        o_sec, n_sec = old.get(section, {}), new.get(section, {})
+        # a checkpoint from before [task] existed trained the built-in model: the default task
+        o_sec = old.get(section, _NO_TASK if section == "task" else {})
+        n_sec = new.get(section, _NO_TASK if section == "task" else {})
         if not isinstance(o_sec, dict) or not isinstance(n_sec, dict):
             continue
+        if section == "task":  # the free-form table, entry by entry: task.params.layers: 2 -> 4
+            o_sec, n_sec = _flat_task(o_sec), _flat_task(n_sec)
         for key in sorted(set(o_sec) | set(n_sec)):
             o, n = o_sec.get(key, _MISSING), n_sec.get(key, _MISSING)
             if o == n:
@@ -97,16 +102,50 @@ def diff_configs(old: dict[str, Any], new: dict[str, Any]) -> ConfigDiff:
     return out
 
 
+_NO_TASK: dict[str, Any] = {"factory": "", "params": {}}
+
+
+def _flat_task(sec: dict[str, Any]) -> dict[str, Any]:
+    params = sec.get("params")
+    flat = {k: v for k, v in sec.items() if k != "params"}
+    if isinstance(params, dict):
+        flat.update({f"params.{k}": v for k, v in params.items()})
+    elif params is not None:
+        flat["params"] = params
+    return flat
+
+
 def _show(v: object) -> str:
     return "<unset>" if v is _MISSING else repr(v)
 
 
+#: what to do about a refused resume, in the terms of who is asked: the CLI's flags ...
+CLI_REMEDY = ("Resume with the original values, use --no-resume to start over (old checkpoints are kept aside), "
+              "or --force-resume to continue from this checkpoint with the new values.")
+#: ... or foldhpc.Session's arguments
+API_REMEDY = ("Resume with the original values, use another run directory to start over, or pass "
+              "force_resume=True to continue from this checkpoint with the new values.")
+
+
 class IncompatibleResume(CheckpointError):
-    """The checkpoint was written with a config that changes the training trajectory."""
+    """The checkpoint was written with a config that changes the training trajectory (a user
+    error, found before anything is loaded or written: exit 2). ``changes``: the refused keys,
+    ``"key: old -> new"``; :meth:`worded` says the same with another remedy."""
+
+    exit_code = ExitCode.USAGE
+
+    def __init__(self, where: object, changes: list[str], remedy: str = CLI_REMEDY) -> None:
+        self.where, self.changes = where, list(changes)
+        super().__init__(f"checkpoint {where} was written with a different config, which would change the batches, "
+                         f"the model or the learning-rate schedule from its step on: {'; '.join(changes)}. {remedy}",
+                         damaged=False)
+
+    def worded(self, remedy: str) -> IncompatibleResume:
+        return IncompatibleResume(self.where, self.changes, remedy)
 
 
 def check_resume(old_config: dict[str, Any] | None, new_config: dict[str, Any], where: object,
-                 force: bool) -> ConfigDiff:
+                 force: bool, remedy: str = CLI_REMEDY) -> ConfigDiff:
     """Log what changed since the checkpoint at ``where`` was written; refuse trajectory changes.
 
     Raises :class:`IncompatibleResume` naming every trajectory key (old -> new) and what to do,
@@ -124,13 +163,10 @@ def check_resume(old_config: dict[str, Any] | None, new_config: dict[str, Any], 
                     "schedule, but is no longer bit-identical to an uninterrupted run (different kernels or "
                     "reduction order).", where, "; ".join(diff.numerics))
     if diff.trajectory:
-        msg = (f"checkpoint {where} was written with a different config, which would change the batches, the "
-               f"model or the learning-rate schedule from its step on: {'; '.join(diff.trajectory)}. "
-               "Resume with the original values, use --no-resume to start over (old checkpoints are kept "
-               "aside), or --force-resume to continue from this checkpoint with the new values.")
+        refusal = IncompatibleResume(where, diff.trajectory, remedy)
         if not force:
-            raise IncompatibleResume(msg)
-        log.warning("--force-resume: %s", msg)
+            raise refusal
+        log.warning("%s: %s", "--force-resume" if remedy == CLI_REMEDY else "force_resume=True", refusal)
     return diff
 
 

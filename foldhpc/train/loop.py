@@ -40,7 +40,6 @@ import signal
 import socket
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, cast
 
@@ -71,6 +70,7 @@ from foldhpc.resilience import runlock
 from foldhpc.records.envvars import RESTART_INFO_ENV, SUPERVISED_ENV
 from foldhpc.cluster.env import slurm_env
 from foldhpc.train.compat import check_resume, runtime_differences
+from foldhpc.train.result import TrainResult
 from foldhpc.train.rng import capture_rng_state, restore_rng_state, step_seed
 from foldhpc.train.schedule import lr_factor
 from foldhpc.train.validation import debug_delayed, validation_due
@@ -80,19 +80,6 @@ from foldhpc.records.layout import CONFIG_FILE, LOG_FILE, STACKS_FILE, TENSORBOA
 log = logging.getLogger(__name__)
 
 
-
-
-@dataclass
-class TrainResult:
-    state: str  # "completed" or "checkpointed"
-    step: int
-    signal: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    rank: int = 0  # in a multi-rank run only rank 0 records the job's story and requeues it
-
-    @property
-    def exit_code(self) -> int:
-        return ExitCode.OK if self.state == COMPLETED else ExitCode.CHECKPOINTED
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
