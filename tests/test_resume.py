@@ -3,6 +3,12 @@
 Each scenario starts ``foldhpc train`` as a subprocess, interrupts it at a point read from its
 log (SIGUSR1, SIGTERM or SIGKILL), resumes it in the same run directory, and compares the final
 model and optimizer tensors with ``torch.equal`` (zero tolerance) and by state digest.
+
+The interrupted run is a real process (signals, kills); the uninterrupted reference and the
+resumed run train in-process with the Trainer a plain ``foldhpc train`` runs (resume "auto"),
+which saves ~5 s of imports per run. It is no weaker: the pytest process's global RNG has been
+used by other tests (a fresh process starts from torch's fixed default seed), so the resume must
+restore every generator to end bit-exact.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import ROOT, TINY, foldhpc_cmd, read_json, set_args, tiny_overrides
 from foldhpc.checkpoint.manager import CheckpointManager
+from foldhpc.config import load_config
+from foldhpc.train.loop import Trainer
 
 STEPS = 60
 # A slower tiny model (~40 ms/step) so that interruptions land mid-run.
@@ -53,6 +61,14 @@ def wait_for_log(run: Path, pattern: str, proc: subprocess.Popen, timeout: float
 
 
 def finish(run: Path, **extra: object) -> None:
+    """Train ``run`` to its end in-process, resuming from its newest good checkpoint (see the module docstring)."""
+    result = Trainer(load_config(TINY, overrides(run, **extra)), resume="auto").run()
+    assert result.state == "completed" and result.step == STEPS, result
+
+
+def finish_in_a_process(run: Path, **extra: object) -> None:
+    """:func:`finish` as a ``foldhpc train`` process, for runs that fork DataLoader workers (a fork
+    of the multi-threaded pytest process could inherit a lock held by another thread)."""
     p = subprocess.run(foldhpc_cmd("train", "--config", str(TINY), *set_args(overrides(run, **extra))),
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -209,9 +225,14 @@ def test_synchronous_saves_resume_bit_exact(tmp_path, reference):
     assert loss_curve(run) == loss_curve(ref_run)
 
 
-def test_timed_saves_follow_the_interval(tmp_path):
+def test_timed_saves_follow_the_interval(tmp_path, monkeypatch):
+    """The tiny model with every step padded to >= 30 ms (the debug hook): 100 steps last >= 3 s
+    on any machine, so >= 2 timer saves, however fast the steps themselves are."""
     run = tmp_path / "run"
-    finish(run, **{"checkpoint.interval": "1s", "train.max_steps": 120, "checkpoint.keep_last": 50})
+    monkeypatch.setenv("FOLDHPC_DEBUG_STEP_DELAY_S", "0.03")
+    cfg = load_config(TINY, tiny_overrides(run, **{"checkpoint.interval": "1s", "train.max_steps": 100,
+                                                   "checkpoint.keep_last": 50}))
+    assert Trainer(cfg).run().state == "completed"
     timer = [e for e in CheckpointManager(run / "checkpoints").entries() if e.reason == "timer"]
     assert len(timer) >= 2
     gaps = [b.saved_at - a.saved_at for a, b in zip(timer, timer[1:])]
@@ -247,5 +268,5 @@ def test_dataloader_workers_survive_the_signal(tmp_path, reference):
     wait_for_log(run, r"step 10/", proc)
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 75, proc.stderr.read()[-2000:]
-    finish(run, **{"data.num_workers": 2})
+    finish_in_a_process(run, **{"data.num_workers": 2})
     assert final_state(run)[1] == ref_digest
