@@ -150,7 +150,10 @@ def test_checkpoint_resumes_on_another_world_size(tmp_path, reference, first, th
     continues as the same training, equal up to float summation order, and says it is not bit-exact."""
     ref_run, _, _ = reference
     run = tmp_path / "run"
-    p = subprocess.run(cmd(run, first, **{"train.max_steps": STEPS, "checkpoint.every_steps": 20}),
+    # fault.max_restarts = 0: the failure at step 21 ends the first run at once (a restart would
+    # only fail at step 21 again, after a back-off)
+    p = subprocess.run(cmd(run, first, **{"train.max_steps": STEPS, "checkpoint.every_steps": 20,
+                                          "fault.max_restarts": 0}),
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, FOLDHPC_FAIL_AT_STEP="21"))
     assert p.returncode != 0 and CheckpointManager(run / "checkpoints").load_latest().entry.step == 20
@@ -189,8 +192,10 @@ def test_killed_rank_fails_the_run_quickly_and_is_named(tmp_path):
 
 
 def test_rank_that_raises_is_named_with_its_error(tmp_path):
+    """fault.max_restarts = 0: the supervisor gives up on the first failure, its verdict in status
+    (each restart would only fail at step 7 again, after 2 + 4 + 8 s of back-off: ~50 s)."""
     run = tmp_path / "run"
-    p = subprocess.run(cmd(run, 2), cwd=ROOT, capture_output=True, text=True, timeout=300,
+    p = subprocess.run(cmd(run, 2, **{"fault.max_restarts": 0}), cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, FOLDHPC_FAIL_AT_STEP="7", FOLDHPC_FAIL_ON_RANK="1"))
     assert p.returncode == 1
     st = read_json(run / "status.json")
@@ -203,4 +208,5 @@ def test_rank_that_raises_is_named_with_its_error(tmp_path):
     named = [e for e in events if e.kind == "failed_ranks"]  # the failing rank, and rank 0, name the one to blame
     assert named and all([r["rank"] for r in e["ranks"]] == [1] for e in named), named
     assert any(st["error"].startswith(e["error"]) for e in named)  # status adds the supervisor's verdict
+    assert "in-job restarts used up: 0 of fault.max_restarts = 0" in st["error"]
     assert {(e.rank, e["step"]) for e in events if e.kind == "fault_injected"} == {(1, 7)}  # once per start
