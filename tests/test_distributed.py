@@ -67,11 +67,22 @@ def rank_pid(run: Path, rank: int, proc: subprocess.Popen) -> int:
     raise AssertionError(f"no record of rank {rank}")
 
 
+_REFERENCE: list[tuple[Path, dict, str]] = []
+
+
+def two_rank_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    """The uninterrupted 2-rank run (its dir, final state, digest), trained once per session:
+    tests/test_supervisor.py compares a restarted 2-rank run with the same one."""
+    if not _REFERENCE:
+        run = tmp_path_factory.mktemp("dref") / "run"
+        finish(run, 2)
+        _REFERENCE.append((run, *final(run)))
+    return _REFERENCE[0]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    run = tmp_path_factory.mktemp("dref") / "run"
-    finish(run, 2)
-    return run, *final(run)
+    return two_rank_reference(tmp_path_factory)
 
 
 # ---------------------------------------------------------------------------- who am I

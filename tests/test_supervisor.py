@@ -16,6 +16,8 @@ import pytest
 
 from conftest import ROOT, TINY, foldhpc_cmd, read_json, set_args
 from foldhpc.checkpoint.manager import CheckpointManager
+from foldhpc.config import load_config
+from foldhpc.train.loop import Trainer
 from foldhpc.records.fsio import pid_alive
 from test_resume import STEPS, assert_identical, overrides, wait_for_log
 
@@ -52,9 +54,10 @@ def events(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    """The same training, uninterrupted and unsupervised, in-process (a supervisor changes no
+    number: that is what the tests below check)."""
     run = tmp_path_factory.mktemp("sref") / "run"
-    p = run_to_end(run)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert Trainer(load_config(TINY, overrides(run, **FAST))).run().state == "completed"
     return final(run)
 
 
@@ -127,12 +130,12 @@ def test_hung_trainer_is_detected_dumped_and_restarted(tmp_path, reference):
 
 
 def test_slow_but_beating_trainer_is_never_killed(tmp_path):
-    """Steps of 1.2 s and a validation of 3 x 1.2 s, with a fixed 2 s hang timeout: every step and
-    every validation batch beats, so nothing is ever silent for 2 s."""
+    """Steps of 1.2 s (3.6 s in all) and validations (at steps 0 and 3) of 2 x 1.2 s, with a fixed
+    2 s hang timeout: every step and every validation batch beats, so nothing is ever silent for 2 s."""
     run = tmp_path / "run"
     p = run_to_end(run, {"FOLDHPC_DEBUG_STEP_DELAY_S": "1.2", "FOLDHPC_DEBUG_VAL_BATCH_DELAY_S": "1.2"},
-                   **{"fault.hang_timeout": "2s", "train.max_steps": 6, "train.val_every": 3,
-                      "train.val_max_samples": 3, "train.batch_size": 1})
+                   **{"fault.hang_timeout": "2s", "train.max_steps": 3, "train.val_every": 3,
+                      "train.val_max_samples": 2, "train.batch_size": 1})
     assert p.returncode == 0, p.stderr[-3000:]
     assert read_json(run / "status.json")["in_job_restarts"] == 0
     assert not [e for e in events(run) if e["event"] == "restarted"]
@@ -152,12 +155,11 @@ def test_signal_during_the_restart_backoff_is_honoured(tmp_path):
     assert CheckpointManager(run / "checkpoints").load_latest().entry.step == 10
 
 
-def test_two_ranks_restart_together_after_one_is_killed(tmp_path):
-    from test_distributed import cmd as dcmd, final as dfinal, reference as _  # noqa: F401
+def test_two_ranks_restart_together_after_one_is_killed(tmp_path, tmp_path_factory):
+    from test_distributed import cmd as dcmd, final as dfinal, two_rank_reference
 
-    run, ref = tmp_path / "run", tmp_path / "ref"
-    p = subprocess.run(dcmd(ref, 2), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "run"
+    _, ref_state, ref_digest = two_rank_reference(tmp_path_factory)  # test_distributed's, when it ran first
     proc = subprocess.Popen(dcmd(run, 2, **{"checkpoint.every_steps": 10, "fault.restart_backoff": "0.2s"}),
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_log(run, r"checkpoint step 10 saved", proc)
@@ -165,7 +167,6 @@ def test_two_ranks_restart_together_after_one_is_killed(tmp_path):
     os.kill(rank1, signal.SIGKILL)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     state, digest = dfinal(run)
-    ref_state, ref_digest = dfinal(ref)
     assert_identical(state, ref_state)
     assert digest == ref_digest
     (restarted,) = [e for e in events(run) if e["event"] == "restarted"]
