@@ -420,8 +420,10 @@ class Session:
             try:
                 obj.load_state_dict(state[key])
             except Exception as e:  # noqa: BLE001 - any state's own complaint, named by its key
+                said = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line
                 raise StatesMismatch(f"checkpoint {where}: states[{key!r}].load_state_dict() refused it: "
-                                     f"{type(e).__name__}: {e}") from e
+                                     f"{type(e).__name__}: {said}. Nothing was written; build {key!r} as the run "
+                                     "that wrote the checkpoint did, or use another run directory.") from e
         own = state[SESSION_KEY]
         restore_rng_state(own["rng"])
         self.step = self._resumed_step = int(own["step"])
