@@ -31,12 +31,22 @@ def train(run: Path, env: dict[str, str] | None = None, supervise: bool = True) 
     return p
 
 
+_KILLED: list[Path] = []
+
+
 def killed_run(tmp_path: Path) -> Path:
-    """A supervised tiny run SIGKILLed once right after step FAIL_AT, restarted from step 20."""
-    run = tmp_path / "killed"
-    train(run, {"FOLDHPC_FAIL_AT_STEP": str(FAIL_AT), "FOLDHPC_FAIL_KIND": "kill",
-                "FOLDHPC_FAIL_ONCE": str(tmp_path / "fired")})
-    return run
+    """A supervised tiny run SIGKILLed once right after step FAIL_AT, restarted from step 20.
+
+    Trained once per session, in the first caller's ``tmp_path`` (two trainer processes, ~11 s),
+    and shared: a caller may add outputs (goodput's TensorBoard folder, timeline.png), and one that
+    changes what the run recorded puts it back (the run's files name its directory: a copy would
+    be read through those paths, so no copy)."""
+    if not _KILLED:
+        run = tmp_path / "killed"
+        train(run, {"FOLDHPC_FAIL_AT_STEP": str(FAIL_AT), "FOLDHPC_FAIL_KIND": "kill",
+                    "FOLDHPC_FAIL_ONCE": str(tmp_path / "fired")})
+        _KILLED.append(run)
+    return _KILLED[0]
 
 
 def goodput_json(run: Path, *flags: str) -> dict:
@@ -101,7 +111,10 @@ def test_goodput_of_a_killed_run_does_not_need_train_log(tmp_path):
     run = killed_run(tmp_path)
     with_log = goodput_json(run)
     (run / "train.log").rename(tmp_path / "train.log.aside")
-    without = goodput_json(run)
+    try:
+        without = goodput_json(run)
+    finally:
+        (tmp_path / "train.log.aside").rename(run / "train.log")  # the shared run as it was
     assert with_log["steps"] == without["steps"] == {"productive": STEPS, "recomputed": FAIL_AT - 20,
                                                      "executed": STEPS + FAIL_AT - 20}
     assert without["wall_s"] > 0
