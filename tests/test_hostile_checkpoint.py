@@ -24,9 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, foldhpc_cmd, set_args, tiny_overrides
+from conftest import ROOT, TINY, tiny_overrides
 from foldhpc.checkpoint import CheckpointManager, fileformat
 from foldhpc.checkpoint.listing import format_table, list_checkpoints
+from foldhpc.config import load_config
+from foldhpc.train.loop import Trainer
 
 
 def make_state(seed: int) -> dict:
@@ -489,7 +491,8 @@ def test_move_aside_on_a_mount_point_and_refusal_when_a_rename_fails(tmp_path):
 
 def test_no_resume_keeps_a_symlinked_checkpoint_dir(tmp_path):
     """Item 19 end to end: ``foldhpc train --no-resume`` with checkpoint.dir a symlink to scratch
-    swapped the symlink for a real directory (the next checkpoints landed on the wrong file system)."""
+    swapped the symlink for a real directory (the next checkpoints landed on the wrong file system).
+    In-process: the Trainer with the resume choice ``--no-resume`` maps to ("never")."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     link = tmp_path / "ck-link"
@@ -497,10 +500,8 @@ def test_no_resume_keeps_a_symlinked_checkpoint_dir(tmp_path):
     run = tmp_path / "run"
     over = tiny_overrides(run, **{"train.max_steps": 4, "checkpoint.every_steps": 2, "train.val_every": 0,
                                   "checkpoint.dir": str(link)})
-    for extra in ([], ["--no-resume"]):
-        p = subprocess.run(foldhpc_cmd("train", "--config", str(TINY), *set_args(over), *extra), cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr[-2000:]
+    for resume in ("auto", "never"):
+        assert Trainer(load_config(TINY, over), resume=resume).run().state == "completed"
     assert link.is_symlink()
     aside = list(scratch.glob("old-*"))
     assert len(aside) == 1 and (aside[0] / "step_00000004.ckpt").is_file()
