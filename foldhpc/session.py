@@ -48,6 +48,7 @@ from foldhpc.records.logs import setup_logging
 from foldhpc.records.status import CHECKPOINTED, COMPLETED, FAILED, RUNNING, NullStatus, StatusFile, StatusSink
 from foldhpc.resilience import heartbeat as hb
 from foldhpc.resilience import runlock
+from foldhpc.resilience.nonfinite import NonFiniteGuard, Restored, RollbackUnavailable
 from foldhpc.train.compat import API_REMEDY, check_resume
 from foldhpc.train.rng import capture_rng_state, restore_rng_state
 
@@ -237,6 +238,16 @@ def _capture(obj: Any) -> dict[str, Any]:
     return sd
 
 
+class _LazyScalars:
+    """The guard's scalar sink: opens the session's TensorBoard writer only when a step is skipped."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self._session._tb().scalar(tag, value, step)
+
+
 class Session:
     """foldhpc's runtime for a loop the user wrote; use it as a context manager (see the module docstring).
 
@@ -294,8 +305,6 @@ class Session:
     - several ranks: stop agreement on a signal, rank 0 writes, :meth:`batches` for rank ``r``
       of ``world_size`` (:class:`StepBatches` itself takes ``rank`` / ``world_size``; the session
       passes 0 / 1);
-    - the non-finite guard with rollback (today the checkpoint manager refuses to write a state
-      holding NaN/inf; the loop is neither stopped nor rolled back);
     - choosing the checkpoint to resume from or starting afresh over existing checkpoints (the
       CLI's ``--resume PATH`` / ``--no-resume``): the session always resumes from the newest
       checkpoint that verifies;
@@ -313,6 +322,8 @@ class Session:
         self.exit_code: int = ExitCode.FAILED  #: 0 done, 75 checkpointed on a signal (requeue me)
         self.resumed_from: Path | None = None
         self.signal: str | None = None  #: the preemption signal that ended steps(), by name
+        #: the non-finite guard (see :meth:`check_finite`)
+        self.guard = NonFiniteGuard(self.cfg.fault.nonfinite_rollback)
         self.events: EventSink = NullEventLog()
         self.status: StatusSink = NullStatus()
         self.lock: runlock.RunLock | runlock.NoLock = runlock.NoLock()
@@ -398,7 +409,24 @@ class Session:
         loaded = self.ckpt.load_latest()
         if loaded is None:
             return
-        state, where = loaded.state, loaded.path
+        where = loaded.path
+        self._check_config(loaded.meta, where)
+        self.ckpt.last_committed = loaded.entry
+        if loaded.skipped:
+            self.status.update(warning=f"skipped bad checkpoints: {loaded.skipped}")
+        own = self._load_states(loaded.state, where)
+        self.step = self._resumed_step = int(own["step"])
+        self.restarts = int(own.get("restarts", 0)) + 1
+        self.resumed_from = where
+        self._seen = loaded.entry
+        load_s = time.monotonic() - t0
+        log.info("resumed from %s at step %d (restart #%d, checkpoint load %.2fs)", where, self.step, self.restarts,
+                 load_s)
+        self.events.emit("resumed", path=str(where), step=self.step, restarts=self.restarts, load_s=load_s)
+
+    def _load_states(self, state: dict[str, Any], where: Path) -> dict[str, Any]:
+        """Load a checkpoint's entries into ``states`` and the RNG states (the keys checked first:
+        :class:`StatesMismatch` before anything is loaded); returns the session's own entry."""
         want, have = set(self.states), set(state) - {SESSION_KEY}
         if SESSION_KEY not in state or want != have:
             parts = []
@@ -412,10 +440,6 @@ class Session:
                 f"checkpoint {where} does not match the session's states ({'; '.join(parts)}): it holds "
                 f"{sorted(have)}, the session tracks {sorted(want)}. Nothing was loaded or written. Pass the same "
                 f"states as the run that wrote it, or use another run directory.")
-        self._check_config(loaded.meta, where)
-        self.ckpt.last_committed = loaded.entry
-        if loaded.skipped:
-            self.status.update(warning=f"skipped bad checkpoints: {loaded.skipped}")
         for key, obj in self.states.items():
             try:
                 obj.load_state_dict(state[key])
@@ -424,16 +448,10 @@ class Session:
                 raise StatesMismatch(f"checkpoint {where}: states[{key!r}].load_state_dict() refused it: "
                                      f"{type(e).__name__}: {said}. Nothing was written; build {key!r} as the run "
                                      "that wrote the checkpoint did, or use another run directory.") from e
-        own = state[SESSION_KEY]
+        own: dict[str, Any] = state[SESSION_KEY]
         restore_rng_state(own["rng"])
-        self.step = self._resumed_step = int(own["step"])
-        self.restarts = int(own.get("restarts", 0)) + 1
-        self.resumed_from = where
-        self._seen = loaded.entry
-        load_s = time.monotonic() - t0
-        log.info("resumed from %s at step %d (restart #%d, checkpoint load %.2fs)", where, self.step, self.restarts,
-                 load_s)
-        self.events.emit("resumed", path=str(where), step=self.step, restarts=self.restarts, load_s=load_s)
+        self.guard.load_state_dict(own.get("nonfinite"))
+        return own
 
     def _check_config(self, meta: Mapping[str, Any], where: Path) -> None:
         """Refuse a checkpoint written with other ``task.*`` values or another ``train.seed`` (the
@@ -544,6 +562,11 @@ class Session:
             yield self.step
             self.step += 1
             faults.after_step(self.step, 0, self.events)  # test hooks (foldhpc chaos); nothing unless set
+            if self.guard.rollback_due:  # K non-finite steps in a row: back to the newest good checkpoint
+                self._after_rollback(self.guard.rollback(self.step, self._restore_for_rollback, self.events))
+                step_t0 = win_t0 = time.monotonic()
+                win_start = self.step
+                continue
             now = time.monotonic()
             if not first_done:
                 first_done, win_t0, win_start = True, now, self.step
@@ -570,6 +593,57 @@ class Session:
         while not self.ckpt.wait_staged(timeout=hb.WAIT_BEAT_S):
             self.hb.beat(self.step + 1, "checkpoint")
 
+    def check_finite(self, loss: torch.Tensor | float, grad_norm: torch.Tensor | float | None = None) -> bool:
+        """The non-finite guard, for the step in progress: True, apply the update
+        (``optimizer.step()``); False, skip it, the loss or gradient norm is NaN or inf. Call it
+        after the backward pass (and ``clip_grad_norm_``, whose result is ``grad_norm``)::
+
+            run.wait_staged()
+            if run.check_finite(loss, gnorm):
+                opt.step()
+
+        A skipped step is still a step (the loop goes on to the next batch; retrying the same one
+        would replay the same NaN). After ``fault.nonfinite_rollback`` skips in a row the session
+        rolls every state back to the newest good checkpoint at the next step boundary and
+        :meth:`steps` goes on from that checkpoint's step (a transient fault does not come back
+        in the replay); a streak that comes back where one was rolled back from is deterministic
+        and fails the run (:class:`~foldhpc.resilience.nonfinite.NonFiniteError`). Counters and
+        rollbacks are in ``status.json`` (``nonfinite``), the checkpoint and ``events.jsonl``; see
+        :mod:`foldhpc.resilience.nonfinite`. One host sync per call."""
+        loss_t = torch.as_tensor(loss).detach().float().reshape(())
+        gn = torch.as_tensor(0.0 if grad_norm is None else grad_norm).detach().float().to(loss_t.device)
+        loss_t = faults.nan_loss(loss_t, self.step + 1, 0, None, self.events)  # test hook, off unless set
+        return self.guard.check(self.step + 1, NonFiniteGuard.loss_flag(loss_t), gn, _LazyScalars(self),
+                                self.status, self.events)
+
+    def _restore_for_rollback(self) -> Restored:
+        """The guard's ``restore``: the newest good checkpoint back into ``states`` (the restart
+        count and the guard's record of this rollback are kept: what happened, not what the file says)."""
+        assert self.ckpt is not None
+        self.hb.beat(self.step, "checkpoint")
+        self.ckpt.wait()  # a save in flight is committed (or failed) first
+        try:
+            loaded = self.ckpt.load_latest()
+        except CheckpointError as e:
+            raise RollbackUnavailable(f"the checkpoint to roll back to cannot be loaded: {e}") from None
+        if loaded is None:
+            raise RollbackUnavailable("there is no checkpoint to roll back to")
+        self.ckpt.last_committed = loaded.entry
+        own = self._load_states(loaded.state, loaded.path)
+        self.step = int(own["step"])
+        return Restored(self.step, str(loaded.path))
+
+    def _after_rollback(self, restored: Restored) -> None:
+        """The curves after the step rolled back to are replayed: drop them, as a restart does."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._resumed_step = restored.step
+        tb = self._tb()
+        tb.scalar("fault/rollbacks", len(self.guard.rollbacks), restored.step)
+        tb.flush()
+        self.status.update(step=restored.step, nonfinite=self.guard.summary())
+
     def batches(self, dataset: MapDataset, batch_size: int,
                 collate_fn: Callable[[list[Any]], Any] | None = None) -> StepBatches:
         """``dataset``'s batches as a pure function of the step (:class:`StepBatches`): use
@@ -581,6 +655,17 @@ class Session:
     def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Draw ``scalars`` at ``step`` in the run's TensorBoard curves (one continuous set across
         restarts); a ``loss`` entry also goes to status.json and a ``progress`` event."""
+        tb = self._tb()
+        values = {k: float(v) for k, v in scalars.items()}
+        for tag, v in values.items():
+            tb.scalar(tag, v, step)
+        self._scalars = values
+        loss = values.get("loss", values.get("train/loss"))
+        self.status.update(step=self.step, **({"loss": loss} if loss is not None and loss == loss else {}))
+
+    def _tb(self) -> RunWriter:
+        """The run's TensorBoard writer, opened on first use (curves after the resumed step are
+        dropped: they are replayed)."""
         if self._writer is None:
             from foldhpc.records.tensorboard import RunWriter
 
@@ -588,12 +673,7 @@ class Session:
             if self.restarts:
                 job = slurm_env()
                 self._writer.restart_marker(self._resumed_step, self.restarts, job.job_id, job.restart_count)
-        values = {k: float(v) for k, v in scalars.items()}
-        for tag, v in values.items():
-            self._writer.scalar(tag, v, step)
-        self._scalars = values
-        loss = values.get("loss", values.get("train/loss"))
-        self.status.update(step=self.step, **({"loss": loss} if loss is not None and loss == loss else {}))
+        return self._writer
 
     def _progress(self, total: int, steps: int, seconds: float) -> None:
         """A ``progress`` record for the window of ``steps`` steps just done (a step counts as one
@@ -611,7 +691,8 @@ class Session:
         (:func:`_capture`)."""
         state: dict[str, Any] = {k: _capture(obj) if background else obj.state_dict()
                                  for k, obj in self.states.items()}
-        state[SESSION_KEY] = {"step": self.step, "restarts": self.restarts, "rng": capture_rng_state()}
+        state[SESSION_KEY] = {"step": self.step, "restarts": self.restarts, "rng": capture_rng_state(),
+                              "nonfinite": self.guard.state_dict()}
         return state
 
     def _meta(self) -> dict[str, Any]:

@@ -435,3 +435,96 @@ def test_a_capture_state_dict_hook_is_what_a_background_save_writes(tmp_path: Pa
     saved = _by_step(tmp_path / "run" / "checkpoints")
     for step, state in saved.items():
         assert torch.equal(state["counter"]["count"], torch.full((4000,), float(step))), step
+
+
+# ---------------------------------------------------------------------------------------- non-finite guard
+
+def _guarded(run: Any, states: dict[str, Any], total: int) -> list[int]:
+    """The in-process loop with the guard; returns the steps whose update was skipped."""
+    model, opt = states["model"], states["optimizer"]
+    skipped = []
+    for step in run.steps(total):
+        loss = model(torch.full((2, 4), float(step % 7))).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        gnorm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        run.wait_staged()
+        if run.check_finite(loss, gnorm):
+            opt.step()
+        else:
+            skipped.append(step + 1)
+    return skipped
+
+
+def _guard_config(every: int = 5) -> Config:
+    cfg = Config()
+    cfg.checkpoint.every_steps, cfg.checkpoint.keep_last = every, 10
+    # saves in place: exactly at the multiples of `every` (a background writer may lag behind a loop of
+    # microsecond steps, and the newest checkpoint then holds the streak's first skips)
+    cfg.checkpoint.async_save = False
+    cfg.fault.nonfinite_rollback = 3
+    return cfg
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from foldhpc.records.envvars import NAN_AT_STEPS
+
+    monkeypatch.setenv(NAN_AT_STEPS, "7")
+    states = _states()
+    with foldhpc.Session(tmp_path / "run", states=states, config=_guard_config()) as run:
+        skipped = _guarded(run, states, 12)
+    assert skipped == [7] and run.exit_code == 0 and run.step == 12
+    assert read_json(tmp_path / "run" / "status.json")["nonfinite"]["skipped"] == 1
+    # skipped: the same weights as a run that never applied step 7's update
+    monkeypatch.delenv(NAN_AT_STEPS)
+    ref = _states()
+    model, opt = ref["model"], ref["optimizer"]
+    for step in range(12):
+        loss = model(torch.full((2, 4), float(step % 7))).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if step + 1 != 7:
+            opt.step()
+    assert torch.equal(ref["model"].weight, states["model"].weight)
+
+
+def test_a_transient_non_finite_streak_rolls_back_and_replays_bit_for_bit(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from foldhpc.records.envvars import NAN_AT_STEPS, NAN_ONCE
+
+    ref_states = _states()
+    with foldhpc.Session(tmp_path / "ref", states=ref_states, config=_guard_config()) as ref:
+        assert _guarded(ref, ref_states, 20) == []
+    monkeypatch.setenv(NAN_AT_STEPS, "12-14")
+    monkeypatch.setenv(NAN_ONCE, str(tmp_path / "nan-once"))  # transient: the replay is clean
+    states = _states()
+    with foldhpc.Session(tmp_path / "run", states=states, config=_guard_config()) as run:
+        skipped = _guarded(run, states, 20)
+    assert skipped == [12, 13, 14] and run.exit_code == 0 and run.step == 20
+    status = read_json(tmp_path / "run" / "status.json")
+    assert status["nonfinite"]["rollbacks"] == [{"first": 12, "at": 14, "to": 10}]
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert kinds.count("nonfinite_skip") == 3 and kinds.count("rollback") == 1
+    got, want = _latest(tmp_path / "run"), _latest(tmp_path / "ref")
+    assert got.entry.step == want.entry.step == 20
+    for key in ("model", "optimizer"):
+        _assert_same(got.state[key], want.state[key], key)
+    assert got.state["foldhpc"]["nonfinite"]["rollbacks"][0]["to"] == 10  # remembered across a resume
+
+
+def test_a_deterministic_non_finite_streak_fails_the_run_after_one_rollback(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from foldhpc.records.envvars import NAN_AT_STEPS
+    from foldhpc.resilience.nonfinite import NonFiniteError
+
+    monkeypatch.setenv(NAN_AT_STEPS, "7-9")  # every time: the replay hits them again
+    states = _states()
+    run = foldhpc.Session(tmp_path / "run", states=states, config=_guard_config())
+    with pytest.raises(NonFiniteError, match="again after rolling back from step 9 to step 5"):
+        with run:
+            _guarded(run, states, 20)
+    assert run.exit_code == 1
+    status = read_json(tmp_path / "run" / "status.json")
+    assert status["state"] == "failed" and "deterministic" in status["error"]
+    assert _latest(tmp_path / "run").entry.step == 5  # no NaN reached a checkpoint
