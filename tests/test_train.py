@@ -84,11 +84,15 @@ def test_missing_dataset_fails_clearly_and_records_why(tmp_path):
     assert st["state"] == "failed" and "no-such-data" in st["error"]
 
 
-def test_crash_mid_training_is_recorded_in_status(tmp_path):
+def test_crash_mid_training_is_recorded_in_status(tmp_path, monkeypatch):
+    """In-process: the exception a ``foldhpc train`` process dies of (exit 1, its traceback:
+    tests/test_cli_errors.py) leaves the run's status and log behind it."""
+    from foldhpc import faults
+
     run = tmp_path / "run"
-    p = run_foldhpc("train", "--config", str(TINY), *set_args(tiny_overrides(run, **{"train.max_steps": 20})),
-                    env={"FOLDHPC_FAIL_AT_STEP": "7"})
-    assert p.returncode == 1
+    monkeypatch.setenv(faults.FAIL_AT_STEP, "7")
+    with pytest.raises(faults.InjectedFailure, match="injected failure at step 7"):
+        Trainer(load_config(TINY, tiny_overrides(run, **{"train.max_steps": 20}))).run()
     st = read_json(run / "status.json")
     assert st["state"] == "failed" and st["step"] == 7
     assert "injected failure at step 7" in st["error"]
@@ -98,7 +102,7 @@ def test_crash_mid_training_is_recorded_in_status(tmp_path):
 def test_incompatible_resume_is_refused_unless_forced(tmp_path):
     run = tmp_path / "run"
     base = tiny_overrides(run, **{"train.max_steps": 5})
-    assert run_foldhpc("train", "--config", str(TINY), *set_args(base)).returncode == 0
+    assert Trainer(load_config(TINY, base)).run().state == "completed"  # the checkpoints to resume (in-process)
     changed = base + ["model.d_pair=8", "train.max_steps=8"]
     p = run_foldhpc("train", "--config", str(TINY), *set_args(changed))
     assert p.returncode == 2  # a user error: nothing was lost, a restart cannot fix it
