@@ -239,13 +239,14 @@ def test_beat_file_prepared_before_the_tmpfs_fills_keeps_beating(small_tmpfs, re
 def test_full_dev_shm_heartbeats_fall_back_and_the_healthy_trainer_is_not_killed(tmp_path):
     """The review's case: /dev/shm full, every beat failed unseen, the trainer was killed as hung
     at startup twice and the run failed. Here /dev/shm is a full 64 KiB tmpfs in a private mount
-    namespace (nobody else sees it)."""
+    namespace (nobody else sees it). The steps alone (20 x 0.5 s) outlast the 10 s startup
+    timeout, so a trainer whose beats went unseen would be killed."""
     need_root("mounting a tmpfs over /dev/shm")
     run = tmp_path / "run"
     script = ('mount -t tmpfs -o size=64k tmpfs /dev/shm || exit 99; '
               '(dd if=/dev/zero of=/dev/shm/fill bs=4096 2>/dev/null; true); exec "$@"')
     cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-           *supervised(run, **{"fault.startup_timeout": "10s", "train.max_steps": 30})]
+           *supervised(run, **{"fault.startup_timeout": "10s", "train.max_steps": 20})]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, FOLDHPC_DEBUG_STEP_DELAY_S="0.5"))
     if p.returncode == 99:
