@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY, run_foldhpc, set_args, tiny_overrides
-from foldhpc.config import ConfigError
+from conftest import ROOT, TINY, run_foldhpc, tiny_overrides
+from foldhpc.config import ConfigError, load_config
 from foldhpc.slurm.sweep import MAX_NAME, grid, parse_axes, plan
 
 
@@ -91,9 +91,11 @@ def test_status_of_a_sweep_directory(tmp_path):
     sweep.mkdir()
     (sweep / "sweep.json").write_text(json.dumps({"array_job_id": None, "tasks": [
         {"index": t.index, "name": t.name, "overrides": t.overrides} for t in tasks]}))
-    p = run_foldhpc("train", "--config", str(TINY), *set_args(tiny_overrides(
-        sweep / "seed=1", **{"train.seed": 1, "train.max_steps": 4})))
-    assert p.returncode == 0, p.stderr
+    from foldhpc.train.loop import Trainer
+
+    # the completed task's run, trained in-process (what is tested is `foldhpc status` of the sweep)
+    assert Trainer(load_config(TINY, tiny_overrides(sweep / "seed=1", **{"train.seed": 1, "train.max_steps": 4}))
+                   ).run().state == "completed"
     (sweep / "seed=2").mkdir()
     (sweep / "seed=2" / "status.json").write_text(json.dumps(
         {"state": "failed", "step": 3, "max_steps": 4, "error": "boom", "val": {"distogram_loss": 9.5}, "val_step": 2}))
