@@ -69,6 +69,9 @@ _SLACK_S = 1.0  # clock/recording slack when matching a process start to the job
 #: two processes, or two threads, can be out of order by milliseconds, never by this much)
 CLOCK_STEP_S = 1.0
 #: the note of a run directory without events.jsonl (made before foldhpc recorded events)
+#: the note of a run whose supervised command records no steps
+FOREIGN_NOTE = ("the supervised command records no steps (it does not use foldhpc.Session): wall time, restarts "
+                "and queue wait only")
 NO_EVENTS_NOTE = (f"no {EVENTS_FILE}: this run was made before foldhpc recorded events; step figures are unknown "
                   f"(wall time, queue wait and job runs are from {HISTORY_FILE}, {STATUS_FILE} and sacct; "
                   f"{LOG_FILE} is prose and is not parsed)")
@@ -668,8 +671,17 @@ def build_timeline(run_dir: Path, now: float | None = None, use_sacct: bool = Tr
     if status:
         sources.append(STATUS_FILE)
     attempts = [a for a in attempts if a.spawn is not None or a.first_line is not None]
-    if status.get("finished_at") and attempts and status.get("pid") == attempts[-1].pid:
+    # a supervised command that records nothing itself (it does not use foldhpc.Session): the
+    # supervisor's spawn and failure records and its status.json (pid: the supervisor's) are all
+    # there is; it ran from its spawn to the failure, or to the end status.json tells
+    foreign = bool(attempts) and all(a.first_line is None for a in attempts)
+    if status.get("finished_at") and attempts and (status.get("pid") == attempts[-1].pid or foreign):
         attempts[-1].finished_at = float(status["finished_at"])
+    if foreign and attempts[-1].outcome == "unknown" and status.get("state") in ("completed", "checkpointed",
+                                                                                 "failed"):
+        attempts[-1].outcome = str(status["state"])
+    if foreign:
+        notes.append(FOREIGN_NOTE)
     running = False
     st = status.get("state")
     if st in ("running", "restarting"):
@@ -792,7 +804,7 @@ def build_timeline(run_dir: Path, now: float | None = None, use_sacct: bool = Tr
             m.lane = max((ln.index for ln in lanes if ln.start <= m.time), default=0)
     marks.sort(key=lambda m: m.time)
     return Timeline(str(run_dir), start, end, running, lanes, segments, marks, writes, step_points, notes, sources,
-                    steps_known=not legacy)
+                    steps_known=not legacy and not foreign)
 
 
 def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
