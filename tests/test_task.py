@@ -194,3 +194,28 @@ def test_task_changes_are_trajectory_and_old_checkpoints_are_the_default_task() 
     d = diff_configs({**old, "task": {"factory": "a:b", "params": {"layers": 2, "gone": 1}}}, new)
     assert d.trajectory == ["task.params.gone: 1 -> <unset>", "task.params.layers: 2 -> 4"]
     assert diff_configs(old, new).trajectory == ["task.factory: '' -> 'a:b'", "task.params.layers: <unset> -> 4"]
+
+
+def test_the_built_in_model_as_a_task_on_the_public_api_trains_the_same_bits(tmp_path: Path) -> None:
+    """examples/distogram_task.py: foldhpc's own model written as a [task]; the same weights and
+    optimizer moments as `foldhpc train` after the same steps (one CPU process)."""
+    from conftest import ROOT, TINY, tiny_overrides
+
+    builtin, task = tmp_path / "builtin", tmp_path / "task"
+    common = ["--no-supervise", "--config", str(TINY)]
+    sets = ["train.max_steps=12", "checkpoint.every_steps=5", "train.val_every=0"]
+
+    def args(run: Path, *more: str) -> list[str]:
+        out = ["train", *common]
+        for s in tiny_overrides(run) + sets + list(more):
+            out += ["--set", s]
+        return out
+
+    assert main(args(builtin)) == 0
+    assert main(args(task, f"task.factory={ROOT / 'examples' / 'distogram_task.py'}:build")) == 0
+    a, b = latest_checkpoint(builtin), latest_checkpoint(task)
+    assert a.entry.step == b.entry.step == 12
+    assert a.entry.digest == b.entry.digest  # model + optimizer, as `foldhpc checkpoints` shows it
+    for key in ("model", "optimizer", "lr_scheduler"):
+        assert_same_state(a.state[key], b.state[key], key)
+    assert set(json.loads((task / "status.json").read_text())["metrics"]) >= {"precision_long", "distogram_loss"}
