@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,10 +36,12 @@ from torch.utils.data import default_collate
 import foldhpc
 from foldhpc import faults
 from foldhpc.checkpoint import CheckpointError, CheckpointManager, PreemptionSignals
-from foldhpc.checkpoint.manager import CheckpointEntry
+from foldhpc.checkpoint.manager import CheckpointEntry, LoadedCheckpoint
 from foldhpc.cluster.env import slurm_env
 from foldhpc.config import Config, ConfigError, config_to_toml, load_config
 from foldhpc.data.dataset import TrainBatches
+from foldhpc.distributed.env import DistEnv, from_environ
+from foldhpc.distributed.group import SoloGroup, open_group
 from foldhpc.records.envvars import SUPERVISED_ENV
 from foldhpc.records.events import EventLog, EventSink, NullEventLog
 from foldhpc.records.exitcodes import ExitCode
@@ -54,7 +57,7 @@ from foldhpc.train.rng import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:  # imported by the first log_scalars(): TensorBoard costs a third of a second to import
     from foldhpc.data.structure import ProteinChain
-    from foldhpc.records.tensorboard import RunWriter
+    from foldhpc.records.tensorboard import RunWriter, ScalarSink
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +241,26 @@ def _capture(obj: Any) -> dict[str, Any]:
     return sd
 
 
+class _NullScalars:
+    """What ranks other than 0 draw: nothing (the ScalarSink protocol without TensorBoard's import)."""
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        return None
+
+    def restart_marker(self, step: int, restarts: int, job_id: str | None, slurm_restarts: int,
+                       note: str = "") -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+_NULL_SCALARS = _NullScalars()
+
+
 class _LazyScalars:
     """The guard's scalar sink: opens the session's TensorBoard writer only when a step is skipped."""
 
@@ -300,11 +323,20 @@ class Session:
     (:class:`~foldhpc.config.ConfigError`, naming the key). A failure inside the ``with`` block is recorded in
     ``status.json`` (``failed``) and :attr:`exit_code` (1, or 2 for a user error), then raised.
 
-    Not yet (one process, rank 0 of 1, for now):
+    Several ranks (launched by torchrun, ``srun`` or any launcher that sets ``RANK`` /
+    ``WORLD_SIZE`` / ``MASTER_PORT``; ``env`` overrides what the environment says): entering opens
+    the process group (``distributed.backend``; wrap the model in DDP after entering); rank 0
+    holds the run lock and writes checkpoints, ``status.json``, ``config.toml`` and TensorBoard,
+    every rank writes its own ``events.jsonl`` records; rank 0 picks the checkpoint to resume from
+    and every rank loads that file. At every step boundary the ranks agree on a signal any of
+    them received and on a due timer, so all stop (or save) at the same step; each waits for rank
+    0's exit save before it leaves. :meth:`batches` gives rank ``r`` its part of the global batch.
+    :meth:`check_finite` takes the same verdict on every rank (any rank's non-finite loss; the
+    gradient norm is DDP's, the same everywhere). Not per-rank failure attribution yet (the
+    built-in trainer's ``failed_ranks``): a rank that dies leaves the others to the group timeout.
 
-    - several ranks: stop agreement on a signal, rank 0 writes, :meth:`batches` for rank ``r``
-      of ``world_size`` (:class:`StepBatches` itself takes ``rank`` / ``world_size``; the session
-      passes 0 / 1);
+    Not yet:
+
     - choosing the checkpoint to resume from or starting afresh over existing checkpoints (the
       CLI's ``--resume PATH`` / ``--no-resume``): the session always resumes from the newest
       checkpoint that verifies;
@@ -312,8 +344,13 @@ class Session:
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], states: Mapping[str, Any],
-                 config: Config | str | os.PathLike[str] | None = None, *, force_resume: bool = False) -> None:
+                 config: Config | str | os.PathLike[str] | None = None, *, force_resume: bool = False,
+                 env: DistEnv | None = None) -> None:
         self.states = _check_states(states)
+        #: which rank this process is (torchrun's or srun's environment, see foldhpc.distributed.env)
+        self.env = env if env is not None else from_environ()
+        self.main = self.env.is_main  # rank 0 writes checkpoints, status.json, config.toml and TensorBoard
+        self.group: SoloGroup = SoloGroup(self.env)
         self.force_resume = bool(force_resume)
         self.run_dir = Path(run_dir)
         self.cfg = _resolve_config(config, self.run_dir)
@@ -349,12 +386,16 @@ class Session:
             raise runlock.RunDirLocked(f"run directory {self.run_dir} is held by another Session of this process "
                                        f"(pid {os.getpid()}): one writer per run directory")
         make_private_dir(self.run_dir)
+        if self.main:  # rank 0 holds the lock for the run; the other ranks do not look at it (runlock)
+            try:
+                self.lock = runlock.acquire(self.run_dir, cfg.fault.lock_stale_after)
+            except runlock.RunDirLocked as e:
+                runlock.record_refusal(self.run_dir, e)
+                raise
         try:
-            self.lock = runlock.acquire(self.run_dir, cfg.fault.lock_stale_after)
-        except runlock.RunDirLocked as e:
-            runlock.record_refusal(self.run_dir, e)
-            raise
-        try:
+            if self.env.distributed:  # the process group (gloo on CPU, NCCL on CUDA): DDP can wrap a model now
+                self.group = open_group(self.env, cfg.distributed.backend,
+                                        "cuda" if torch.cuda.is_available() else "cpu", cfg.distributed.timeout_s)
             self._start()
         except BaseException as e:
             self._fail(e)
@@ -365,27 +406,29 @@ class Session:
         return self
 
     def _start(self) -> None:
-        cfg = self.cfg
-        note = runlock.claim_checkpoint_dir(cfg.checkpoint_dir, self.run_dir)
-        if note and isinstance(self.lock, runlock.RunLock):
-            self.lock.notes.append(note)
-        setup_logging(cfg.run.log_level, self.run_dir / LOG_FILE)
-        self.events = EventLog(self.run_dir, 0)
+        cfg, env = self.cfg, self.env
+        if self.main:
+            note = runlock.claim_checkpoint_dir(cfg.checkpoint_dir, self.run_dir)
+            if note and isinstance(self.lock, runlock.RunLock):
+                self.lock.notes.append(note)
+        setup_logging(cfg.run.log_level, self.run_dir / LOG_FILE, env.rank if env.distributed else None)
+        self.events = EventLog(self.run_dir, env.rank)
         slurm = slurm_env()
         supervised = os.environ.get(SUPERVISED_ENV) == "1"
         self.events.emit("process_start", process_start_t=time.time() - process_age_s(), max_steps=None, host=socket.gethostname(),
-                         world_size=1, supervised=supervised, slurm_job_id=slurm.job_id,
+                         world_size=env.world_size, supervised=supervised, slurm_job_id=slurm.job_id,
                          slurm_restart_count=slurm.restart_count, foldhpc_version=foldhpc.__version__,
                          session=True)
         self.lock.log_acquired()
-        try:
-            atomic_write_text(self.run_dir / CONFIG_FILE, config_to_toml(cfg))
-        except OSError as e:
-            log.warning("cannot write %s (%s): the run goes on (each checkpoint records the config)",
-                        self.run_dir / CONFIG_FILE, e.strerror or e)
-        self.status = StatusFile(self.run_dir)
+        if self.main:
+            try:
+                atomic_write_text(self.run_dir / CONFIG_FILE, config_to_toml(cfg))
+            except OSError as e:
+                log.warning("cannot write %s (%s): the run goes on (each checkpoint records the config)",
+                            self.run_dir / CONFIG_FILE, e.strerror or e)
+            self.status = StatusFile(self.run_dir)
         self.status.update(state=RUNNING, started_at=time.time(), error=None, signal=None, slurm_job_id=slurm.job_id,
-                           slurm_restart_count=slurm.restart_count, world_size=1, failed_ranks=None)
+                           slurm_restart_count=slurm.restart_count, world_size=env.world_size, failed_ranks=None)
         self.hb = hb.heartbeat()
         if supervised:
             hb.enable_stack_dump(self.run_dir / STACKS_FILE)
@@ -394,19 +437,20 @@ class Session:
         self._preempt.__enter__()
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
                                       owner_check=self.lock.verify, events=self.events)
-        try:
-            make_private_dir(cfg.checkpoint_dir)
-        except OSError:
-            pass  # preflight says what is wrong with it
-        est = sum(_tensor_bytes(s.state_dict()) for s in self.states.values()) + (1 << 20)
-        self.ckpt.preflight(est, cfg.checkpoint.min_free_mb << 20)
+        if self.main:  # the writer; preflight also removes dead writers' temporary files
+            try:
+                make_private_dir(cfg.checkpoint_dir)
+            except OSError:
+                pass  # preflight says what is wrong with it
+            est = sum(_tensor_bytes(s.state_dict()) for s in self.states.values()) + (1 << 20)
+            self.ckpt.preflight(est, cfg.checkpoint.min_free_mb << 20)
         self._restore()
         self.status.update(step=self.step, restarts=self.restarts)
 
     def _restore(self) -> None:
         assert self.ckpt is not None
         t0 = time.monotonic()
-        loaded = self.ckpt.load_latest()
+        loaded = self._load_chosen("waiting for rank 0 to choose the checkpoint to resume from")
         if loaded is None:
             return
         where = loaded.path
@@ -423,6 +467,33 @@ class Session:
         log.info("resumed from %s at step %d (restart #%d, checkpoint load %.2fs)", where, self.step, self.restarts,
                  load_s)
         self.events.emit("resumed", path=str(where), step=self.step, restarts=self.restarts, load_s=load_s)
+
+    def _load_chosen(self, what: str) -> LoadedCheckpoint | None:
+        """The newest good checkpoint, chosen by rank 0 (which repairs the index if it must) and
+        loaded by every rank from the file rank 0 names; None if there is none. An error on rank
+        0 is raised on every rank."""
+        assert self.ckpt is not None
+        loaded: LoadedCheckpoint | None = None
+        error: str | None = None
+        if self.main:
+            try:
+                loaded = self.ckpt.load_latest()
+            except CheckpointError as e:
+                if not self.env.distributed:
+                    raise
+                error = str(e)
+        if not self.env.distributed:
+            return loaded
+        choice = self.group.broadcast({"path": str(loaded.path) if loaded else None, "error": error}, what)
+        if choice["error"] is not None:
+            raise CheckpointError(f"rank 0: {choice['error']}", damaged=False)
+        if self.main or choice["path"] is None:
+            return loaded
+        path = Path(choice["path"])
+        payload = self.ckpt.load_file(path)
+        meta = payload.get("meta") or {}
+        entry = CheckpointEntry(path.name, int(meta.get("step", 0)))  # this rank never saves: the name is enough
+        return LoadedCheckpoint(entry, path, payload["state"], meta)
 
     def _load_states(self, state: dict[str, Any], where: Path) -> dict[str, Any]:
         """Load a checkpoint's entries into ``states`` and the RNG states (the keys checked first:
@@ -505,6 +576,7 @@ class Session:
                 self._preempt.__exit__(None, None, None)
         finally:
             self.lock.release()
+            self.group.close()
             if self._live is not None:
                 _LIVE.discard(self._live)
         hb.heartbeat().beat(self.step, "done")
@@ -533,12 +605,20 @@ class Session:
             self.hb.beat(self.step + 1, "train")
             self.lock.check()  # taken over by another writer: stop, write nothing
             self._note_checkpoint()
-            if preempt.received is not None:
-                sig = preempt.received.name
+            # the step boundary: with several ranks they agree here, every step, on a signal any of
+            # them received and on a due timer, so that all stop (or save) at the same step
+            received = int(preempt.received) if preempt.received is not None else 0
+            timer_due = interval > 0 and time.monotonic() - last_save_t >= interval
+            if self.env.distributed:
+                received, timer_due = self.group.agree(received, timer_due)
+            if received:
+                sig = signal.Signals(received).name
                 in_flight = ckpt.in_flight
-                log.warning("received %s: saving a checkpoint at step %d, then exiting for requeue%s", sig,
-                            self.step, " (waiting for the background save in flight first)" if in_flight else "")
-                self.events.emit("signal", signal=sig, step=self.step, in_flight=in_flight, from_peer=False)
+                log.warning("received %s%s: saving a checkpoint at step %d, then exiting for requeue%s", sig,
+                            "" if preempt.received is not None else " (on another rank)", self.step,
+                            " (waiting for the background save in flight first)" if in_flight else "")
+                self.events.emit("signal", signal=sig, step=self.step, in_flight=in_flight,
+                                 from_peer=preempt.received is None)
                 t0 = time.monotonic()
                 self._save_for_exit(f"signal:{sig}")
                 durable_s = time.monotonic() - t0
@@ -555,13 +635,12 @@ class Session:
                 break
             at_multiple = bool(every) and self.step > start and self.step % every == 0
             due = due or at_multiple
-            timer_due = interval > 0 and time.monotonic() - last_save_t >= interval
             if due or timer_due:
-                if self._save("steps" if due else "timer", blocking=False):
+                if not self.main or self._save("steps" if due else "timer", blocking=False):
                     last_save_t, due = time.monotonic(), False
             yield self.step
             self.step += 1
-            faults.after_step(self.step, 0, self.events)  # test hooks (foldhpc chaos); nothing unless set
+            faults.after_step(self.step, self.env.rank, self.events)  # test hooks (foldhpc chaos); nothing unless set
             if self.guard.rollback_due:  # K non-finite steps in a row: back to the newest good checkpoint
                 self._after_rollback(self.guard.rollback(self.step, self._restore_for_rollback, self.events))
                 step_t0 = win_t0 = time.monotonic()
@@ -612,9 +691,11 @@ class Session:
         :mod:`foldhpc.resilience.nonfinite`. One host sync per call."""
         loss_t = torch.as_tensor(loss).detach().float().reshape(())
         gn = torch.as_tensor(0.0 if grad_norm is None else grad_norm).detach().float().to(loss_t.device)
-        loss_t = faults.nan_loss(loss_t, self.step + 1, 0, None, self.events)  # test hook, off unless set
-        return self.guard.check(self.step + 1, NonFiniteGuard.loss_flag(loss_t), gn, _LazyScalars(self),
-                                self.status, self.events)
+        loss_t = faults.nan_loss(loss_t, self.step + 1, self.env.rank, None, self.events)  # test hook, off unless set
+        bad = NonFiniteGuard.loss_flag(loss_t)
+        if self.env.distributed:  # the same verdict on every rank (the gradient norm is DDP's, the same everywhere)
+            bad = self.group.sum_(bad.reshape(1)).reshape(())
+        return self.guard.check(self.step + 1, bad, gn, _LazyScalars(self), self.status, self.events)
 
     def _restore_for_rollback(self) -> Restored:
         """The guard's ``restore``: the newest good checkpoint back into ``states`` (the restart
@@ -623,7 +704,7 @@ class Session:
         self.hb.beat(self.step, "checkpoint")
         self.ckpt.wait()  # a save in flight is committed (or failed) first
         try:
-            loaded = self.ckpt.load_latest()
+            loaded = self._load_chosen("waiting for rank 0 to choose the checkpoint to roll back to")
         except CheckpointError as e:
             raise RollbackUnavailable(f"the checkpoint to roll back to cannot be loaded: {e}") from None
         if loaded is None:
@@ -650,7 +731,8 @@ class Session:
         ``batches[step]`` inside ``for step in run.steps(...)`` and a resumed run continues with
         exactly the batches it would have seen. Seeded from the config's ``train.seed``; this
         process is rank 0 of 1 (``batch_size`` is the global batch)."""
-        return StepBatches(dataset, batch_size, self.cfg.train.seed, rank=0, world_size=1, collate_fn=collate_fn)
+        return StepBatches(dataset, batch_size, self.cfg.train.seed, rank=self.env.rank,
+                           world_size=self.env.world_size, collate_fn=collate_fn)
 
     def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Draw ``scalars`` at ``step`` in the run's TensorBoard curves (one continuous set across
@@ -663,9 +745,11 @@ class Session:
         loss = values.get("loss", values.get("train/loss"))
         self.status.update(step=self.step, **({"loss": loss} if loss is not None and loss == loss else {}))
 
-    def _tb(self) -> RunWriter:
+    def _tb(self) -> ScalarSink:
         """The run's TensorBoard writer, opened on first use (curves after the resumed step are
         dropped: they are replayed)."""
+        if not self.main:
+            return _NULL_SCALARS  # rank 0 draws the curves
         if self._writer is None:
             from foldhpc.records.tensorboard import RunWriter
 
@@ -698,7 +782,7 @@ class Session:
     def _meta(self) -> dict[str, Any]:
         slurm = slurm_env()
         return {"config_fingerprint": self.cfg.fingerprint(), "config": self.cfg.to_dict(),
-                "foldhpc_version": foldhpc.__version__, "torch_version": str(torch.__version__), "world_size": 1,
+                "foldhpc_version": foldhpc.__version__, "torch_version": str(torch.__version__), "world_size": self.env.world_size,
                 "saved_at": time.time(), "host": socket.gethostname(), "slurm_job_id": slurm.job_id or "",
                 "slurm_restart_count": slurm.restart_count, "session": True, "states": sorted(self.states)}
 
@@ -719,8 +803,12 @@ class Session:
                               blocking=blocking)
 
     def _save_for_exit(self, reason: str) -> None:
-        self._save(reason, blocking=True)
-        self._note_checkpoint()
+        """A blocking save (rank 0); every rank waits until it is durable, so that none exits
+        first (a launcher such as torchrun ends the others when one rank exits)."""
+        if self.main:
+            self._save(reason, blocking=True)
+            self._note_checkpoint()
+        self.group.barrier(f"waiting for rank 0's {reason} checkpoint")
 
     def _note_checkpoint(self) -> None:
         """Surface background-save results (status, TensorBoard) on the loop's thread."""

@@ -528,3 +528,82 @@ def test_a_deterministic_non_finite_streak_fails_the_run_after_one_rollback(tmp_
     status = read_json(tmp_path / "run" / "status.json")
     assert status["state"] == "failed" and "deterministic" in status["error"]
     assert _latest(tmp_path / "run").entry.step == 5  # no NaN reached a checkpoint
+
+
+# ---------------------------------------------------------------------------------------- several ranks
+
+DDP_SCRIPT = """
+import sys, time
+import torch
+from torch import nn
+import foldhpc
+
+run_dir, total = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+g = torch.Generator().manual_seed(1)
+data = torch.utils.data.TensorDataset(torch.randn(256, 8, generator=g), torch.randn(256, 1, generator=g))
+cfg = foldhpc.Config()
+cfg.checkpoint.every_steps = 20
+with foldhpc.Session(run_dir, states={"model": model, "optimizer": opt}, config=cfg) as run:
+    ddp = nn.parallel.DistributedDataParallel(model)   # the session opened the process group
+    batches = run.batches(data, batch_size=16)          # this rank's half of each global batch
+    for step in run.steps(total):
+        x, y = batches[step]
+        loss = nn.functional.mse_loss(ddp(x), y)
+        opt.zero_grad()
+        loss.backward()
+        run.wait_staged()
+        opt.step()
+        time.sleep(0.01)
+sys.exit(run.exit_code)
+"""
+RANKS_N = 150
+
+
+def _start_ranks(tmp: Path, run_dir: Path, port: int) -> list[subprocess.Popen[str]]:
+    script = tmp / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(script), str(run_dir), str(RANKS_N)], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_ranks_stop_together_on_a_signal_to_one_and_resume_bit_for_bit(tmp_path: Path) -> None:
+    """A signal to rank 1 alone: both ranks agree at the next boundary, rank 0 saves, both exit 75;
+    the resumed pair ends with the weights of an uninterrupted pair."""
+    ref = tmp_path / "ref"
+    outs = [_finish(p) for p in _start_ranks(tmp_path, ref, _free_port())]
+    assert [rc for rc, _ in outs] == [0, 0], outs
+    run = tmp_path / "run"
+    procs = _start_ranks(tmp_path, run, _free_port())
+    wait_for(lambda: _committed(run) or procs[0].poll() is not None, "a first checkpoint", timeout=90, poll=0.02)
+    procs[1].send_signal(signal.SIGUSR1)
+    outs = [_finish(p) for p in procs]
+    assert [rc for rc, _ in outs] == [75, 75], outs
+    stopped = _latest(run).entry
+    assert stopped.reason == "signal:SIGUSR1" and stopped.step < RANKS_N
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    signals = {e["rank"]: e for e in events if e["kind"] == "signal"}
+    assert signals[0]["from_peer"] is True and signals[1]["from_peer"] is False  # rank 0 heard it from rank 1
+    assert signals[0]["step"] == signals[1]["step"] == stopped.step
+    outs = [_finish(p) for p in _start_ranks(tmp_path, run, _free_port())]
+    assert [rc for rc, _ in outs] == [0, 0], outs
+    got, want = _latest(run), _latest(ref)
+    assert got.entry.step == want.entry.step == RANKS_N
+    assert got.meta["world_size"] == 2
+    for key in ("model", "optimizer"):
+        _assert_same(got.state[key], want.state[key], key)
