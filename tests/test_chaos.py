@@ -297,3 +297,44 @@ def test_full_run_directory_is_survived_bit_exact(tmp_path):
     run_dir = tmp_path / "runs" / "chaos"
     assert not os.path.ismount(run_dir) and (run_dir / EVENTS_FILE).stat().st_size > 0  # copied back
     assert not (run_dir / "checkpoints").exists() and list((tmp_path / "runs" / "chaos-checkpoints").glob("step_*"))
+
+
+# ---------------------------------------------------------------------- a [task] of the user's
+ESM_TASK = TINY.parents[1] / "examples" / "esm_contacts.toml"  # fair-esm's ESM-2 (tests/test_esm_task.py)
+
+
+def test_kinds_a_task_cannot_take_are_left_out_by_default_and_refused_by_name(tmp_path):
+    from foldhpc.chaos.command import fit_kinds_to_task
+    from foldhpc.cli import main
+    from foldhpc.config import Config, ConfigError
+
+    cfg = Config()
+    cfg.task.factory = "examples/esm_contacts.py:build"
+    kinds, weights = list(DEFAULT_KINDS), {"nan": 2.0, "sigkill": 1.0}
+    skipped = fit_kinds_to_task(cfg, kinds, weights, named=False, nproc=1)
+    assert list(skipped) == ["nan"] and "non-finite guard" in skipped["nan"]  # for the report
+    assert kinds == [k for k in DEFAULT_KINDS if k != "nan"] and weights == {"sigkill": 1.0}
+    with pytest.raises(ConfigError, match=r"--kinds nan: task.factory = .* cannot take it"):
+        fit_kinds_to_task(cfg, ["sigkill", "nan"], {}, named=True, nproc=1)
+    with pytest.raises(ConfigError, match="--nproc 2: .* runs as one process"):
+        fit_kinds_to_task(cfg, ["sigkill"], {}, named=False, nproc=2)
+    builtin = list(DEFAULT_KINDS)  # the built-in model takes them all
+    assert fit_kinds_to_task(Config(), builtin, {}, named=True, nproc=2) == {} and builtin == list(DEFAULT_KINDS)
+    # the command line: exit 2 before any training
+    assert main(["chaos", "--config", str(ESM_TASK), "--faults", "3", "--kinds", "sigkill,nan",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+@pytest.mark.timeout(400)
+def test_a_task_of_the_users_survives_a_small_chaos_bit_exact(tmp_path):
+    """Two trainer crashes (restarted by the supervisor) and a SIGKILL of the job (started again)
+    on the ESM-2 task: every fault recovered, the final state the reference's."""
+    out = tmp_path / "chaos"
+    r = run_foldhpc("chaos", "--config", str(ESM_TASK), "--faults", "3", "--kinds", "crash,sigkill", "--seed", "1",
+                    "--out", str(out), timeout=380)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    data = json.loads((out / "report.json").read_text())
+    assert data["verdict"]["passed"] and data["verdict"]["bit_exact"] and data["verdict"]["recovered"] == 3
+    assert sorted(f["kind"] for f in data["faults"]) == ["crash", "crash", "sigkill"]
+    assert all(f["resumed_step"] is not None and f["resumed_step"] > 0 for f in data["faults"])

@@ -430,6 +430,13 @@ class LocalRunner:
         assert self.proc is not None
         tmp: Path | None = None
         if during_write:
+            # a write after a committed checkpoint: the restart must have one to resume from. With fast
+            # steps (a few ms) the slowed write of the first checkpoint may still be running at the
+            # fault's step, and a kill then leaves nothing durable (a start from step 0 is right, but
+            # it is not the fault this kind plans)
+            self._wait(lambda: self._newest_good() is not None, self._step_timeout(3 * self.plan.every_steps),
+                       "a committed checkpoint")
+
             def in_write() -> Path | None:
                 return next(iter(sorted(self.ckpt_dir.glob(".step_*.ckpt.tmp-*"))), None)
             tmp = self._wait(in_write, 60.0, "a checkpoint write in progress")
