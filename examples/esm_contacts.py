@@ -61,7 +61,8 @@ def build(cfg: foldhpc.Config) -> foldhpc.Task:
         opt.zero_grad()
         loss.backward()
         run.wait_staged()  # a background save may still be reading the weights
-        opt.step()
+        if run.check_finite(loss):  # a NaN/inf loss: the update is skipped (rolled back after several)
+            opt.step()
         return {"loss": loss.item()}
 
     @torch.no_grad()

@@ -302,39 +302,52 @@ def test_full_run_directory_is_survived_bit_exact(tmp_path):
 # ---------------------------------------------------------------------- a [task] of the user's
 ESM_TASK = TINY.parents[1] / "examples" / "esm_contacts.toml"  # fair-esm's ESM-2 (tests/test_esm_task.py)
 
+UNGUARDED_TASK = """
+import torch, foldhpc
 
-def test_kinds_a_task_cannot_take_are_left_out_by_default_and_refused_by_name(tmp_path):
-    from foldhpc.chaos.command import fit_kinds_to_task
-    from foldhpc.cli import main
-    from foldhpc.config import Config, ConfigError
+def build(cfg):
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    batches = foldhpc.StepBatches(torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1)), 8, 0)
 
-    cfg = Config()
-    cfg.task.factory = "examples/esm_contacts.py:build"
-    kinds, weights = list(DEFAULT_KINDS), {"nan": 2.0, "sigkill": 1.0}
-    skipped = fit_kinds_to_task(cfg, kinds, weights, named=False, nproc=1)
-    assert list(skipped) == ["nan"] and "non-finite guard" in skipped["nan"]  # for the report
-    assert kinds == [k for k in DEFAULT_KINDS if k != "nan"] and weights == {"sigkill": 1.0}
-    with pytest.raises(ConfigError, match=r"--kinds nan: task.factory = .* cannot take it"):
-        fit_kinds_to_task(cfg, ["sigkill", "nan"], {}, named=True, nproc=1)
-    with pytest.raises(ConfigError, match="--nproc 2: .* runs as one process"):
-        fit_kinds_to_task(cfg, ["sigkill"], {}, named=False, nproc=2)
-    builtin = list(DEFAULT_KINDS)  # the built-in model takes them all
-    assert fit_kinds_to_task(Config(), builtin, {}, named=True, nproc=2) == {} and builtin == list(DEFAULT_KINDS)
-    # the command line: exit 2 before any training
-    assert main(["chaos", "--config", str(ESM_TASK), "--faults", "3", "--kinds", "sigkill,nan",
-                 "--out", str(tmp_path / "out")]) == 2
-    assert not (tmp_path / "out" / "runs").exists()
+    def step(run, s):
+        x, y = batches[s]
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        run.wait_staged()
+        opt.step()  # no run.check_finite(loss): a NaN loss is applied like any other
+
+    return foldhpc.Task(states={"model": model, "optimizer": opt}, step=step)
+"""
+
+
+def test_nan_on_a_task_without_a_non_finite_guard_is_refused_after_the_reference(tmp_path):
+    """The nan kind tests the non-finite guard; a task whose step never calls run.check_finite has
+    none: the reference run shows it (no skipped update at the planned step), and chaos says so in
+    one line (exit 2) instead of waiting for a skip that never comes."""
+    (tmp_path / "unguarded.py").write_text(UNGUARDED_TASK)
+    cfg = tmp_path / "task.toml"
+    cfg.write_text(f'[train]\nthreads = 1\n[task]\nfactory = "{tmp_path / "unguarded.py"}:build"\n')
+    out = tmp_path / "out"
+    r = run_foldhpc("chaos", "--config", str(cfg), "--faults", "1", "--kinds", "nan", "--out", str(out), timeout=120)
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert "no non-finite guard" in line and "run.check_finite(loss)" in line and "--kinds" in line, line
+    assert "made step(s) 15 non-finite" in line, line
+    assert not (out / "runs" / "chaos").exists()  # the chaos run never started
 
 
 @pytest.mark.timeout(400)
 def test_a_task_of_the_users_survives_a_small_chaos_bit_exact(tmp_path):
-    """Two trainer crashes (restarted by the supervisor) and a SIGKILL of the job (started again)
-    on the ESM-2 task: every fault recovered, the final state the reference's."""
+    """A trainer crash (restarted by the supervisor), a SIGKILL of the job (started again) and a
+    non-finite step (skipped by the task's run.check_finite, the reference's too) on the ESM-2
+    task: every fault recovered, the final state the reference's."""
     out = tmp_path / "chaos"
-    r = run_foldhpc("chaos", "--config", str(ESM_TASK), "--faults", "3", "--kinds", "crash,sigkill", "--seed", "1",
+    r = run_foldhpc("chaos", "--config", str(ESM_TASK), "--faults", "3", "--kinds", "crash,sigkill,nan", "--seed", "14",
                     "--out", str(out), timeout=380)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     data = json.loads((out / "report.json").read_text())
     assert data["verdict"]["passed"] and data["verdict"]["bit_exact"] and data["verdict"]["recovered"] == 3
-    assert sorted(f["kind"] for f in data["faults"]) == ["crash", "crash", "sigkill"]
-    assert all(f["resumed_step"] is not None and f["resumed_step"] > 0 for f in data["faults"])
+    assert sorted(f["kind"] for f in data["faults"]) == ["crash", "nan", "sigkill"]
+    assert all(f["resumed_step"] > 0 for f in data["faults"] if f["kind"] != "nan")

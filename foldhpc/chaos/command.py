@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from foldhpc.task import check_task
-from foldhpc.config import Config, ConfigError, load_config
+from foldhpc.config import ConfigError, load_config
 
 log = logging.getLogger(__name__)
 
@@ -44,33 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-gap", type=int, default=30, metavar="STEPS", help="most steps between two faults")
 
 
-def fit_kinds_to_task(cfg: Config, kinds: list[str], weights: dict[str, float], *, named: bool, nproc: int
-                      ) -> dict[str, str]:
-    """For a ``[task]`` (``task.factory`` set): refuse ``--nproc`` > 1 and ``--kinds`` naming a kind a
-    task cannot take (:data:`~foldhpc.chaos.kinds.TASK_UNFIT_KINDS`); otherwise drop those kinds from
-    ``kinds`` and ``weights`` (in place) and return kind -> why, for the report. The built-in model
-    takes every kind: nothing changes, ``{}``."""
-    from foldhpc.chaos.kinds import TASK_UNFIT_KINDS
-
-    if not cfg.task.factory:
-        return {}
-    factory = cfg.task.factory
-    if nproc > 1:
-        raise ConfigError(f"--nproc {nproc}: task.factory = {factory!r} runs as one process; leave --nproc out "
-                          "for a [task]")
-    unfit = [k for k in kinds if k in TASK_UNFIT_KINDS]
-    if named and unfit:
-        raise ConfigError(f"--kinds {','.join(unfit)}: task.factory = {factory!r} cannot take it: "
-                          f"{TASK_UNFIT_KINDS[unfit[0]]}; leave it out of --kinds")
-    skipped: dict[str, str] = {}
-    for k in unfit:
-        skipped[k] = f"not for a [task]: {TASK_UNFIT_KINDS[k]}"
-        kinds.remove(k)
-        weights.pop(k, None)
-        log.info("chaos: leaving out %s: %s", k, skipped[k])
-    return skipped
-
-
 def run(args: argparse.Namespace) -> int:
     from foldhpc.chaos import local, report, storage
     from foldhpc.chaos.kinds import FALLBACK_KINDS, MULTI_RANK_KINDS
@@ -98,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
     sets = [f"{k}={v}" for k, v in local.CHAOS_DEFAULTS.items()] + list(args.overrides)
     cfg = load_config(args.config, sets + [f"run.dir={out / 'runs' / 'chaos'}"])  # validate before any work
     check_task(cfg)
-    skipped = fit_kinds_to_task(cfg, kinds, weights, named=bool(args.kinds), nproc=args.nproc)
     every = cfg.checkpoint.every_steps
     if every <= 0:
         raise ConfigError("foldhpc chaos needs checkpoint.every_steps > 0 (faults must find checkpoints to resume)")
@@ -114,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{', '.join(needs_two)} need checkpoint.keep_last >= 2 (a previous file to fall back to)")
     out.mkdir(parents=True, exist_ok=True)
     setup_logging("INFO", out / "chaos.log")
+    skipped: dict[str, str] = {}
     for k in MULTI_RANK_KINDS:
         if k in kinds and args.nproc == 1:
             skipped[k] = "needs several ranks (--nproc 2 or more)"

@@ -13,10 +13,6 @@ Each kind says how the runner treats it, because that decides the cost per fault
 - ``restarts``: a trainer process restarts (inside the supervisor or by the runner); its
   time to resume is measured to the first step the new trainer completes.
 
-``TASK_UNFIT_KINDS`` need a hook of the built-in trainer that a ``[task]`` (a model of the user's,
-run in a :class:`foldhpc.Session`) does not have: for a task, ``foldhpc chaos`` leaves them out of
-the default kinds (the report says why) and refuses them when ``--kinds`` names them.
-
 ``STORAGE_SETUP_KINDS`` need something of the machine (a tmpfs mount) that is not everywhere:
 where it is missing, ``foldhpc chaos`` leaves the kind out and the report says why.
 """
@@ -108,15 +104,6 @@ KINDS: dict[str, KindSpec] = {k.name: k for k in (
 MULTI_RANK_KINDS: tuple[str, ...] = ("dead_rank",)  # only with --nproc > 1
 STORAGE_SETUP_KINDS: tuple[str, ...] = ("full_status_fs",)  # a tmpfs for the run directory: root only
 FALLBACK_KINDS: tuple[str, ...] = ("corrupt_checkpoint", "crafted_header", "missing_file")  # keep_last >= 2
-#: kind -> why a [task] cannot take it. nan: the non-finite loss is injected by faults.nan_loss, which
-#: only the built-in loop (foldhpc.train.loop) calls, and its recovery (skip the update, roll back after
-#: fault.nonfinite_rollback in a row) is that loop's non-finite guard, which a Session does not have yet.
-#: dead_rank: a task runs as one process (foldhpc.task), so there is no rank 1 to kill.
-TASK_UNFIT_KINDS: dict[str, str] = {
-    "nan": "needs the built-in trainer's non-finite guard and its faults.nan_loss hook; a [task]'s Session has "
-           "neither (the task's own loop computes the loss)",
-    "dead_rank": "needs several ranks; a [task] runs as one process",
-}
 SLURM_KINDS: tuple[str, ...] = ("scancel_signal", "preempt", "requeue", "scancel", "crash")  # --backend slurm
 DEFAULT_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k not in MULTI_RANK_KINDS and
                                        (k == "crash" or k not in SLURM_KINDS))

@@ -34,6 +34,7 @@ from foldhpc.chaos import storage
 from foldhpc.chaos.kinds import KINDS, uses_hook
 from foldhpc.chaos.eventtail import EventTail, SeenEvent
 from foldhpc.chaos.schedule import Plan, PlannedFault
+from foldhpc.config import ConfigError
 from foldhpc.records.exitcodes import ExitCode
 from foldhpc.records.layout import CHECKPOINT_DIR, EVENTS_FILE, RANKS_DIR, STATUS_FILE
 
@@ -59,6 +60,11 @@ CHAOS_DEFAULTS: dict[str, str] = {
     "fault.restart_backoff": "0s",
     "fault.hang_timeout": "3s",
 }
+
+
+class NoNonFiniteGuard(ConfigError):
+    """The training has no non-finite guard for the ``nan`` kind to test (a ``[task]`` whose step
+    does not call ``run.check_finite``): found in the reference run, before the chaos run starts."""
 
 
 class LaunchEnded(RuntimeError):
@@ -264,6 +270,25 @@ class LocalRunner:
         log.info("chaos: reference %s in %.1fs: step %s, digest %s", "completed" if out.completed else
                  f"FAILED (exit {rc})", out.wall_s, step, (digest or "-")[:16])
         return out
+
+    def check_nan_guard(self, reference: RunOutcome) -> None:
+        """``nan`` needs a training that skips the update of a non-finite step (the built-in loop
+        does; a ``[task]`` does when its step calls ``run.check_finite(loss)``). The reference run got
+        the same non-finite steps: if it completed without a ``nonfinite_skip`` at each of them, the
+        chaos run could only time out waiting for them. Raises :class:`NoNonFiniteGuard` (exit 2)."""
+        if not (self.plan.nan_steps and self.mirror_nan and reference.completed):
+            return
+        tail = EventTail(self.ref_dir / EVENTS_FILE)
+        tail.poll()
+        skipped = {e.step for e in tail.of_kind("nonfinite_skip")}
+        missing = [s for s in self.plan.nan_steps if s not in skipped]
+        if missing:
+            raise NoNonFiniteGuard(
+                f"--kinds nan: the reference run ({self.ref_dir}) made step(s) {', '.join(map(str, missing))} "
+                f"non-finite ({NAN_AT_STEPS}) and skipped no update (no nonfinite_skip in its {EVENTS_FILE}): "
+                "the training has no non-finite guard to test. A [task]'s step guards its update with "
+                "`if run.check_finite(loss): optimizer.step()` (foldhpc.Session.check_finite); or leave nan "
+                "out of --kinds")
 
     # ------------------------------------------------------------------ launches
     def _window(self, start: int) -> list[PlannedFault]:
@@ -1002,6 +1027,7 @@ def run(config: str | None, overrides: list[str], plan: Plan, out: Path, **kwarg
         shutil.rmtree(runs)
     runner = LocalRunner(config, overrides, plan, out, **kwargs)
     reference = runner.run_reference()
+    runner.check_nan_guard(reference)
     started = time.time()  # the chaos run's clock: the timeline and the fault marks count from here
     chaos, records = runner.run_chaos()
     return ChaosOutcome(reference, chaos, records, runner.launches, runner.relaunches_for_hooks, runner.unplanned,
