@@ -331,6 +331,9 @@ class Session:
     and every rank loads that file. At every step boundary the ranks agree on a signal any of
     them received and on a due timer, so all stop (or save) at the same step; each waits for rank
     0's exit save before it leaves. :meth:`batches` gives rank ``r`` its part of the global batch.
+    The process group stays up after the block (a DDP wrapper made inside it would hang in its
+    destructor without it) and ends with the process; drop the wrapper first, then call
+    ``torch.distributed.destroy_process_group()``, to end it earlier.
     :meth:`check_finite` takes the same verdict on every rank (any rank's non-finite loss; the
     gradient norm is DDP's, the same everywhere). Not per-rank failure attribution yet (the
     built-in trainer's ``failed_ranks``): a rank that dies leaves the others to the group timeout.
@@ -576,7 +579,8 @@ class Session:
                 self._preempt.__exit__(None, None, None)
         finally:
             self.lock.release()
-            self.group.close()
+            # the process group stays up: a DDP wrapper the loop made outlives the block, and destroying
+            # the group under it hangs its destructor (gloo); it ends with the process
             if self._live is not None:
                 _LIVE.discard(self._live)
         hb.heartbeat().beat(self.step, "done")

@@ -22,6 +22,14 @@ A task is a factory named in the config::
 
         return foldhpc.Task(states={"model": model, "optimizer": opt}, step=step)
 
+Several ranks (``foldhpc train --nproc N``, several Slurm tasks): every rank builds the task; the
+process group exists once the session is entered, so a task that wraps its model in DDP does it
+in ``start(run)``, called then (after the resume)::
+
+    def start(run):
+        nonlocal forward
+        forward = torch.nn.parallel.DistributedDataParallel(model)
+
 Every process that trains (``foldhpc train``, a supervisor's child, a Slurm job, a follow-up job,
 a sweep task, a chaos run) reads the same config and rebuilds the task the same way:
 :func:`train` is the one place that picks between a task and the built-in distogram model
@@ -35,13 +43,13 @@ The factory is called once per process, after ``train.threads``, ``train.determi
 ``torch.manual_seed(train.seed)`` are applied (so a model initialised in it is the same in every
 process). It must not take the run directory's lock or write into it: the session does.
 
-Not yet: a task runs as one process (``--nproc`` / several Slurm tasks are refused), and
-``--no-resume`` / ``--resume PATH`` are the built-in model's (a task resumes from the newest
+Not yet: ``--no-resume`` / ``--resume PATH`` are the built-in model's (a task resumes from the newest
 checkpoint that verifies; a fresh start is a fresh ``run.dir``).
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
 import logging
@@ -77,12 +85,15 @@ class Task:
     :class:`foldhpc.Session`): the checkpoint. ``step(run, step)``: one training step; it calls
     ``run.wait_staged()`` before anything changes a tracked state (``optimizer.step()``), and may
     return scalars to log every ``run.log_every`` steps. ``evaluate()``: optional, called once when
-    training completes; its metrics go to status.json (``metrics``) and TensorBoard (``val/*``).
+    training completes; its metrics go to status.json (``metrics``) and TensorBoard (``val/*``),
+    from rank 0. ``start(run)``: optional, called once the session is entered (the checkpoint is
+    loaded, the process group of several ranks is up): where a model is wrapped in DDP.
     """
 
     states: Mapping[str, Any]
     step: Callable[[Session, int], StepScalars]
     evaluate: Callable[[], Mapping[str, float]] | None = None
+    start: Callable[[Session], None] | None = None
 
 
 class TaskError(ConfigError):
@@ -160,7 +171,7 @@ def build_task(cfg: Config) -> Task:
     return task
 
 
-def run_task(cfg: Config, force_resume: bool = False) -> TrainResult:
+def run_task(cfg: Config, force_resume: bool = False, env: DistEnv | None = None) -> TrainResult:
     """Train the task of ``cfg`` in a :class:`foldhpc.Session` on ``cfg.run.dir``."""
     from foldhpc.records.status import CHECKPOINTED, COMPLETED
     from foldhpc.session import Session
@@ -170,18 +181,20 @@ def run_task(cfg: Config, force_resume: bool = False) -> TrainResult:
     task = build_task(cfg)
     spec = cfg.task.factory
     try:
-        run = Session(cfg.run.dir, states=task.states, config=cfg, force_resume=force_resume)
+        run = Session(cfg.run.dir, states=task.states, config=cfg, force_resume=force_resume, env=env)
     except (TypeError, ValueError) as e:
         raise TaskError(f"task.factory = {spec!r}: the Task it returned: {e}") from e
     total, every = cfg.train.max_steps, cfg.run.log_every
     metrics: dict[str, float] = {}
     try:
         with run:
+            if task.start is not None:
+                task.start(run)
             for step in run.steps(total):
                 scalars = task.step(run, step)
                 if scalars and ((step + 1) % every == 0 or step + 1 == total):
                     run.log_scalars(step + 1, scalars)
-            if run.exit_code == 0 and run.step >= total and task.evaluate is not None:
+            if run.exit_code == 0 and run.step >= total and task.evaluate is not None and run.main:
                 metrics = {k: float(v) for k, v in task.evaluate().items()}
                 run.log_scalars(run.step, {f"val/{k}": v for k, v in metrics.items()})
                 run.status.update(metrics=metrics)
@@ -190,7 +203,12 @@ def run_task(cfg: Config, force_resume: bool = False) -> TrainResult:
     except IncompatibleResume as e:  # raised on entering: the CLI's words for it (--force-resume)
         raise e.worded(CLI_TASK_REMEDY) from None
     state = COMPLETED if run.exit_code == 0 else CHECKPOINTED
-    return TrainResult(state, run.step, run.signal, metrics)
+    result = TrainResult(state, run.step, run.signal, metrics, rank=run.env.rank)
+    # the task's DDP wrapper (made in start()) goes first, then the process group it uses
+    del task
+    gc.collect()
+    run.group.close()
+    return result
 
 
 def train(cfg: Config, resume: str = "auto", force_resume: bool = False, env: DistEnv | None = None) -> TrainResult:
@@ -201,15 +219,11 @@ def train(cfg: Config, resume: str = "auto", force_resume: bool = False, env: Di
         from foldhpc.train.loop import Trainer
 
         return Trainer(cfg, resume=resume, force_resume=force_resume, env=env).run()
-    world = env.world_size if env is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1:
-        raise ConfigError(f"task.factory = {cfg.task.factory!r}: a [task] runs as one process for now, not "
-                          f"{world} ranks; use one task per job (slurm.nodes = 1, slurm.gpus_per_node <= 1, no --nproc)")
     if resume != "auto":
         raise ConfigError(f"task.factory = {cfg.task.factory!r}: --no-resume and --resume PATH are the built-in "
                           "model's; a [task] resumes from its run directory's newest good checkpoint (start afresh "
                           "with another run.dir)")
-    return run_task(cfg, force_resume=force_resume)
+    return run_task(cfg, force_resume=force_resume, env=env)
 
 
 __all__ = ["Task", "TaskError", "build_task", "check_task", "run_task", "train"]

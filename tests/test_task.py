@@ -42,6 +42,29 @@ def build(cfg):
     return foldhpc.Task(states={"model": model, "optimizer": opt}, step=step,
                         evaluate=lambda: {"weight_sum": float(model[0].weight.detach().sum())})
 
+def build_ddp(cfg):
+    t = build(cfg)
+    model, plain_step = t.states["model"], t.step
+    box = {}
+
+    def start(run):  # the process group is up: wrap for DDP (gradients averaged over the ranks)
+        box["ddp"] = torch.nn.parallel.DistributedDataParallel(model)
+
+    data = torch.utils.data.TensorDataset(torch.randn(40, 4), torch.randn(40, 1))
+    opt = t.states["optimizer"]
+
+    def step(run, s):
+        batches = box.setdefault("batches", run.batches(data, 8))  # this rank's half of each batch
+        x, y = batches[s]
+        loss = torch.nn.functional.mse_loss(box["ddp"](x), y)
+        opt.zero_grad()
+        loss.backward()
+        run.wait_staged()
+        opt.step()
+        return {"loss": loss.item()}
+
+    return foldhpc.Task(states=t.states, step=step, start=start)
+
 def raises(cfg):
     raise ValueError("data folder /nowhere is empty")
 
@@ -219,3 +242,22 @@ def test_the_built_in_model_as_a_task_on_the_public_api_trains_the_same_bits(tmp
     for key in ("model", "optimizer", "lr_scheduler"):
         assert_same_state(a.state[key], b.state[key], key)
     assert set(json.loads((task / "status.json").read_text())["metrics"]) >= {"precision_long", "distogram_loss"}
+
+
+def test_a_task_runs_on_two_local_ranks(task_file: Path, tmp_path: Path) -> None:
+    """`foldhpc train --nproc 2` with a [task]: every rank builds it, start() wraps it in DDP, rank 0
+    writes (the two-rank stop agreement and exact resume: tests/test_session.py)."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "foldhpc", "train", "--nproc", "2", "--set", f"run.dir={run}",
+                        "--set", "task.factory=tasks.py:build_ddp", "--set", "train.max_steps=10",
+                        "--set", "train.threads=1", "--set", "fault.max_restarts=0"],
+                       cwd=task_file.parent, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ckpt = latest_checkpoint(run)
+    assert ckpt.entry.step == 10 and ckpt.meta["world_size"] == 2
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert {e["rank"] for e in events if e["kind"] == "process_start"} == {0, 1}
+    assert json.loads((run / "status.json").read_text())["world_size"] == 2
