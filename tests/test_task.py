@@ -261,3 +261,14 @@ def test_a_task_runs_on_two_local_ranks(task_file: Path, tmp_path: Path) -> None
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert {e["rank"] for e in events if e["kind"] == "process_start"} == {0, 1}
     assert json.loads((run / "status.json").read_text())["world_size"] == 2
+
+
+def test_a_sweep_over_task_params_gives_each_array_task_its_own_entry(tmp_path: Path) -> None:
+    from foldhpc.slurm.sweep import plan
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[run]\ndir = "{tmp_path / "sweep"}"\n[task]\nfactory = "pkg.tasks:build"\n'
+                   '[task.params]\nwidth = 4\ndepth = 2\n')
+    _, tasks = plan(str(cfg), [], ["task.params.width=8,16"])
+    assert [(t.name, c.task.params) for t, c in tasks] == [("width=8", {"width": 8, "depth": 2}),
+                                                           ("width=16", {"width": 16, "depth": 2})]

@@ -52,7 +52,7 @@ from foldhpc.slurm.submit import check_submittable, executor_for, job_for
 SWEEP_FILE = "sweep.json"
 MAX_NAME = 120  # characters of a task directory name (longer ones end in a hash)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]")
-_KEY = re.compile(r"^[a-z_]+\.[a-z_0-9]+$")
+_KEY = re.compile(r"^(?:[a-z_]+\.[a-z_0-9]+|task\.params\.[A-Za-z_][A-Za-z_0-9]*)$")  # task.params.X: one entry
 
 
 @dataclass
