@@ -463,7 +463,14 @@ class LocalRunner:
                        "a committed checkpoint")
 
             def in_write() -> Path | None:
-                return next(iter(sorted(self.ckpt_dir.glob(".step_*.ckpt.tmp-*"))), None)
+                # a write of a step after the newest good checkpoint: not the temporary file that a save
+                # failed in an unwritable directory (unwritable_dir) could not remove (the next start does)
+                newest = self._newest_good() or 0
+                for p in sorted(self.ckpt_dir.glob(".step_*.ckpt.tmp-*")):
+                    stem = p.name[len(".step_"):].split(".", 1)[0]
+                    if stem.isdigit() and int(stem) > newest:
+                        return p
+                return None
             tmp = self._wait(in_write, 60.0, "a checkpoint write in progress")
         trainer = self._trainer_pid()
         rec.injected_at = time.time()
