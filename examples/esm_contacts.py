@@ -76,7 +76,7 @@ def build(cfg: foldhpc.Config) -> foldhpc.Task:
             loss, probs = loss_and_probs([(seq, target, known)])
             losses.append(loss.item())
             i = torch.arange(n)
-            ok = known & ((i[:, None] - i[None, :]) >= LONG_RANGE)  # upper triangle: each pair once
+            ok = known & ((i[:, None] - i[None, :]) >= LONG_RANGE)  # i > j: each pair once
             top = probs[0][ok].topk(min(max(1, n // 5), int(ok.sum()))).indices
             hits, total = hits + int(target[ok][top].sum()), total + len(top)
         return {"top_l5_long_range_precision": hits / max(total, 1), "val_loss": sum(losses) / len(losses),
