@@ -39,9 +39,9 @@ timed saves, exact resume, the supervisor's heartbeats, goodput. ``task.params``
 ``train.seed`` are checked at resume (a changed value is refused, naming it, unless
 ``--force-resume``).
 
-The factory is called once per process, after ``train.threads``, ``train.deterministic`` and
-``torch.manual_seed(train.seed)`` are applied (so a model initialised in it is the same in every
-process). It must not take the run directory's lock or write into it: the session does.
+The factory is called once per process, after ``train.threads`` and ``train.deterministic`` are
+applied and torch's, python's and numpy's global generators are seeded from ``train.seed`` (so a
+model initialised in it, and anything drawn from them, is the same in every fresh process). It must not take the run directory's lock or write into it: the session does.
 
 Not yet: ``--no-resume`` / ``--resume PATH`` are the built-in model's (a task resumes from the newest
 checkpoint that verifies; a fresh start is a fresh ``run.dir``).
@@ -146,6 +146,9 @@ def check_task(cfg: Config) -> None:
 
 def build_task(cfg: Config) -> Task:
     """Call the factory of ``cfg`` (see the module docstring for what is set up first)."""
+    import random
+
+    import numpy as np
     import torch
 
     t = cfg.train
@@ -154,6 +157,11 @@ def build_task(cfg: Config) -> Task:
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    # every generator a task may draw from, not only torch's: python's and numpy's are seeded from
+    # the OS at process start, so a task using random / np.random would differ between two fresh runs
+    # (a resume restores them from the checkpoint; the first start had nothing to make them equal)
+    random.seed(t.seed)
+    np.random.seed(t.seed % 2**32)  # numpy's legacy seed is 32-bit
     torch.manual_seed(t.seed)
     spec = cfg.task.factory
     factory = _import_factory(spec)

@@ -272,3 +272,26 @@ def test_a_sweep_over_task_params_gives_each_array_task_its_own_entry(tmp_path: 
     _, tasks = plan(str(cfg), [], ["task.params.width=8,16"])
     assert [(t.name, c.task.params) for t, c in tasks] == [("width=8", {"width": 8, "depth": 2}),
                                                            ("width=16", {"width": 16, "depth": 2})]
+
+
+def test_the_factory_sees_every_global_generator_seeded_from_train_seed(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    from foldhpc.task import build_task
+
+    f = tmp_path / "draws.py"
+    f.write_text("import random, numpy as np, torch, foldhpc\nDRAWS = []\n"
+                 "def build(cfg):\n    DRAWS.append((random.random(), float(np.random.rand()), float(torch.rand(1))))\n"
+                 "    m = torch.nn.Linear(1, 1)\n"
+                 "    return foldhpc.Task(states={'m': m}, step=lambda run, s: None)\n")
+    random.seed(1), np.random.seed(2)  # what came before must not matter
+    cfg = load_config(None, [f"task.factory={f}:build", "train.seed=7"])
+    build_task(cfg)
+    random.seed(3), np.random.seed(4)
+    build_task(cfg)
+    import sys
+
+    draws = next(m for n, m in sys.modules.items() if n.startswith("foldhpc_task_") and hasattr(m, "DRAWS")).DRAWS
+    assert len(draws) == 2 and draws[0] == draws[1]
