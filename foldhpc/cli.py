@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from foldhpc.records.exitcodes import ExitCode
 if TYPE_CHECKING:
     from foldhpc.cluster.env import SlurmEnv
     from foldhpc.distributed.env import DistEnv
+    from foldhpc.resilience.supervisor import Supervisor
     from foldhpc.slurm.job import JobOutcome
 
 log = logging.getLogger("foldhpc.cli")
@@ -182,6 +184,7 @@ def _cmd_supervise(args: argparse.Namespace) -> int:
     command: list[str] = list(getattr(args, "child_command", None) or [])
     if args.stray or not command:
         raise ConfigError(f"supervise needs the command after '--': {SUPERVISE_USAGE}")
+    check_command(command, Path.cwd())
     overrides = list(args.overrides)
     if args.max_restarts is not None:
         overrides.append(f"fault.max_restarts={args.max_restarts}")
@@ -198,6 +201,47 @@ def _cmd_supervise(args: argparse.Namespace) -> int:
     if slurm.job_id and _first_task():
         _record_started(cfg, slurm, supervised=True)
     return Supervisor(cfg, [], [], command=command).run()
+
+
+def check_command(command: list[str], cwd: Path) -> None:
+    """A command that cannot be started is a usage error (exit 2) before anything is submitted or
+    started, not a traceback in the job: its program must be on PATH or an executable file."""
+    import shutil
+
+    prog = command[0]
+    if "/" in prog:
+        path = Path(prog) if Path(prog).is_absolute() else cwd / prog
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise ConfigError(f"the command after '--' cannot be run: {prog} is not an executable file "
+                              f"(relative to {cwd}); give the program's path, e.g. -- python script.py")
+    elif shutil.which(prog) is None:
+        raise ConfigError(f"the command after '--' cannot be run: {prog!r} is not on PATH; give the program's "
+                          "path, e.g. -- python script.py")
+
+
+class CommandPayload:
+    """The payload of a ``foldhpc submit -- CMD`` job (:class:`foldhpc.slurm.job.Payload`): ``command``,
+    a program foldhpc did not write, run in ``cwd`` (where it was submitted) under the supervisor.
+
+    Pickled with the job, so a requeued job and a follow-up job (which pickles the same payload:
+    :class:`foldhpc.slurm.submit.SubmititFollowUp`) run the very same command again. What the
+    supervisor gives a command without its cooperation: restarts after a crash
+    (``fault.max_restarts``), the preemption signals forwarded to it, its exit 75 read as
+    "checkpointed, hand over" (the job then requeues or submits its follow-up, ``slurm.resume``),
+    the run lock held for it, status.json and jobs.jsonl.
+    """
+
+    def __init__(self, command: list[str], cwd: str) -> None:
+        self.command = list(command)
+        self.cwd = cwd
+
+    def __call__(self, cfg: Config, env: DistEnv, job_id: str | None) -> JobOutcome:  # noqa: ARG002
+        from foldhpc.resilience.supervisor import Supervisor
+        from foldhpc.slurm.job import preemption_signals
+
+        sup = Supervisor(cfg, [], [], command=self.command, cwd=Path(self.cwd),
+                         extra_signals=tuple(preemption_signals(cfg)))
+        return _job_outcome(cfg, sup, sup.run(), known_step=False)
 
 
 def train_in_job(cfg: Config, env: DistEnv, job_id: str | None) -> JobOutcome:
@@ -221,26 +265,37 @@ def _supervised_in_job(cfg: Config, job_id: str | None) -> JobOutcome:
     from foldhpc.config import config_to_toml
     from foldhpc.records.fsio import atomic_write_text
     from foldhpc.records.layout import SLURM_DIR
-    from foldhpc.records.status import COMPLETED, read_status
     from foldhpc.resilience.supervisor import Supervisor
-    from foldhpc.slurm.job import JobOutcome, preemption_signals
+    from foldhpc.slurm.job import preemption_signals
 
     path = cfg.run_dir / SLURM_DIR / f"config-{job_id or 'local'}.toml"  # the child's config: this job's
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, config_to_toml(cfg), fsync=False)
     child = ["--config", str(path)]
     sup = Supervisor(cfg, child, child, extra_signals=tuple(preemption_signals(cfg)))
-    rc = sup.run()
+    return _job_outcome(cfg, sup, sup.run())
+
+
+def _job_outcome(cfg: Config, sup: Supervisor, rc: int, known_step: bool = True) -> JobOutcome:
+    """A supervision's job outcome, from its exit status ``rc`` and status.json; raises if it failed.
+    ``known_step=False`` (a foreign command): the step is status.json's only if something there wrote
+    one (a Session in the command), else unknown (None)."""
+    from foldhpc.records.status import COMPLETED, read_status
+    from foldhpc.slurm.job import JobOutcome
+
     try:
         st = read_status(cfg.run_dir) or {}
     except ValueError:
         st = {}
+    raw = st.get("step")
+    step: int | None = raw if isinstance(raw, int) and not isinstance(raw, bool) else (0 if known_step else None)
     if rc == ExitCode.OK:
-        return JobOutcome(COMPLETED, int(st.get("step", 0)), None, st.get("metrics") or {})
+        return JobOutcome(COMPLETED, step, None, st.get("metrics") or {})
     if rc == ExitCode.CHECKPOINTED:
         sig = st.get("signal") or (sup.preempted.name if sup.preempted else None)
-        return JobOutcome("checkpointed", int(st.get("step", 0)), sig, signal_at=sup.preempted_at)
-    raise RuntimeError(st.get("error") or f"the supervised trainer failed (exit status {rc})")
+        return JobOutcome("checkpointed", step, sig, signal_at=sup.preempted_at)
+    what = "the supervised trainer" if known_step else f"the supervised command {' '.join(sup.command)}"
+    raise RuntimeError(st.get("error") or f"{what} failed (exit status {rc})")
 
 
 def _add_submit_args(p: argparse.ArgumentParser) -> None:
@@ -255,8 +310,16 @@ def _add_submit_args(p: argparse.ArgumentParser) -> None:
                    help="with --sweep: at most N tasks run at once (sbatch --array=...%%N; default: all)")
 
 
+#: how ``foldhpc submit`` is called, for its one-line usage errors
+SUBMIT_USAGE = ("foldhpc submit [--config FILE] [--set K=V ...] [--local] [--sweep K=V1,V2 ...] [--max-parallel N] "
+                "[-- CMD [ARG ...]]")
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
-    """``foldhpc submit`` (also ``python -m foldhpc.submit``): the job runs :func:`train_in_job`."""
+    """``foldhpc submit`` (also ``python -m foldhpc.submit``): the job runs :func:`train_in_job`, or
+    with ``-- CMD`` (split off by ``main`` at the first ``--``) that command (:class:`CommandPayload`)."""
+    if getattr(args, "child_command", None) is not None:
+        return _submit_command(args, list(args.child_command))
     if args.sweep:
         from foldhpc.slurm import sweep
 
@@ -272,6 +335,40 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     cfg = _load_checked(args.config, args.overrides)
     job_id = submit(cfg, train_in_job, local=args.local)
     print(f"submitted job {job_id}\nrun directory {cfg.run_dir.resolve()}")
+    return 0
+
+
+def _submit_command(args: argparse.Namespace, command: list[str]) -> int:
+    """``foldhpc submit [...] -- CMD``: one job that runs CMD under the supervisor (:class:`CommandPayload`)."""
+    if not command:
+        raise ConfigError("submit needs the command after '--': foldhpc submit [--config FILE] [--set K=V ...] "
+                          "[--local] -- CMD [ARG ...]")
+    if args.sweep or args.max_parallel:
+        raise ConfigError("--sweep cannot submit a command given after '--' (each task would need its own "
+                          "arguments): submit one job per value, e.g. in a shell loop over "
+                          "foldhpc submit --set run.dir=runs/v1 -- CMD")
+    cwd = Path.cwd()
+    check_command(command, cwd)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.slurm.world_size > 1:
+        raise ConfigError(f"submit -- CMD runs the command once, in one task; this config asks for "
+                          f"{cfg.slurm.world_size} (slurm.nodes = {cfg.slurm.nodes} x {cfg.slurm.ntasks_per_node} tasks "
+                          "per node): set slurm.tasks_per_node = 1 (and slurm.nodes = 1) and let CMD start its "
+                          "ranks itself (torchrun, Lightning)")
+    check_run_dir(cfg)
+    from foldhpc.records.fsio import atomic_write_text, make_private_dir
+    from foldhpc.records.layout import COMMAND_FILE, SLURM_DIR
+    from foldhpc.slurm.submit import submit
+
+    job_id = submit(cfg, CommandPayload(command, str(cwd)), local=args.local)
+    record = cfg.run_dir / SLURM_DIR / COMMAND_FILE  # for people: the job runs the command in its pickle
+    try:
+        make_private_dir(record.parent)
+        atomic_write_text(record, json.dumps({"command": command, "cwd": str(cwd), "job_id": job_id}, indent=1) + "\n",
+                          fsync=False)
+    except OSError as e:
+        log.warning("cannot write %s: %s", record, e.strerror or e)
+    print(f"submitted job {job_id}\nrun directory {cfg.run_dir.resolve()}\ncommand {shlex.join(command)}")
     return 0
 
 
@@ -381,9 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
     starter.add_arguments(p)
     p.set_defaults(func=starter.run)
 
-    p = sub.add_parser("submit", help="submit the training run to Slurm (submitit), or run it locally",
+    p = sub.add_parser("submit", help="submit the training run (or -- CMD, any command) to Slurm, or run it locally",
+                       usage=SUBMIT_USAGE,
                        description="Submit a single-GPU Slurm job that trains, checkpoints on its preemption "
-                                   "signal and requeues itself. Same as python -m foldhpc.submit.")
+                                   "signal and requeues itself. With -- CMD the job runs that command (a script "
+                                   "foldhpc did not write) under the supervisor instead: restarts after a crash "
+                                   "(fault.max_restarts), preemption signals forwarded to it, its exit 75 "
+                                   "(checkpointed) continued by a requeue or a follow-up job running the same "
+                                   "command (slurm.resume), the run lock, jobs.jsonl and status.json of run.dir. "
+                                   "Same as python -m foldhpc.submit.")
     _add_submit_args(p)
     p.set_defaults(func=_cmd_submit)
 
@@ -441,8 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     from foldhpc.resilience.runlock import RunDirLocked
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    child: list[str] = []
-    if argv[:1] == ["supervise"] and "--" in argv:  # the command is the supervised child's, unparsed
+    child: list[str] | None = None  # None: no '--' at all; [] an empty command (a usage error)
+    if argv[:1] in (["supervise"], ["submit"]) and "--" in argv:  # the command is the supervised child's, unparsed
         i = argv.index("--")
         argv, child = argv[:i], argv[i + 1:]
     args = build_parser().parse_args(argv)

@@ -203,3 +203,73 @@ def test_holder_record_and_heartbeat(tmp_path):
         assert runlock.read_holder(run)["heartbeat_age_s"] < 0.6  # refreshed every 0.2 s
         assert lock.flock  # a local file system
     assert runlock.read_holder(run) is None
+
+
+# A descendant that wants the lock: prints what it got (an inherited lock or a refusal), then holds
+# it until its stdin closes. argv: run dir, "orphan:PID" to first wait until its parent PID (a shell
+# that started it in the background) has exited, so that the supervisor is no ancestor of it any more.
+DESCENDANT = """
+import os, sys, time
+from foldhpc.resilience import runlock
+if sys.argv[2].startswith("orphan:"):
+    while os.getppid() == int(sys.argv[2].split(":")[1]):
+        time.sleep(0.01)
+try:
+    lock = runlock.acquire(sys.argv[1], "5m")
+except runlock.RunDirLocked as e:
+    print("REFUSED", e, flush=True)
+    sys.exit(2)
+print("GOT", type(lock).__name__, lock.gen, flush=True)
+sys.stdin.read()
+lock.check()
+lock.release()
+print("RELEASED", flush=True)
+"""
+
+
+def _descendant(run, mode="child", **kw):
+    return subprocess.Popen([sys.executable, "-c", DESCENDANT, str(run), mode], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_a_supervisors_lock_is_handed_down_to_one_descendant_at_a_time(tmp_path):
+    """A supervisor (this test process) holds the lock with ``supervises=True``: a process under it gets
+    the same generation (an InheritedLock: no file of its own), a second one at the same time is refused,
+    and once the first has let go the next one gets it; the supervisor's lock is untouched throughout."""
+    run = tmp_path / "run"
+    sup = runlock.acquire(run, "5m", supervises=True)
+    try:
+        first = _descendant(run)
+        assert first.stdout.readline().split() == ["GOT", "InheritedLock", str(sup.gen)]
+        second = _descendant(run)
+        out, err = second.communicate(timeout=60)
+        assert second.returncode == 2, err
+        assert out.startswith(f"REFUSED run directory {run} is in use by another process under the same supervisor "
+                              f"(pid {os.getpid()} (a foldhpc supervisor) on host"), out
+        out, err = first.communicate("", timeout=60)
+        assert first.returncode == 0 and out.split() == ["RELEASED"], err
+        third = _descendant(run)
+        out, err = third.communicate("", timeout=60)
+        assert third.returncode == 0 and out.split()[:2] == ["GOT", "InheritedLock"], err
+        sup.check()
+        assert runlock.read_holder(run)["pid"] == os.getpid()
+    finally:
+        sup.release()
+    assert lock_files(run) == ["gen-00000001.released"]  # the supervisor's claim file went with its lock
+
+
+def test_a_supervisors_lock_is_not_handed_to_a_process_outside_it(tmp_path):
+    """Only the supervisor's descendants use its lock: a process it started that has left its tree (a
+    shell's background job, reparented when the shell exited) is refused like any other trainer, and so
+    is a process under a holder that does not supervise (a plain trainer starting a subprocess)."""
+    run = tmp_path / "run"
+    with runlock.acquire(run, "5m", supervises=True):
+        shell = subprocess.run(["sh", "-c", f'{sys.executable} -c "$0" {run} orphan:$$ > {tmp_path / "out"} 2>&1 &',
+                                DESCENDANT], cwd=ROOT, timeout=30)
+        assert shell.returncode == 0
+        out = wait_for(lambda: (tmp_path / "out").read_text(), "the orphan's answer", timeout=30)
+        assert out.startswith(f"REFUSED run directory {run} is in use by another trainer: pid {os.getpid()} "
+                              "(a foldhpc supervisor)"), out
+    with runlock.acquire(run / "plain", "5m"):
+        out, _ = _descendant(run / "plain").communicate("", timeout=60)
+        assert out.startswith("REFUSED") and "is running" in out, out

@@ -163,3 +163,64 @@ def test_run_dir_held_by_a_live_writer_is_refused(tmp_path: Path) -> None:
         r = _run(_supervise(run, cmd=_py(f"import pathlib; pathlib.Path({str(ran)!r}).touch()")))
     assert r.returncode == 2 and "in use by another" in r.stderr, r.stderr
     assert not ran.exists()
+
+
+def _holder(run_dir: Path) -> dict[str, Any] | None:
+    from foldhpc.resilience import runlock
+
+    return runlock.read_holder(run_dir)
+
+
+def test_supervisor_holds_the_lock_across_restarts_and_refuses_a_second_writer(tmp_path: Path) -> None:
+    """The lock of a command that takes none is the supervisor's, from before its first start to after its
+    last exit: a second ``foldhpc supervise`` or ``foldhpc train`` on the run directory is refused (exit 2),
+    also between two starts of the command."""
+    from conftest import TINY, set_args, tiny_overrides
+
+    run, gate = tmp_path / "run", tmp_path / "gate"
+    # start 1: "started-1", wait for the gate, crash; start 2: "started-2", wait for the gate to go, done
+    code = (f"import pathlib, sys, time; t = pathlib.Path({str(tmp_path)!r}); g = t / 'gate'\n"
+            "n = 2 if (t / 'started-1').exists() else 1; (t / f'started-{n}').touch()\n"
+            "while g.exists() != (n == 1): time.sleep(0.02)\n"
+            "sys.exit(3 if n == 1 else 0)\n")
+    p = subprocess.Popen(_supervise(run, "--max-restarts", "1", cmd=_py(code)), cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "started-1").exists() or p.poll() is not None, "the first start", timeout=30)
+        first = _holder(run)
+        assert first and first["pid"] == p.pid and first["supervises"] is True, first
+        second = _run(_supervise(run, cmd=_py("pass")))
+        assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert f"pid {p.pid} (a foldhpc supervisor)" in second.stderr, second.stderr
+        train = _run([sys.executable, "-m", "foldhpc", "train", "--no-supervise", "--config", str(TINY),
+                      *set_args(tiny_overrides(run))], timeout=120)
+        assert train.returncode == 2 and "in use by another trainer" in train.stderr, train.stderr
+        gate.touch()  # start 1 crashes; start 2 runs under the same lock
+        wait_for(lambda: (tmp_path / "started-2").exists() or p.poll() is not None, "the restart", timeout=30)
+        again = _holder(run)
+        assert again and (again["generation"], again["token"]) == (first["generation"], first["token"]), again
+        gate.unlink()
+        out, _ = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out
+    assert _holder(run) is None  # given back at the end
+    assert sorted(os.listdir(run / "lock")) == [f"gen-{first['generation']:08d}.released"]
+
+
+@pytest.mark.timeout(120)
+def test_session_below_a_shell_uses_the_supervisors_lock(tmp_path: Path) -> None:
+    """A :class:`foldhpc.Session` in the command (here below a shell, not the supervisor's own child)
+    finds its supervisor among its ancestors and trains under its lock, taking none of its own."""
+    run = tmp_path / "run"
+    cfg = tmp_path / "session.toml"
+    cfg.write_text("[checkpoint]\nevery_steps = 50\n")
+    # the python is not the shell's last command: the shell forks it, it does not exec it
+    shell = f"{sys.executable} {EXAMPLE} {run} 100 {cfg}; rc=$?; exit $rc"
+    r = _run(_supervise(run, "--config", str(cfg), cmd=["sh", "-c", shell]), timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert read_json(run / "status.json")["state"] == "completed"
+    assert sorted(os.listdir(run / "lock")) == ["gen-00000001.released"]  # the supervisor's, and no other
+    log = (run / "train.log").read_text()
+    assert "handed down to this process" in log, log

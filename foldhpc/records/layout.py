@@ -16,7 +16,11 @@ EVENTS_FILE = "events.jsonl"  # runtime events, one JSON object a line (foldhpc.
 TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files
 CHECKPOINT_DIR = "checkpoints"  # the default checkpoint directory (checkpoint.dir overrides it)
 SLURM_DIR = "slurm"  # submitit's job scripts and per-job stdout/stderr
+#: slurm/command.json: the command a ``foldhpc submit -- CMD`` job runs (for people; the job's pickle has it)
+COMMAND_FILE = "command.json"
 LOCK_DIR = "lock"  # one writer per run directory (foldhpc.resilience.runlock)
+#: lock/gen-NNNNNNNN.child: the flock of the one descendant that uses a supervisor's lock (runlock)
+LOCK_CHILD_SUFFIX = ".child"
 STACKS_FILE = "stacks.log"  # Python stacks of a trainer the supervisor found hung
 RANKS_DIR = "ranks"  # multi-rank runs: ranks/rank-N.json
 

@@ -63,6 +63,21 @@ metadata is coherent across clients.
 
 In a multi-rank run rank 0 holds the lock; the other ranks do not look at it (if rank 0 is
 refused, the rendezvous fails and the launcher ends them).
+
+**A supervisor's lock, handed down** (``foldhpc supervise -- CMD``, ``foldhpc submit -- CMD``):
+the supervisor of a command foldhpc did not write holds the lock itself, from before the command's
+first start to after its last exit, so that no other trainer can take the run directory between
+two restarts of a command that writes no lock of its own. Its record says ``supervises: true``. A
+process under it that wants the lock too (a :class:`foldhpc.Session` or ``foldhpc train`` inside
+the command, maybe below a shell) does not take a generation of its own: :func:`acquire` finds that
+the holder is one of its own ancestors (same host, boot id and PID namespace; the pid and its start
+time on this process's chain of parents) and returns an :class:`InheritedLock` on the same
+generation -- it writes no lock file and does not beat (the supervisor does), and it watches for a
+takeover like a holder. One such descendant at a time: it holds an ``flock`` on
+``lock/gen-NNNNNNNN.child`` (all of them run on the supervisor's node, where ``flock`` is
+coherent), and a second one running at the same time is refused like any other contender. Nobody
+else is an ancestor: a second supervisor or trainer is refused as before (the supervisor is a live
+process).
 """
 
 from __future__ import annotations
@@ -81,7 +96,7 @@ import socket
 import threading
 import time
 from foldhpc.records.exitcodes import ExitCode
-from foldhpc.records.layout import LOCK_DIR, OWNER_FILE
+from foldhpc.records.layout import LOCK_CHILD_SUFFIX, LOCK_DIR, OWNER_FILE
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +187,11 @@ def _generations(lock_dir: Path) -> dict[int, bool]:
 
 def _gen_path(lock_dir: Path, n: int, released: bool = False) -> Path:
     return lock_dir / (f"gen-{n:08d}" + (".released" if released else ""))
+
+
+def _child_path(lock_dir: Path, n: int) -> Path:
+    """The flock file of the descendant that uses generation ``n`` of a supervisor (:class:`InheritedLock`)."""
+    return lock_dir / (f"gen-{n:08d}" + LOCK_CHILD_SUFFIX)
 
 
 def _top(lock_dir: Path) -> int:
@@ -383,6 +403,8 @@ def describe(rec: dict[str, Any], run_dir: Path | None = None, age: float | None
     from foldhpc.records.fmt import format_age
 
     who = f"pid {rec.get('pid', '?')} on host {rec.get('host', '?')}"
+    if rec.get("supervises") is True:
+        who = f"pid {rec.get('pid', '?')} (a foldhpc supervisor) on host {rec.get('host', '?')}"
     if rec.get("user"):
         who += f" (user {rec['user']})"
     if rec.get("job_id"):
@@ -557,6 +579,8 @@ class RunLock:
             self._thread.join(timeout=5)
         try:
             if not self.lost:
+                if self.record.get("supervises") is True:  # its descendants are gone with it
+                    _child_path(self.lock_dir, self.gen).unlink(missing_ok=True)
                 os.rename(self.path, _gen_path(self.lock_dir, self.gen, released=True))
         except OSError as e:
             if e.errno != errno.ENOENT:
@@ -573,6 +597,106 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class InheritedLock(RunLock):
+    """The lock of a supervisor (an ancestor of this process), used by this process: see "A
+    supervisor's lock, handed down" in the module docstring.
+
+    It is the supervisor's generation: nothing is written to it, the supervisor beats it and gives
+    it back. This object holds the flock of ``lock/gen-N.child`` (the one descendant using the lock)
+    and watches, from the same small thread as a holder, for a takeover of the supervisor's
+    generation (:meth:`check`, :meth:`verify` as for a holder). :meth:`release` drops the flock only.
+    """
+
+    def __init__(self, run_dir: Path, lock_dir: Path, gen: int, claim_fd: int, record: dict[str, Any],
+                 stale_after_s: float) -> None:
+        self.run_dir, self.lock_dir, self.gen, self.fd, self.record = run_dir, lock_dir, gen, claim_fd, record
+        self.path = _gen_path(lock_dir, gen)
+        self.ino = os.stat(self.path).st_ino
+        self.stale_after_s = stale_after_s
+        self.took_over = None
+        self.notes = []
+        self.lost = None
+        self.flock = True
+        self._stop = threading.Event()
+        self._released = False
+        _held_fds.add(claim_fd)  # a forked child (a DataLoader worker) must not keep the claim
+        self._thread = threading.Thread(target=self._beat_loop, name="foldhpc-runlock", daemon=True)
+        self._thread.start()
+
+    def describe(self) -> str:
+        return (f"{self.path} (generation {self.gen}) of its supervisor pid {self.record.get('pid')}, handed down to "
+                f"this process (pid {os.getpid()})")
+
+    def _beat(self) -> None:
+        self._detect_takeover()  # the supervisor refreshes the file, not this process
+
+    def release(self) -> None:
+        """Stop using the supervisor's lock (idempotent): the flock on the claim file goes; the lock stays the supervisor's."""
+        if self._released:
+            return
+        self._released = True
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        _held_fds.discard(self.fd)
+        try:
+            os.close(self.fd)  # drops the flock; the file stays (unlinking a flock file races a waiting opener)
+        except OSError:
+            pass
+
+
+def _ancestors(limit: int = 256) -> list[int]:
+    """This process's parent, its parent, ... up to (without) pid 1, from /proc; [] where /proc does not say."""
+    out: list[int] = []
+    pid = os.getppid()
+    while pid > 1 and len(out) < limit:
+        out.append(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            pid = int(stat[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return out
+
+
+def is_my_supervisor(rec: dict[str, Any], me: dict[str, Any] | None = None) -> bool:
+    """Whether ``rec`` is the lock record of a supervisor that is an ancestor of this process (its
+    lock is then this process's to use: :class:`InheritedLock`). The pid alone would not do: it is
+    checked with its start time, on this host (boot id) and in this PID namespace."""
+    me = identity() if me is None else me
+    pid = rec.get("pid")
+    if rec.get("supervises") is not True or not isinstance(pid, int):
+        return False
+    if rec.get("host") != me["host"] or not me["boot_id"] or rec.get("boot_id") != me["boot_id"]:
+        return False
+    if (rec.get("pid_ns") or None) != (me.get("pid_ns") or None) or pid not in _ancestors():
+        return False
+    proc = proc_start(pid)
+    return proc is not None and rec.get("pid_start") is not None and proc[0] == rec.get("pid_start")
+
+
+def _inherit(run_dir: Path, lock_dir: Path, n: int, rec: dict[str, Any], stale_after_s: float) -> InheritedLock:
+    """Use generation ``n``, the lock of this process's supervisor; :class:`RunDirLocked` if another
+    descendant of it uses the lock now."""
+    path = _child_path(lock_dir, n)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirLocked(
+            f"run directory {run_dir} is in use by another process under the same supervisor "
+            f"({describe(rec)}): one writer per run directory; start one trainer per run.dir", {**rec, "generation": n}
+        ) from None
+    except OSError:
+        pass  # no flock on this file system: the supervisor's lock still keeps every other trainer out
+    try:
+        return InheritedLock(run_dir, lock_dir, n, fd, rec, stale_after_s)
+    except OSError:  # the supervisor's generation vanished meanwhile: it gave the lock back
+        os.close(fd)
+        raise
 
 
 class NoLock:
@@ -598,7 +722,7 @@ def _clean(lock_dir: Path, gen: int) -> None:
     """Delete the generations below ``gen`` and temporary files older than an hour (crashed creators)."""
     for old, released in _generations(lock_dir).items():
         if old < gen:
-            for path in {_gen_path(lock_dir, old, released), _gen_path(lock_dir, old)}:
+            for path in {_gen_path(lock_dir, old, released), _gen_path(lock_dir, old), _child_path(lock_dir, old)}:
                 try:
                     os.unlink(path)
                 except OSError:
@@ -611,12 +735,17 @@ def _clean(lock_dir: Path, gen: int) -> None:
             pass
 
 
-def acquire(run_dir: Path, stale_after: float | str, ending_wait_s: float = ENDING_WAIT_S) -> RunLock:
+def acquire(run_dir: Path, stale_after: float | str, ending_wait_s: float = ENDING_WAIT_S,
+            supervises: bool = False) -> RunLock:
     """Take ``<run_dir>/lock``, taking over a holder that is gone; :class:`RunDirLocked` if one is alive.
 
     ``stale_after``: ``fault.lock_stale_after`` (seconds or a duration such as ``"5m"``; 0 = a
     heartbeat never goes stale). Creates ``run_dir/lock/`` and nothing else. Logs nothing: call
     :meth:`RunLock.log_acquired` once logging to the run directory is set up.
+
+    ``supervises``: the caller is a supervisor that hands its lock down to the processes under it
+    (recorded as ``supervises: true``). Where the holder is such a supervisor above this process,
+    the result is an :class:`InheritedLock` on its generation (see the module docstring).
     """
     from foldhpc.config import parse_duration
 
@@ -626,7 +755,8 @@ def acquire(run_dir: Path, stale_after: float | str, ending_wait_s: float = ENDI
     lock_dir.mkdir(parents=True, exist_ok=True)
     me = identity()
     record = {**me, "since": time.time(), "token": secrets.token_hex(8),
-              "heartbeat_interval_s": heartbeat_interval_s(stale_after_s)}
+              "heartbeat_interval_s": heartbeat_interval_s(stale_after_s),
+              **({"supervises": True} if supervises else {})}
     wait_until = time.monotonic() + ending_wait_s
     n = _top(lock_dir)
     took_over: str | None
@@ -646,6 +776,12 @@ def acquire(run_dir: Path, stale_after: float | str, ending_wait_s: float = ENDI
                     if rec is None or released:
                         continue
                 assert st is not None
+                if not supervises and is_my_supervisor(rec, me):
+                    try:
+                        return _inherit(run_dir, lock_dir, n, rec, stale_after_s)
+                    except FileNotFoundError:  # it gave the lock back meanwhile: look again
+                        n = max(n, _top(lock_dir))
+                        continue
                 v = judge(rec, st.st_mtime, stale_after_s, me, _gen_path(lock_dir, n))
                 if v.alive:
                     if v.ending and time.monotonic() < wait_until:

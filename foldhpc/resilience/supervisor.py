@@ -37,9 +37,16 @@ Any command (``foldhpc supervise -- CMD``): ``command`` replaces ``python -m fol
 command foldhpc did not write cannot say when it listens, so preemption signals are not ignored in
 it before its start and are forwarded to it at once; it is not watched for hangs until it beats
 (a :class:`foldhpc.Session` inside it does, through ``$FOLDHPC_HEARTBEAT_FILE``, and then gets the
-whole watchdog). The run lock stays the child's (a Session takes it itself): the supervisor only
-refuses to start on a run directory another live writer holds. Its exit codes are read like the
-trainer's: 0 done, 75 checkpointed (hand over / requeue), anything else a crash.
+whole watchdog). The supervisor holds the run lock itself (rank 0's; ``supervises: true`` in its
+record) from before the first start to after the last exit, so that no other trainer takes the run
+directory between two restarts of a command that locks nothing; a Session or ``foldhpc train``
+inside the command uses that lock instead of taking its own (it finds its supervisor among its
+ancestors: :class:`foldhpc.resilience.runlock.InheritedLock`). A run directory another live writer
+holds is refused before anything starts (exit 2); a lock taken over while the command runs (a
+stale heartbeat on a shared file system) ends it with SIGKILL, so that it writes nothing more, and
+the supervision with exit 2. Its exit codes are read like the trainer's: 0 done, 75 checkpointed
+(hand over / requeue), anything else a crash. ``cwd``: where the command runs (a job runs it where
+it was submitted).
 
 Exit status: the trainer's 0 or 75; 2 for a config/usage error of the first start (never
 restarted, unless its cause is an I/O error); 1 when the restarts are used up or the failure is
@@ -76,6 +83,7 @@ from foldhpc.records.events import EventLog, EventSink, NullEventLog
 from foldhpc.records.exitcodes import ExitCode
 from foldhpc.records.layout import LOG_FILE, STACKS_FILE
 from foldhpc.records.envvars import HEARTBEAT_ENV, SUPERVISED_ENV, RESTART_INFO_ENV, READY_FILE_ENV
+from foldhpc.resilience.runlock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +161,13 @@ class Supervisor:
     """
 
     def __init__(self, cfg: Config, first_args: list[str], restart_args: list[str], nproc: int = 1,
-                 extra_signals: tuple[signal.Signals, ...] = (), command: list[str] | None = None) -> None:
+                 extra_signals: tuple[signal.Signals, ...] = (), command: list[str] | None = None,
+                 cwd: Path | None = None) -> None:
         self.cfg = cfg
         self.foreign = command is not None  # not foldhpc's trainer: it may never beat
         self.command = list(command) if command is not None else trainer_command()
+        self.cwd = cwd
+        self.lock: RunLock | None = None  # a foreign command's: held by the supervisor (see the module docstring)
         self.first_args = first_args
         self.restart_args = restart_args
         self.nproc = nproc
@@ -265,7 +276,7 @@ class Supervisor:
                            FOLDHPC_NODE=socket.gethostname())
             # a foreign command cannot tell when it listens: its signals are not ignored (a shell
             # could not trap them then), they are forwarded at once (see _forward)
-            self.procs.append(subprocess.Popen([*self.command, *args], env=env,
+            self.procs.append(subprocess.Popen([*self.command, *args], env=env, cwd=self.cwd,
                                                preexec_fn=functools.partial(_child_setup,
                                                                             [] if self.foreign else self.signals)))
             self._pids.add(self.procs[-1].pid)
@@ -340,8 +351,8 @@ class Supervisor:
             rec = runlock.read_holder(self.run_dir)
         except OSError:
             return None
-        if not rec or (rec.get("host") == socket.gethostname() and rec.get("pid") in self._pids):
-            return None
+        if not rec or (rec.get("host") == socket.gethostname() and rec.get("pid") in {*self._pids, os.getpid()}):
+            return None  # one of its trainers, or the supervisor itself (a foreign command's lock)
         return runlock.describe(rec)
 
     def _usage_error_is_final(self, error: str) -> bool:
@@ -369,6 +380,11 @@ class Supervisor:
         error_pending = False  # the failed rank left no error: another rank may still record why (a peer died)
         while True:
             self._forward()
+            if self.lock is not None and self.lock.lost:
+                # the run directory is someone else's now: the command must not write another byte there
+                log.error("supervisor: %s; killing the command", self.lock.lost)
+                self._kill_all()
+                self.lock.check()  # raises RunDirLocked (exit 2)
             now = time.monotonic()
             codes = [p.poll() for p in self.procs]
             for i, p in enumerate(self.procs):
@@ -488,8 +504,8 @@ class Supervisor:
             except OSError as e:
                 log.warning("cannot create the ready file %s: %s", ready, e)
         try:
-            if self.foreign:
-                self._check_lock()
+            if self.foreign and not rank:  # rank 0 (or the only one) holds a run's lock
+                self._take_lock()
             rc = self._run()
             if self.foreign and rc in (ExitCode.OK, ExitCode.CHECKPOINTED):
                 self._status(state=COMPLETED if rc == ExitCode.OK else CHECKPOINTED, error=None,
@@ -502,20 +518,22 @@ class Supervisor:
             for s in previous:  # the trainers are done: a late signal must not kill the supervisor
                 signal.signal(s, signal.SIG_IGN)
             self._remove_beat_files()
+            if self.lock is not None:  # after the last child has exited (run() never leaves one behind)
+                self.lock.release()
 
-    def _check_lock(self) -> None:
-        """Before a foreign command starts: refuse (:class:`~foldhpc.resilience.runlock.RunDirLocked`,
-        exit 2) a run directory another live writer holds. The lock is taken and given back at once,
-        not held: a :class:`foldhpc.Session` in the command takes it itself, and the run lock never
-        takes over a live process of this host (the supervisor) for it."""
+    def _take_lock(self) -> None:
+        """Before a foreign command starts: take the run lock and hold it until the supervision ends
+        (handed down to the command: see the module docstring); a run directory another live writer
+        holds is refused (:class:`~foldhpc.resilience.runlock.RunDirLocked`, exit 2, in jobs.jsonl
+        for a Slurm job)."""
         from foldhpc.resilience import runlock
 
         try:
-            lock = runlock.acquire(self.run_dir, self.cfg.fault.lock_stale_after)
+            self.lock = runlock.acquire(self.run_dir, self.cfg.fault.lock_stale_after, supervises=True)
         except runlock.RunDirLocked as e:
             runlock.record_refusal(self.run_dir, e)
             raise
-        lock.release()
+        self.lock.log_acquired()
 
     def _deterministic(self, failure: Failure) -> bool:
         """The same failure twice in a row: the same step *and* the same cause (two unrelated

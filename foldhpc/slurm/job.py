@@ -42,7 +42,7 @@ from foldhpc.config import Config, parse_duration
 from foldhpc.distributed.env import DistEnv, from_environ
 from foldhpc.records.envvars import HOLD_AFTER_TRAIN
 from foldhpc.records.exitcodes import ExitCode
-from foldhpc.records.history import Completed, Failed, record_started, write_event
+from foldhpc.records.history import Completed, Failed, or_absent, record_started, write_event
 from foldhpc.records.status import COMPLETED
 from foldhpc.slurm.followup import FollowUp
 from foldhpc.slurm.requeue import Decision, decision_event, maybe_requeue
@@ -85,7 +85,7 @@ class JobOutcome:
     "checkpointed" (a durable checkpoint after a preemption signal: exit 75, requeue or follow-up)."""
 
     state: str
-    step: int
+    step: int | None  # None: unknown (a command foldhpc did not write, without a Session, reports none)
     signal: str | None = None  # the preemption signal's name, where known
     metrics: dict[str, float] = field(default_factory=dict)
     signal_at: float | None = None  # time.time() of the signal, where the payload knows it (a supervisor)
@@ -128,7 +128,7 @@ class SlurmJob(submitit.helpers.Checkpointable):
         if not env.is_main:
             return {"step": result.step, "state": result.state, "rank": env.rank}
         if result.state == COMPLETED:
-            write_event(cfg.run_dir, Completed(job_id=job, step=result.step))
+            write_event(cfg.run_dir, Completed(job_id=job, step=result.step or 0))
             hold = faults.seconds(HOLD_AFTER_TRAIN_ENV)
             if hold > 0:
                 log.warning("%s: staying alive %.1fs after training", HOLD_AFTER_TRAIN_ENV, hold)
@@ -136,7 +136,8 @@ class SlurmJob(submitit.helpers.Checkpointable):
             return {"step": result.step, "metrics": result.metrics}
 
         def record(d: Decision) -> None:  # before scontrol requeue, which may end this process
-            write_event(cfg.run_dir, decision_event(d, job, info.restart_count, result.step, signal=result.signal))
+            write_event(cfg.run_dir, decision_event(d, job, info.restart_count, or_absent(result.step),
+                                                    signal=result.signal))
 
         # where Slurm will not requeue, the run continues in a follow-up job (foldhpc.slurm.followup)
         maybe_requeue(cfg.slurm.max_requeues, parse_duration(cfg.slurm.signal_lead),
