@@ -224,3 +224,44 @@ def test_session_below_a_shell_uses_the_supervisors_lock(tmp_path: Path) -> None
     assert sorted(os.listdir(run / "lock")) == ["gen-00000001.released"]  # the supervisor's, and no other
     log = (run / "train.log").read_text()
     assert "handed down to this process" in log, log
+
+
+def test_a_shells_programs_get_the_signal_and_their_time_to_save(tmp_path: Path) -> None:
+    """A signal is forwarded to the command's whole process group: the program below a shell gets it
+    too (as on Slurm) and, though the shell dies of it at once, is given the time to finish its save."""
+    run, ready, saved = tmp_path / "run", tmp_path / "ready", tmp_path / "saved"
+    prog = (f"import pathlib, signal, sys, time\n"
+            f"def save(*a):\n    time.sleep(1.0); pathlib.Path({str(saved)!r}).touch(); sys.exit(75)\n"
+            "signal.signal(signal.SIGUSR1, save)\n"
+            f"pathlib.Path({str(ready)!r}).touch()\ntime.sleep(60)\n")
+    (tmp_path / "prog.py").write_text(prog)
+    shell = f"{sys.executable} {tmp_path / 'prog.py'}; exit $?"  # no trap: the shell dies of SIGUSR1
+    p = subprocess.Popen(_supervise(run, "--max-restarts", "2", cmd=["sh", "-c", shell]), cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: ready.exists() or p.poll() is not None, "the program's handler", timeout=30, poll=0.02)
+        p.send_signal(signal.SIGUSR1)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 75, out
+    assert saved.exists(), out  # its save was not cut short when the shell died
+
+
+def test_a_shells_background_job_does_not_outlive_the_command(tmp_path: Path) -> None:
+    """What a shell command started is killed with it: a crashed attempt leaves nothing running into the
+    next one (nor after the supervisor gave up)."""
+    run, pids = tmp_path / "run", tmp_path / "pids"
+    shell = f"{sys.executable} -c 'import time; time.sleep(300)' & echo $! >> {pids}; sleep 0.3; exit 3"
+    r = _run(_supervise(run, "--max-restarts", "1", cmd=["sh", "-c", shell]), timeout=60)
+    assert r.returncode == 1, r.stderr
+    started = [int(x) for x in pids.read_text().split()]
+    assert len(started) == 2  # one background job per attempt
+
+    def gone() -> bool:
+        from foldhpc.resilience.runlock import proc_start
+
+        return all(proc_start(pid) is None or proc_start(pid)[1] in "ZX" for pid in started)
+
+    wait_for(gone, f"background jobs {started} still running", timeout=10, poll=0.05)

@@ -46,7 +46,12 @@ holds is refused before anything starts (exit 2); a lock taken over while the co
 stale heartbeat on a shared file system) ends it with SIGKILL, so that it writes nothing more, and
 the supervision with exit 2. Its exit codes are read like the trainer's: 0 done, 75 checkpointed
 (hand over / requeue), anything else a crash. ``cwd``: where the command runs (a job runs it where
-it was submitted).
+it was submitted). The command leads a process group of its own: a forwarded signal, a hang's
+SIGQUIT and a kill go to the whole group (a shell and the programs it started, as Slurm signals
+every process of a step), and what is left of the group once the command's own process has exited
+is SIGKILLed -- after up to ``KILL_WAIT_S`` where it may still be saving (a normal end, a
+preemption), at once after a crash -- so that no process of one start outlives it into the next.
+Being its own group, it does not get a terminal's Ctrl-C: the supervisor does, and kills it.
 
 Exit status: the trainer's 0 or 75; 2 for a config/usage error of the first start (never
 restarted, unless its cause is an I/O error); 1 when the restarts are used up or the failure is
@@ -110,12 +115,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _child_setup(signals: list[signal.Signals]) -> None:  # pragma: no cover - in the child, before exec
+def _child_setup(signals: list[signal.Signals], own_group: bool = False) -> None:  # pragma: no cover - in the child
     """A trainer must not outlive its supervisor (a kill -9 of the supervisor, e.g. by a test or
     an admin, would otherwise leave an orphan training on). And until the trainer installs its
     own handlers, preemption signals are ignored, not fatal: Slurm signals every process of a
     step, the starting trainer included, and the supervisor, which got the same signal, forwards
-    it once the trainer listens (its first heartbeat)."""
+    it once the trainer listens (its first heartbeat). ``own_group`` (a foreign command): the
+    command leads a process group of its own, which the supervisor signals and kills as a whole
+    (a shell's children with it)."""
+    if own_group:
+        os.setpgid(0, 0)
     for s in signals:
         signal.signal(s, signal.SIG_IGN)
     try:
@@ -209,7 +218,7 @@ class Supervisor:
                 continue
             if self.foreign or hb.read(self._hb_path(i)).count > 0:
                 try:
-                    p.send_signal(self.pending)
+                    self._signal(p, self.pending)
                     self._forwarded[i] = True
                     log.warning("supervisor: forwarded %s to the trainer (pid %d)", self.pending.name, p.pid)
                     self.events.emit("supervisor_forwarded", signal=self.pending.name, trainer_pid=p.pid,
@@ -278,7 +287,8 @@ class Supervisor:
             # could not trap them then), they are forwarded at once (see _forward)
             self.procs.append(subprocess.Popen([*self.command, *args], env=env, cwd=self.cwd,
                                                preexec_fn=functools.partial(_child_setup,
-                                                                            [] if self.foreign else self.signals)))
+                                                                            [] if self.foreign else self.signals,
+                                                                            self.foreign)))
             self._pids.add(self.procs[-1].pid)
             self._forwarded.append(False)
         log.info("supervisor: started the trainer%s (pid %s)%s", f" as {self.nproc} ranks" if self.nproc > 1 else "",
@@ -288,14 +298,41 @@ class Supervisor:
                          restarts=self.restarts, max_restarts=self.cfg.fault.max_restarts,
                          **({"command": self.command} if self.foreign else {}))
 
+    def _signal(self, p: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        """Signal a child: a foreign command's whole process group (as Slurm signals every process of a
+        step: a shell's programs get a preemption signal too), else the trainer's process."""
+        if self.foreign:
+            os.killpg(p.pid, sig)  # ProcessLookupError once the group is empty
+        else:
+            p.send_signal(sig)
+
+    def _end_groups(self, wait_s: float) -> None:
+        """A foreign command's leftovers once its own process has exited (a shell's background job, a
+        program the shell ran that is still saving after the shell died of a preemption signal): waited
+        for up to ``wait_s``, then SIGKILLed, so that no process of an attempt outlives it."""
+        if not self.foreign:
+            return
+        deadline = time.monotonic() + wait_s
+        for p in self.procs:
+            try:
+                while time.monotonic() < deadline:
+                    os.killpg(p.pid, 0)
+                    time.sleep(POLL_S)
+                os.killpg(p.pid, signal.SIGKILL)
+                log.warning("supervisor: killed what was left of the command's process group %d", p.pid)
+            except ProcessLookupError:
+                continue  # the group is empty
+            except PermissionError:
+                continue  # the pid is another user's group leader now: not ours
+
     def _kill_all(self, first: signal.Signals = signal.SIGKILL) -> None:
         for p in self.procs:
             if p.poll() is None:
                 try:
-                    p.send_signal(first)
+                    self._signal(p, first)
                     if first == signal.SIGKILL:
                         continue
-                    p.send_signal(signal.SIGCONT)
+                    self._signal(p, signal.SIGCONT)
                 except ProcessLookupError:
                     pass
         for p in self.procs:
@@ -306,7 +343,7 @@ class Supervisor:
                 pass
             if first != signal.SIGKILL:
                 try:
-                    p.kill()
+                    self._signal(p, signal.SIGKILL)
                     p.wait(timeout=self.kill_wait_s)
                     continue
                 except ProcessLookupError:
@@ -322,6 +359,8 @@ class Supervisor:
             log.error("supervisor: trainer pid %d has not exited %.0fs after SIGKILL (process state %s%s); going "
                       "on without it", p.pid, self.kill_wait_s, state,
                       ": uninterruptible sleep, stuck in the kernel (a hung file system?)" if state == "D" else "")
+        # after a preemption signal what is left of the command may still be saving: it gets the wait
+        self._end_groups(self.kill_wait_s if self.preempted is not None else 0.0)
 
     def _timeout(self, beat: hb.Beat, started: bool) -> tuple[float, str]:
         """(seconds without a beat that count as a hang, the setting they come from)."""
@@ -441,6 +480,7 @@ class Supervisor:
                         failure.transient = failure.transient or transient_io(error)
                     return failure
             elif all(c is not None for c in codes):
+                self._end_groups(self.kill_wait_s)
                 return ExitCode.CHECKPOINTED if ExitCode.CHECKPOINTED in codes else ExitCode.OK
             time.sleep(POLL_S)
 
@@ -454,8 +494,8 @@ class Supervisor:
                          reason=reason)
         p = self.procs[rank]
         try:
-            p.send_signal(signal.SIGQUIT)  # faulthandler in the trainer dumps every thread's stack
-            p.send_signal(signal.SIGCONT)  # a stopped process handles it once continued
+            self._signal(p, signal.SIGQUIT)  # faulthandler in the trainer dumps every thread's stack
+            self._signal(p, signal.SIGCONT)  # a stopped process handles it once continued
             p.wait(timeout=3)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
@@ -518,6 +558,9 @@ class Supervisor:
             for s in previous:  # the trainers are done: a late signal must not kill the supervisor
                 signal.signal(s, signal.SIG_IGN)
             self._remove_beat_files()
+            if self.foreign and any(p.poll() is None for p in self.procs):  # left by an exception (Ctrl-C)
+                self._kill_all()
+            self._end_groups(0.0)
             if self.lock is not None:  # after the last child has exited (run() never leaves one behind)
                 self.lock.release()
 
