@@ -66,6 +66,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import statistics
@@ -101,6 +102,12 @@ NO_RETRY_ERRORS = ("NonFiniteError",)
 TRANSIENT_ERRNOS = (errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ENOTCONN, errno.EREMOTEIO, errno.EHOSTDOWN,
                     errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETUNREACH, errno.ECONNRESET, errno.ECONNREFUSED)
 TRANSIENT_BACKOFF_FACTOR = 5  # a transient failure waits this many times fault.restart_backoff (doubling)
+_PID = re.compile(r"\(pid \d+\)")
+
+
+def _same_cause(cause: str) -> str:
+    """A failure's cause without its process id: a restarted rank has another pid, the same failure."""
+    return _PID.sub("(pid)", cause)
 
 
 def transient_io(error: str) -> bool:
@@ -584,7 +591,7 @@ class Supervisor:
         if len(self.failures) < 2 or failure.transient:
             return False
         prev = self.failures[-2]
-        return prev.step == failure.step and prev.cause == failure.cause
+        return prev.step == failure.step and _same_cause(prev.cause) == _same_cause(failure.cause)
 
     def _run(self) -> int:
         f = self.cfg.fault
