@@ -11,6 +11,7 @@ checkpoint (requeue it); 130 interrupted (Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -83,9 +84,43 @@ def _cmd_train(args: argparse.Namespace) -> int:
     resume = _resume_mode(args, slurm)
     if slurm.job_id and not supervised and _first_task():  # the story of the job for `foldhpc status` (submitit jobs record
         _record_started(cfg, slurm)         # it in foldhpc.slurm.job, supervised ones in _supervise)
-    result = train(cfg, resume=resume, force_resume=_force_resume(args, slurm))
+    with _publishing(cfg, supervised):
+        result = train(cfg, resume=resume, force_resume=_force_resume(args, slurm))
+    if not supervised:  # a supervised trainer's end is its supervisor's to tell (it may restart it)
+        _notify_end(cfg, result.exit_code)
     _debug_hold_after_train()
     return result.exit_code
+
+
+def _publishing(cfg: Config, supervised: bool = False) -> contextlib.AbstractContextManager[object]:
+    """The run's metrics for node_exporter's textfile collector (``monitor.textfile_dir``), written
+    by the process that runs the training or supervises it, on rank 0 only: never by a supervised
+    trainer (its supervisor does, and goes on publishing while the trainer hangs or restarts)."""
+    if not cfg.monitor.textfile_dir or supervised or not _first_task():
+        return contextlib.nullcontext()
+    from foldhpc.cluster.env import slurm_env
+    from foldhpc.monitor.metrics import TextfilePublisher
+
+    return TextfilePublisher(cfg, current_job=slurm_env().job_id)
+
+
+def _notify_end(cfg: Config, rc: int) -> None:
+    """``monitor.on_state_change`` for a training or supervision that ended here, outside a submitit
+    job (:mod:`foldhpc.slurm.job` tells its own): completed or failed; exit 75 is the requeue
+    decision's to tell (requeued, handed over or stopped)."""
+    if rc not in (ExitCode.OK, ExitCode.FAILED) or not cfg.monitor.on_state_change or not _first_task():
+        return
+    from foldhpc.cluster.env import slurm_env
+    from foldhpc.records.status import read_status
+    from foldhpc.resilience.notify import COMPLETED, FAILED, notify
+
+    try:
+        st = read_status(cfg.run_dir) or {}
+    except (OSError, ValueError):
+        st = {}
+    step = st.get("step") if isinstance(st.get("step"), int) else None
+    notify(cfg.run_dir, COMPLETED if rc == ExitCode.OK else FAILED, command=cfg.monitor.on_state_change, step=step,
+           job_id=slurm_env().job_id, reason=None if rc == ExitCode.OK else str(st.get("error") or ""))
 
 
 def _record_started(cfg: Config, slurm: SlurmEnv, **extra: Any) -> None:
@@ -168,7 +203,9 @@ def _supervise(args: argparse.Namespace, cfg: Any) -> int:
         first += ["--resume", resume]
     if _force_resume(args, slurm):
         first.append("--force-resume")
-    rc = Supervisor(cfg, first, common, nproc=args.nproc).run()
+    with _publishing(cfg):
+        rc = Supervisor(cfg, first, common, nproc=args.nproc).run()
+    _notify_end(cfg, rc)
     _debug_hold_after_train()
     return rc
 
@@ -200,7 +237,10 @@ def _cmd_supervise(args: argparse.Namespace) -> int:
     slurm = slurm_env()
     if slurm.job_id and _first_task():
         _record_started(cfg, slurm, supervised=True)
-    return Supervisor(cfg, [], [], command=command).run()
+    with _publishing(cfg):
+        rc = Supervisor(cfg, [], [], command=command).run()
+    _notify_end(cfg, rc)
+    return rc
 
 
 def check_command(command: list[str], cwd: Path) -> None:
@@ -241,7 +281,9 @@ class CommandPayload:
 
         sup = Supervisor(cfg, [], [], command=self.command, cwd=Path(self.cwd),
                          extra_signals=tuple(preemption_signals(cfg)))
-        return _job_outcome(cfg, sup, sup.run(), known_step=False)
+        with _publishing(cfg):
+            rc = sup.run()
+        return _job_outcome(cfg, sup, rc, known_step=False)
 
 
 def train_in_job(cfg: Config, env: DistEnv, job_id: str | None) -> JobOutcome:
@@ -255,7 +297,8 @@ def train_in_job(cfg: Config, env: DistEnv, job_id: str | None) -> JobOutcome:
         return _supervised_in_job(cfg, job_id)
     from foldhpc.task import train
 
-    r = train(cfg, resume="auto", env=env)
+    with _publishing(cfg):
+        r = train(cfg, resume="auto", env=env)
     return JobOutcome(r.state, r.step, r.signal, r.metrics)
 
 
@@ -273,7 +316,9 @@ def _supervised_in_job(cfg: Config, job_id: str | None) -> JobOutcome:
     atomic_write_text(path, config_to_toml(cfg), fsync=False)
     child = ["--config", str(path)]
     sup = Supervisor(cfg, child, child, extra_signals=tuple(preemption_signals(cfg)))
-    return _job_outcome(cfg, sup, sup.run())
+    with _publishing(cfg):
+        rc = sup.run()
+    return _job_outcome(cfg, sup, rc)
 
 
 def _job_outcome(cfg: Config, sup: Supervisor, rc: int, known_step: bool = True) -> JobOutcome:
@@ -505,6 +550,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(wall - queue wait), also per process start and per Slurm job run.")
     goodput_mod.add_arguments(p)
     p.set_defaults(func=goodput_mod.run)
+
+    from foldhpc.monitor import metrics as metrics_mod  # light: prometheus_client, no torch
+
+    p = sub.add_parser("metrics", help="runs' figures in the Prometheus text format (print, --serve, --textfile-dir)",
+                       description="The figures of runs (state, step, seconds since the last step and checkpoint, "
+                                   "restarts, queue wait, goodput, ...) in the Prometheus text format, from their "
+                                   "records: printed, served over HTTP (--serve) or written for node_exporter's "
+                                   "textfile collector (--textfile-dir). The metric set is in the README.")
+    metrics_mod.add_arguments(p)
+    p.set_defaults(func=metrics_mod.run)
 
     p = sub.add_parser("plot", help="draw a run's timeline (rows per job/restart, step over time) as a PNG",
                        description="Draw the run's timeline: one row per process start or Slurm job run, bars "

@@ -446,6 +446,38 @@ class TaskConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Publishing the run to a site's monitoring (foldhpc.monitor.metrics): Prometheus metrics, notifications."""
+
+    # node_exporter's --collector.textfile.directory: the process that runs the training (the
+    # supervisor where there is one, else rank 0's trainer) rewrites <dir>/foldhpc-<run>-<hash>.prom
+    # there every textfile_every; "" = off (foldhpc metrics RUN_DIR prints the same at any time)
+    textfile_dir: str = ""
+    textfile_every: str = "15s"
+    # no step for this long counts as hung in the metrics (foldhpc_run_hang_bound_seconds, the
+    # FoldhpcRunHung alert), whether or not foldhpc's own watchdog is on; "auto" = fault.hang_timeout
+    # where it is a duration, else the larger of fault.hang_floor, 20 steps and 3 log windows
+    hang_after: str = "auto"
+    # a shell command run when the run completes, fails, hangs, is requeued or handed over, with
+    # FOLDHPC_STATE, FOLDHPC_RUN_DIR, FOLDHPC_STEP, FOLDHPC_JOB_ID, FOLDHPC_REASON in its environment
+    # (mail, a chat webhook); it runs detached, and its failure never affects training
+    on_state_change: str = ""
+
+    def validate(self) -> None:
+        for key in ("textfile_every",):
+            try:
+                every = parse_duration(getattr(self, key))
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
+            _check(every > 0, f"{key} must be > 0 (set textfile_dir = \"\" to publish nothing)")
+        if self.hang_after != "auto":
+            try:
+                _check(parse_duration(self.hang_after) > 0, "hang_after must be > 0 (or \"auto\")")
+            except ValueError as e:
+                raise ValueError(f"hang_after: {e} (or \"auto\")") from None
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -456,6 +488,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

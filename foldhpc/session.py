@@ -770,6 +770,7 @@ class Session:
         self.events.emit("progress", step=self.step, max_steps=total, loss=v.get("loss", v.get("train/loss")),
                          lr=v.get("lr", v.get("train/lr")), grad_norm=v.get("grad_norm", v.get("train/grad_norm")),
                          samples_per_s=steps / max(seconds, 1e-9), data_wait_frac=0.0, steps=steps, scalars=v)
+        self.status.update(step=self.step)  # status.json follows the loop even where nothing is logged
 
     # ------------------------------------------------------------------ saving
     def _state_source(self, background: bool) -> dict[str, Any]:

@@ -22,6 +22,13 @@ NODE_ENV = "FOLDHPC_NODE"
 #: the variables above: a follow-up job or a fresh trainer must not inherit them
 PROCESS_VARS = (SUPERVISED_ENV, RESTART_INFO_ENV, HEARTBEAT_ENV, READY_FILE_ENV)
 
+# -- set by foldhpc for a user's monitor.on_state_change command (foldhpc.resilience.notify) -------
+NOTIFY_STATE_ENV = "FOLDHPC_STATE"  #: completed, failed, hung, requeued, handed_over, stopped
+NOTIFY_RUN_DIR_ENV = "FOLDHPC_RUN_DIR"  #: the run directory, absolute
+NOTIFY_STEP_ENV = "FOLDHPC_STEP"  #: the step (empty if unknown)
+NOTIFY_JOB_ENV = "FOLDHPC_JOB_ID"  #: the Slurm job (empty outside Slurm)
+NOTIFY_REASON_ENV = "FOLDHPC_REASON"  #: why, in words (empty where there is nothing to say)
+
 # -- set by a person ----------------------------------------------------------------------------
 #: ``1``: a warm start rescans the structure folder instead of trusting the sealed manifest
 RESCAN_ENV = "FOLDHPC_DATA_RESCAN"

@@ -65,7 +65,8 @@ KINDS: dict[str, tuple[str, ...]] = {
     "checkpointed": ("step", "signal"),  # exiting for requeue on a durable checkpoint (after a signal)
     # -- the supervisor ---------------------------------------------------------------------------
     "supervisor_spawn": ("pids", "nproc", "restarts"),  # started the trainer (one pid per local rank)
-    "supervisor_failure": ("failed_rank", "step", "reason", "cause"),  # a trainer died; step -1: at startup
+    # a trainer died; step -1: at startup. Both also carry ``node`` (where it ran) since the metrics (issue 25)
+    "supervisor_failure": ("failed_rank", "step", "reason", "cause"),
     "supervisor_hang": ("failed_rank", "step", "phase", "silent_s"),  # no heartbeat for too long
     "supervisor_restart": ("restarts", "delay_s"),  # restarting the trainer after a failure
     "supervisor_give_up": ("reason",),

@@ -89,6 +89,7 @@ from foldhpc.records.events import EventLog, EventSink, NullEventLog
 from foldhpc.records.exitcodes import ExitCode
 from foldhpc.records.layout import LOG_FILE, STACKS_FILE
 from foldhpc.records.envvars import HEARTBEAT_ENV, SUPERVISED_ENV, RESTART_INFO_ENV, READY_FILE_ENV
+from foldhpc.resilience.notify import HUNG, notify
 from foldhpc.resilience.runlock import RunLock
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,12 @@ _PID = re.compile(r"\(pid \d+\)")
 def _same_cause(cause: str) -> str:
     """A failure's cause without its process id: a restarted rank has another pid, the same failure."""
     return _PID.sub("(pid)", cause)
+
+
+def _node() -> str:
+    """Where this supervisor and its trainers run (Slurm's node name, else the host name): a failure
+    record names it, so that a node that keeps failing runs shows (foldhpc_run_node_failures_total)."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def transient_io(error: str) -> bool:
@@ -466,7 +473,8 @@ class Supervisor:
                     failed_at = now
                     log.error("supervisor: %s%s at %s (%s)", f"rank {i} " if n > 1 else "", failure.reason,
                               failure.where(), last[i].phase)  # for people; tools read the supervisor_failure event
-                    self.events.emit("supervisor_failure", failed_rank=i if n > 1 else self.rank, step=failure.step,
+                    self.events.emit("supervisor_failure", failed_rank=i if n > 1 else self.rank, node=_node(),
+                                     step=failure.step,
                                      phase=failure.phase, reason=failure.reason, cause=failure.cause,
                                      exit_code=rc, error=error, transient=failure.transient)
                     if error:
@@ -496,9 +504,13 @@ class Supervisor:
         reason = (f"hung at {where} in {beat.phase}: no heartbeat for {silent_s:.0f}s (timeout {timeout:.0f}s, "
                   f"{source}); Python stacks in {self.run_dir / STACKS_FILE}")
         log.error("supervisor: %s%s", f"rank {rank} " if self.nproc > 1 else "", reason)
-        self.events.emit("supervisor_hang", failed_rank=rank if self.nproc > 1 else self.rank, step=beat.step,
+        self.events.emit("supervisor_hang", failed_rank=rank if self.nproc > 1 else self.rank, node=_node(),
+                         step=beat.step,
                          phase=beat.phase, silent_s=round(silent_s, 3), timeout_s=timeout, source=source,
                          reason=reason)
+        if not self.rank:  # rank 0's supervisor (or the only one) tells the run's state
+            notify(self.run_dir, HUNG, command=self.cfg.monitor.on_state_change, step=beat.step,
+                   job_id=slurm_env().job_id, reason=reason)
         p = self.procs[rank]
         try:
             self._signal(p, signal.SIGQUIT)  # faulthandler in the trainer dumps every thread's stack

@@ -52,6 +52,7 @@ from foldhpc.cluster.command import CALL_TIMEOUT_S, SlurmCommandError, run_comma
 from foldhpc.cluster.sacct import ctl_state as _scontrol_state, scontrol_job
 from foldhpc.records.envvars import PROCESS_VARS
 from foldhpc.records.history import FollowedUp, FollowupCancelled, Submitted, or_absent, read_history, write_event
+from foldhpc.resilience.notify import HANDED_OVER, notify
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +320,7 @@ def hand_over(followup: FollowUp, job_id: str, chain_restarts_now: int, why: str
             restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), reason=why, step=or_absent(step)))
         log.warning("submitted follow-up job %s (afterany:%s) for run directory %s: %s", new, job_id,
                     followup.run_dir, why)
+        notify(followup.run_dir, HANDED_OVER, step=step, job_id=job_id, reason=f"follow-up job {new}: {why}")
         state = (ctl_state(job_id) or "").split(" ")[0].upper() if last_look else ""
         if state in _NO_SUCCESSOR_STATES:
             log.warning("job %s is %s (cancelled, or requeued after all, while its follow-up was submitted): "

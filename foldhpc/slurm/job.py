@@ -44,6 +44,7 @@ from foldhpc.records.envvars import HOLD_AFTER_TRAIN
 from foldhpc.records.exitcodes import ExitCode
 from foldhpc.records.history import Completed, Failed, or_absent, record_started, write_event
 from foldhpc.records.status import COMPLETED
+from foldhpc.resilience import notify as state_change
 from foldhpc.slurm.followup import FollowUp
 from foldhpc.slurm.requeue import Decision, decision_event, maybe_requeue
 
@@ -123,12 +124,16 @@ class SlurmJob(submitit.helpers.Checkpointable):
             result = self.payload(cfg, env, job)
         except BaseException as e:
             write_event(cfg.run_dir, Failed(job_id=job, error=f"{type(e).__name__}: {e}", **where))
+            if env.is_main:
+                state_change.notify(cfg.run_dir, state_change.FAILED, command=cfg.monitor.on_state_change, job_id=job,
+                       reason=f"{type(e).__name__}: {e}")
             raise
         ignore_signals(preemption_signals(cfg))  # also submitit's own signal, if it is not one of ours
         if not env.is_main:
             return {"step": result.step, "state": result.state, "rank": env.rank}
         if result.state == COMPLETED:
             write_event(cfg.run_dir, Completed(job_id=job, step=result.step or 0))
+            state_change.notify(cfg.run_dir, state_change.COMPLETED, command=cfg.monitor.on_state_change, step=result.step, job_id=job)
             hold = faults.seconds(HOLD_AFTER_TRAIN_ENV)
             if hold > 0:
                 log.warning("%s: staying alive %.1fs after training", HOLD_AFTER_TRAIN_ENV, hold)
@@ -138,6 +143,8 @@ class SlurmJob(submitit.helpers.Checkpointable):
         def record(d: Decision) -> None:  # before scontrol requeue, which may end this process
             write_event(cfg.run_dir, decision_event(d, job, info.restart_count, or_absent(result.step),
                                                     signal=result.signal))
+            state_change.notify(cfg.run_dir, state_change.REQUEUED if d.requeue else state_change.STOPPED,
+                                command=cfg.monitor.on_state_change, step=result.step, job_id=job, reason=d.reason)
 
         # where Slurm will not requeue, the run continues in a follow-up job (foldhpc.slurm.followup)
         maybe_requeue(cfg.slurm.max_requeues, parse_duration(cfg.slurm.signal_lead),
