@@ -132,6 +132,8 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in _DEFS}
 #: events.jsonl kinds that mark the step counter moving (or being set by a resume)
 _STEP_KINDS = frozenset({"progress", "first_step", "resumed", "training", "rollback", "completed"})
 _FAILURE_KINDS = frozenset({"supervisor_failure", "supervisor_hang"})
+#: the share of the time a publishing process may spend on goodput (see :class:`RunCollector`)
+GOODPUT_SHARE = 0.0005
 #: progress windows kept for the median step time
 _WINDOWS = 16
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -286,12 +288,17 @@ class RunCollector:
     """Collects one run's figures; keeps its events.jsonl position between collections."""
 
     def __init__(self, run_dir: Path, cfg: Config | None = None, use_sacct: bool = True,
-                 current_job: str | None = None) -> None:
+                 current_job: str | None = None, goodput_share: float | None = None) -> None:
         self.run_dir = Path(run_dir).absolute()
         self.cfg = cfg
         self.use_sacct = use_sacct
         self.current_job = current_job  # the Slurm job this process runs in: its state is RUNNING
         self.tally = EventTally(self.run_dir / EVENTS_FILE)
+        # goodput rebuilds the run's whole timeline (2.4 s for 100k records: docs/measurements/
+        # metrics.md): with a share, it is recomputed only once its last cost is at most that share
+        # of the time since, and the previous figures are published meanwhile; None: every time
+        self.goodput_share = goodput_share
+        self._goodput: tuple[float, float, float | None, float | None, float | None] | None = None  # at, cost, ...
 
     def collect(self, job: sacct.SlurmJob | None = None, now: float | None = None) -> RunFigures:
         """The run's figures now; ``job``: sacct's record of its current job (None: local view)."""
@@ -357,14 +364,19 @@ class RunCollector:
             fig.pending_s = max(0.0, now - max(since)) if since else None
         else:
             fig.pending_s = 0.0
-        try:
-            g = goodput.goodput_of(self.run_dir, use_sacct=self.use_sacct and job is not None)
-            fig.goodput_run = g.goodput
-            fig.queue_wait_s = g.seconds.get("queue_wait")
-            rows = g.jobs or g.processes
-            fig.goodput_job = rows[-1].goodput if rows else None
-        except (FileNotFoundError, OSError, ValueError) as e:
-            fig.notes.append(f"goodput: {e}")
+        last = self._goodput
+        mono = time.monotonic()
+        if last is None or self.goodput_share is None or mono - last[0] >= last[1] / self.goodput_share:
+            try:
+                g = goodput.goodput_of(self.run_dir, use_sacct=self.use_sacct and job is not None)
+                rows = g.jobs or g.processes
+                last = (mono, time.monotonic() - mono, g.goodput, rows[-1].goodput if rows else None,
+                        g.seconds.get("queue_wait"))
+            except (FileNotFoundError, OSError, ValueError) as e:
+                fig.notes.append(f"goodput: {e}")
+                last = (mono, time.monotonic() - mono, None, None, None)
+            self._goodput = last
+        fig.goodput_run, fig.goodput_job, fig.queue_wait_s = last[2], last[3], last[4]
         holder = runlock.read_holder(self.run_dir)
         if holder is not None:
             stale = parse_duration(cfg.fault.lock_stale_after) or float("inf")
@@ -521,7 +533,8 @@ class TextfilePublisher:
     def __init__(self, cfg: Config, current_job: str | None = None) -> None:
         self.cfg = cfg
         self.every = parse_duration(cfg.monitor.textfile_every)
-        self.collector = RunCollector(cfg.run_dir, cfg=cfg, use_sacct=False, current_job=current_job)
+        self.collector = RunCollector(cfg.run_dir, cfg=cfg, use_sacct=False, current_job=current_job,
+                                      goodput_share=GOODPUT_SHARE)
         self.path = textfile_path(Path(cfg.monitor.textfile_dir), cfg.run_dir, cfg.run.name or cfg.run_dir.name)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
