@@ -120,9 +120,9 @@ _DEFS = [
     MetricDef("foldhpc_run_lock_held", GAUGE, "1 if a live process holds the run lock (one writer per run)"),
     MetricDef("foldhpc_run_lock_holder", GAUGE, "1 for the node (host) of the run lock's holder", ("node",)),
     MetricDef("foldhpc_run_slurm_job", GAUGE, "1 for the run's current Slurm job; state: Slurm's (sacct), or "
-              "unknown", ("job", "state")),
+              "unknown (slurm_job_id: Prometheus's own label job names the scrape job)", ("slurm_job_id", "state")),
     MetricDef("foldhpc_run_node_failures", COUNTER, "trainer failures attributed to a node (where the failing "
-              "rank ran)", ("node",)),
+              "rank ran); 0 for each node the run is on, so that a first failure is an increase", ("node",)),
     MetricDef("foldhpc_run_metrics_timestamp_seconds", GAUGE, "unix time these figures were collected (a stale "
               "textfile shows here)"),
 ]
@@ -247,6 +247,7 @@ class RunFigures:
     job_id: str | None = None
     job_state: str | None = None
     node_failures: dict[str, int] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)  # where the run is now (its ranks' nodes, else the lock's)
     notes: list[str] = field(default_factory=list)
 
 
@@ -300,8 +301,9 @@ class RunCollector:
         self.goodput_share = goodput_share
         self._goodput: tuple[float, float, float | None, float | None, float | None] | None = None  # at, cost, ...
 
-    def collect(self, job: sacct.SlurmJob | None = None, now: float | None = None) -> RunFigures:
-        """The run's figures now; ``job``: sacct's record of its current job (None: local view)."""
+    def collect(self, job: sacct.SlurmJob | None = None, now: float | None = None, final: bool = False) -> RunFigures:
+        """The run's figures now; ``job``: sacct's record of its current job (None: local view);
+        ``final``: the last collection of a publisher (goodput recomputed whatever it costs)."""
         from foldhpc.monitor import goodput, report
         from foldhpc.resilience import runlock
 
@@ -366,7 +368,7 @@ class RunCollector:
             fig.pending_s = 0.0
         last = self._goodput
         mono = time.monotonic()
-        if last is None or self.goodput_share is None or mono - last[0] >= last[1] / self.goodput_share:
+        if last is None or final or self.goodput_share is None or mono - last[0] >= last[1] / self.goodput_share:
             try:
                 g = goodput.goodput_of(self.run_dir, use_sacct=self.use_sacct and job is not None)
                 rows = g.jobs or g.processes
@@ -384,6 +386,11 @@ class RunCollector:
             fig.lock_node = str(holder.get("node") or holder.get("host") or "") or None
         else:
             fig.lock_held = False
+        ranks = status.get("ranks")
+        if isinstance(ranks, list):
+            fig.nodes = sorted({str(r["node"]) for r in ranks if isinstance(r, dict) and r.get("node")})
+        if not fig.nodes and fig.lock_held and fig.lock_node:
+            fig.nodes = [fig.lock_node]
         return fig
 
 
@@ -435,7 +442,7 @@ def families(figs: Iterable[RunFigures]) -> Iterator[Metric]:
             put("foldhpc_run_lock_holder", 1, f.lock_node, run=r)
         if f.job_id:
             put("foldhpc_run_slurm_job", 1, f.job_id, f.job_state or sacct.UNKNOWN, run=r)
-        for node, n in sorted(f.node_failures.items()):
+        for node, n in sorted({**dict.fromkeys(f.nodes, 0), **f.node_failures}.items()):
             put("foldhpc_run_node_failures", n, node, run=r)
         put("foldhpc_run_metrics_timestamp_seconds", f.collected_at, run=r)
     yield from fam.values()
@@ -541,10 +548,10 @@ class TextfilePublisher:
         self.failing = False
         self.seconds: list[float] = []
 
-    def publish(self) -> None:
+    def publish(self, final: bool = False) -> None:
         t0 = time.perf_counter()
         try:
-            write_textfile(self.path, render([self.collector.collect()]))
+            write_textfile(self.path, render([self.collector.collect(final=final)]))
         except Exception as e:  # noqa: BLE001 - monitoring must never end a training run
             if not self.failing:
                 log.warning("cannot publish the run's metrics to %s (%s): training goes on; retried every %s",
@@ -571,7 +578,7 @@ class TextfilePublisher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self.publish()
+        self.publish(final=True)
 
 
 # ------------------------------------------------------------------ the command
