@@ -75,6 +75,8 @@ def test_a_finished_run_has_every_figure_its_records_give(finished):
     assert value(text, "foldhpc_run_checkpoint_interval_seconds") == 900
     assert value(text, "foldhpc_run_failures_total") == 0
     assert value(text, "foldhpc_run_lock_held") == 0  # released at the end
+    assert value(text, "foldhpc_run_nonfinite_skipped_total") == 0
+    assert value(text, "foldhpc_run_rollbacks_total") == 0
     assert 0 < value(text, "foldhpc_run_goodput_ratio", scope="run") <= 1
     assert value(text, "foldhpc_run_step_seconds") > 0
     last = value(text, "foldhpc_run_last_step_timestamp_seconds")
@@ -138,6 +140,16 @@ def test_a_hang_is_told_then_the_failure_with_the_node(tmp_path):
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     assert value(text, "foldhpc_run_node_failures_total", node=node) == 1
     assert value(text, "foldhpc_run_state", state="failed") == 1
+
+
+def test_non_finite_steps_are_counted(tmp_path):
+    run = tmp_path / "run"
+    r = run_foldhpc("train", "--config", str(TINY), *set_args(tiny_overrides(run, **{"train.max_steps": 8})),
+                    env={"FOLDHPC_NAN_AT_STEPS": "3,5"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = run_foldhpc("metrics", "--no-sacct", str(run)).stdout
+    assert value(text, "foldhpc_run_nonfinite_skipped_total") == 2
+    assert value(text, "foldhpc_run_rollbacks_total") == 0
 
 
 def test_events_are_read_on_from_where_the_last_collection_stopped(tmp_path):

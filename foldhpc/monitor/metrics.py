@@ -154,6 +154,8 @@ class EventTally:
     node_failures: Counter[str] = field(default_factory=Counter)
     supervised_pids: set[int] = field(default_factory=set)
     unsupervised_failed: list[int] = field(default_factory=list)  # pids of trainers' "failed" records
+    nonfinite_skips: int = 0
+    rollbacks: int = 0
     scan: EventScan = field(default_factory=EventScan)
 
     def read(self) -> None:
@@ -195,6 +197,10 @@ class EventTally:
             self.supervised_pids.update(p for p in ev.get("pids") or [] if isinstance(p, int))
         elif k == "failed":
             self.unsupervised_failed.append(ev.pid)
+        elif k == "nonfinite_skip":
+            self.nonfinite_skips += 1
+        elif k == "rollback":
+            self.rollbacks += 1
 
     @property
     def total_failures(self) -> int:
@@ -346,8 +352,12 @@ class RunCollector:
         fig.node_failures = dict(t.node_failures)
         fig.samples_per_s = _num(status.get("samples_per_s"))
         nf = status.get("nonfinite")
-        if isinstance(nf, dict):
-            fig.nonfinite_skipped, fig.rollbacks = _int(nf.get("skipped")), _int(nf.get("rollbacks"))
+        if isinstance(nf, dict):  # the guard's own count, carried by the checkpoints across restarts
+            fig.nonfinite_skipped = _int(nf.get("skipped"))
+            rb = nf.get("rollbacks")
+            fig.rollbacks = len(rb) if isinstance(rb, list) else _int(rb)
+        elif t.last_step is not None:  # a foldhpc loop ran and recorded no summary: its events say
+            fig.nonfinite_skipped, fig.rollbacks = t.nonfinite_skips, t.rollbacks
         try:
             history, _ = read_history(self.run_dir)
         except (OSError, ValueError):
