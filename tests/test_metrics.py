@@ -220,3 +220,15 @@ def test_serve_answers_scrapes_with_runs_that_appear(finished, tmp_path):
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=20) == 0
+
+
+def test_the_readme_lists_the_metric_set():
+    """The README's table of the metric set has every metric, by the name a query uses, and no other."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Monitoring"):text.index("## Tests")]
+    listed = re.findall(r"^\| `(foldhpc_[a-z_]+)` \|", section, re.M)
+    assert sorted(listed) == sorted(d.exposed for d in metrics.METRICS.values())
+    for d in metrics.METRICS.values():  # the labels column
+        row = next(ln for ln in section.splitlines() if ln.startswith(f"| `{d.exposed}` |"))
+        labels = row.strip("|").split("|")[1]
+        assert re.findall(r"`(\w+)`", labels) == list(d.labels), d.name

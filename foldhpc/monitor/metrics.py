@@ -301,8 +301,8 @@ class RunCollector:
         self.use_sacct = use_sacct
         self.current_job = current_job  # the Slurm job this process runs in: its state is RUNNING
         self.tally = EventTally(self.run_dir / EVENTS_FILE)
-        # goodput rebuilds the run's whole timeline (2.4 s for 100k records: docs/measurements/
-        # metrics.md): with a share, it is recomputed only once its last cost is at most that share
+        # goodput rebuilds the run's whole timeline (4.1 s for 100k records: docs/measurements/
+        # metrics-2026-12-03.md): with a share, it is recomputed only once its last cost is at most that share
         # of the time since, and the previous figures are published meanwhile; None: every time
         self.goodput_share = goodput_share
         self._goodput: tuple[float, float, float | None, float | None, float | None] | None = None  # at, cost, ...
