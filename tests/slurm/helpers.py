@@ -185,3 +185,10 @@ def wait_sacct_row(
         if time.monotonic() > deadline:
             raise TimeoutError(f"sacct: job {job_id} not in {sorted(wanted)} (complete) after {timeout}s: {rows}")
         time.sleep(poll)
+
+
+def notes_of(tmp_path: Path) -> tuple[dict[str, object], Path]:
+    """A ``monitor.on_state_change`` that appends "STATE JOB STEP" to a file, and that file."""
+    script, notes = tmp_path / "note.sh", tmp_path / "notes"
+    script.write_text(f'echo "$FOLDHPC_STATE $FOLDHPC_JOB_ID $FOLDHPC_STEP" >> {notes}\n')
+    return {"monitor.on_state_change": f"sh {script}"}, notes

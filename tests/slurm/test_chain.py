@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import read_json, run_foldhpc, wait_for
-from .helpers import cancel_all_jobs, job_restarts, preempt, run, sacct_rows, scontrol_job, \
+from .helpers import cancel_all_jobs, job_restarts, notes_of, preempt, run, sacct_rows, scontrol_job, \
     wait_sacct_row
 from .test_followup import events, followup_of, status_of, template_job
 from .test_submit import STEPS, final_digest, reference_digest, submit, wait_for_step  # noqa: F401
@@ -55,7 +55,8 @@ def saved_steps(run_dir: Path, sig: str = "SIG(?:USR1|TERM)") -> list[int]:
 def test_submitit_chain_user_signal_then_partition_preemption_bit_exact(tmp_path, jobs, reference_digest,
                                                                          slurm_cluster):
     run_dir = tmp_path / "run"
-    jobs.append(j1 := submit(run_dir, **CHAIN))
+    notify, notes = notes_of(tmp_path)
+    jobs.append(j1 := submit(run_dir, **CHAIN, **notify))
     wait_for_step(run_dir, 20)
     run(["scancel", "--signal=USR1", j1])
     j2 = wait_for(lambda: followup_of(run_dir, j1), "no follow-up job was submitted", timeout=60)
@@ -89,6 +90,16 @@ def test_submitit_chain_user_signal_then_partition_preemption_bit_exact(tmp_path
     r, rc = status_of(run_dir)
     assert (r["state"], r["job_id"], r["chain"], r["restarts"], rc) == ("completed", j3, [j1, j2, j3], 2, 0), r
     assert f"chain: run: jobs {j1} -> {j2} -> {j3}" in run_foldhpc("status", str(run_dir)).stdout
+    # monitor.on_state_change was told each hand-over and the end, by the job whose decision it was
+    told = wait_for(lambda: (t := notes.read_text().split("\n")[:-1] if notes.exists() else []) and len(t) >= 3 and t,
+                    "three notifications", timeout=30)
+    assert [ln.split()[:2] for ln in told] == [["handed_over", j1], ["handed_over", j2], ["completed", j3]], told
+    assert told[0].split()[2] == str(steps[0]) and told[2].split()[2] == str(STEPS), told
+    # foldhpc metrics, with sacct: the chain's newest job and its state, the hand-overs, the resumes
+    text = run_foldhpc("metrics", str(run_dir)).stdout
+    assert f'foldhpc_run_slurm_job{{run="{run_dir}",slurm_job_id="{j3}",state="completed"}} 1.0' in text, text
+    assert f'foldhpc_run_requeues_total{{run="{run_dir}"}} 2.0' in text, text
+    assert f'foldhpc_run_restarts_total{{run="{run_dir}"}} 2.0' in text, text
 
 
 def test_template_chain_time_limit_signal_then_scancel_ends_the_run(tmp_path, jobs):

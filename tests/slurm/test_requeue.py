@@ -25,7 +25,7 @@ import pytest
 
 from conftest import ROOT, TINY, read_json, run_foldhpc, set_args, tiny_overrides, wait_for
 from foldhpc.records.history import read_history
-from .helpers import CLUSTER_SH, cancel_all_jobs, run, sacct_rows, sbatch, scontrol_state, wait_for_state, \
+from .helpers import CLUSTER_SH, cancel_all_jobs, notes_of, run, sacct_rows, sbatch, scontrol_state, wait_for_state, \
     wait_sacct_row
 
 TEMPLATE = ROOT / "sbatch" / "train.sbatch"
@@ -111,8 +111,9 @@ def test_template_requeue_limit_and_no_resume_not_replayed(tmp_path, jobs):
     """slurm.max_requeues=1 from the config; --no-resume applies to the first run only; the second
     signal stops the run at the limit, and `foldhpc status` says so (not "failed; exit 75")."""
     run_dir = tmp_path / "run"
+    notify, notes = notes_of(tmp_path)
     job, out = template_job(tmp_path, run_dir, "--no-resume", **{"train.max_steps": 10**6,
-                                                                 "slurm.max_requeues": 1})
+                                                                 "slurm.max_requeues": 1, **notify})
     jobs.append(job)
     wait_for(lambda: step_in_log(run_dir, 8), "step 8 not reached")
     run(["scancel", "--signal=USR1", "--batch", job])
@@ -135,6 +136,11 @@ def test_template_requeue_limit_and_no_resume_not_replayed(tmp_path, jobs):
     assert r["state"] == "stopped" and r["restarts"] == 1, r
     assert "requeue limit" in r["reason"] and "exit 75" not in r["reason"], r
     assert p.returncode == 3, (p.returncode, r)
+    # monitor.on_state_change, from the batch script's requeue decision (foldhpc.slurm.requeue)
+    told = wait_for(lambda: (t := notes.read_text().split("\n")[:-1] if notes.exists() else []) and len(t) >= 2 and t,
+                    "two notifications")
+    assert [ln.split()[:2] for ln in told] == [["requeued", job], ["stopped", job]], told
+    assert told[0].split()[2] == str(saved), told
 
 
 # ------------------------------------------------------------------ requeue decision (item 7)
