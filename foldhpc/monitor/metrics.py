@@ -498,8 +498,7 @@ class Collection(Collector):
                 out.append(p)
             elif p.is_dir():
                 out += report.find_runs(p)
-        seen: set[Path] = set()
-        return [d for d in (x.absolute() for x in out) if not (d in seen or seen.add(d))]  # type: ignore[func-returns-value]
+        return list(dict.fromkeys(x.absolute() for x in out))  # each once, in order
 
     def figures(self) -> list[RunFigures]:
         from foldhpc.monitor import report
@@ -509,17 +508,12 @@ class Collection(Collector):
             if d not in self.collectors:
                 self.collectors[d] = RunCollector(d, use_sacct=self.use_sacct)
         jobs: dict[str, sacct.SlurmJob] = {}
-        if self.use_sacct:
-            ids = [j for j in (report.read_run(d).job_id for d in dirs) if j]
-            if ids:
-                q = sacct.query_jobs(ids)
-                jobs, self.notes = q.jobs, q.notes
-        out = []
-        for d in dirs:
-            c = self.collectors[d]
-            jid = report.read_run(d).job_id if jobs else None
-            out.append(c.collect(jobs.get(jid) if jid else None))
-        return out
+        current = {d: report.read_run(d).job_id for d in dirs} if self.use_sacct else {}
+        ids = [j for j in current.values() if j]
+        if ids:
+            q = sacct.query_jobs(ids)
+            jobs, self.notes = q.jobs, q.notes
+        return [self.collectors[d].collect(jobs.get(current.get(d) or "")) for d in dirs]
 
     def collect(self) -> Iterator[Metric]:
         return families(self.figures())
