@@ -76,7 +76,9 @@ def test_the_job_script_of_a_legit_config_has_only_directives_where_values_go(tm
         'slurm.extra_sbatch={ mail-type = "END", comment = "a b; c $(d)" }'])
     text = executor_for(cfg)._make_submission_file_text("python -u -m submitit.core._submit DIR", "uid")
     lines = text.splitlines()
-    params = lines[lines.index("# Parameters") + 1:lines.index("# command")]
+    params = lines[lines.index("# Parameters") + 1:lines.index("# setup")]
+    setup = [ln for ln in lines[lines.index("# setup") + 1:lines.index("# command")] if ln]
+    assert len(setup) == 1 and setup[0].startswith("trap 'true' "), setup  # foldhpc's own line only
     assert all(ln.startswith("#SBATCH --") or not ln for ln in params), params
     assert sum(ln.startswith("#SBATCH --account=") for ln in params) == 1
     assert any("mail-type=END" in ln for ln in params) and any("comment=" in ln for ln in params)

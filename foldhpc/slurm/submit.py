@@ -52,6 +52,21 @@ def check_submittable(cfg: Config) -> None:
                           f"slurm.time = {cfg.slurm.time!r}")
 
 
+def batch_shell_traps(cfg: Config) -> str:
+    """The line of submitit's batch script that keeps its shell alive on a preemption signal.
+
+    A signal sent to the whole job (``scancel --full --signal=USR1``, what ``--signal=B:...`` plus
+    the steps amounts to) reaches the batch shell too, and bash dies of SIGUSR1 by default: the job
+    ends FAILED (0:10) while the trainer is still saving, and the requeue decision sees it
+    COMPLETING and stops -- the run never comes back (issue 23 item 4). A trap that does nothing
+    (not ``trap ''``: an ignored signal stays ignored in the programs the shell starts) holds the
+    signal until ``srun`` returns, which it does when the trainer has saved and exited. SIGTERM and
+    SIGINT keep their default: a plain ``scancel`` still ends the job."""
+    names = {n.upper().removeprefix("SIG") for n in cfg.checkpoint.signals} | {slurm_signal_name(cfg), "USR2"}
+    names -= {"TERM", "INT", "KILL"}
+    return f"trap 'true' {' '.join(sorted(names))}  # foldhpc: a whole-job signal is the trainer's, not the shell's"
+
+
 def executor_for(cfg: Config, local: bool = False) -> PicklingExecutor:
     """A configured submitit executor writing its files under <run.dir>/slurm."""
     import submitit
@@ -79,6 +94,7 @@ def executor_for(cfg: Config, local: bool = False) -> PicklingExecutor:
     params: dict[str, object] = dict(job_name=s.job_name, time=timeout_min, cpus_per_task=s.cpus_per_task,
                                      mem=s.mem, signal_delay_s=lead, additional_parameters=extra,
                                      nodes=s.nodes, ntasks_per_node=s.ntasks_per_node)
+    params["setup"] = [batch_shell_traps(cfg)]
     if s.gpus:
         params["gpus_per_node"] = s.gpus
     for key, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos),

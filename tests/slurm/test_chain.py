@@ -159,3 +159,27 @@ def test_preemption_that_cancels_the_job_continues_in_a_followup(tmp_path, jobs,
     (saved,) = saved_steps(run_dir, "SIGTERM")
     assert f"at step {saved} (restart #1" in (run_dir / "train.log").read_text()
     assert wait_sacct_row(hi, "COMPLETED", timeout=60)["NodeList"] == node
+
+
+@pytest.mark.parametrize("mode", ["chain", "requeue"])
+def test_whole_job_signal_resumes_bit_exact(tmp_path, jobs, reference_digest, mode):
+    """``scancel --full --signal=USR1``: the batch shell gets the signal too (issue 23 item 4). It
+    used to die of it (FAILED 0:10), the requeue decision saw COMPLETING and stopped; now the
+    shell traps it, the trainer saves, and the run continues in a follow-up (chain) or the same job
+    requeued, bit-exact."""
+    run_dir = tmp_path / "run"
+    jobs.append(j1 := submit(run_dir, **{"slurm.resume": mode}))
+    wait_for_step(run_dir, 20)
+    run(["scancel", "--full", "--signal=USR1", j1])
+    last = j1
+    if mode == "chain":
+        jobs.append(last := wait_for(lambda: followup_of(run_dir, j1), "no follow-up job was submitted", timeout=60))
+    wait_sacct_row(last, FINAL, timeout=240)
+    assert final_digest(run_dir) == reference_digest
+    if mode == "chain":  # the first job handed over and ended with the trainer's 75, not killed by the signal
+        assert own_rows(j1) == ["FAILED"] and own_rows(last) == ["COMPLETED"], (sacct_rows(j1), sacct_rows(last))
+        assert [r["ExitCode"] for r in sacct_rows(j1) if r["JobID"] == j1] == ["75:0"], sacct_rows(j1)
+    else:
+        assert own_rows(j1) == ["REQUEUED", "COMPLETED"], sacct_rows(j1)
+    r, rc = status_of(run_dir)
+    assert (r["state"], rc) == ("completed", 0), r
