@@ -183,3 +183,17 @@ def test_whole_job_signal_resumes_bit_exact(tmp_path, jobs, reference_digest, mo
         assert own_rows(j1) == ["REQUEUED", "COMPLETED"], sacct_rows(j1)
     r, rc = status_of(run_dir)
     assert (r["state"], rc) == ("completed", 0), r
+
+
+def test_template_whole_job_signal_resumes_bit_exact(tmp_path, jobs, reference_digest):
+    """The sbatch template under a whole-job signal: its shell traps USR1 and forwards it while the
+    trainer got its own copy from slurmd; one save, one follow-up, bit-exact."""
+    run_dir = tmp_path / "run"
+    jobs.append(j1 := template_job(tmp_path, run_dir, "--no-resume", **CHAIN))
+    wait_for_step(run_dir, 20)
+    run(["scancel", "--full", "--signal=USR1", j1])
+    jobs.append(j2 := wait_for(lambda: followup_of(run_dir, j1), "no follow-up job was submitted", timeout=60))
+    wait_sacct_row(j2, FINAL, timeout=240)
+    assert final_digest(run_dir) == reference_digest
+    assert own_rows(j1) == ["COMPLETED"] and own_rows(j2) == ["COMPLETED"], (sacct_rows(j1), sacct_rows(j2))
+    assert len(saved_steps(run_dir, "SIGUSR1")) == 1, saved_steps(run_dir, "SIGUSR1")
