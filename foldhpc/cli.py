@@ -112,7 +112,7 @@ def _notify_end(cfg: Config, rc: int) -> None:
         return
     from foldhpc.cluster.env import slurm_env
     from foldhpc.records.status import read_status
-    from foldhpc.resilience.notify import COMPLETED, FAILED, notify
+    from foldhpc.records.notify import COMPLETED, FAILED, notify
 
     try:
         st = read_status(cfg.run_dir) or {}

@@ -91,6 +91,10 @@ KINDS: dict[str, KindSpec] = {k.name: k for k in (
     KindSpec("scancel_signal", "scancel --signal=USR1 (a user's copy of the time-limit/preemption signal): "
              "checkpoint, the job continues in its follow-up job (chain) or is requeued; 0 steps lost",
              ends_launch=True, hook=False, restarts=True),
+    KindSpec("whole_job_signal", "scancel --full --signal=USR1 (the signal to the whole job, the batch shell "
+             "included, as --signal=B:... plus the steps): the shell lives on, the trainer checkpoints, the job "
+             "continues in its follow-up (chain) or is requeued; 0 steps lost", ends_launch=True, hook=False,
+             restarts=True),
     KindSpec("preempt", "a real partition preemption (a high-priority job that needs the node): USR1 during "
              "GraceTime, checkpoint, follow-up/requeue once the node is free; 0 steps lost", ends_launch=True,
              hook=False, restarts=True),
@@ -104,7 +108,8 @@ KINDS: dict[str, KindSpec] = {k.name: k for k in (
 MULTI_RANK_KINDS: tuple[str, ...] = ("dead_rank",)  # only with --nproc > 1
 STORAGE_SETUP_KINDS: tuple[str, ...] = ("full_status_fs",)  # a tmpfs for the run directory: root only
 FALLBACK_KINDS: tuple[str, ...] = ("corrupt_checkpoint", "crafted_header", "missing_file")  # keep_last >= 2
-SLURM_KINDS: tuple[str, ...] = ("scancel_signal", "preempt", "requeue", "scancel", "crash")  # --backend slurm
+SLURM_KINDS: tuple[str, ...] = ("scancel_signal", "whole_job_signal", "preempt", "requeue", "scancel",
+                                 "crash")  # --backend slurm
 DEFAULT_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k not in MULTI_RANK_KINDS and
                                        (k == "crash" or k not in SLURM_KINDS))
 

@@ -145,7 +145,8 @@ class SlurmRunner(LocalRunner):
 
     # ------------------------------------------------------------------ fault kinds
     def _signal_like(self, f: PlannedFault, rec: FaultRecord) -> None:
-        """scancel_signal, preempt, requeue: the job saves on its signal and the run goes on by itself."""
+        """scancel_signal, whole_job_signal, preempt, requeue: the job saves on its signal and the run goes
+        on by itself."""
         self._wait_step(f.at_step)
         job, trainer = self._current_job(), self._trainer_pid()
         index = len(self.tail.events)
@@ -153,6 +154,9 @@ class SlurmRunner(LocalRunner):
         if f.kind == "scancel_signal":
             _cmd("scancel", "--signal=USR1", job)
             how = "scancel --signal=USR1"
+        elif f.kind == "whole_job_signal":
+            _cmd("scancel", "--full", "--signal=USR1", job)
+            how = "scancel --full --signal=USR1"
         elif f.kind == "requeue":
             _cmd("scontrol", "requeue", job)
             how = "scontrol requeue"
@@ -208,7 +212,7 @@ class SlurmRunner(LocalRunner):
     # ------------------------------------------------------------------ the run
     def run_chaos(self) -> tuple[RunOutcome, list[FaultRecord]]:
         handlers: dict[str, Callable[[PlannedFault, FaultRecord], None]] = {
-            "scancel_signal": self._signal_like, "preempt": self._signal_like, "requeue": self._signal_like,
+            "scancel_signal": self._signal_like, "whole_job_signal": self._signal_like, "preempt": self._signal_like, "requeue": self._signal_like,
             "crash": self._crash, "scancel": self._scancel}  # crash: the local runner's, same promise
         t0 = time.monotonic()
         records: list[FaultRecord] = []

@@ -22,7 +22,7 @@ NODE_ENV = "FOLDHPC_NODE"
 #: the variables above: a follow-up job or a fresh trainer must not inherit them
 PROCESS_VARS = (SUPERVISED_ENV, RESTART_INFO_ENV, HEARTBEAT_ENV, READY_FILE_ENV)
 
-# -- set by foldhpc for a user's monitor.on_state_change command (foldhpc.resilience.notify) -------
+# -- set by foldhpc for a user's monitor.on_state_change command (foldhpc.records.notify) -------
 NOTIFY_STATE_ENV = "FOLDHPC_STATE"  #: completed, failed, hung, requeued, handed_over, stopped
 NOTIFY_RUN_DIR_ENV = "FOLDHPC_RUN_DIR"  #: the run directory, absolute
 NOTIFY_STEP_ENV = "FOLDHPC_STEP"  #: the step (empty if unknown)

@@ -21,7 +21,7 @@ COMMAND_FILE = "command.json"
 LOCK_DIR = "lock"  # one writer per run directory (foldhpc.resilience.runlock)
 #: lock/gen-NNNNNNNN.child: the flock of the one descendant that uses a supervisor's lock (runlock)
 LOCK_CHILD_SUFFIX = ".child"
-NOTIFY_LOG = "notify.log"  # output of the monitor.on_state_change command (foldhpc.resilience.notify)
+NOTIFY_LOG = "notify.log"  # output of the monitor.on_state_change command (foldhpc.records.notify)
 STACKS_FILE = "stacks.log"  # Python stacks of a trainer the supervisor found hung
 RANKS_DIR = "ranks"  # multi-rank runs: ranks/rank-N.json
 

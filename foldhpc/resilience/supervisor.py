@@ -89,7 +89,7 @@ from foldhpc.records.events import EventLog, EventSink, NullEventLog
 from foldhpc.records.exitcodes import ExitCode
 from foldhpc.records.layout import LOG_FILE, STACKS_FILE
 from foldhpc.records.envvars import HEARTBEAT_ENV, SUPERVISED_ENV, RESTART_INFO_ENV, READY_FILE_ENV
-from foldhpc.resilience.notify import HUNG, notify
+from foldhpc.records.notify import HUNG, notify
 from foldhpc.resilience.runlock import RunLock
 
 log = logging.getLogger(__name__)

@@ -51,8 +51,9 @@ from typing import Any, Protocol
 from foldhpc.cluster.command import CALL_TIMEOUT_S, SlurmCommandError, run_command
 from foldhpc.cluster.sacct import ctl_state as _scontrol_state, scontrol_job
 from foldhpc.records.envvars import PROCESS_VARS
+from foldhpc.records.layout import CONFIG_FILE
 from foldhpc.records.history import FollowedUp, FollowupCancelled, Submitted, or_absent, read_history, write_event
-from foldhpc.resilience.notify import HANDED_OVER, notify
+from foldhpc.records.notify import HANDED_OVER, notify
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,8 @@ def hand_over(followup: FollowUp, job_id: str, chain_restarts_now: int, why: str
             restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), reason=why, step=or_absent(step)))
         log.warning("submitted follow-up job %s (afterany:%s) for run directory %s: %s", new, job_id,
                     followup.run_dir, why)
-        notify(followup.run_dir, HANDED_OVER, step=step, job_id=job_id, reason=f"follow-up job {new}: {why}")
+        notify(followup.run_dir, HANDED_OVER, command=_on_state_change(followup.run_dir), step=step, job_id=job_id,
+               reason=f"follow-up job {new}: {why}")
         state = (ctl_state(job_id) or "").split(" ")[0].upper() if last_look else ""
         if state in _NO_SUCCESSOR_STATES:
             log.warning("job %s is %s (cancelled, or requeued after all, while its follow-up was submitted): "
@@ -334,3 +336,15 @@ def hand_over(followup: FollowUp, job_id: str, chain_restarts_now: int, why: str
         return new
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _on_state_change(run_dir: Path) -> str:
+    """``monitor.on_state_change`` of the run's config.toml (the resolved config of its latest start:
+    a follow-up is handed over by a process that may hold no config), "" if there is none."""
+    from foldhpc.config import ConfigError, load_config
+
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        return load_config(path).monitor.on_state_change if path.is_file() else ""
+    except (ConfigError, OSError, ValueError):
+        return ""

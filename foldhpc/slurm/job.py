@@ -44,7 +44,7 @@ from foldhpc.records.envvars import HOLD_AFTER_TRAIN
 from foldhpc.records.exitcodes import ExitCode
 from foldhpc.records.history import Completed, Failed, or_absent, record_started, write_event
 from foldhpc.records.status import COMPLETED
-from foldhpc.resilience import notify as state_change
+from foldhpc.records import notify as state_change
 from foldhpc.slurm.followup import FollowUp
 from foldhpc.slurm.requeue import Decision, decision_event, maybe_requeue
 

@@ -483,7 +483,7 @@ def _record(cfg: "Config", d: Decision, step: int | None = None) -> None:
         write_event(cfg.run_dir, decision_event(d, info.job_id, info.restart_count, or_absent(step)))
     except OSError as e:
         log.error("could not record the requeue decision in %s: %s", cfg.run_dir, e)
-    from foldhpc.resilience.notify import REQUEUED, STOPPED, notify
+    from foldhpc.records.notify import REQUEUED, STOPPED, notify
 
     notify(cfg.run_dir, REQUEUED if d.requeue else STOPPED, command=cfg.monitor.on_state_change, step=step,
            job_id=info.job_id, reason=d.reason)

@@ -1,5 +1,5 @@
 """``foldhpc chaos --backend slurm`` on the real local cluster: one fault of every Slurm kind
-(a user's USR1, a real partition preemption, an admin's requeue, a trainer crash, a user's
+(a user's USR1, USR1 to the whole job, a real partition preemption, an admin's requeue, a trainer crash, a user's
 scancel) against one submitted run in the default resume mode (chain); every fault recovered, no
 two jobs of the run running at once, the final state bit-exact with the local reference."""
 
@@ -17,7 +17,8 @@ from .helpers import cancel_all_jobs
 
 
 def test_one_fault_of_every_slurm_kind_recovered_bit_exact(tmp_path, slurm_cluster):
-    kinds = [("scancel_signal", ""), ("crash", "SIGKILL"), ("preempt", ""), ("scancel", ""), ("requeue", "")]
+    kinds = [("scancel_signal", ""), ("crash", "SIGKILL"), ("whole_job_signal", ""), ("preempt", ""), ("scancel", ""),
+             ("requeue", "")]
     faults, step = [], 15
     for i, (kind, variant) in enumerate(kinds):
         faults.append(PlannedFault(i, kind, step, variant))
@@ -32,13 +33,13 @@ def test_one_fault_of_every_slurm_kind_recovered_bit_exact(tmp_path, slurm_clust
                            plan.max_steps)
     assert verdict.passed, verdict.problems
     recs = {r.kind: r for r in outcome.records}
-    for kind in ("scancel_signal", "preempt", "scancel", "requeue"):
+    for kind in ("scancel_signal", "whole_job_signal", "preempt", "scancel", "requeue"):
         assert recs[kind].steps_lost == 0 and recs[kind].time_to_resume_s is not None, recs[kind]
     crash = recs["crash"]
     assert 0 <= crash.steps_lost <= crash.step - crash.newest_durable_step, crash
-    # chain (the default): USR1 and the preemption each made a follow-up job; the requeue kept its job
-    # id; scancel ended the run and the runner resubmitted it: 1 + 2 + 1 = 4 jobs
-    assert len(outcome.slurm_jobs) == 4 and outcome.max_jobs_running == 1, (outcome.slurm_jobs, outcome.records)
+    # chain (the default): USR1, the whole-job USR1 and the preemption each made a follow-up job; the
+    # requeue kept its job id; scancel ended the run and the runner resubmitted it: 1 + 3 + 1 = 5 jobs
+    assert len(outcome.slurm_jobs) == 5 and outcome.max_jobs_running == 1, (outcome.slurm_jobs, outcome.records)
     assert any("requeued" in n for n in recs["requeue"].notes), recs["requeue"].notes
     assert any("ended the run" in n for n in recs["scancel"].notes), recs["scancel"].notes
     doc = report.build(outcome, plan, verdict, command=["foldhpc", "chaos", "(test)"], config=str(TINY),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from foldhpc.records.envvars import (NOTIFY_JOB_ENV, NOTIFY_REASON_ENV, NOTIFY_RUN_DIR_ENV, NOTIFY_STATE_ENV,
                                      NOTIFY_STEP_ENV)
-from foldhpc.records.layout import CONFIG_FILE, NOTIFY_LOG
+from foldhpc.records.layout import NOTIFY_LOG
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +38,12 @@ TIMEOUT_S = 60.0  # a notification command still running after this long is kill
 _REASON_MAX = 500  # characters of the reason passed in the environment
 
 
-def command_of(run_dir: Path) -> str:
-    """``monitor.on_state_change`` of the run's config.toml ("" if it has none or does not load)."""
-    from foldhpc.config import ConfigError, load_config
-
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        return ""
-    try:
-        return load_config(path).monitor.on_state_change
-    except (ConfigError, OSError, ValueError):
-        return ""
-
-
-def notify(run_dir: Path, state: str, *, command: str | None = None, step: int | None = None,
+def notify(run_dir: Path, state: str, *, command: str, step: int | None = None,
            job_id: str | None = None, reason: str | None = None) -> subprocess.Popen[bytes] | None:
-    """Start the run's ``on_state_change`` command for ``state`` (nothing if there is none);
-    returns its process (tests wait for it). Never raises."""
+    """Start ``command`` (the run's ``monitor.on_state_change``) for ``state``; nothing if it is
+    empty. Returns its process (tests wait for it). Never raises."""
     try:
-        cmd = command_of(run_dir) if command is None else command
+        cmd = command
         if not cmd:
             return None
         env = {**os.environ, NOTIFY_STATE_ENV: state, NOTIFY_RUN_DIR_ENV: str(Path(run_dir).absolute()),
