@@ -129,12 +129,15 @@ def test_a_hang_is_told_then_the_failure_with_the_node(tmp_path):
     r = run_foldhpc("train", "--supervise", "--config", str(TINY), *set_args(tiny_overrides(
         run, **{"train.max_steps": 20, "fault.max_restarts": 0, "fault.hang_timeout": "2s", "fault.hang_floor": "1s",
                 "monitor.on_state_change": NOTE_ENV})),
-        env={"FOLDHPC_FAIL_AT_STEP": "4", "FOLDHPC_FAIL_KIND": "hang"})
+        # at step 15, 50 ms a step: the supervisor (polling every 0.1 s) has seen training beats come and
+        # go, so the hang timeout applies (a trainer seen beating once only is still judged by
+        # fault.startup_timeout; under CI load a hang at step 4 of 20 ms steps hit exactly that)
+        env={"FOLDHPC_FAIL_AT_STEP": "15", "FOLDHPC_FAIL_KIND": "hang", "FOLDHPC_DEBUG_STEP_DELAY_S": "0.05"})
     assert r.returncode == 1, r.stderr[-3000:]
     got = wait_for(lambda: (n := notes(run)) and {"hung", "failed"} <= set(n) and n, "hung and failed notes")
-    assert got["hung"]["FOLDHPC_STEP"] == "4"
-    assert "hung at step 4" in got["hung"]["FOLDHPC_REASON"]
-    assert "hung at step 4" in got["failed"]["FOLDHPC_REASON"]
+    assert got["hung"]["FOLDHPC_STEP"] == "15"
+    assert "hung at step 15" in got["hung"]["FOLDHPC_REASON"]
+    assert "hung at step 15" in got["failed"]["FOLDHPC_REASON"]
     text = run_foldhpc("metrics", "--no-sacct", str(run)).stdout
     assert value(text, "foldhpc_run_failures_total") == 1
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
