@@ -379,6 +379,21 @@ class FaultConfig:
     # same host, an ended Slurm job or a requeue of the same job still are). Keep it at minutes
     # on NFS (attribute caching can age a heartbeat by up to a minute).
     lock_stale_after: str = "5m"
+    # Where crashes come from (foldhpc.resilience.supervisor; docs/nodes.md has the whole rule set).
+    # Checked at each failure, in this order, after "deterministic" (the same step and cause twice:
+    # a bug, exit 1) and never for a preemption:
+    # node_crash_limit: this many trainer failures on one node since the run's newest checkpoint
+    # (no checkpoint progress) blame the node: the job hands over to a job that excludes it, as
+    # after a failed health check (exit 75, then --exclude); 0 = never blame a node for crashes.
+    node_crash_limit: int = 2
+    # crash_loop_restarts: this many in-job restarts without a new checkpoint end the run as a crash
+    # loop (exit 93, state "crash_loop", never requeued); 0 = off (fault.max_restarts still bounds
+    # restarts with or without progress, exit 1).
+    crash_loop_restarts: int = 3
+    # crash_loop_jobs: this many jobs in a row of the chain without a new checkpoint (whatever ended
+    # them: a signal before the first step, a bad node, crashes) stop the chain as a crash loop
+    # (exit 93, never requeued); this is the chain's "no_progress" stop, now configurable (it was 3).
+    crash_loop_jobs: int = 3
 
     def validate(self) -> None:
         _check(self.max_restarts >= 0, "max_restarts must be >= 0 (0 disables in-job restarts)")
@@ -388,7 +403,11 @@ class FaultConfig:
                "loss_spike_factor must be 0 (off) or > 1 (a factor of the recent maximum loss)")
         _check(self.straggler_factor > 1, "straggler_factor must be > 1 (a factor of the median compute time)")
         _check(self.straggler_window >= 2, "straggler_window must be >= 2 steps")
-        _at_most(self, MAX_RETRIES, "max_restarts", "nonfinite_rollback")
+        _check(self.node_crash_limit >= 0, "node_crash_limit must be >= 0 (0: crashes never blame a node)")
+        _check(self.crash_loop_restarts >= 0, "crash_loop_restarts must be >= 0 (0 = off)")
+        _check(self.crash_loop_jobs >= 1, "crash_loop_jobs must be >= 1")
+        _at_most(self, MAX_RETRIES, "max_restarts", "nonfinite_rollback", "node_crash_limit", "crash_loop_restarts",
+                 "crash_loop_jobs")
         for key in ("restart_backoff", "hang_floor", "startup_timeout", "lock_stale_after"):
             try:
                 parse_duration(getattr(self, key))
@@ -406,6 +425,67 @@ class FaultConfig:
             return parse_duration(self.hang_timeout)
         floor = parse_duration(self.hang_floor)
         return max(floor, 20 * median_step_s) if median_step_s else floor
+
+
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)B?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from ``"512M"``, ``"1G"``, ``"1.5T"``, ``"0"`` or a bare number of bytes (binary units)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.fullmatch(value.strip())
+        if not m:
+            raise ValueError(f"{value!r} is not a size; use e.g. \"512M\", \"2G\" or bytes")
+        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if not 0 <= n <= MAX_INT:
+        raise ValueError(f"size {value!r} is out of range")
+    return n
+
+
+@dataclass
+class HealthConfig:
+    """The node health check (foldhpc.resilience.health) that the supervisor runs before it starts
+    the trainer on a node and before each restart: a node that fails it is not trained on; in a
+    Slurm job the run hands over to a job that excludes it (``--exclude``; docs/nodes.md).
+
+    Built-in checks (about 2 ms on a CPU node, under 2 s with GPUs: docs/measurements/health-2026-12-03.md):
+    the job's GPUs initialise and run a small kernel (a subprocess, so the supervisor holds no CUDA
+    context; skipped, with a note, where no GPU is visible or ``train.device = "cpu"``), the run and
+    checkpoint directories are writable from this node (create + fsync + remove a probe file),
+    ``min_free_mem`` available memory (MemAvailable, and the job's cgroup limit where there is one),
+    ``min_free_disk`` free in both directories' file systems, and the clock: the probe file's mtime
+    is set by the file server on a shared file system, so a node whose clock is more than
+    ``max_clock_skew`` off the server's (hence the other nodes') shows; on a local file system it
+    is the node's own clock and the check cannot see a skew (noted). ``command``: a site's own check
+    (a shell command, run with ``FOLDHPC_HEALTH_NODE`` set, killed after ``command_timeout``);
+    a non-zero exit or a timeout fails the node, with the tail of its stderr as the detail. Its
+    time counts towards the check's: keep it short.
+    """
+
+    enabled: bool = True
+    min_free_mem: str = "256M"
+    min_free_disk: str = "256M"
+    max_clock_skew: str = "30s"
+    command: str = ""
+    command_timeout: str = "1s"
+
+    def validate(self) -> None:
+        for key in ("min_free_mem", "min_free_disk"):
+            try:
+                parse_size(getattr(self, key))
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
+        for key in ("max_clock_skew", "command_timeout"):
+            try:
+                t = parse_duration(getattr(self, key))
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
+            _check(t > 0, f"{key} must be > 0")
 
 
 #: ``task.factory`` spellings: ``package.module:function`` or ``path/to/file.py:function``
@@ -507,6 +587,7 @@ class Config:
     fault: FaultConfig = field(default_factory=FaultConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -632,7 +713,8 @@ def _coerce(section: str, key: str, value: Any, typ: Any) -> Any:
         raise ConfigError(f"{where} = {value!r}: expected a number")
     if typ is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key in {"interval", "time", "signal_lead", "timeout", "restart_backoff", "hang_timeout",
-                                                                   "hang_floor", "startup_timeout", "lock_stale_after"}:
+                                                                   "hang_floor", "startup_timeout", "lock_stale_after",
+                                                                   "max_clock_skew", "command_timeout"}:
             return str(value)
         if isinstance(value, str):
             return value
