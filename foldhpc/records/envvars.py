@@ -28,6 +28,8 @@ NOTIFY_RUN_DIR_ENV = "FOLDHPC_RUN_DIR"  #: the run directory, absolute
 NOTIFY_STEP_ENV = "FOLDHPC_STEP"  #: the step (empty if unknown)
 NOTIFY_JOB_ENV = "FOLDHPC_JOB_ID"  #: the Slurm job (empty outside Slurm)
 NOTIFY_REASON_ENV = "FOLDHPC_REASON"  #: why, in words (empty where there is nothing to say)
+#: set for a site's health command (health.command): the node it checks
+HEALTH_NODE_ENV = "FOLDHPC_HEALTH_NODE"
 
 # -- set by a person ----------------------------------------------------------------------------
 #: ``1``: a warm start rescans the structure folder instead of trusting the sealed manifest
@@ -47,6 +49,8 @@ NAN_AT_STEPS = "FOLDHPC_NAN_AT_STEPS"
 NAN_KIND = "FOLDHPC_NAN_KIND"
 NAN_ON_RANK = "FOLDHPC_NAN_ON_RANK"
 NAN_ONCE = "FOLDHPC_NAN_ONCE"
+#: node names (comma-separated) whose health check fails (check "fault_hook"): a bad node, for tests
+FAIL_HEALTH_ON_NODE = "FOLDHPC_FAIL_HEALTH_ON_NODE"
 STEP_DELAY_ON_RANK = "FOLDHPC_DEBUG_STEP_DELAY_ON_RANK"
 BITFLIP_AT_STEP = "FOLDHPC_BITFLIP_AT_STEP"
 BITFLIP_ON_RANK = "FOLDHPC_BITFLIP_ON_RANK"

@@ -83,6 +83,13 @@ KINDS: dict[str, tuple[str, ...]] = {
     "supervisor_restart": ("restarts", "delay_s"),  # restarting the trainer after a failure
     "supervisor_give_up": ("reason",),
     "supervisor_forwarded": ("signal",),  # a signal passed on to the trainer
+    # -- the node (foldhpc.resilience.health, the supervisor's crash attribution) -----------------
+    # the supervisor's health check of its node before a start: ok, its time, each check's seconds
+    "health_check": ("node", "ok", "seconds", "checks"),
+    # a node found bad: check = the failing check (devices, writable, free_mem, free_disk, clock,
+    # command, fault_hook) or "crashes" (fault.node_crash_limit failures there without checkpoint
+    # progress); the run's later jobs exclude every node of these records (foldhpc.cluster.nodes)
+    "node_unhealthy": ("node", "check", "detail"),
     # -- fault injection (foldhpc.faults; never in a normal run) --------------------------------
     "fault_injected": ("what", "step"),  # what: the hook and its setting, e.g. "FOLDHPC_FAIL_KIND=kill"
 }

@@ -27,3 +27,6 @@ class ExitCode(IntEnum):
     STOPPED = 3
     #: EX_TEMPFAIL: the state was saved on a preemption signal; requeue me (or hand over)
     CHECKPOINTED = 75
+    #: the crash-loop breaker: fault.crash_loop_restarts restarts or fault.crash_loop_jobs jobs without a
+    #: new checkpoint; do not requeue (93, as NVIDIA's NVRx uses for "restarts without progress")
+    CRASH_LOOP = 93

@@ -24,6 +24,9 @@ LOCK_CHILD_SUFFIX = ".child"
 NOTIFY_LOG = "notify.log"  # output of the monitor.on_state_change command (foldhpc.records.notify)
 STACKS_FILE = "stacks.log"  # Python stacks of a trainer the supervisor found hung
 RANKS_DIR = "ranks"  # multi-rank runs: ranks/rank-N.json
+#: .foldhpc-health-<node>-<pid>: the health check's probe file, in the run and checkpoint directories,
+#: removed at once (foldhpc.resilience.health)
+HEALTH_PROBE_PREFIX = ".foldhpc-health-"
 
 # -- <checkpoint dir>/ --------------------------------------------------------------------------
 MANIFEST_FILE = "manifest.json"  # the checkpoint index (rebuilt from the files when it is bad)

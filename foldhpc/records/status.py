@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 RUNNING, COMPLETED, FAILED, CHECKPOINTED = "running", "completed", "failed", "checkpointed"
 #: the supervisor's state between a crashed trainer and its restart (foldhpc.resilience.supervisor)
 RESTARTING = "restarting"
+#: restarts or jobs without a new checkpoint: ended by the crash-loop breaker, never requeued (exit 93)
+CRASH_LOOP = "crash_loop"
 
 
 @dataclass
@@ -87,6 +89,9 @@ class RunStatus:
     val: dict[str, float] | None = None  #: metrics of the latest validation
     val_step: int | None = None  #: the step of that validation
     metrics: dict[str, float] | None = None  #: final metrics of a completed run
+    # -- bad nodes (foldhpc.resilience.health, foldhpc.cluster.nodes)
+    bad_nodes: list[dict[str, Any]] | None = None  #: every node found bad in this run: node, check, detail, t, job_id
+    excluded_nodes: list[str] | None = None  #: the nodes the run's newest hand-over excluded (--exclude)
     #: fields of the file that this version does not know (a newer foldhpc wrote them); not a field
     #: of the file itself, and never written by :class:`StatusFile`
     extra: dict[str, Any] = field(default_factory=dict, metadata={"status_field": False}, repr=False)
