@@ -70,7 +70,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     # a node found suspect by a second attribution of this run: the bad-node machinery excludes it
     "sdc_suspect_node": ("node", "suspected", "steps"),
     # a rank slower than straggler_factor x the median compute time per step over the window
-    "straggler": ("step", "rank", "node", "ratio", "compute_s", "wait_s"),
+    "straggler": ("step", "straggler_rank", "node", "ratio", "compute_s", "wait_s"),  # rank: the writer's
     "completed": ("step",),
     "failed": ("step", "error"),
     "failed_ranks": ("step", "error", "ranks"),  # several ranks: the rank(s) to blame, after "failed"
