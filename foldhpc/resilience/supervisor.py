@@ -53,9 +53,21 @@ is SIGKILLed -- after up to ``KILL_WAIT_S`` where it may still be saving (a norm
 preemption), at once after a crash -- so that no process of one start outlives it into the next.
 Being its own group, it does not get a terminal's Ctrl-C: the supervisor does, and kills it.
 
-Exit status: the trainer's 0 or 75; 2 for a config/usage error of the first start (never
-restarted, unless its cause is an I/O error); 1 when the restarts are used up or the failure is
-deterministic (``status.json`` says why).
+Bad nodes and crash loops (docs/nodes.md has the rule set): before the first start and before
+each restart the supervisor checks its node (:mod:`foldhpc.resilience.health`, ``[health]``); a node
+that fails is not trained on: each failing check is recorded (events.jsonl ``node_unhealthy``,
+status.json ``bad_nodes``) and the supervision ends with exit 75, so that a Slurm job hands the run
+over to a job that excludes the node (:func:`foldhpc.slurm.requeue.maybe_requeue`). After a failure,
+in this order, once "no retry" and "deterministic" have not ended it: in a Slurm job,
+``fault.node_crash_limit`` failures on this node since the run's newest checkpoint (no checkpoint
+progress: ``last_checkpoint`` of status.json unchanged) blame the node (check ``crashes``) and hand
+over the same way; ``fault.crash_loop_restarts`` restarts in a row without a new checkpoint end the
+run as a crash loop (exit 93, state ``crash_loop``, never requeued); then ``fault.max_restarts``.
+
+Exit status: the trainer's 0 or 75 (75 also: this node failed its health check or was blamed for
+the crashes); 2 for a config/usage error of the first start (never restarted, unless its cause is
+an I/O error); 1 when the restarts are used up or the failure is deterministic; 93 for a crash loop
+(``status.json`` says why).
 """
 
 from __future__ import annotations
@@ -81,7 +93,8 @@ from types import FrameType
 from typing import cast
 
 from foldhpc.config import Config, parse_duration
-from foldhpc.records.status import CHECKPOINTED, COMPLETED, RUNNING, StatusFile
+from foldhpc.records.status import CHECKPOINTED, COMPLETED, CRASH_LOOP, RUNNING, StatusFile
+from foldhpc.resilience import health
 from foldhpc.resilience import heartbeat as hb
 from foldhpc.cluster.env import slurm_env
 from foldhpc.records.history import GaveUp, JobEvent, Restarted, write_event
@@ -214,6 +227,11 @@ class Supervisor:
         # events.jsonl (foldhpc.records.events), opened by run() with the log
         self.rank: int | None = None
         self.events: EventSink = NullEventLog()
+        # crash attribution: failures in a row without checkpoint progress (the newest checkpoint's
+        # step at the previous failure, or at the start of the supervision)
+        self.stalled = 0
+        self._ck_step: int | None = None
+        self.bad_node: health.Problem | None = None  # this node failed its check or was blamed: handed over
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002
@@ -605,11 +623,80 @@ class Supervisor:
         prev = self.failures[-2]
         return prev.step == failure.step and _same_cause(prev.cause) == _same_cause(failure.cause)
 
+    def _checkpoint_step(self) -> int | None:
+        """The step of the run's newest committed checkpoint, as its trainer recorded it (status.json)."""
+        try:
+            ck = StatusFile(self.run_dir).data.get("last_checkpoint")
+        except (OSError, ValueError):
+            return None
+        step = ck.get("step") if isinstance(ck, dict) else None
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+    def _healthy(self) -> bool:
+        """Run the node health check (``[health]``) before a start; False: this node must not train."""
+        if not self.cfg.health.enabled:
+            return True
+        rep = health.check_node(self.cfg, _node())
+        health.record(rep, self.events, StatusFile(self.run_dir) if not self.rank else None, slurm_env().job_id)
+        for note in rep.notes:
+            log.debug("health check: %s", note)
+        if rep.ok:
+            log.info("supervisor: %s", rep.summary())
+            return True
+        self.bad_node = rep.problems[0]
+        self._hand_over_bad_node(rep.summary())
+        return False
+
+    def _hand_over_bad_node(self, why: str) -> None:
+        log.error("supervisor: %s; not training on this node: exit %d, so that the job hands the run over to a job "
+                  "that excludes it", why, ExitCode.CHECKPOINTED)
+        if not self.rank:
+            self._status(state=CHECKPOINTED, warning=why, in_job_restarts=self.restarts)
+
+    def _blame_node(self, failure: Failure) -> bool:
+        """After a failure: count it against this node unless the run checkpointed since the previous one;
+        True where ``fault.node_crash_limit`` is reached in a Slurm job (the node is then blamed)."""
+        ck = self._checkpoint_step()
+        if ck != self._ck_step:
+            self.stalled = 0
+            self._ck_step = ck
+        self.stalled += 1
+        limit = self.cfg.fault.node_crash_limit
+        if not limit or self.stalled < limit or not slurm_env().job_id:
+            return False
+        problem = health.Problem(_node(), "crashes", f"{self.stalled} trainer failures on this node without a new "
+                                                     f"checkpoint (fault.node_crash_limit = {limit}); the latest: "
+                                                     f"{failure.cause or failure.reason} at {failure.where()}")
+        self.events.emit("node_unhealthy", node=problem.node, check=problem.check, detail=problem.detail,
+                         job_id=slurm_env().job_id)
+        if not self.rank:
+            health.add_bad_nodes(StatusFile(self.run_dir), [problem], slurm_env().job_id)
+        self.bad_node = problem
+        self._hand_over_bad_node(f"node {problem.node} blamed: {problem.detail}")
+        return True
+
+    def _crash_loop(self, failure: Failure) -> int:
+        n = self.cfg.fault.crash_loop_restarts
+        error = (f"crash loop: {self.stalled - 1} restarts in a row without a new checkpoint (fault.crash_loop_restarts"
+                 f" = {n}), newest checkpoint at step {self._ck_step if self._ck_step is not None else 'none'}; the "
+                 f"latest failure: {failure.cause or failure.reason} at {failure.where()}; not requeued: fix the "
+                 "cause and resubmit")
+        log.error("supervisor: %s", error)
+        self.events.emit("supervisor_give_up", reason=error, why="crash_loop", step=failure.step,
+                         restarts=self.restarts)
+        self._status(state=CRASH_LOOP, error=error, step=failure.step, in_job_restarts=self.restarts,
+                     last_failure=failure.__dict__)
+        self._record(GaveUp(job_id=slurm_env().job_id, reason=error, step=failure.step, in_job_restarts=self.restarts))
+        return ExitCode.CRASH_LOOP
+
     def _run(self) -> int:
         f = self.cfg.fault
         backoff = parse_duration(f.restart_backoff)
         args = self.first_args
+        self._ck_step = self._checkpoint_step()
         while True:
+            if not self._healthy():
+                return ExitCode.CHECKPOINTED
             self._spawn(args)
             outcome = self._watch()
             if isinstance(outcome, int):
@@ -626,6 +713,10 @@ class Supervisor:
             if self._deterministic(failure):
                 return self._give_up(f"failed twice in a row at {failure.where()}: deterministic, not restarted "
                                      "again", failure)
+            if self._blame_node(failure):
+                return ExitCode.CHECKPOINTED
+            if f.crash_loop_restarts and self.stalled > f.crash_loop_restarts:
+                return self._crash_loop(failure)
             if self.restarts >= f.max_restarts:
                 return self._give_up(f"in-job restarts used up: {self.restarts} of fault.max_restarts = "
                                      f"{f.max_restarts}", failure)

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from foldhpc.cluster.command import CALL_TIMEOUT_S, SlurmCommandError, run_command
+from foldhpc.cluster.nodes import merge_exclude
 from foldhpc.cluster.sacct import ctl_state as _scontrol_state, scontrol_job
 from foldhpc.records.envvars import PROCESS_VARS
 from foldhpc.records.layout import CONFIG_FILE
@@ -74,7 +75,8 @@ class FollowUp(Protocol):
 
     def submit(self, after: str, **record: Any) -> str:
         """Submit the successor of job ``after`` (dependency ``afterany:after``); its job id.
-        ``record``: fields for its "submitted" event in jobs.jsonl."""
+        ``record``: fields for its "submitted" event in jobs.jsonl; ``exclude`` (a tuple of node
+        names, passed only where there are bad nodes) the nodes the successor must not run on."""
         ...
 
 
@@ -263,11 +265,13 @@ class SbatchFollowUp:
         self.script = str(script)
         self.script_args = first_job_args_removed(list(script_args))
 
-    def command(self, after: str, info: dict[str, str]) -> list[str]:
+    def command(self, after: str, info: dict[str, str], exclude: tuple[str, ...] = ()) -> list[str]:
+        """``exclude``: bad nodes the successor must avoid, added to the job's own ``ExcNodeList``."""
+        value = merge_exclude(info.get("ExcNodeList"), ",".join(exclude))
         return ["sbatch", "--parsable", f"--dependency=afterany:{after}", *sbatch_options(info, after),
-                self.script, *self.script_args]
+                *([f"--exclude={value}"] if value else []), self.script, *self.script_args]
 
-    def submit(self, after: str, **record: Any) -> str:
+    def submit(self, after: str, exclude: tuple[str, ...] = (), **record: Any) -> str:
         try:
             # the multi-line record: each path (WorkDir, StdOut, ...) ends with its line
             info = scontrol_job(after, SUBMIT_TIMEOUT_S, oneliner=False)
@@ -275,7 +279,7 @@ class SbatchFollowUp:
             raise SlurmCommandError(f"cannot read job {after}'s resources: {e}") from None
         if not info:
             raise SlurmCommandError(f"scontrol does not know job {after}: cannot copy its resources")
-        cmd = self.command(after, info)
+        cmd = self.command(after, info, exclude)
         log.info("submitting the follow-up job: %s", " ".join(cmd))
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT_S,
@@ -294,7 +298,8 @@ class SbatchFollowUp:
 
 # ------------------------------------------------------------------ the hand-over
 def hand_over(followup: FollowUp, job_id: str, chain_restarts_now: int, why: str,
-              ctl_state: Any = None, last_look: bool = True, step: int | None = None) -> str:
+              ctl_state: Any = None, last_look: bool = True, step: int | None = None,
+              exclude: tuple[str, ...] = ()) -> str:
     """Submit ``job_id``'s successor, record the link, and cancel the successor again if
     ``job_id`` is being cancelled meanwhile. Returns the successor's id; raises SlurmCommandError
     (or OSError) if it could not be submitted.
@@ -306,7 +311,8 @@ def hand_over(followup: FollowUp, job_id: str, chain_restarts_now: int, why: str
     after KillWait still ends it). ``last_look=False`` skips that look: for a job that a preemption
     is cancelling (PreemptMode=CANCEL), COMPLETING is expected and the successor is the point.
     ``step``: the step ``job_id`` checkpointed at, recorded in the "followup" event (how
-    :func:`foldhpc.slurm.requeue.no_progress` sees a chain that makes none).
+    :func:`foldhpc.slurm.requeue.no_progress` sees a chain that makes none). ``exclude``: the bad
+    nodes the successor must avoid (``--exclude``; :mod:`foldhpc.cluster.nodes`).
     """
     if ctl_state is None:
         def ctl_state(j: str) -> str | None:
@@ -315,7 +321,8 @@ def hand_over(followup: FollowUp, job_id: str, chain_restarts_now: int, why: str
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         total = chain_restarts_now + 1
-        new = followup.submit(job_id, followup_of=job_id, chain_restarts=total)
+        new = followup.submit(job_id, followup_of=job_id, chain_restarts=total,
+                              **({"exclude": tuple(exclude)} if exclude else {}))
         write_event(followup.run_dir, FollowedUp(
             job_id=job_id, followup_job_id=new, chain_restarts=total,
             restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), reason=why, step=or_absent(step)))

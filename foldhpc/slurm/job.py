@@ -46,7 +46,7 @@ from foldhpc.records.history import Completed, Failed, or_absent, record_started
 from foldhpc.records.status import COMPLETED
 from foldhpc.records import notify as state_change
 from foldhpc.slurm.followup import FollowUp
-from foldhpc.slurm.requeue import Decision, decision_event, maybe_requeue
+from foldhpc.slurm.requeue import Decision, decision_event, mark_crash_loop, maybe_requeue
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +147,14 @@ class SlurmJob(submitit.helpers.Checkpointable):
                                 command=cfg.monitor.on_state_change, step=result.step, job_id=job, reason=d.reason)
 
         # where Slurm will not requeue, the run continues in a follow-up job (foldhpc.slurm.followup)
-        maybe_requeue(cfg.slurm.max_requeues, parse_duration(cfg.slurm.signal_lead),
-                      result.signal_at or last_signal_time(), record, followup=self.followup, mode=cfg.slurm.resume,
-                      step=result.step)
+        d = maybe_requeue(cfg.slurm.max_requeues, parse_duration(cfg.slurm.signal_lead),
+                          result.signal_at or last_signal_time(), record, followup=self.followup,
+                          mode=cfg.slurm.resume, step=result.step, run_dir=cfg.run_dir,
+                          no_progress_jobs=cfg.fault.crash_loop_jobs)
+        if d.kind == "no_progress":  # the chain's crash-loop breaker: its own exit code, never requeued
+            mark_crash_loop(cfg.run_dir, d.reason)
+            logging.shutdown()
+            sys.exit(ExitCode.CRASH_LOOP)
         logging.shutdown()
         sys.exit(ExitCode.CHECKPOINTED)
 

@@ -52,6 +52,15 @@ directory and resources, ``--dependency=afterany:<this job>``; :mod:`foldhpc.slu
 ``slurm.max_requeues`` counts over the whole chain of follow-up jobs (their restarts are in
 ``jobs.jsonl``). The same happens when ``scontrol requeue`` keeps failing until the deadline
 while slurmctld still says the job is RUNNING (it was not requeued).
+
+**Bad nodes** (issue 23; docs/nodes.md): every node the run's records found bad (a failed health
+check, a node blamed for crashes: :mod:`foldhpc.cluster.nodes`) is excluded from the run's next
+job: a follow-up gets ``--exclude``, a requeued job ``scontrol update JobId=N ExcNodeList=...``
+before ``scontrol requeue`` (slurmctld keeps it for the requeued job). Bounded: where that would
+exclude more than the cluster's node count minus the job's, the run stops instead (kind
+``bad_nodes``). **Crash loop**: ``fault.crash_loop_jobs`` jobs in a row without a new checkpoint
+stop the chain (kind ``no_progress``): the job then exits 93 (``ExitCode.CRASH_LOOP``) and the
+run's state is ``crash_loop``, never requeued.
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from foldhpc.cluster.command import CALL_TIMEOUT_S, SlurmCommandError, run_command
 from foldhpc.cluster.env import slurm_env
+from foldhpc.cluster.nodes import Exclusion, exclusion
 from foldhpc.cluster.sacct import acct_state, ctl_job, ctl_state
 from foldhpc.records.exitcodes import ExitCode
 from foldhpc.records.history import ABSENT, Requeued, Stopped, or_absent, read_history, write_event
@@ -214,9 +224,11 @@ def jobs_without_progress(events: list[dict[str, Any]], step: int) -> int:
     return n
 
 
-def no_progress(run_dir: Path | None, step: int | None, job_id: str) -> Decision | None:
-    """The "no_progress" stop where the chain has made no checkpoint progress in
-    :data:`NO_PROGRESS_JOBS` jobs in a row, else None (also when the step or history is unknown)."""
+def no_progress(run_dir: Path | None, step: int | None, job_id: str,
+                limit: int = NO_PROGRESS_JOBS) -> Decision | None:
+    """The "no_progress" stop (the chain's crash-loop breaker) where the chain has made no checkpoint
+    progress in ``limit`` (``fault.crash_loop_jobs``) jobs in a row, else None (also when the step or
+    history is unknown)."""
     if run_dir is None or step is None:
         return None
     try:
@@ -224,12 +236,23 @@ def no_progress(run_dir: Path | None, step: int | None, job_id: str) -> Decision
     except OSError:
         return None
     n = jobs_without_progress(events, step)
-    if n < NO_PROGRESS_JOBS:
+    if n < limit:
         return None
-    return Decision(False, f"job {job_id} checkpointed at step {step}, the step the run had when the {n} jobs "
-                           f"before it ended: {n} jobs in a row made no progress (does the signal come before the "
-                           "first step? slurm.signal_lead longer than the job's run time, a preemption at every "
-                           f"start?); stopping the chain (resubmit to continue from step {step})", "no_progress")
+    return Decision(False, f"crash loop: job {job_id} checkpointed at step {step}, the step the run had when the {n} "
+                           f"jobs before it ended: {n} jobs in a row made no progress (fault.crash_loop_jobs = "
+                           f"{limit}; does the signal come before the first step? slurm.signal_lead longer than the "
+                           "job's run time, a preemption at every start, crashes or bad nodes at every start?); "
+                           f"stopping the chain, not requeued (resubmit to continue from step {step})", "no_progress")
+
+
+def bad_nodes_stop(ex: Exclusion, job_id: str) -> Decision | None:
+    """The "bad_nodes" stop where excluding every bad node would leave too few nodes, else None."""
+    if not ex.over:
+        return None
+    return Decision(False, f"job {job_id}: the run found {len(ex.nodes)} bad node(s): {ex.describe()}; excluding them "
+                           f"all would leave fewer than the job's {ex.job_nodes} of the partition's {ex.cluster_nodes} "
+                           "nodes: stopping instead of a job that can never be placed (fix or drain the nodes, then "
+                           "resubmit)", "bad_nodes")
 
 
 def budget_s(signal_lead_s: float, signal_at: float | None, now: float | None = None) -> float:
@@ -311,7 +334,8 @@ def _requeue(job_id: str, deadline: float) -> tuple[bool, str]:
 
 def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: float | None = None,
                   record: Callable[[Decision], None] | None = None, followup: FollowUp | None = None,
-                  mode: str = "requeue", step: int | None = None, run_dir: Path | None = None) -> Decision:
+                  mode: str = "requeue", step: int | None = None, run_dir: Path | None = None,
+                  no_progress_jobs: int = NO_PROGRESS_JOBS) -> Decision:
     """Decide for the current job (SLURM_* variables) and requeue if right.
 
     Returns the decision; ``requeue`` is True only if ``scontrol requeue`` succeeded. ``signal_at``
@@ -333,7 +357,10 @@ def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: fl
 
     ``step``: the step this job checkpointed at; with the run directory (``run_dir``, default
     ``followup.run_dir``) the run does not go on where :data:`NO_PROGRESS_JOBS` jobs in a row made
-    no progress (:func:`no_progress`, kind "no_progress", recorded).
+    no progress (:func:`no_progress`, kind "no_progress", recorded); ``no_progress_jobs`` is that
+    limit (``fault.crash_loop_jobs``). With the run directory, the run's next job excludes every
+    node its records found bad (:mod:`foldhpc.cluster.nodes`), or the run stops (kind "bad_nodes")
+    where that is more than the cluster can spare.
     """
     info = slurm_env()
     job_id = info.job_id
@@ -347,23 +374,34 @@ def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: fl
         log.warning("slurm.resume=chain but no way to submit a follow-up job here: requeueing instead")
         mode = "requeue"
     d = decide(job_id, restarts, max_requeues, deadline, chain, info.restart_count, mode)
+    rd = run_dir or (followup.run_dir if followup is not None else None)
+    exclude: tuple[str, ...] = ()
     if d.kind in ("requeue", "chain", "requeue_refused", "preempted_cancel") and job_id:
-        d = no_progress(run_dir or (followup.run_dir if followup is not None else None), step, job_id) or d
+        d = no_progress(rd, step, job_id, no_progress_jobs) or d
+    if d.kind in ("requeue", "chain", "requeue_refused", "preempted_cancel") and job_id and rd is not None:
+        ex = exclusion(rd, _timeout(deadline))
+        d = bad_nodes_stop(ex, job_id) or d
+        if d.kind != "bad_nodes" and ex.nodes:
+            exclude = ex.nodes
+            d = Decision(d.requeue, f"{d.reason}; excluding the bad node(s) {ex.describe()}", d.kind)
+            _record_excluded(rd, exclude)
     log.warning("requeue decision (within %.0fs): %s", budget, d.reason)
     if d.kind in ("requeue_refused", "chain", "preempted_cancel") and followup is not None and job_id:
         if d.kind == "chain":
             _not_requeueable(job_id, deadline)
         # a job being cancelled by its preemption is COMPLETING: that is no reason to cancel its successor
         return _follow_up(followup, job_id, restarts, d.reason, record, last_look=d.kind != "preempted_cancel",
-                          step=step)
+                          step=step, exclude=exclude)
     if record is not None:
         record(d)
     if d.requeue and job_id is not None:
+        if exclude:
+            _exclude_on_requeue(job_id, exclude, deadline)
         ok, why = _requeue(job_id, deadline)
         if not ok:
             if followup is not None and why in ("refused", "deadline"):
                 return _follow_up(followup, job_id, restarts,
-                                  f"{d.reason}, but scontrol requeue was {why}", record, step=step)
+                                  f"{d.reason}, but scontrol requeue was {why}", record, step=step, exclude=exclude)
             d = Decision(False, f"{d.reason}, but scontrol requeue failed: resubmit the job to continue",
                          "requeue_failed")
             if record is not None:
@@ -381,10 +419,36 @@ def _not_requeueable(job_id: str, deadline: float) -> None:
                     "too, the run-directory lock makes the second job exit", job_id, e)
 
 
-def _follow_up(followup: FollowUp, job_id: str, restarts: int, why: str,
-               record: Callable[[Decision], None] | None, last_look: bool = True, step: int | None = None) -> Decision:
+def _exclude_on_requeue(job_id: str, nodes: tuple[str, ...], deadline: float) -> None:
+    """``scontrol update JobId=N ExcNodeList=...`` (the job's own list kept): a requeued job keeps
+    the exclusion slurmctld has for it. Best effort: a failure is logged (the requeued job's health
+    check on a bad node hands it over again, excluding it then)."""
+    from foldhpc.cluster.nodes import merge_exclude
+
+    info = ctl_job(job_id, _timeout(deadline)) or {}
+    value = merge_exclude(info.get("ExcNodeList"), ",".join(nodes))
     try:
-        new = hand_over(followup, job_id, restarts, why, last_look=last_look, step=step)
+        run_command(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={value}"], timeout=_timeout(deadline))
+        log.warning("job %s excludes %s from its requeue on", job_id, value)
+    except SlurmCommandError as e:
+        log.error("could not set ExcNodeList=%s on job %s before its requeue: %s", value, job_id, e)
+
+
+def _record_excluded(run_dir: Path, nodes: tuple[str, ...]) -> None:
+    """status.json's ``excluded_nodes``: what ``foldhpc status`` shows (best effort)."""
+    from foldhpc.records.status import StatusFile
+
+    try:
+        StatusFile(run_dir).update(excluded_nodes=list(nodes))
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("cannot record the excluded nodes in %s: %s", run_dir, e)
+
+
+def _follow_up(followup: FollowUp, job_id: str, restarts: int, why: str,
+               record: Callable[[Decision], None] | None, last_look: bool = True, step: int | None = None,
+               exclude: tuple[str, ...] = ()) -> Decision:
+    try:
+        new = hand_over(followup, job_id, restarts, why, last_look=last_look, step=step, exclude=exclude)
     except (SlurmCommandError, OSError) as e:
         log.error("could not submit a follow-up job for %s: %s", job_id, e)
         d = Decision(False, f"{why}; submitting a follow-up job failed ({e}): resubmit to continue",
@@ -445,8 +509,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.followup_script and args.config:
         followup = SbatchFollowUp(cfg.run_dir, args.followup_script, followup_script_args(cfg, args))
     d = maybe_requeue(max_requeues, parse_duration(cfg.slurm.signal_lead), args.signal_at, record, followup,
-                      mode=cfg.slurm.resume, step=step, run_dir=cfg.run_dir if record else None)
+                      mode=cfg.slurm.resume, step=step, run_dir=cfg.run_dir if record else None,
+                      no_progress_jobs=cfg.fault.crash_loop_jobs)
+    if d.kind == "no_progress" and record is not None:
+        mark_crash_loop(cfg.run_dir, d.reason)
+        return ExitCode.CRASH_LOOP
     return ExitCode.REQUEUED if d.continues else ExitCode.NOT_REQUEUED
+
+
+def mark_crash_loop(run_dir: Path, reason: str) -> None:
+    """status.json says the run ended as a crash loop (state ``crash_loop``, the reason as its error)."""
+    from foldhpc.records.status import CRASH_LOOP, StatusFile
+
+    try:
+        StatusFile(run_dir).update(state=CRASH_LOOP, error=reason)
+    except (OSError, ValueError) as e:
+        log.error("cannot record the crash loop in %s: %s", run_dir, e)
 
 
 def followup_script_args(cfg: "Config", args: argparse.Namespace) -> list[str]:

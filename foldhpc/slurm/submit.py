@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from foldhpc.cluster.nodes import merge_exclude
 from foldhpc.config import Config, ConfigError, parse_duration
 from foldhpc.records.fsio import make_private_dir
 from foldhpc.records.history import Submitted, write_event
@@ -114,9 +115,9 @@ class SubmititFollowUp:
         self.payload = payload
         self.run_dir = cfg.run_dir
 
-    def submit(self, after: str, **record: Any) -> str:
+    def submit(self, after: str, exclude: tuple[str, ...] = (), **record: Any) -> str:
         with successor_environ():
-            return submit(self.cfg, self.payload, dependency=f"afterany:{after}", **record)
+            return submit(self.cfg, self.payload, dependency=f"afterany:{after}", exclude=exclude, **record)
 
 
 def job_for(cfg: Config, payload: Payload) -> SlurmJob:
@@ -126,12 +127,13 @@ def job_for(cfg: Config, payload: Payload) -> SlurmJob:
 
 
 def submit(cfg: Config, payload: Payload, local: bool = False, dependency: str | None = None,
-           **record: Any) -> str:
+           exclude: tuple[str, ...] = (), **record: Any) -> str:
     """Submit the run; returns the job id. The run directory gets the job in jobs.jsonl.
 
     ``payload``: what the job runs (:class:`foldhpc.slurm.job.Payload`, e.g.
     ``foldhpc.cli.train_in_job``). ``dependency`` (e.g. ``"afterany:123"``) and the extra
-    ``record`` fields of the "submitted" event are for follow-up jobs (:mod:`foldhpc.slurm.followup`).
+    ``record`` fields of the "submitted" event are for follow-up jobs (:mod:`foldhpc.slurm.followup`);
+    so is ``exclude``: the run's bad nodes, added to ``slurm.extra_sbatch``'s ``exclude`` (``--exclude``).
     """
     check_submittable(cfg)
     make_private_dir(cfg.run_dir)
@@ -139,6 +141,10 @@ def submit(cfg: Config, payload: Payload, local: bool = False, dependency: str |
     if dependency:
         ex.update_parameters(additional_parameters={**ex.parameters.get("additional_parameters", {}),
                                                     "dependency": dependency})
+    if exclude and not local:
+        extra = ex.parameters.get("additional_parameters", {})
+        ex.update_parameters(additional_parameters={**extra, "exclude": merge_exclude(
+            str(extra.get("exclude") or ""), ",".join(exclude))})
     job = ex.submit(job_for(cfg, payload))
     write_event(cfg.run_dir, Submitted(job_id=str(job.job_id), backend="local" if local else "slurm",
                                        partition=cfg.slurm.partition, **record))
