@@ -370,8 +370,8 @@ class FaultConfig:
     loss_spike_factor: float = 0.0
     sdc_on_nonfinite: bool = False
     # Stragglers: a rank whose compute time per step (its step time less the time it waits in
-    # collectives) is above straggler_factor x the ranks' median over straggler_window steps is
-    # named (status, events, TensorBoard). With 2 ranks the ratio cannot exceed 2.
+    # collectives) is above straggler_factor x the other ranks' median, in 2 consecutive windows of
+    # straggler_window steps, is named with its node (status, events, TensorBoard).
     straggler_factor: float = 1.5
     straggler_window: int = 20
     # One writer per run directory (foldhpc.resilience.runlock): a lock whose holder shows no sign
