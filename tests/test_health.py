@@ -217,3 +217,22 @@ def test_restarts_without_progress_end_as_a_crash_loop(tmp_path: Path) -> None:
     r = _supervise(tmp_path / "run2", _FAILING.format(count=str(count)), "--set", "fault.max_restarts=2",
                    "--set", "fault.crash_loop_restarts=0")
     assert r.returncode == ExitCode.FAILED and count.read_text() == "xxx", r.stderr[-2000:]
+
+
+def test_foldhpc_status_shows_the_bad_and_excluded_nodes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    st = StatusFile(run)
+    st.update(state="checkpointed", step=12, excluded_nodes=["n1"], bad_nodes=[
+        {"node": "n1", "check": "fault_hook", "detail": "FOLDHPC_FAIL_HEALTH_ON_NODE names this node", "t": 1.0,
+         "job_id": "51"},
+        {"node": "n3", "check": "free_disk", "detail": "10 MiB free", "t": 2.0, "job_id": "50"}])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    p = subprocess.run([sys.executable, "-m", "foldhpc", "status", str(run)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert "excluded: run: n1 (fault_hook: FOLDHPC_FAIL_HEALTH_ON_NODE names this node; job 51)" in p.stdout, p.stdout
+    assert "bad node: run: n3 (free_disk: 10 MiB free; job 50)" in p.stdout, p.stdout
+    p = subprocess.run([sys.executable, "-m", "foldhpc", "status", str(run), "--json"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60, env=env)
+    (r,) = json.loads(p.stdout)["runs"]
+    assert r["excluded_nodes"] == ["n1"] and [b["node"] for b in r["bad_nodes"]] == ["n1", "n3"]

@@ -35,7 +35,7 @@ from typing import Any
 from foldhpc.config import ConfigError, load_config
 from foldhpc.records.fmt import format_age
 from foldhpc.records.layout import STATUS_FILE
-from foldhpc.records.status import read_status
+from foldhpc.records.status import CRASH_LOOP, read_status  # CRASH_LOOP: exit 93, a failure
 from foldhpc.records.fsio import pid_alive
 from foldhpc.cluster import sacct
 from foldhpc.records.history import HISTORY_FILE, job_ids, read_history
@@ -124,6 +124,10 @@ class RunView:
     # ranks the latest straggler window named (rank, node, ratio, compute_s, wait_s, step)
     sdc: dict[str, Any] | None = None
     stragglers: list[dict[str, Any]] | None = None
+    # bad nodes (foldhpc.resilience.health, foldhpc.cluster.nodes): every node found bad in this run
+    # (node, check, detail, t, job_id) and those the newest hand-over excluded (--exclude)
+    bad_nodes: list[dict[str, Any]] | None = None
+    excluded_nodes: list[str] | None = None
 
     @property
     def ranks_text(self) -> str:
@@ -151,7 +155,7 @@ class StatusReport:
     def exit_status(self) -> int:
         if self.errors or any(not r.found for r in self.runs):
             return ExitCode.USAGE
-        if any(r.state in FAILURE_STATES for r in self.runs):
+        if any(r.state in FAILURE_STATES or r.state == CRASH_LOOP for r in self.runs):
             return ExitCode.FAILED
         if any(r.state in STOPPED_STATES for r in self.runs):
             return ExitCode.STOPPED
@@ -246,6 +250,9 @@ def read_run(run_dir: Path, job_id: str | None = None) -> RunView:
         view.in_job_restarts = _int_or_none(status.get("in_job_restarts"))
         lf = status.get("last_failure")
         view.last_failure = lf if isinstance(lf, dict) else None
+        bn, xn = status.get("bad_nodes"), status.get("excluded_nodes")
+        view.bad_nodes = [b for b in bn if isinstance(b, dict)] if isinstance(bn, list) else None
+        view.excluded_nodes = [str(n) for n in xn] if isinstance(xn, list) else None
         view.step, view.max_steps = _int_or_none(status.get("step")), _int_or_none(status.get("max_steps"))
         view.loss = status.get("loss") if isinstance(status.get("loss"), (int, float)) else None
         view.error = _str_or_none(status.get("error"))
@@ -391,6 +398,9 @@ def merge(view: RunView, job: sacct.SlurmJob | None) -> RunView:
     if job.state == sacct.FAILED and _exit_status(job.exit_code) == ExitCode.CHECKPOINTED and (
             view.stop_event is not None or view.run_state == "checkpointed"):
         view.state = STOPPED  # saved on a signal and deliberately not requeued: not a crash
+    if job.state in (sacct.FAILED, sacct.COMPLETED) and view.run_state == CRASH_LOOP and (
+            _exit_status(job.exit_code) == ExitCode.CRASH_LOOP or view.stop_event is not None):
+        view.state = CRASH_LOOP  # the crash-loop breaker (exit 93): never requeued, a person must look
     view.reason = _reason(view, job)
     _cross_check_run(view, job)
     return view
@@ -423,7 +433,9 @@ def _reason(view: RunView, job: sacct.SlurmJob) -> str | None:
     """Why the job is not (simply) running, in words: exit code, signal, Slurm's reason, run error."""
     parts: list[str] = []
     state = view.state
-    if state == STOPPED:
+    if state == CRASH_LOOP:
+        parts.append(view.error or "crash loop: restarts or jobs without a new checkpoint")
+    elif state == STOPPED:
         ev = view.stop_event or {}
         if ev.get("why") == "requeue_limit":
             parts.append(f"stopped at the requeue limit ({view.restarts if view.restarts is not None else '?'} "
@@ -604,6 +616,11 @@ def format_table(report: StatusReport) -> str:
                          f"{lf.get('reason', '?')} at step {lf.get('step', '?')}")
         if r.chain:
             lines.append(f"chain: {label}: jobs {' -> '.join(r.chain)} (follow-up jobs: Slurm would not requeue)")
+        excluded = set(r.excluded_nodes or [])
+        for b in r.bad_nodes or []:
+            mark = "excluded" if b.get("node") in excluded else "bad node"
+            lines.append(f"{mark}: {label}: {b.get('node')} ({b.get('check')}: {b.get('detail')}; job "
+                         f"{b.get('job_id') or '-'})")
         lines += [f"note: {label}: {n}" for n in r.notes]
     lines += [summary_line(s) for s in report.sweeps]
     lines += [f"note: {n}" for n in report.notes]
