@@ -41,6 +41,10 @@ Tests set them on the trainer's process (locally or through Slurm's environment 
 ``FOLDHPC_LOSS_SPIKE_AT_STEP=N``    the loss *value* of step N is multiplied by
                                     ``FOLDHPC_LOSS_SPIKE_FACTOR`` (default 1000) on every rank,
                                     each time step N runs; the gradients are untouched
+``FOLDHPC_FAIL_HEALTH_ON_NODE=N``   the node health check fails (check ``fault_hook``) on the
+                                    nodes of the comma-separated list N (Slurm node names):
+                                    a bad node; the supervisor never trains there and the job
+                                    hands over excluding it (foldhpc.resilience.health)
 ==================================  ==========================================================
 """
 
