@@ -105,6 +105,27 @@ def culprits(run_dir: Path, env: DistEnv, started_at: float, settle_s: float = 5
     return out
 
 
+#: what a status or event keeps of each rank to blame
+BLAME_FIELDS = ("rank", "node", "host", "pid", "why")
+
+
+def blame(run_dir: Path, env: DistEnv, error: str, step: int, started_at: float, peer: bool) -> list[dict[str, Any]]:
+    """Record how this rank ended and name the ranks to blame, with :data:`BLAME_FIELDS` each.
+
+    ``peer``: this rank's collective failed (a :class:`~foldhpc.distributed.group.PeerFailure`),
+    so it records ``aborted`` and names the :func:`culprits`; otherwise it raised ``error`` itself,
+    records ``failed`` and names itself. The built-in trainer and :class:`foldhpc.Session` share
+    this, so that ``foldhpc status`` tells the same story for both.
+    """
+    if peer:
+        write_record(run_dir, env, ABORTED, error=error, step=step)
+        found = culprits(run_dir, env, started_at)
+    else:
+        write_record(run_dir, env, FAILED, error=error, step=step)
+        found = [{"rank": env.rank, "node": env.node, "pid": os.getpid(), "why": error}]
+    return [{k: c.get(k) for k in BLAME_FIELDS} for c in found]
+
+
 def describe(culprits_: list[dict[str, Any]]) -> str:
     return "; ".join(f"rank {c.get('rank')} on {c.get('node', '?')} (pid {c.get('pid', '?')}): {c['why']}"
                      for c in culprits_)
