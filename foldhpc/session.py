@@ -19,6 +19,7 @@ re-implemented. See :class:`Session` for what it guarantees and what it does not
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import signal
@@ -41,10 +42,12 @@ from foldhpc.cluster.env import slurm_env
 from foldhpc.config import Config, ConfigError, config_to_toml, load_config
 from foldhpc.data.dataset import TrainBatches
 from foldhpc.distributed.env import DistEnv, from_environ
-from foldhpc.distributed.group import SoloGroup, open_group
-from foldhpc.records.envvars import SUPERVISED_ENV
+from foldhpc.distributed import ranks
+from foldhpc.distributed.group import PeerFailure, SoloGroup, open_group
+from foldhpc.records.envvars import RESTART_INFO_ENV, SUPERVISED_ENV
 from foldhpc.records.events import EventLog, EventSink, NullEventLog
 from foldhpc.records.exitcodes import ExitCode
+from foldhpc.records.history import read_history
 from foldhpc.records.fsio import atomic_write_text, make_private_dir, process_age_s
 from foldhpc.records.layout import CONFIG_FILE, LOG_FILE, STACKS_FILE, TENSORBOARD_DIR
 from foldhpc.records.logs import setup_logging
@@ -67,6 +70,9 @@ SESSION_KEY = "foldhpc"
 
 #: run directories (resolved) of the sessions entered in this process and not yet left
 _LIVE: set[Path] = set()
+
+#: ``resume=``: the newest checkpoint that verifies (the default), or none (start afresh)
+RESUME_AUTO, RESUME_NEVER = "auto", "never"
 
 
 @runtime_checkable
@@ -171,6 +177,30 @@ class StatesMismatch(CheckpointError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, damaged=False)
+
+
+def _check_resume(resume: object) -> str | Path:
+    """``resume=``: "auto", "never" or a checkpoint file's path (checked when the session starts)."""
+    if isinstance(resume, os.PathLike):
+        return Path(resume)
+    if not isinstance(resume, str) or not resume:
+        raise TypeError(f"resume={resume!r}: expected \"auto\", \"never\" or the path of a checkpoint file")
+    return resume if resume in (RESUME_AUTO, RESUME_NEVER) else Path(resume)
+
+
+def _usage(e: CheckpointError) -> CheckpointError:
+    """``e`` marked as the user's to fix (exit code 2, never retried), as the built-in trainer marks
+    a checkpoint error before the first step."""
+    e.exit_code = ExitCode.USAGE  # type: ignore[attr-defined]
+    return e
+
+
+def _peer_failure(e: BaseException) -> bool:
+    """Whether ``e`` says a collective failed because of another rank: the group's own
+    :class:`PeerFailure`, or torch's ``DistBackendError`` from a collective the loop ran itself
+    (DDP's gradient all-reduce in ``backward()``)."""
+    backend_error = getattr(torch.distributed, "DistBackendError", None)
+    return isinstance(e, PeerFailure) or (backend_error is not None and isinstance(e, backend_error))
 
 
 def _check_states(states: Mapping[str, Any]) -> dict[str, Any]:
@@ -335,21 +365,33 @@ class Session:
     destructor without it) and ends with the process; drop the wrapper first, then call
     ``torch.distributed.destroy_process_group()``, to end it earlier.
     :meth:`check_finite` takes the same verdict on every rank (any rank's non-finite loss; the
-    gradient norm is DDP's, the same everywhere). Not per-rank failure attribution yet (the
-    built-in trainer's ``failed_ranks``): a rank that dies leaves the others to the group timeout.
+    gradient norm is DDP's, the same everywhere). A failure names the rank to blame, as the
+    built-in trainer does (:func:`foldhpc.distributed.ranks.blame`): the rank that raised records
+    ``failed``; a rank whose collective failed (a dead or hung peer: the group's
+    :class:`~foldhpc.distributed.group.PeerFailure`, or torch's ``DistBackendError`` from a DDP
+    backward) records ``aborted`` and names the culprits, with their node, in ``status.json``
+    (``failed_ranks``) and a ``failed_ranks`` event.
 
-    Not yet:
+    Choosing the start (``resume=``, the CLI's ``--resume PATH`` / ``--no-resume``): ``"auto"``
+    (the default) resumes from the newest checkpoint that verifies, falling back to older ones;
+    ``"never"`` starts afresh, moving the existing checkpoints aside into
+    ``<checkpoint dir>/old-<time>-<n>/`` (kept, never deleted); a path resumes from that checkpoint
+    file (its config checked as above), and a blocking save of the loaded state at once makes it
+    the newest checkpoint, so that anything that resumes later continues from it. Both are a
+    choice for the run's *first* start: a process that continues the run -- a restart by
+    ``foldhpc supervise`` (which replays the same command), a requeued Slurm job, a follow-up job
+    of a chain -- resumes from the newest checkpoint instead, with a warning, since starting afresh
+    or going back to the old file again would throw away what the run did since.
 
-    - choosing the checkpoint to resume from or starting afresh over existing checkpoints (the
-      CLI's ``--resume PATH`` / ``--no-resume``): the session always resumes from the newest
-      checkpoint that verifies;
-    - iterable-style datasets (:class:`StepBatches` needs ``len()`` and ``dataset[i]``).
+    Not yet: iterable-style datasets (:class:`StepBatches` needs ``len()`` and ``dataset[i]``).
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], states: Mapping[str, Any],
                  config: Config | str | os.PathLike[str] | None = None, *, force_resume: bool = False,
-                 env: DistEnv | None = None) -> None:
+                 resume: str | os.PathLike[str] = RESUME_AUTO, env: DistEnv | None = None) -> None:
         self.states = _check_states(states)
+        #: "auto", "never" or the checkpoint file to resume from (see the class docstring)
+        self.resume: str | Path = _check_resume(resume)
         #: which rank this process is (torchrun's or srun's environment, see foldhpc.distributed.env)
         self.env = env if env is not None else from_environ()
         self.main = self.env.is_main  # rank 0 writes checkpoints, status.json, config.toml and TensorBoard
@@ -377,6 +419,7 @@ class Session:
         self._resumed_step = 0
         self._scalars: dict[str, float] = {}  # what log_scalars() last drew, for the progress records
         self._live: Path | None = None
+        self._started_at = time.time()
 
     # ------------------------------------------------------------------ enter / exit
     def __enter__(self) -> Session:
@@ -401,6 +444,10 @@ class Session:
                                         "cuda" if torch.cuda.is_available() else "cpu", cfg.distributed.timeout_s)
             self._start()
         except BaseException as e:
+            if isinstance(e, CheckpointError):
+                # before the first step (checkpoint directory unusable, no usable checkpoint, a resume
+                # refused or a chosen file that is not one): nothing is lost and a restart cannot fix it
+                _usage(e)
             self._fail(e)
             self._teardown()
             raise
@@ -430,8 +477,14 @@ class Session:
                 log.warning("cannot write %s (%s): the run goes on (each checkpoint records the config)",
                             self.run_dir / CONFIG_FILE, e.strerror or e)
             self.status = StatusFile(self.run_dir)
-        self.status.update(state=RUNNING, started_at=time.time(), error=None, signal=None, slurm_job_id=slurm.job_id,
-                           slurm_restart_count=slurm.restart_count, world_size=env.world_size, failed_ranks=None)
+        self._started_at = time.time()
+        self.status.update(state=RUNNING, started_at=self._started_at, error=None, signal=None,
+                           slurm_job_id=slurm.job_id, slurm_restart_count=slurm.restart_count,
+                           world_size=env.world_size, failed_ranks=None)
+        if env.distributed:
+            if self.main:
+                ranks.remove_stale(self.run_dir, env.world_size)
+            ranks.write_record(self.run_dir, env, ranks.RUNNING)
         self.hb = hb.heartbeat()
         if supervised:
             hb.enable_stack_dump(self.run_dir / STACKS_FILE)
@@ -453,12 +506,20 @@ class Session:
     def _restore(self) -> None:
         assert self.ckpt is not None
         t0 = time.monotonic()
-        loaded = self._load_chosen("waiting for rank 0 to choose the checkpoint to resume from")
+        choice = self.resume
+        if choice != RESUME_AUTO:
+            why = self._continuing()
+            if why is not None:
+                log.warning("resume=%s is ignored: this process continues the run (%s), so it resumes from the "
+                            "newest checkpoint; the choice applied to the run's first start only", choice, why)
+                choice = RESUME_AUTO
+        loaded = self._load_chosen("waiting for rank 0 to choose the checkpoint to resume from", choice)
         if loaded is None:
             return
         where = loaded.path
         self._check_config(loaded.meta, where)
-        self.ckpt.last_committed = loaded.entry
+        if choice == RESUME_AUTO:
+            self.ckpt.last_committed = loaded.entry
         if loaded.skipped:
             self.status.update(warning=f"skipped bad checkpoints: {loaded.skipped}")
         own = self._load_states(loaded.state, where)
@@ -470,33 +531,92 @@ class Session:
         log.info("resumed from %s at step %d (restart #%d, checkpoint load %.2fs)", where, self.step, self.restarts,
                  load_s)
         self.events.emit("resumed", path=str(where), step=self.step, restarts=self.restarts, load_s=load_s)
+        if choice != RESUME_AUTO:
+            self._commit_resume_choice()
 
-    def _load_chosen(self, what: str) -> LoadedCheckpoint | None:
-        """The newest good checkpoint, chosen by rank 0 (which repairs the index if it must) and
-        loaded by every rank from the file rank 0 names; None if there is none. An error on rank
-        0 is raised on every rank."""
+    def _continuing(self) -> str | None:
+        """Why this process continues a run an earlier process started (a restart by the
+        supervisor, a requeue, a follow-up job of a chain), or None for the run's first start."""
+        try:
+            info = json.loads(os.environ.get(RESTART_INFO_ENV) or "{}")
+        except ValueError:
+            info = {}
+        restarts = int(info.get("in_job_restarts") or 0) if isinstance(info, dict) else 0
+        if restarts:
+            return f"restart {restarts} by the supervisor"
+        slurm = slurm_env()
+        if slurm.restart_count > 0:
+            return f"restart {slurm.restart_count} of Slurm job {slurm.job_id}, a requeue"
+        if slurm.job_id and any(e.get("event") == "followup" and str(e.get("followup_job_id")) == slurm.job_id
+                                for e in read_history(self.run_dir)[0]):
+            return f"Slurm job {slurm.job_id} is a follow-up job of the run's chain"
+        return None
+
+    def _commit_resume_choice(self) -> None:
+        """``resume=PATH``: make the loaded state the newest checkpoint now (a blocking save), so
+        that a restart or a requeue, which resumes from the newest, continues the chosen line and
+        not the one the user turned away from. If it fails nothing was trained: a user error."""
+        assert self.ckpt is not None
+        error: str | None = None
+        if self.main:
+            log.info("committing the resumed state (step %d) as the newest checkpoint, so that a restart "
+                     "continues from it", self.step)
+            self.hb.beat(self.step, "checkpoint")
+            try:
+                self.ckpt.save(self.step, self._state_source(False), self._meta(), reason="resume-choice",
+                               blocking=True)
+            except CheckpointError as e:
+                error = str(e)
+        if self.env.distributed:
+            error = self.group.broadcast(error, "waiting for rank 0 to commit the resumed state")
+        if error is not None:
+            raise CheckpointError(f"resume={str(self.resume)!r}: the loaded state could not be saved as the newest "
+                                  f"checkpoint, so nothing was trained: {error}", damaged=False)
+
+    def _load_chosen(self, what: str, choice: str | Path = RESUME_AUTO) -> LoadedCheckpoint | None:
+        """The checkpoint to start from (the newest good one for ``"auto"``; none for ``"never"``,
+        the old ones moved aside; the file ``choice`` names), chosen by rank 0 (which repairs the
+        index if it must) and loaded by every rank from the file rank 0 names; None if there is
+        none. An error on rank 0 is raised on every rank."""
         assert self.ckpt is not None
         loaded: LoadedCheckpoint | None = None
         error: str | None = None
         if self.main:
             try:
-                loaded = self.ckpt.load_latest()
+                loaded = self._pick(choice)
             except CheckpointError as e:
                 if not self.env.distributed:
                     raise
                 error = str(e)
         if not self.env.distributed:
             return loaded
-        choice = self.group.broadcast({"path": str(loaded.path) if loaded else None, "error": error}, what)
-        if choice["error"] is not None:
-            raise CheckpointError(f"rank 0: {choice['error']}", damaged=False)
-        if self.main or choice["path"] is None:
+        picked = self.group.broadcast({"path": str(loaded.path) if loaded else None, "error": error}, what)
+        if picked["error"] is not None:
+            raise CheckpointError(f"rank 0: {picked['error']}", damaged=False)
+        if self.main or picked["path"] is None:
             return loaded
-        path = Path(choice["path"])
+        path = Path(picked["path"])
         payload = self.ckpt.load_file(path)
         meta = payload.get("meta") or {}
         entry = CheckpointEntry(path.name, int(meta.get("step", 0)))  # this rank never saves: the name is enough
         return LoadedCheckpoint(entry, path, payload["state"], meta)
+
+    def _pick(self, choice: str | Path) -> LoadedCheckpoint | None:
+        """Rank 0's part of :meth:`_load_chosen`."""
+        assert self.ckpt is not None
+        if choice == RESUME_AUTO:
+            return self.ckpt.load_latest()
+        if choice == RESUME_NEVER:
+            aside = self.ckpt.move_aside()
+            if aside is not None:
+                log.info("resume=never: the existing checkpoints were moved to %s (kept); starting at step 0", aside)
+            return None
+        path = Path(choice)
+        if not path.is_file():
+            raise CheckpointError(f"resume={str(path)!r}: no such checkpoint file", damaged=False)
+        payload = self.ckpt.load_file(path)
+        meta = payload.get("meta") or {}
+        return LoadedCheckpoint(CheckpointEntry(path.name, int(meta.get("step", 0))), path, payload["state"], meta)
 
     def _load_states(self, state: dict[str, Any], where: Path) -> dict[str, Any]:
         """Load a checkpoint's entries into ``states`` and the RNG states (the keys checked first:
@@ -557,6 +677,8 @@ class Session:
                 self.status.update(state=CHECKPOINTED, step=self.step)
                 self.events.emit("checkpointed", step=self.step, signal=None, during="exit")
                 self.exit_code = ExitCode.OK
+            if exc is None and self.env.distributed:
+                ranks.write_record(self.run_dir, self.env, ranks.DONE, step=self.step)
         finally:
             self._teardown()
 
@@ -566,8 +688,20 @@ class Session:
         log.error("run failed at step %d: %s", self.step, msg, exc_info=not user_error,
                   extra={"console": False} if user_error else None)
         self.events.emit("failed", step=self.step, error=msg, error_type=type(e).__name__, user_error=user_error)
-        self.status.update(state=FAILED, step=self.step, error=msg)
         self.exit_code = ExitCode.USAGE if user_error else ExitCode.FAILED
+        if not self.env.distributed:
+            self.status.update(state=FAILED, step=self.step, error=msg)
+            return
+        try:  # name the rank to blame, as the built-in trainer does
+            blamed = ranks.blame(self.run_dir, self.env, msg, self.step, self._started_at, _peer_failure(e))
+            if blamed:
+                msg = ranks.describe(blamed)
+                log.error("run failed: %s", msg)
+                self.events.emit("failed_ranks", step=self.step, error=msg, ranks=blamed)
+            status = self.status if isinstance(self.status, StatusFile) else StatusFile(self.run_dir)
+            status.update(state=FAILED, step=self.step, error=msg, failed_ranks=blamed)
+        except OSError as err:  # the run directory itself may be the problem
+            log.error("cannot record the failure in %s: %s", self.run_dir, err)
 
     def _teardown(self) -> None:
         try:

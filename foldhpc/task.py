@@ -43,8 +43,8 @@ The factory is called once per process, after ``train.threads`` and ``train.dete
 applied and torch's, python's and numpy's global generators are seeded from ``train.seed`` (so a
 model initialised in it, and anything drawn from them, is the same in every fresh process). It must not take the run directory's lock or write into it: the session does.
 
-Not yet: ``--no-resume`` / ``--resume PATH`` are the built-in model's (a task resumes from the newest
-checkpoint that verifies; a fresh start is a fresh ``run.dir``).
+``--no-resume`` / ``--resume PATH`` reach the task's session as ``resume="never"`` / ``resume=PATH``
+(see :class:`foldhpc.Session`), for the run's first start only, as for the built-in model.
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: a refused resume of a task, in the CLI's terms (a task has no --no-resume: see the module docstring)
-CLI_TASK_REMEDY = ("Resume with the original values, use another run.dir to start over, or --force-resume to "
-                   "continue from this checkpoint with the new values.")
+#: a refused resume of a task, in the CLI's terms
+CLI_TASK_REMEDY = ("Resume with the original values, use --no-resume to start over (old checkpoints are kept "
+                   "aside), or --force-resume to continue from this checkpoint with the new values.")
 
 #: what a task's ``step`` returns: scalars to log (``loss`` also goes to status.json), or None
 StepScalars = Mapping[str, float] | None
@@ -179,7 +179,8 @@ def build_task(cfg: Config) -> Task:
     return task
 
 
-def run_task(cfg: Config, force_resume: bool = False, env: DistEnv | None = None) -> TrainResult:
+def run_task(cfg: Config, force_resume: bool = False, env: DistEnv | None = None,
+             resume: str = "auto") -> TrainResult:
     """Train the task of ``cfg`` in a :class:`foldhpc.Session` on ``cfg.run.dir``."""
     from foldhpc.records.status import CHECKPOINTED, COMPLETED
     from foldhpc.session import Session
@@ -189,7 +190,8 @@ def run_task(cfg: Config, force_resume: bool = False, env: DistEnv | None = None
     task = build_task(cfg)
     spec = cfg.task.factory
     try:
-        run = Session(cfg.run.dir, states=task.states, config=cfg, force_resume=force_resume, env=env)
+        run = Session(cfg.run.dir, states=task.states, config=cfg, force_resume=force_resume, resume=resume,
+                      env=env)
     except (TypeError, ValueError) as e:
         raise TaskError(f"task.factory = {spec!r}: the Task it returned: {e}") from e
     total, every = cfg.train.max_steps, cfg.run.log_every
@@ -227,11 +229,7 @@ def train(cfg: Config, resume: str = "auto", force_resume: bool = False, env: Di
         from foldhpc.train.loop import Trainer
 
         return Trainer(cfg, resume=resume, force_resume=force_resume, env=env).run()
-    if resume != "auto":
-        raise ConfigError(f"task.factory = {cfg.task.factory!r}: --no-resume and --resume PATH are the built-in "
-                          "model's; a [task] resumes from its run directory's newest good checkpoint (start afresh "
-                          "with another run.dir)")
-    return run_task(cfg, force_resume=force_resume, env=env)
+    return run_task(cfg, force_resume=force_resume, env=env, resume=resume)
 
 
 __all__ = ["Task", "TaskError", "build_task", "check_task", "run_task", "train"]

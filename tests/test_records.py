@@ -108,3 +108,27 @@ def test_null_objects_conform_to_their_protocols(tmp_path: Path) -> None:
     a, b = NullStatus(), NullStatus()
     a.data["x"] = 1
     assert b.data == {}
+
+
+def test_pid_alive_says_no_for_a_zombie() -> None:
+    """A child that exited but was not reaped yet still has its pid: it is dead all the same
+    (a SIGKILLed rank before its supervisor polls; ranks.culprits must blame it)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from foldhpc.records.fsio import pid_alive
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        assert pid_alive(os.getpid()) and pid_alive(live.pid)
+        deadline = time.monotonic() + 30
+        while pid_alive(dead.pid) and time.monotonic() < deadline:  # exited, never waited for
+            time.sleep(0.05)
+        assert not pid_alive(dead.pid)
+        assert os.waitpid(dead.pid, os.WNOHANG)[0] == dead.pid  # it was a zombie: still ours to reap
+    finally:
+        live.kill()
+        live.wait()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import foldhpc
-from foldhpc.checkpoint import CheckpointManager
+from foldhpc.checkpoint import CheckpointError, CheckpointManager
 from foldhpc.config import Config
 from foldhpc.resilience.runlock import RunDirLocked
 from foldhpc.session import StatesMismatch
@@ -235,6 +235,87 @@ def test_a_session_on_a_run_directory_another_process_trains_in_is_refused(tmp_p
     finally:
         p.kill()
         _finish(p)
+
+
+def _steps_of(run_dir: Path) -> list[tuple[int, str]]:
+    return [(e.step, e.reason) for e in CheckpointManager(run_dir / "checkpoints").entries()]
+
+
+def test_resume_never_starts_afresh_and_keeps_the_old_checkpoints_aside(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    states = _states()
+    with foldhpc.Session(run_dir, states=states) as run:
+        _train(run, states, 3)
+    old = _latest(run_dir).path
+    old_bytes = old.read_bytes()
+    fresh = _states(seed=1)
+    start = fresh["model"].weight.detach().clone()
+    with foldhpc.Session(run_dir, states=fresh, resume="never") as run:
+        assert run.step == 0 and run.restarts == 0 and run.resumed_from is None
+        assert torch.equal(fresh["model"].weight, start)  # nothing loaded
+        _train(run, fresh, 2)
+    assert _steps_of(run_dir) == [(2, "final")]
+    aside = [d for d in (run_dir / "checkpoints").iterdir() if d.is_dir() and d.name.startswith("old-")]
+    assert len(aside) == 1 and (aside[0] / old.name).read_bytes() == old_bytes  # kept, whole
+
+
+def test_resume_path_goes_back_to_that_checkpoint_and_makes_it_the_newest(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = Config()
+    cfg.checkpoint.every_steps, cfg.checkpoint.keep_last, cfg.checkpoint.async_save = 2, 10, False
+    states = _states()
+    with foldhpc.Session(run_dir, states=states, config=cfg) as run:
+        _train(run, states, 6)
+    at_2 = next(e for e in CheckpointManager(run_dir / "checkpoints").entries() if e.step == 2)
+    back = _states(seed=1)
+    with foldhpc.Session(run_dir, states=back, config=cfg, resume=run_dir / "checkpoints" / at_2.file) as run:
+        assert run.step == 2 and run.resumed_from == run_dir / "checkpoints" / at_2.file
+    # left at once, without a step: the chosen state was committed as the newest checkpoint, so
+    # a restart (which resumes from the newest) continues the chosen line, not the abandoned one
+    assert _steps_of(run_dir)[-1] == (2, "resume-choice")
+    again = _states(seed=2)
+    with foldhpc.Session(run_dir, states=again, config=cfg) as run:
+        assert run.step == 2
+        _train(run, again, 6)
+    ref = _states()
+    with foldhpc.Session(tmp_path / "ref", states=ref, config=cfg) as run:
+        _train(run, ref, 6)
+    _assert_same(_latest(run_dir).state["model"], _latest(tmp_path / "ref").state["model"], "model")
+
+
+def test_resume_choices_apply_to_the_first_start_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart by `foldhpc supervise` replays the same command: resume="never" there would throw
+    the run's work away, a path would go back to the old file again."""
+    run_dir = tmp_path / "run"
+    states = _states()
+    with foldhpc.Session(run_dir, states=states) as run:
+        _train(run, states, 3)
+    monkeypatch.setenv("FOLDHPC_RESTART_INFO", json.dumps({"in_job_restarts": 1, "last_failure": None}))
+    for choice in ("never", str(tmp_path / "nowhere.ckpt")):
+        with foldhpc.Session(run_dir, states=_states(seed=1), resume=choice) as run:
+            assert run.step == 3 and run.restarts == 1
+    assert [d for d in (run_dir / "checkpoints").iterdir() if d.is_dir()] == []  # nothing moved aside
+
+
+def test_a_resume_path_that_is_not_a_checkpoint_is_a_user_error_and_nothing_is_written(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    states = _states()
+    with foldhpc.Session(run_dir, states=states) as run:
+        _train(run, states, 3)
+    before = _files(run_dir / "checkpoints")
+    with pytest.raises(CheckpointError, match=r"resume='.*nowhere\.ckpt': no such checkpoint file"):
+        with foldhpc.Session(run_dir, states=_states(seed=1), resume=tmp_path / "nowhere.ckpt"):
+            pytest.fail("entered a session on a missing checkpoint")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    session = foldhpc.Session(run_dir, states=_states(seed=1), resume=junk)
+    with pytest.raises(CheckpointError, match="junk.ckpt"):
+        with session:
+            pytest.fail("entered a session on a file that is not a checkpoint")
+    assert session.exit_code == 2  # the user's to fix: a supervisor does not retry it
+    assert _files(run_dir / "checkpoints") == before
+    with pytest.raises(TypeError, match=r"resume=3: expected"):
+        foldhpc.Session(run_dir, states=_states(), resume=3)  # type: ignore[arg-type]
 
 
 def test_import_foldhpc_stays_torch_free() -> None:
@@ -562,13 +643,13 @@ sys.exit(run.exit_code)
 RANKS_N = 150
 
 
-def _start_ranks(tmp: Path, run_dir: Path, port: int) -> list[subprocess.Popen[str]]:
+def _start_ranks(tmp: Path, run_dir: Path, port: int, **extra: str) -> list[subprocess.Popen[str]]:
     script = tmp / "ddp.py"
     script.write_text(DDP_SCRIPT)
     procs = []
     for rank in range(2):
         env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **extra)
         procs.append(subprocess.Popen([sys.executable, str(script), str(run_dir), str(RANKS_N)], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
@@ -607,3 +688,23 @@ def test_two_ranks_stop_together_on_a_signal_to_one_and_resume_bit_for_bit(tmp_p
     assert got.meta["world_size"] == 2
     for key in ("model", "optimizer"):
         _assert_same(got.state[key], want.state[key], key)
+
+
+def test_a_rank_that_dies_is_named_by_the_survivor(tmp_path: Path) -> None:
+    """Rank 1 is SIGKILLed mid-run (as the OOM killer does): rank 0's next collective fails, and
+    status.json and the events name rank 1, its node and why, not "a collective failed"."""
+    run = tmp_path / "run"
+    procs = _start_ranks(tmp_path, run, _free_port(), FOLDHPC_FAIL_AT_STEP="30", FOLDHPC_FAIL_ON_RANK="1",
+                         FOLDHPC_FAIL_KIND="kill")
+    outs = [_finish(p) for p in procs]
+    assert [rc for rc, _ in outs] == [1, -signal.SIGKILL], outs
+    status = read_json(run / "status.json")
+    assert status["state"] == "failed", status
+    [blamed] = status["failed_ranks"]
+    assert blamed["rank"] == 1 and blamed["node"] and "died without reporting an error" in blamed["why"], blamed
+    assert status["error"].startswith("rank 1 on "), status["error"]
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    [said] = [e for e in events if e["kind"] == "failed_ranks"]
+    assert said["rank"] == 0 and [r["rank"] for r in said["ranks"]] == [1]
+    records = {r["rank"]: r["state"] for r in (json.loads(f.read_text()) for f in (run / "ranks").glob("rank-*.json"))}
+    assert records == {0: "aborted", 1: "running"}  # rank 1 had no chance to write

@@ -124,6 +124,27 @@ def test_a_task_trains_through_the_cli_and_resumes_bit_for_bit(task_file: Path, 
     assert a.meta["config"]["task"] == {"factory": "tasks.py:build", "params": {}}
 
 
+def test_no_resume_and_resume_path_reach_a_task_as_for_the_built_in_model(task_file: Path, tmp_path: Path) -> None:
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    assert _train(run, steps=30) == 0  # checkpoints at 10, 20, 30
+    at_10 = run / "checkpoints" / "step_00000010.ckpt"
+    assert at_10.is_file()
+    common = ["--no-supervise", "--set", f"run.dir={run}", "--set", "task.factory=tasks.py:build", "--set",
+              "run.log_every=5", "--set", "train.threads=1", "--set", "checkpoint.every_steps=10"]
+    # back to step 10, then on to 30: the same bits as the first 30 steps (the state of step 10 is theirs)
+    assert main(["train", "--resume", str(at_10), *common, "--set", "train.max_steps=30"]) == 0
+    resumed = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()
+               if '"kind":"resumed"' in line]
+    assert resumed[-1]["step"] == 10 and resumed[-1]["path"] == str(at_10)
+    assert _train(ref, steps=30) == 0
+    assert_same_state(latest_checkpoint(run).state["model"], latest_checkpoint(ref).state["model"], "model")
+    # afresh: the old checkpoints moved aside (kept), training from step 0
+    assert main(["train", "--no-resume", *common, "--set", "train.max_steps=10"]) == 0
+    assert [p.name for p in sorted((run / "checkpoints").glob("*.ckpt"))] == ["step_00000010.ckpt"]
+    assert len([d for d in (run / "checkpoints").iterdir() if d.is_dir() and d.name.startswith("old-")]) == 1
+    assert json.loads((run / "status.json").read_text())["restarts"] == 0
+
+
 def test_a_changed_task_param_is_refused_naming_it_and_force_resume_applies_it(
         task_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"

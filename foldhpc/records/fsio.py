@@ -95,14 +95,22 @@ def warn_if_shared(path: Path) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (it may belong to another user)."""
+    """Whether a process with this pid runs on this host (it may belong to another user).
+
+    A zombie -- dead, not yet reaped by its parent: a rank SIGKILLed a moment ago whose supervisor
+    has not polled yet -- is not alive: it will never answer, write or release anything again.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:  # Linux: the state is the field after the command name, which ends at the last ")"
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return True  # no /proc (not Linux), or gone this instant: kill(0) said it existed
+    return raw[raw.rfind(b")") + 2:][:1] not in (b"Z", b"X")
 
 
 def fsync_dir(path: Path) -> None:

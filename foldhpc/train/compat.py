@@ -123,8 +123,8 @@ def _show(v: object) -> str:
 CLI_REMEDY = ("Resume with the original values, use --no-resume to start over (old checkpoints are kept aside), "
               "or --force-resume to continue from this checkpoint with the new values.")
 #: ... or foldhpc.Session's arguments
-API_REMEDY = ("Resume with the original values, use another run directory to start over, or pass "
-              "force_resume=True to continue from this checkpoint with the new values.")
+API_REMEDY = ("Resume with the original values, pass resume=\"never\" to start over (old checkpoints are kept "
+              "aside), or pass force_resume=True to continue from this checkpoint with the new values.")
 
 
 class IncompatibleResume(CheckpointError):
