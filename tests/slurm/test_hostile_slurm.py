@@ -24,7 +24,7 @@ from conftest import ROOT, TINY, run_foldhpc, wait_for
 from foldhpc.config import config_to_toml, load_config
 from foldhpc.slurm.followup import SbatchFollowUp
 from foldhpc.records.history import read_history
-from .helpers import cancel_all_jobs, run, sbatch, wait_sacct_row
+from .helpers import cancel_all_jobs, run, sacct_rows, sbatch, wait_sacct_row
 from .test_submit import final_digest, overrides, reference_digest, wait_for_step  # noqa: F401
 
 TEMPLATE = ROOT / "sbatch" / "train.sbatch"
@@ -113,8 +113,9 @@ def test_an_edited_config_file_does_not_move_the_chain(tmp_path, jobs, reference
 
 def test_a_chain_whose_signal_always_comes_before_the_first_step_stops(tmp_path, jobs):
     """Each job gets USR1 as soon as it records its start (the trainer holds it and saves at its
-    first step boundary, the step it resumed at): 3 jobs in a row without progress end the chain,
-    well before slurm.max_requeues=8."""
+    first step boundary, the step it resumed at): 3 jobs in a row without progress
+    (fault.crash_loop_jobs) end the chain as a crash loop (exit 93, never requeued), well before
+    slurm.max_requeues=8."""
     run_dir = tmp_path / "run"
     cfg = config_file(tmp_path / "my.toml", run_dir, **{"fault.max_restarts": 0, "slurm.max_requeues": 8})
     jobs.append(template_job(tmp_path, cfg))
@@ -138,4 +139,6 @@ def test_a_chain_whose_signal_always_comes_before_the_first_step_stops(tmp_path,
     wait_sacct_row(jobs[-1], {"COMPLETED", "FAILED", "CANCELLED"}, timeout=60)
     p = run_foldhpc("status", str(run_dir), "--json")
     (r,) = json.loads(p.stdout)["runs"]
-    assert r["state"] == "stopped" and "no progress" in r["reason"], r
+    # the chain's crash-loop breaker (fault.crash_loop_jobs): state crash_loop, the job's exit 93
+    assert r["state"] == "crash_loop" and "no progress" in r["reason"], r
+    assert [row["ExitCode"] for row in sacct_rows(jobs[-1]) if row["JobID"] == jobs[-1]] == ["93:0"]
