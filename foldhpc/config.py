@@ -435,7 +435,7 @@ class HealthConfig:
     the trainer on a node and before each restart: a node that fails it is not trained on; in a
     Slurm job the run hands over to a job that excludes it (``--exclude``; docs/nodes.md).
 
-    Built-in checks (about 2 ms on a CPU node, under 2 s with GPUs: docs/measurements/health-2026-12-03.md):
+    Built-in checks (1.8 ms median on a CPU node; not yet measured with GPUs: docs/measurements/health-2026-12-03.md):
     the job's GPUs initialise and run a small kernel (a subprocess, so the supervisor holds no CUDA
     context; skipped, with a note, where no GPU is visible or ``train.device = "cpu"``), the run and
     checkpoint directories are writable from this node (create + fsync + remove a probe file),
