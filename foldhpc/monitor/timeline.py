@@ -97,6 +97,11 @@ class EventTrail:
         return out
 
 
+
+#: records the supervisor writes about its node (foldhpc.resilience.health) before a start: they
+#: belong to no trainer process, so they must not open an attempt under the supervisor's pid
+NODE_KINDS = ("health_check", "node_unhealthy")
+
 def iter_run_events(run_dir: Path, trail: EventTrail | None = None) -> Iterator[tuple[float, Event]]:
     """``(time, event)`` of every readable record of ``<run_dir>/events.jsonl`` in file order (nothing
     if there is none), ``time`` on a clock that never goes back (see the module docstring;
@@ -292,6 +297,8 @@ def _parse_attempts(records: Iterable[tuple[float, Event]], marks: list[Mark], t
         if ev.rank not in (None, 0) or ev.pid in other_ranks:
             continue
         kind = ev.kind
+        if kind in NODE_KINDS:  # the supervisor's records about its node: no trainer process's
+            continue
         try:
             if kind.startswith("supervisor_"):
                 current = _supervisor_event(t, ev, current, get, other_ranks, marks)
