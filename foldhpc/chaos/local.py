@@ -233,6 +233,9 @@ class LocalRunner:
         items = [f"{k}={v}" for k, v in self.settings.items()] + self.user_overrides
         if run_dir == self.run_dir and self.run_fs:
             items.append(f"checkpoint.dir={self.ckpt_dir}")
+            # the run directory is a deliberately small tmpfs (storage.RUN_FS_SIZE_MB), smaller than
+            # the node health check's default health.min_free_disk: the layout, not a bad node
+            items.append("health.min_free_disk=1M")
         return items + [f"run.dir={run_dir}", f"train.max_steps={self.plan.max_steps}"]
 
     def command(self, run_dir: Path, supervise: bool) -> list[str]:
