@@ -692,16 +692,9 @@ class Session:
         if not self.env.distributed:
             self.status.update(state=FAILED, step=self.step, error=msg)
             return
-        try:  # name the rank to blame, as the built-in trainer does
-            blamed = ranks.blame(self.run_dir, self.env, msg, self.step, self._started_at, _peer_failure(e))
-            if blamed:
-                msg = ranks.describe(blamed)
-                log.error("run failed: %s", msg)
-                self.events.emit("failed_ranks", step=self.step, error=msg, ranks=blamed)
-            status = self.status if isinstance(self.status, StatusFile) else StatusFile(self.run_dir)
-            status.update(state=FAILED, step=self.step, error=msg, failed_ranks=blamed)
-        except OSError as err:  # the run directory itself may be the problem
-            log.error("cannot record the failure in %s: %s", self.run_dir, err)
+        # name the rank to blame, as the built-in trainer does
+        ranks.record_failure(self.run_dir, self.env, msg, self.step, self._started_at, _peer_failure(e), self.events,
+                             self.status)
 
     def _teardown(self) -> None:
         try:

@@ -17,6 +17,7 @@ would report "a collective failed" and nobody would know which process to blame.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -25,7 +26,12 @@ from typing import Any
 
 from foldhpc.distributed.env import DistEnv
 from foldhpc.records.fsio import atomic_write_text, pid_alive
+from foldhpc.records.events import EventSink
 from foldhpc.records.layout import RANKS_DIR
+from foldhpc.records.status import FAILED as FAILED_STATE
+from foldhpc.records.status import StatusFile, StatusSink
+
+log = logging.getLogger(__name__)
 
 RUNNING, DONE, FAILED, ABORTED = "running", "done", "failed", "aborted"
 
@@ -124,6 +130,24 @@ def blame(run_dir: Path, env: DistEnv, error: str, step: int, started_at: float,
         write_record(run_dir, env, FAILED, error=error, step=step)
         found = [{"rank": env.rank, "node": env.node, "pid": os.getpid(), "why": error}]
     return [{k: c.get(k) for k in BLAME_FIELDS} for c in found]
+
+
+def record_failure(run_dir: Path, env: DistEnv, error: str, step: int, started_at: float, peer: bool,
+                   events: EventSink, status: StatusSink) -> None:
+    """A multi-rank run's failure on this rank: :func:`blame`, then the culprits in a
+    ``failed_ranks`` event and in ``status.json`` (``failed``, ``failed_ranks``), written by every
+    failing rank (a rank other than 0 has no status sink of its own: it opens the file). An
+    unwritable run directory is logged, never raised: the failure itself is what propagates."""
+    try:
+        blamed = blame(run_dir, env, error, step, started_at, peer)
+        if blamed:
+            error = describe(blamed)
+            log.error("run failed: %s", error)
+            events.emit("failed_ranks", step=step, error=error, ranks=blamed)
+        sink = status if isinstance(status, StatusFile) else StatusFile(run_dir)
+        sink.update(state=FAILED_STATE, step=step, error=error, failed_ranks=blamed)
+    except OSError as err:  # the run directory itself may be the problem
+        log.error("cannot record the failure in %s: %s", run_dir, err)
 
 
 def describe(culprits_: list[dict[str, Any]]) -> str:

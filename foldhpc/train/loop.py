@@ -465,17 +465,8 @@ class Trainer:
         if not self.env.distributed:
             self.status.update(state=FAILED, step=self.step, error=msg)
             return
-        env = self.env
-        try:
-            blamed = ranks.blame(self.run_dir, env, msg, self.step, self._started_at, isinstance(e, PeerFailure))
-            if blamed:
-                msg = ranks.describe(blamed)
-                log.error("run failed: %s", msg)
-                self.events.emit("failed_ranks", step=self.step, error=msg, ranks=blamed)
-            status = self.status if isinstance(self.status, StatusFile) else StatusFile(self.run_dir)
-            status.update(state=FAILED, step=self.step, error=msg, failed_ranks=blamed)
-        except OSError as err:  # the run directory itself may be the problem
-            log.error("cannot record the failure in %s: %s", self.run_dir, err)
+        ranks.record_failure(self.run_dir, self.env, msg, self.step, self._started_at, isinstance(e, PeerFailure),
+                             self.events, self.status)
 
     def _run(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
