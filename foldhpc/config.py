@@ -361,6 +361,19 @@ class FaultConfig:
     # Non-finite guard: a step whose loss or gradient norm is not finite is skipped; after this
     # many in a row, training rolls back to the newest good checkpoint.
     nonfinite_rollback: int = 3
+    # Silent data corruption (foldhpc.train.sdc, docs/sdc.md): every sdc_check_every steps the
+    # data-parallel replicas compare a digest of their weights and optimizer state (0 = off); a
+    # mismatch, a loss above loss_spike_factor x the maximum of the previous 50 steps' losses
+    # (0 = off) or, with sdc_on_nonfinite, a skipped non-finite step is attributed by a bit-exact
+    # replay from the newest checkpoint before it (transient / deterministic / a rank and its node).
+    sdc_check_every: int = 50
+    loss_spike_factor: float = 0.0
+    sdc_on_nonfinite: bool = False
+    # Stragglers: a rank whose compute time per step (its step time less the time it waits in
+    # collectives) is above straggler_factor x the other ranks' median, in 2 consecutive windows of
+    # straggler_window steps, is named with its node (status, events, TensorBoard).
+    straggler_factor: float = 1.5
+    straggler_window: int = 20
     # One writer per run directory (foldhpc.resilience.runlock): a lock whose holder shows no sign
     # of life for this long (heartbeat) is taken over; "0" = never by age alone (a dead pid on the
     # same host, an ended Slurm job or a requeue of the same job still are). Keep it at minutes
@@ -385,6 +398,11 @@ class FaultConfig:
     def validate(self) -> None:
         _check(self.max_restarts >= 0, "max_restarts must be >= 0 (0 disables in-job restarts)")
         _check(self.nonfinite_rollback >= 1, "nonfinite_rollback must be >= 1")
+        _check(self.sdc_check_every >= 0, "sdc_check_every must be >= 0 (0 turns the replica check off)")
+        _check(self.loss_spike_factor == 0 or self.loss_spike_factor > 1,
+               "loss_spike_factor must be 0 (off) or > 1 (a factor of the recent maximum loss)")
+        _check(self.straggler_factor > 1, "straggler_factor must be > 1 (a factor of the median compute time)")
+        _check(self.straggler_window >= 2, "straggler_window must be >= 2 steps")
         _check(self.node_crash_limit >= 0, "node_crash_limit must be >= 0 (0: crashes never blame a node)")
         _check(self.crash_loop_restarts >= 0, "crash_loop_restarts must be >= 0 (0 = off)")
         _check(self.crash_loop_jobs >= 1, "crash_loop_jobs must be >= 1")

@@ -15,6 +15,7 @@ Tests set them on the trainer's process (locally or through Slurm's environment 
 ``FOLDHPC_FAIL_ONCE=PATH``          fire only if PATH does not exist, and create it: the
                                     restarted trainer then passes step N (a transient fault)
 ``FOLDHPC_DEBUG_STEP_DELAY_S=S``    sleep S seconds in every step (slow but alive)
+``FOLDHPC_DEBUG_STEP_DELAY_ON_RANK`` only rank R sleeps (default: every rank): a straggler
 ``FOLDHPC_DEBUG_FIRST_STEP_DELAY_S`` the first step of each process sleeps S seconds more,
                                     before its post-backward beat (cold CUDA kernels,
                                     ``torch.compile``)
@@ -30,6 +31,16 @@ Tests set them on the trainer's process (locally or through Slurm's environment 
 ``FOLDHPC_NAN_ON_RANK=R``           only rank R (default: every rank)
 ``FOLDHPC_NAN_ONCE=PATH``           each listed step fires once: PATH records the steps that
                                     fired, so a rolled-back or restarted run passes them
+``FOLDHPC_BITFLIP_AT_STEP=N``       after optimizer step N, flip one bit (bit 22, the top
+                                    mantissa bit of a float32: the value changes by up to 1.5x
+                                    and stays finite) of one weight element: silent corruption
+``FOLDHPC_BITFLIP_ON_RANK=R``       the rank whose copy is flipped (default 1)
+``FOLDHPC_BITFLIP_ONCE=PATH``       fire only if PATH does not exist, and create it (a transient
+                                    fault); without it every pass through step N flips again
+                                    (a replay too: a persistent fault of that rank)
+``FOLDHPC_LOSS_SPIKE_AT_STEP=N``    the loss *value* of step N is multiplied by
+                                    ``FOLDHPC_LOSS_SPIKE_FACTOR`` (default 1000) on every rank,
+                                    each time step N runs; the gradients are untouched
 ``FOLDHPC_FAIL_HEALTH_ON_NODE=N``   the node health check fails (check ``fault_hook``) on the
                                     nodes of the comma-separated list N (Slurm node names):
                                     a bad node; the supervisor never trains there and the job
@@ -46,8 +57,10 @@ import time
 from pathlib import Path
 from typing import Any
 from foldhpc.records.events import EventSink
-from foldhpc.records.envvars import (FAIL_AT_STEP, FAIL_KIND, FAIL_ON_RANK, FAIL_ONCE, FIRST_STEP_DELAY,  # noqa: F401
-                                     HOLD_AFTER_TRAIN, NAN_AT_STEPS, NAN_KIND, NAN_ON_RANK, NAN_ONCE, STEP_DELAY,
+from foldhpc.records.envvars import (BITFLIP_AT_STEP, BITFLIP_ON_RANK, BITFLIP_ONCE,  # noqa: F401
+                                     FAIL_AT_STEP, FAIL_KIND, FAIL_ON_RANK, FAIL_ONCE, FIRST_STEP_DELAY,
+                                     HOLD_AFTER_TRAIN, LOSS_SPIKE_AT_STEP, LOSS_SPIKE_FACTOR, NAN_AT_STEPS,
+                                     NAN_KIND, NAN_ON_RANK, NAN_ONCE, STEP_DELAY, STEP_DELAY_ON_RANK,
                                      VAL_BATCH_DELAY, WRITE_DELAY)
 
 log = logging.getLogger(__name__)
@@ -101,7 +114,7 @@ def after_step(step: int, rank: int = 0, events: EventSink | None = None) -> Non
     """Called by the training loop after optimizer step ``step``: inject what is configured
     (recorded in ``events`` first, so that a timeline marks where the fault was injected)."""
     delay = seconds(STEP_DELAY)
-    if delay:
+    if delay and os.environ.get(STEP_DELAY_ON_RANK, "") in ("", str(rank)):
         time.sleep(delay)
     at = _int(FAIL_AT_STEP)
     if not at or step != at:
@@ -187,3 +200,63 @@ def nan_loss(loss: Any, step: int, rank: int = 0, model: Any = None, events: Eve
         next(iter(model.parameters())).data.view(-1)[0] = float("nan")
         return loss
     return loss * float("nan")
+
+
+#: the bit :func:`bitflip` flips: the top mantissa bit of a float32 (bit 15 of a 16-bit float's
+#: pattern would be its sign, so those use their top mantissa bit too)
+BITFLIP_BIT = {4: 22, 2: 9, 8: 51}
+
+
+def bitflip(step: int, rank: int, model: Any, events: EventSink | None = None) -> bool:
+    """Called by the training loop after optimizer step ``step``: flip one bit of one weight
+    element on rank ``FOLDHPC_BITFLIP_ON_RANK`` (default 1) if ``FOLDHPC_BITFLIP_AT_STEP`` is
+    ``step``; True if it did. The element is the middle one of the largest parameter (the same
+    every time, so a persistent fault replays identically); the bit is a high mantissa bit, so
+    the value changes without becoming non-finite, which no NaN guard can see."""
+    at = _int(BITFLIP_AT_STEP)
+    if not at or step != at:
+        return False
+    only = os.environ.get(BITFLIP_ON_RANK, "") or "1"
+    if only != str(rank):
+        return False
+    once = os.environ.get(BITFLIP_ONCE, "")
+    if once:
+        marker = Path(once)
+        if marker.exists():
+            return False
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{os.getpid()} rank {rank} step {step} at {time.time():.6f}\n")
+    import torch  # here: foldhpc.faults is imported by processes that never train
+
+    params = [p for p in model.parameters() if p.dtype.is_floating_point and p.numel()]
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    target = max(params, key=lambda p: p.numel())
+    flat = target.data.view(-1)
+    i = flat.numel() // 2
+    size = flat.element_size()
+    bit = BITFLIP_BIT.get(size, 8 * size - 2)
+    ints = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[size])
+    before = float(flat[i])
+    with torch.no_grad():
+        ints[i] ^= 1 << bit
+    what = f"{BITFLIP_AT_STEP}={at} rank {rank}: {name_of.get(id(target), '?')}[{i}] bit {bit}"
+    log.warning("%s=%d: flipping bit %d of %s[%d] on rank %d after step %d (%g -> %g; debug hook)",
+                BITFLIP_AT_STEP, at, bit, name_of.get(id(target), "?"), i, rank, step, before, float(flat[i]))
+    if events is not None:
+        events.emit("fault_injected", what=what, step=step)
+    return True
+
+
+def loss_spike(loss: Any, step: int, rank: int = 0, events: EventSink | None = None) -> Any:
+    """Called by the training loop with the loss of step ``step``: its value times
+    ``FOLDHPC_LOSS_SPIKE_FACTOR`` (default 1000) where ``FOLDHPC_LOSS_SPIKE_AT_STEP`` is ``step``,
+    the gradient unchanged (a spike in what is measured, deterministic: every replay sees it)."""
+    at = _int(LOSS_SPIKE_AT_STEP)
+    if not at or step != at:
+        return loss
+    factor = seconds(LOSS_SPIKE_FACTOR) or 1000.0
+    log.warning("%s=%d: the loss of step %d is %gx its value on rank %d (debug hook)", LOSS_SPIKE_AT_STEP, at, step,
+                factor, rank)
+    if events is not None:
+        events.emit("fault_injected", what=f"{LOSS_SPIKE_AT_STEP}={at} {LOSS_SPIKE_FACTOR}={factor:g}", step=step)
+    return loss + (loss * (factor - 1.0)).detach()

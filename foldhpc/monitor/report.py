@@ -119,6 +119,11 @@ class RunView:
     # the failure that caused the latest one: step, phase, reason
     in_job_restarts: int | None = None
     last_failure: dict[str, Any] | None = None
+    # silent data corruption (foldhpc.train.sdc): the latest attribution (step, trigger, verdict,
+    # reproducible, ranks, nodes, samples), how many, the mismatches and the suspect nodes; and the
+    # ranks the latest straggler window named (rank, node, ratio, compute_s, wait_s, step)
+    sdc: dict[str, Any] | None = None
+    stragglers: list[dict[str, Any]] | None = None
     # bad nodes (foldhpc.resilience.health, foldhpc.cluster.nodes): every node found bad in this run
     # (node, check, detail, t, job_id) and those the newest hand-over excluded (--exclude)
     bad_nodes: list[dict[str, Any]] | None = None
@@ -259,6 +264,12 @@ def read_run(run_dir: Path, job_id: str | None = None) -> RunView:
         if sid and sid not in view.job_ids:
             view.job_ids.insert(0, sid)  # jobs.jsonl, where it has ids, knows better which one is newest
         _read_ranks(view, run_dir, status)
+        sdc = status.get("sdc")
+        if isinstance(sdc, dict):
+            view.sdc = {k: sdc.get(k) for k in ("last", "mismatches", "suspect_nodes", "checks", "check_every")}
+            view.sdc["attributions"] = len(sdc.get("attributions") or [])
+        strag = status.get("stragglers")
+        view.stragglers = [s for s in strag if isinstance(s, dict)] if isinstance(strag, list) else None
     if view.job_id is None and view.job_ids:
         # the newest submission is the one that matters now -- unless it refused to start because
         # another trainer held the run directory (foldhpc.resilience.runlock): the holder's job is

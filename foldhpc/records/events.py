@@ -59,6 +59,18 @@ KINDS: dict[str, tuple[str, ...]] = {
     "checkpoint_stale_tmp": ("path",),  # a temporary of a killed writer removed
     "nonfinite_skip": ("step", "what"),  # a non-finite step whose update was skipped
     "rollback": ("first", "at", "to"),  # skipped steps first..at, back to the checkpoint of step `to`
+    # -- silent data corruption and stragglers (foldhpc.train.sdc, docs/sdc.md) ------------------
+    # the replicas' digests differ at a check: digests = one per rank (rank order)
+    "sdc_mismatch": ("step", "digests", "ranks"),
+    # an attribution starts: trigger = mismatch / loss_spike / nonfinite, replaying window [first, last]
+    "sdc_replay": ("step", "trigger", "first", "last", "path"),
+    # its verdict: transient / deterministic / rank; ranks and nodes suspect (empty if none); step:
+    # the step it is pinned to; reproducible: the anomaly came back in the replay; samples: the batch
+    "sdc_attribution": ("step", "trigger", "verdict", "reproducible", "ranks", "nodes", "samples"),
+    # a node found suspect by a second attribution of this run: the bad-node machinery excludes it
+    "sdc_suspect_node": ("node", "suspected", "steps"),
+    # a rank slower than straggler_factor x the median compute time per step over the window
+    "straggler": ("step", "straggler_rank", "node", "ratio", "compute_s", "wait_s"),  # rank: the writer's
     "completed": ("step",),
     "failed": ("step", "error"),
     "failed_ranks": ("step", "error", "ranks"),  # several ranks: the rank(s) to blame, after "failed"

@@ -80,6 +80,11 @@ class RunStatus:
     train_time_s: float | None = None  #: seconds spent training (carried across restarts by the checkpoint)
     startup: dict[str, float] | None = None  #: startup breakdown of this process (imports_s, rendezvous_s, ...)
     nonfinite: dict[str, Any] | None = None  #: non-finite losses: skipped, streak, rollbacks, rollback_after
+    #: silent data corruption (foldhpc.train.sdc): check_every, checks, mismatches, attributions (each: step,
+    #: trigger, verdict, reproducible, ranks, nodes, samples, replay_s), suspect_nodes {node: count}, last
+    sdc: dict[str, Any] | None = None
+    #: ranks named as stragglers in the latest window: rank, node, ratio, compute_s, wait_s, step (empty: none)
+    stragglers: list[dict[str, Any]] | None = None
     # -- validation and results
     val: dict[str, float] | None = None  #: metrics of the latest validation
     val_step: int | None = None  #: the step of that validation

@@ -73,6 +73,8 @@ from foldhpc.train.compat import check_resume, runtime_differences
 from foldhpc.train.result import TrainResult
 from foldhpc.train.rng import capture_rng_state, restore_rng_state, step_seed
 from foldhpc.train.schedule import lr_factor
+from foldhpc.train.sdc import Replay, SdcMonitor, Snapshot, replica_digest, state_tensors, vote
+from foldhpc.train.straggler import StragglerMonitor
 from foldhpc.train.validation import debug_delayed, validation_due
 from foldhpc.records.exitcodes import ExitCode
 from foldhpc.records.layout import CONFIG_FILE, LOG_FILE, STACKS_FILE, TENSORBOARD_DIR
@@ -129,6 +131,12 @@ class Trainer:
         # <run.dir>/events.jsonl, opened by run() (a Trainer set up without it records nothing); every
         # event is emitted beside the log line that says the same, on the ranks that log it
         self.events: EventSink = NullEventLog()
+        f = cfg.fault  # silent data corruption and stragglers: foldhpc.train.sdc, foldhpc.train.straggler
+        self.sdc = SdcMonitor(f.sdc_check_every, f.loss_spike_factor, f.sdc_on_nonfinite, self.env.rank,
+                              self.env.world_size)
+        self.stragglers = StragglerMonitor(f.straggler_factor, f.straggler_window, self.env.world_size)
+        self.layout: list[dict[str, Any]] = [{"rank": self.env.rank, "node": self.env.node,
+                                              "host": socket.gethostname()}]
 
     # ------------------------------------------------------------------ state protocol
     def state_dict(self) -> dict[str, Any]:
@@ -145,7 +153,7 @@ class Trainer:
         train = {"step": self.step, "train_time_s": self.train_time_s, "restarts": self.restarts,
                  "val_step": self.val_step, "tb_step": self.step, "samples_seen": self.step * self.cfg.train.batch_size,
                  "epoch": self.step * self.cfg.train.batch_size // max(1, self.n_train),
-                 "nonfinite": self.guard.state_dict()}
+                 "nonfinite": self.guard.state_dict(), "sdc": self.sdc.state_dict()}
 
         def capture() -> dict[str, Any]:
             return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -167,6 +175,7 @@ class Trainer:
         # their step had completed.
         self.val_step = int(state["train"].get("val_step", self.step))
         self.guard.load_state_dict(state["train"].get("nonfinite"))
+        self.sdc.load_state_dict(state["train"].get("sdc"), self.step)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         slurm = slurm_env()
@@ -248,6 +257,7 @@ class Trainer:
         self.timings["rendezvous_s"] = getattr(self.group, "join_s", 0.0)
         layout: list[dict[str, Any]] = self.group.all_gather({"rank": env.rank, "node": env.node, "host": socket.gethostname(),
                                         "pid": os.getpid(), "device": str(self.device)}, "exchanging rank layout")
+        self.layout = layout
         if self.main:
             ranks.remove_stale(self.run_dir, env.world_size)
             nodes = sorted({r["node"] for r in layout})
@@ -616,7 +626,9 @@ class Trainer:
             self.lock.check()  # taken over by another trainer (foldhpc.resilience.runlock): stop, write nothing
             received = int(preempt.received) if preempt.received is not None else 0
             timer_due = interval > 0 and time.monotonic() - last_save_t >= interval
+            t_boundary = time.monotonic()
             signum, timer_due = self.group.agree(received, timer_due)
+            t_agree = time.monotonic()
             if signum:
                 sig = signal.Signals(signum).name
                 if not received:
@@ -647,6 +659,7 @@ class Trainer:
                                 "still being written; it is taken at the first step boundary where the writer is "
                                 "free", every, self.step)
             t_start = time.monotonic()
+            wait_s = t_agree - t_boundary  # the stop agreement: waiting for the slowest rank
             batch = next(it)
             t_data = time.monotonic() - t_start
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
@@ -656,14 +669,22 @@ class Trainer:
                 out = self.forward(batch)
                 loss, stats = distogram_loss(out["distogram_logits"].float(), batch)
             loss = faults.nan_loss(loss, self.step + 1, self.env.rank, self.model, self.events)  # test hook, off unless set
+            loss = faults.loss_spike(loss, self.step + 1, self.env.rank, self.events)  # test hook, off unless set
+            own = loss.detach()  # this rank's own loss (a replay compares it with the first time's)
             share = loss.detach()  # this rank's part of the global batch's loss
+            global_loss: torch.Tensor | None = own  # the global batch's loss, for the spike trigger
             bad = self.guard.loss_flag(loss)  # 1 where this rank's loss is not finite (no host sync)
             if world > 1:
                 # The loss is a mean over the residue pairs of the *global* batch: weigh this
                 # rank's mean by its share of the pairs, so that DDP's average of the ranks'
                 # gradients is the gradient of the global mean whatever the world size.
                 pairs = stats["per_example_pairs"].sum().detach().float()
-                total, bad = self.group.sum_(torch.stack([pairs, bad])).unbind()  # bad: any rank's loss
+                spike = self.sdc.spike_factor > 0  # the global loss rides along (pairs and flags sum exactly)
+                t_sum = time.monotonic()
+                summed = self.group.sum_(torch.stack([pairs, bad] + ([own.float() * pairs] if spike else [])))
+                wait_s += time.monotonic() - t_sum
+                total, bad = summed[0], summed[1]  # bad: any rank's loss
+                global_loss = summed[2] / total.clamp(min=1.0) if spike else None
                 weight = pairs * world / total.clamp(min=1.0)
                 loss = loss * weight
                 share = loss.detach() / world
@@ -677,14 +698,25 @@ class Trainer:
             self._wait_staged()  # a background save still copying the last step's weights
             # a non-finite loss or gradient norm: the update is skipped, the step consumed (same verdict on every rank)
             applied = self.guard.check(self.step + 1, bad, gnorm, self.writer, self.status, self.events)
+            # a replay with several ranks: the state before the update, to recompute it if the ranks diverge
+            snap = Snapshot(self.model, self.optimizer) if self.sdc.replay is not None and world > 1 else None
             if applied:
                 self.optimizer.step()
             lr = cast(float, self.scheduler.get_last_lr()[0])  # a float lr (torch: float | Tensor)
             self.scheduler.step()
             self.step += 1
+            faults.bitflip(self.step, self.env.rank, self.model, self.events)  # test hook, off unless set
             faults.after_step(self.step, self.env.rank, self.events)  # test hooks; nothing unless set (foldhpc.faults)
             step_s = time.monotonic() - t_start
             self.train_time_s += step_s
+            self.stragglers.add(time.monotonic() - t_boundary, wait_s)
+            self.sdc.note_loss(self.step, own)
+            if self._sdc_step(global_loss, applied, snap):  # an attribution rolled back: replay from there
+                it = iter(self._make_loader())
+                win = {"t0": time.monotonic(), "data": 0.0, "steps": 0, "loss": 0.0}
+                continue
+            if self.stragglers.due(self.step):
+                self._judge_stragglers()
             if self.guard.rollback_due:  # K non-finite steps in a row: back to the newest good checkpoint
                 self._after_rollback(self.guard.rollback(self.step, self._restore_for_rollback, self.events))
                 it = iter(self._make_loader())
@@ -737,16 +769,28 @@ class Trainer:
         self.events.emit("completed", step=self.step, metrics=metrics)
         return TrainResult(COMPLETED, self.step, None, metrics, rank=self.env.rank)
 
-    def _restore_for_rollback(self) -> Restored:
+    def _restore_for_rollback(self, max_step: int | None = None) -> Restored:
         """The non-finite guard's ``restore`` (foldhpc.resilience.nonfinite): reload the newest good
         checkpoint on every rank, rank 0 choosing it as at a resume. The time spent and the restart
-        count are what happened, not what the file says. Raises RollbackUnavailable if there is none."""
+        count are what happened, not what the file says. Raises RollbackUnavailable if there is none.
+
+        ``max_step`` (an attribution's replay, foldhpc.train.sdc): the newest good checkpoint at or
+        before that step -- a newer one may hold the state the replay is to judge."""
         self.hb.beat(self.step, "checkpoint")  # loading one
         self.ckpt.wait()  # a save in flight is committed (or failed) first
         path: str | None = None
         error: str | None = None
         state: dict[str, Any] | None = None
-        if self.main:
+        if self.main and max_step is not None:
+            for entry in reversed([e for e in self.ckpt.entries() if e.step <= max_step]):
+                try:
+                    state, path = self.ckpt.load_file(self.ckpt.dir / entry.file)["state"], str(self.ckpt.dir / entry.file)
+                    break
+                except CheckpointError as e:
+                    log.error("checkpoint %s (step %d) cannot be replayed from: %s", entry.file, entry.step, e)
+            if path is None:
+                error = f"there is no checkpoint at or before step {max_step} to replay from"
+        elif self.main:
             try:
                 loaded = self.ckpt.load_latest() if self.ckpt.last_committed is not None else None
                 if loaded is None and self.resume not in ("auto", "never"):
@@ -776,6 +820,162 @@ class Trainer:
         self.load_state_dict(state)  # the guard's own state is merged, see NonFiniteGuard.load_state_dict
         self.train_time_s, self.restarts = spent, restarts
         return Restored(self.step, path)
+
+    # ------------------------------------------------------------------ silent data corruption
+    def _sdc_step(self, global_loss: torch.Tensor | None, applied: bool, snap: Snapshot | None) -> bool:
+        """After each step: the replica check when due, the triggers, a replay's comparisons (see
+        foldhpc.train.sdc). True when an attribution has just rolled the state back (the loop then
+        replays from there). Every decision here is the same on every rank: its inputs are
+        all-gathered or all-reduced."""
+        sdc = self.sdc
+        replay = sdc.replay
+        if replay is not None:
+            self._replay_step(replay, snap, applied, global_loss)
+            if self.step >= replay.last:
+                self._finish_replay(replay)
+            return False
+        trigger: str | None = None
+        digests: list[str] | None = None
+        if sdc.check_due(self.step):
+            t0 = time.monotonic()
+            digests = self.group.all_gather(replica_digest(self.model, self.optimizer),
+                                            "the replica consistency check (fault.sdc_check_every)")
+            sdc.checks += 1
+            sdc.check_s += time.monotonic() - t0
+            if len(set(digests)) == 1:
+                sdc.verified = self.step
+            else:
+                trigger = "mismatch"
+                odd = [r for r, d in enumerate(digests) if digests.count(d) < max(map(digests.count, digests))]
+                sdc.mismatches.append(self.step)
+                log.error("step %d: the replicas' weights and optimizer state DIFFER (digests %s; last agreed at "
+                          "step %d): silent data corruption; attributing it by a replay", self.step,
+                          ", ".join(f"rank {r} {d}" for r, d in enumerate(digests)), sdc.verified)
+                self.events.emit("sdc_mismatch", step=self.step, digests=digests, ranks=odd, verified=sdc.verified)
+                self.writer.scalar("sdc/mismatch", 1, self.step)
+        if trigger is None and global_loss is not None and sdc.spike_factor > 0 \
+                and sdc.spike(self.step, float(global_loss)):
+            trigger = "loss_spike"
+        if trigger is None and sdc.on_nonfinite and not applied and not self.guard.rollback_due:
+            trigger = "nonfinite"
+        if trigger is None:
+            return False
+        self._start_replay(trigger, digests, global_loss)
+        return True
+
+    def _start_replay(self, trigger: str, digests: list[str] | None, global_loss: torch.Tensor | None) -> None:
+        """Roll back to the newest checkpoint before the suspect window and arm the replay."""
+        sdc, at = self.sdc, self.step
+        if digests is None:
+            digests = self.group.all_gather(replica_digest(self.model, self.optimizer), "the replicas' digests")
+        first_global = float(global_loss) if global_loss is not None else None
+        checked = self.env.world_size > 1 and sdc.check_every > 0
+        limit = min(sdc.verified, at - 1) if checked else at - 1
+        losses = sdc.losses_since(0)
+        t0 = time.monotonic()
+        try:
+            restored = self._restore_for_rollback(max_step=limit)
+        except RollbackUnavailable as e:
+            if trigger == "mismatch":  # the replicas differ and nothing can tell or heal it
+                raise RuntimeError(f"silent data corruption: the replicas differ at step {at} and {e}; resume the "
+                                   "run from an older checkpoint (--resume PATH) or start over") from None
+            log.warning("step %d: %s; no attribution (%s)", at, trigger, e)
+            return
+        sdc.replay = Replay(trigger=trigger, first=restored.step + 1, last=at, path=restored.path, digests=digests,
+                            losses=losses, global_loss=first_global, t0=t0)
+        log.warning("step %d: %s: replaying steps %d-%d from %s to attribute it", at, trigger, restored.step + 1, at,
+                    restored.path)
+        self.events.emit("sdc_replay", step=at, trigger=trigger, first=restored.step + 1, last=at, path=restored.path)
+        if self.main:  # the curves after the checkpoint are replayed: drop them, as a rollback does
+            self.writer.close()
+            self.writer = RunWriter(self.run_dir / TENSORBOARD_DIR, start_step=restored.step)
+        self.status.update(step=restored.step, sdc=sdc.summary())
+
+    def _replay_step(self, replay: Replay, snap: Snapshot | None, applied: bool,
+                     global_loss: torch.Tensor | None) -> None:
+        """One replayed step: its loss against the first time's, the ranks' digests against each
+        other; a divergence is voted on and repaired at once (see foldhpc.train.sdc)."""
+        mine = float(self.sdc.losses[self.step])
+        first = replay.losses.get(self.step)
+        same = first is not None and (mine == first or math.isnan(mine) and math.isnan(first))
+        if first is not None and not same and replay.loss_deviation is None:
+            replay.loss_deviation = self.step
+        if self.group.world_size > 1:
+            actual = self.group.all_gather(replica_digest(self.model, self.optimizer), "the replay's digests")
+            if len(set(actual)) > 1:
+                redo = snap.recompute_digest(self.model, self.optimizer) if snap is not None else actual[self.env.rank]
+                recomputed = self.group.all_gather(redo, "the replay's recomputed digests")
+                majority, outvoted = vote(actual, recomputed)
+                if replay.diverged is None:
+                    replay.diverged, replay.suspects = self.step, outvoted
+                log.error("replay step %d: the replicas differ again (digests %s; recomputed %s): rank(s) %s "
+                          "outvoted; they take rank %s's state", self.step, actual, recomputed, outvoted,
+                          next((r for r, d in enumerate(actual) if d == majority), "?"))
+                self._repair(actual, majority)
+        if self.step == replay.last:
+            if replay.trigger == "loss_spike":
+                replay.reproduced = global_loss is not None and float(global_loss) == replay.global_loss
+            elif replay.trigger == "nonfinite":
+                replay.reproduced = not applied
+            else:
+                replay.reproduced = replay.diverged is not None
+
+    def _repair(self, actual: list[str], majority: str) -> None:
+        """The ranks whose state is not ``majority`` take it from the lowest rank that has it."""
+        src = next((r for r, d in enumerate(actual) if d == majority), None)
+        if src is None:
+            log.error("no rank holds the majority state; the replicas stay as they are")
+            return
+        import torch.distributed as dist
+
+        for t in state_tensors(self.model, self.optimizer):
+            self.group.collective("the repair broadcast", dist.broadcast, t, src)
+
+    def _finish_replay(self, replay: Replay) -> None:
+        """The verdict, recorded everywhere: events, status.json, TensorBoard, train.log."""
+        sdc = self.sdc
+        mine: dict[str, Any] = {"digest": replica_digest(self.model, self.optimizer), "deviation": replay.loss_deviation,
+                "reproduced": replay.reproduced}
+        every = self.group.all_gather(mine, "the replay's verdict")
+        samples = [self.train_batches.records[i].id for i in self.train_batches.indices(replay.last - 1)]
+        seconds = time.monotonic() - replay.t0
+        known = dict(sdc.suspect_nodes)
+        result = sdc.conclude(replay, [e["digest"] for e in every], [e["deviation"] for e in every],
+                              [bool(e["reproduced"]) for e in every], self.layout, samples, seconds)
+        where = (f"rank(s) {', '.join(map(str, result['ranks']))} on {', '.join(result['nodes'])}"
+                 if result["ranks"] else "no rank")
+        log.warning("attribution of the %s at step %d: %s%s, step %d, suspect: %s (replay of steps %d-%d from %s "
+                    "in %.2fs)%s", replay.trigger, replay.last, result["verdict"],
+                    " (reproducible)" if result["reproducible"] else "", result["step"], where, replay.first,
+                    replay.last, replay.path, seconds,
+                    f"; its batch: {', '.join(samples)}" if result["verdict"] == "deterministic" else "")
+        self.events.emit("sdc_attribution", **result)
+        for node in result["nodes"]:
+            if sdc.suspect_nodes.get(node, 0) >= 2 > known.get(node, 0):
+                steps = [a["step"] for a in sdc.attributions if node in a.get("nodes", [])]
+                log.error("node %s is suspect for the second time (steps %s): recorded for exclusion at the next "
+                          "hand-over", node, steps)
+                self.events.emit("sdc_suspect_node", node=node, suspected=sdc.suspect_nodes[node], steps=steps)
+        self.writer.scalar("sdc/attributions", len(sdc.attributions), self.step)
+        self.writer.scalar("sdc/replay_s", seconds, self.step)
+        self.writer.scalar("sdc/suspect_ranks", len(result["ranks"]), self.step)
+        self.status.update(sdc=sdc.summary())
+
+    def _judge_stragglers(self) -> None:
+        """Every fault.straggler_window steps: every rank's mean compute/wait; name the slow ones."""
+        means = self.group.all_gather(self.stragglers.mine(), "the straggler window")
+        named = self.stragglers.judge([(float(c), float(w)) for c, w in means], self.layout, self.step)
+        for r, (c, w) in enumerate(means):
+            self.writer.scalar(f"perf/compute_s/rank{r}", c, self.step)
+            self.writer.scalar(f"perf/wait_s/rank{r}", w, self.step)
+        self.writer.scalar("straggler/count", len(named), self.step)
+        self.writer.scalar("straggler/ratio_max", max((n["ratio"] for n in named), default=0.0), self.step)
+        for n in named:
+            log.warning("rank %d on %s is a straggler: %.4fs of compute per step, %.2fx the median over the last %d "
+                        "steps (fault.straggler_factor = %g)", n["rank"], n["node"], n["compute_s"], n["ratio"],
+                        self.stragglers.window, self.stragglers.factor)
+            self.events.emit("straggler", straggler_rank=n["rank"], **{k: v for k, v in n.items() if k != "rank"})
+        self.status.update(stragglers=named)
 
     def _after_rollback(self, restored: Restored) -> None:
         """The curves after the checkpoint rolled back to are replayed: drop them, as a restart does."""
