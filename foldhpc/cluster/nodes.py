@@ -2,8 +2,9 @@
 
 A node fails its health check (:mod:`foldhpc.resilience.health`) or is blamed for crashes (the
 supervisor's ``fault.node_crash_limit``): either writes a ``node_unhealthy`` record to the run's
-events.jsonl. Every later job of the run -- a follow-up (``sbatch --exclude``) or a requeue
-(``scontrol update JobId=N ExcNodeList=...`` before ``scontrol requeue``) -- excludes the union of
+events.jsonl; a node suspect of silent data corruption twice (issue 24) has an ``sdc_suspect_node``
+record there, and is a bad node as well (check ``sdc``). Every later job of the run -- a follow-up (``sbatch --exclude``) or a requeue
+(``scontrol update JobId=N ExcNodeList=...`` right after ``scontrol requeue``) -- excludes the union of
 those nodes, so the exclusion accumulates across the chain and survives a resubmission.
 
 The bound: a run must never exclude so many nodes that its job cannot be placed (a pending job
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 
 #: the events.jsonl kind of a bad node
 UNHEALTHY_KIND = "node_unhealthy"
+#: the events.jsonl kind of a node suspect of silent data corruption for the second time (issue 24:
+#: the trainer's replay attribution, foldhpc.train.loop): a bad node too, check "sdc"
+SDC_KIND = "sdc_suspect_node"
+SDC_CHECK = "sdc"
 
 
 @dataclass(frozen=True)
@@ -55,18 +60,29 @@ class Exclusion:
 
 
 def bad_nodes(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Every node found bad in ``run_dir``'s events.jsonl -> its newest ``node_unhealthy`` record
-    (check, detail, t, job_id); {} where there is none (or the file is unreadable)."""
+    """Every node found bad in ``run_dir``'s events.jsonl -> its newest record (check, detail, t,
+    job_id); {} where there is none (or the file is unreadable).
+
+    Bad are the nodes of a ``node_unhealthy`` record (a failed health check, a node blamed for
+    crashes) and those of an ``sdc_suspect_node`` record (suspect of silent data corruption twice:
+    check ``sdc``; issue 24 asks that such a node be excluded at the next hand-over like any bad one)."""
     out: dict[str, dict[str, Any]] = {}
-    marker = UNHEALTHY_KIND.encode()
+    markers = (UNHEALTHY_KIND.encode(), SDC_KIND.encode())
     try:
         with open(Path(run_dir) / EVENTS_FILE, "rb") as f:
             for line in f:
-                if marker not in line:  # a cheap filter: a long run has 100k lines of other kinds
+                if not any(m in line for m in markers):  # a cheap filter: a long run has 100k lines of other kinds
                     continue
                 e = parse_event(line)
-                node = e.get("node") if e is not None and e.kind == UNHEALTHY_KIND else None
-                if e is not None and isinstance(node, str) and node:
+                if e is None or e.kind not in (UNHEALTHY_KIND, SDC_KIND):
+                    continue
+                node = e.get("node")
+                if not isinstance(node, str) or not node:
+                    continue
+                if e.kind == SDC_KIND:
+                    out[node] = {"check": SDC_CHECK, "detail": _sdc_detail(e.get("suspected"), e.get("steps")),
+                                 "t": e.t, "job_id": e.get("job_id")}
+                else:
                     out[node] = {"check": e.get("check"), "detail": e.get("detail"), "t": e.t,
                                  "job_id": e.get("job_id")}
     except FileNotFoundError:
@@ -74,6 +90,14 @@ def bad_nodes(run_dir: Path) -> dict[str, dict[str, Any]]:
     except OSError as e:
         log.warning("cannot read the bad nodes of %s: %s", run_dir, e)
     return out
+
+
+def _sdc_detail(suspected: Any, steps: Any) -> str:
+    """``suspect of silent data corruption twice (steps 40, 80)``, from an sdc_suspect_node record."""
+    n = suspected if isinstance(suspected, int) and not isinstance(suspected, bool) else 2
+    times = {1: "once", 2: "twice"}.get(n, f"{n} times")
+    where = f" (steps {', '.join(map(str, steps))})" if isinstance(steps, list) and steps else ""
+    return f"suspect of silent data corruption {times}{where}"
 
 
 def cluster_node_count(partition: str | None, timeout: float) -> int | None:
