@@ -764,7 +764,8 @@ class Trainer:
         metrics = final or {}
         if loss_val is not None and math.isfinite(loss_val):
             self.status.update(loss=loss_val)
-        self.status.update(state=COMPLETED, step=self.step, metrics=metrics, finished_at=time.time())
+        self.status.update(state=COMPLETED, step=self.step, metrics=metrics, finished_at=time.time(),
+                           **({"sdc": self.sdc.summary()} if self.env.world_size > 1 else {}))
         log.info("training completed at step %d: %s", self.step, json.dumps(metrics))
         self.events.emit("completed", step=self.step, metrics=metrics)
         return TrainResult(COMPLETED, self.step, None, metrics, rank=self.env.rank)
@@ -1009,7 +1010,8 @@ class Trainer:
         w.scalar("perf/samples_per_s", sps, self.step)
         w.scalar("perf/data_wait_frac", wait, self.step)
         self.status.update(step=self.step, samples_per_s=sps, data_wait_frac=wait, eta_s=eta,
-                           train_time_s=self.train_time_s, **({"loss": loss} if finite > 0 else {}))
+                           train_time_s=self.train_time_s, **({"loss": loss} if finite > 0 else {}),
+                           **({"sdc": self.sdc.summary()} if self.env.world_size > 1 else {}))
         return loss
 
     def _beating(self, batches: Any) -> Any:
