@@ -56,7 +56,8 @@ while slurmctld still says the job is RUNNING (it was not requeued).
 **Bad nodes** (issue 23; docs/nodes.md): every node the run's records found bad (a failed health
 check, a node blamed for crashes: :mod:`foldhpc.cluster.nodes`) is excluded from the run's next
 job: a follow-up gets ``--exclude``, a requeued job ``scontrol update JobId=N ExcNodeList=...``
-before ``scontrol requeue`` (slurmctld keeps it for the requeued job). Bounded: where that would
+right after ``scontrol requeue`` (slurmctld refuses it for a running job and accepts it once the
+job is pending again: :func:`_exclude_after_requeue`). Bounded: where that would
 exclude more than the cluster's node count minus the job's, the run stops instead (kind
 ``bad_nodes``). **Crash loop**: ``fault.crash_loop_jobs`` jobs in a row without a new checkpoint
 stop the chain (kind ``no_progress``): the job then exits 93 (``ExitCode.CRASH_LOOP``) and the
@@ -395,9 +396,10 @@ def maybe_requeue(max_requeues: int, signal_lead_s: float = 120.0, signal_at: fl
     if record is not None:
         record(d)
     if d.requeue and job_id is not None:
-        if exclude:
-            _exclude_on_requeue(job_id, exclude, deadline)
+        value = _exclude_value(job_id, exclude, deadline) if exclude else ""
         ok, why = _requeue(job_id, deadline)
+        if ok and value:
+            _exclude_after_requeue(job_id, value, deadline)
         if not ok:
             if followup is not None and why in ("refused", "deadline"):
                 return _follow_up(followup, job_id, restarts,
@@ -419,19 +421,54 @@ def _not_requeueable(job_id: str, deadline: float) -> None:
                     "too, the run-directory lock makes the second job exit", job_id, e)
 
 
-def _exclude_on_requeue(job_id: str, nodes: tuple[str, ...], deadline: float) -> None:
-    """``scontrol update JobId=N ExcNodeList=...`` (the job's own list kept): a requeued job keeps
-    the exclusion slurmctld has for it. Best effort: a failure is logged (the requeued job's health
-    check on a bad node hands it over again, excluding it then)."""
+def _exclude_value(job_id: str, nodes: tuple[str, ...], deadline: float) -> str:
+    """The ``ExcNodeList`` the requeued job gets: its own list (read while slurmctld still has the
+    running job's record) and ``nodes``."""
     from foldhpc.cluster.nodes import merge_exclude
 
     info = ctl_job(job_id, _timeout(deadline)) or {}
-    value = merge_exclude(info.get("ExcNodeList"), ",".join(nodes))
-    try:
-        run_command(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={value}"], timeout=_timeout(deadline))
-        log.warning("job %s excludes %s from its requeue on", job_id, value)
-    except SlurmCommandError as e:
-        log.error("could not set ExcNodeList=%s on job %s before its requeue: %s", value, job_id, e)
+    return merge_exclude(info.get("ExcNodeList"), ",".join(nodes))
+
+
+#: tries of ``scontrol update ExcNodeList=`` after the requeue (the job's SIGTERM may kill one try)
+EXCLUDE_TRIES = 3
+
+
+def _exclude_after_requeue(job_id: str, value: str, deadline: float) -> bool:
+    """``scontrol update JobId=N ExcNodeList=VALUE`` right *after* ``scontrol requeue``.
+
+    Why after: slurmctld accepts ``ExcNodeList`` for a pending job only; for the running job it
+    answers "Job is no longer pending execution" (rc 1). Once ``scontrol requeue`` has returned, the
+    job is pending again (``scontrol show job`` says COMPLETING while its old processes are being
+    killed) and the same update is accepted; the job then waits its BeginTime hold (about
+    ``cred_expire``: 5 s on the local cluster, 120 s by default) and starts on another node
+    (measured on the local Slurm 22.05.8 cluster, 2026-12-03: requeue at 12:26:58.884, update rc 0
+    at 12:26:58.895, restarted on n2 at 12:27:14 with ExcNodeList=n1). ``scontrol requeuehold`` +
+    update + ``release`` would close the window before the job could start again, but a process
+    of the job that is killed between the hold and the release leaves the run held for ever.
+
+    This process keeps running after the requeue only because SIGTERM is ignored by now (the
+    submitit job and ``python -m foldhpc.slurm.requeue`` both ignore it after training; the
+    ``scontrol`` children inherit that) until SIGKILL after KillWait. A try that fails anyway (its
+    ``scontrol`` killed, slurmctld busy) is repeated; if all fail the error is logged: the requeued
+    job's health check on a bad node hands it over again, excluding it then. True if accepted."""
+    err: SlurmCommandError | None = None
+    for attempt in range(1, EXCLUDE_TRIES + 1):
+        try:
+            run_command(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={value}"], timeout=_timeout(deadline))
+            log.warning("requeued job %s excludes %s from now on%s", job_id, value,
+                        f" (attempt {attempt})" if attempt > 1 else "")
+            return True
+        except SlurmCommandError as e:
+            err = e
+            log.warning("scontrol update JobId=%s ExcNodeList=%s after the requeue failed (attempt %d of %d): %s",
+                        job_id, value, attempt, EXCLUDE_TRIES, e)
+            if time.monotonic() + BACKOFF_S >= deadline:
+                break
+            time.sleep(BACKOFF_S)
+    log.error("could not exclude %s from requeued job %s: %s; should it start on one of them again, its health "
+              "check hands it over again", value, job_id, err)
+    return False
 
 
 def _record_excluded(run_dir: Path, nodes: tuple[str, ...]) -> None:
