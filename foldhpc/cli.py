@@ -340,6 +340,10 @@ def _job_outcome(cfg: Config, sup: Supervisor, rc: int, known_step: bool = True)
         sig = st.get("signal") or (sup.preempted.name if sup.preempted else None)
         return JobOutcome("checkpointed", step, sig, signal_at=sup.preempted_at)
     what = "the supervised trainer" if known_step else f"the supervised command {' '.join(sup.command)}"
+    if rc == ExitCode.CRASH_LOOP:  # the job exits 93 too (never requeued): foldhpc.slurm.job.SlurmJob
+        from foldhpc.slurm.job import CrashLoop
+
+        raise CrashLoop(st.get("error") or f"{what}: crash loop (exit status {rc})")
     raise RuntimeError(st.get("error") or f"{what} failed (exit status {rc})")
 
 

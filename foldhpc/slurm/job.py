@@ -92,6 +92,14 @@ class JobOutcome:
     signal_at: float | None = None  # time.time() of the signal, where the payload knows it (a supervisor)
 
 
+class CrashLoop(RuntimeError):
+    """Raised by a payload whose training the crash-loop breaker ended (the supervisor's exit 93:
+    ``fault.crash_loop_restarts`` restarts without a new checkpoint). :class:`SlurmJob` then ends
+    the job with exit 93 (``ExitCode.CRASH_LOOP``) rather than re-raising: submitit would exit 1
+    for any exception, and sacct's ``93:0`` is what tells a person (and ``foldhpc status``,
+    state ``crash_loop``) that this job must not be requeued or resubmitted as is."""
+
+
 class Payload(Protocol):
     """What the job runs: training of ``cfg`` as this rank (``env``) of Slurm job ``job_id``.
     Picklable (submitit pickles the job with it); raises on a failure."""
@@ -122,6 +130,16 @@ class SlurmJob(submitit.helpers.Checkpointable):
         ignore_after_training()
         try:
             result = self.payload(cfg, env, job)
+        except CrashLoop as e:
+            # the supervisor has recorded it (status.json state crash_loop, jobs.jsonl gave_up); the
+            # failed event says the job ended; no requeue, no follow-up: exit 93 is the whole answer
+            write_event(cfg.run_dir, Failed(job_id=job, error=f"{type(e).__name__}: {e}", **where))
+            if env.is_main:
+                state_change.notify(cfg.run_dir, state_change.FAILED, command=cfg.monitor.on_state_change, job_id=job,
+                                    reason=f"crash loop: {e}")
+            log.error("job %s: %s; exit %d (crash loop, never requeued)", job, e, ExitCode.CRASH_LOOP)
+            logging.shutdown()
+            sys.exit(ExitCode.CRASH_LOOP)
         except BaseException as e:
             write_event(cfg.run_dir, Failed(job_id=job, error=f"{type(e).__name__}: {e}", **where))
             if env.is_main:
