@@ -1,0 +1,148 @@
+"""Bad nodes and crash loops on the real local two-node cluster (issue 23; docs/nodes.md).
+
+* a bad node (the health-check fault hook ``FOLDHPC_FAIL_HEALTH_ON_NODE=n1``): the supervisor does
+  not train on n1, the job hands the run over excluding n1 -- a follow-up job with ``--exclude``
+  (``slurm.resume=chain``) or the same job requeued with ``ExcNodeList=n1`` (``slurm.resume=requeue``,
+  set right after ``scontrol requeue``: slurmctld refuses it for a running job) -- and the run
+  completes on n2, bit-exact with an uninterrupted run; ``foldhpc status`` names the node and why;
+* a crash loop (a supervised command that fails at once every time, each time differently, so the
+  "same failure twice" rule does not end it first): the breaker ends the job with exit 93, state
+  ``crash_loop``, one job and no requeue or follow-up, in both resume modes.
+
+The first job lands on n1: with both nodes idle Slurm's node selection takes the first one (a
+test asserts it rather than assume it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, run_foldhpc, set_args, tiny_overrides, wait_for
+from foldhpc.checkpoint.manager import CheckpointManager
+from foldhpc.records.history import read_history
+from .helpers import cancel_all_jobs, job_restarts, run, sacct_rows, scontrol_job, wait_sacct_row
+
+STEPS = 30
+BAD = "n1"
+JOB = {"slurm.gpus": 1, "slurm.cpus_per_task": 1, "slurm.mem": "2G", "slurm.time": "10m",
+       "slurm.signal_lead": "60s", "slurm.partition": "debug", "train.max_steps": STEPS, "run.log_every": 5}
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED"}
+
+
+@pytest.fixture
+def jobs(slurm_cluster):
+    started: list[str] = []
+    yield started
+    cancel_all_jobs(started)
+
+
+@pytest.fixture(scope="module")
+def reference_digest(tmp_path_factory) -> str:
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    p = run_foldhpc("train", "--config", str(TINY), *set_args(tiny_overrides(run_dir, **JOB)))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return _digest(run_dir)
+
+
+def _digest(run_dir: Path) -> str:
+    e = CheckpointManager(run_dir / "checkpoints").entries()[-1]
+    assert e.step == STEPS
+    return e.digest
+
+
+def _submit(run_dir: Path, *command: str, env: dict[str, str] | None = None, **extra: object) -> str:
+    p = run_foldhpc("submit", "--config", str(TINY), *set_args(tiny_overrides(run_dir, **{**JOB, **extra})),
+                    *(["--", *command] if command else []), env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout.split("submitted job ")[1].split()[0]
+
+
+def _events(run_dir: Path) -> list[dict]:
+    return read_history(run_dir)[0]
+
+
+def _status(run_dir: Path) -> dict:
+    p = run_foldhpc("status", str(run_dir), "--json")
+    (r,) = json.loads(p.stdout)["runs"]
+    return r
+
+
+def _rows(job: str) -> list[tuple[str, str, str]]:
+    """(State, ExitCode, NodeList) of each run of ``job`` itself (a requeued job has several)."""
+    return [(r["State"].split()[0], r["ExitCode"], r["NodeList"]) for r in sacct_rows(job) if r["JobID"] == job]
+
+
+def _assert_bad_node_named(run_dir: Path) -> None:
+    r = _status(run_dir)
+    assert r["state"] == "completed" and r["excluded_nodes"] == [BAD], r
+    assert [(b["node"], b["check"]) for b in r["bad_nodes"]] == [(BAD, "fault_hook")], r
+    text = run_foldhpc("status", str(run_dir)).stdout
+    assert f"excluded: run: {BAD} (fault_hook: " in text, text
+
+
+def test_a_bad_node_is_excluded_by_the_follow_up_and_the_run_completes_bit_exact(tmp_path, jobs, reference_digest):
+    run_dir = tmp_path / "run"
+    jobs.append(j1 := _submit(run_dir, env={"FOLDHPC_FAIL_HEALTH_ON_NODE": BAD}, **{"slurm.resume": "chain"}))
+    j2 = wait_for(lambda: next((str(e["followup_job_id"]) for e in _events(run_dir) if e["event"] == "followup"),
+                               None), "no follow-up job after the failed health check", timeout=120)
+    jobs.append(j2)
+    wait_sacct_row(j2, FINAL, timeout=180)
+    assert _digest(run_dir) == reference_digest
+    assert scontrol_job(j2)["ExcNodeList"] == BAD
+    rows1, rows2 = _rows(j1), _rows(j2)
+    assert [r[2] for r in rows1] == [BAD], rows1  # the first job did land on the bad node
+    assert rows2 == [("COMPLETED", "0:0", "n2")], rows2
+    follow = next(e for e in _events(run_dir) if e["event"] == "followup")
+    assert follow["step"] == 0 and "excluding the bad node(s) n1 (fault_hook" in follow["reason"], follow
+    # the run never trained on n1: its only spawn record is n2's
+    kinds = [json.loads(ln) for ln in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["node"] for e in kinds if e["kind"] == "node_unhealthy"] == [BAD]
+    _assert_bad_node_named(run_dir)
+
+
+def test_a_bad_node_is_excluded_from_the_requeued_job_and_the_run_completes_bit_exact(tmp_path, jobs,
+                                                                                      reference_digest):
+    run_dir = tmp_path / "run"
+    jobs.append(job := _submit(run_dir, env={"FOLDHPC_FAIL_HEALTH_ON_NODE": BAD}, **{"slurm.resume": "requeue"}))
+    wait_for(lambda: _rows(job) and _rows(job)[-1][0] == "COMPLETED", "the requeued job did not complete",
+             timeout=180, poll=1.0)
+    wait_sacct_row(job, FINAL, timeout=60)
+    assert _digest(run_dir) == reference_digest
+    rows = _rows(job)
+    assert [(s, n) for s, _, n in rows] == [("REQUEUED", BAD), ("COMPLETED", "n2")], rows
+    assert job_restarts(job) == 1 and scontrol_job(job)["ExcNodeList"] == BAD
+    ev = [(e["event"], e.get("why")) for e in _events(run_dir)]
+    assert ev == [("submitted", None), ("started", None), ("requeued", "requeue"), ("started", None),
+                  ("completed", None)], ev
+    log = (run_dir / "slurm").glob(f"{job}_*_log.*")
+    assert any(f"requeued job {job} excludes {BAD}" in p.read_text(errors="replace") for p in log)
+    _assert_bad_node_named(run_dir)
+
+
+# a different exit status each time: never "the same failure twice" (which ends a run as failed, exit 1)
+_FAILING = ("import sys, pathlib; c = pathlib.Path({count!r}); n = len(c.read_text()) if c.exists() else 0\n"
+            "c.write_text('x' * (n + 1)); sys.exit(4 + n)\n")
+
+
+@pytest.mark.parametrize("mode", ["chain", "requeue"])
+def test_a_crash_loop_ends_the_job_with_exit_93_and_is_never_requeued(tmp_path, jobs, mode):
+    run_dir, count = tmp_path / "run", tmp_path / "count"
+    jobs.append(job := _submit(run_dir, sys.executable, "-c", _FAILING.format(count=str(count)), **{
+        "slurm.resume": mode, "fault.max_restarts": 6, "fault.crash_loop_restarts": 2,
+        "fault.node_crash_limit": 0, "fault.restart_backoff": 0.05}))
+    wait_sacct_row(job, FINAL, timeout=120)
+    assert count.read_text() == "xxx"  # 2 restarts without a new checkpoint, then the third failure ends it
+    assert _rows(job) == [("FAILED", "93:0", _rows(job)[0][2])], sacct_rows(job)
+    time.sleep(3)  # a wrongful requeue or follow-up would be on its way by now
+    assert job_restarts(job) == 0
+    assert run(["squeue", "-h", "-o", "%i", "-j", job], check=False).split() == []
+    ev = [e["event"] for e in _events(run_dir)]
+    assert ev.count("submitted") == 1 and not {"requeued", "followup"} & set(ev), ev
+    assert "gave_up" in ev, ev
+    r = _status(run_dir)
+    assert r["state"] == "crash_loop" and "crash loop" in r["reason"], r
