@@ -116,8 +116,13 @@ def test_verdicts():
     rec = mon.conclude(_replay("loss_spike", digests=["a"] * 3), ["a"] * 3, [None, 29, None], [False] * 3, LAYOUT,
                        [], 0.2)
     assert (rec["verdict"], rec["ranks"], rec["step"], rec["loss_deviation"]) == (TRANSIENT, [1], 29, 29)
-    assert mon.suspect_nodes == {"n2": 3}
-    assert [a["verdict"] for a in mon.summary()["attributions"]] == [TRANSIENT, RANK, DETERMINISTIC, TRANSIENT]
+    # a flip on rank 1 after step 23, seen by the check at 30: rank 1's loss deviates first (step 24), rank 0's
+    # a step later through the all-reduced gradients, and both first-pass states differ from the replay's
+    rec = mon.conclude(_replay(digests=["x", "y", "a"]), ["a"] * 3, [25, 24, 25], [False] * 3, LAYOUT, [], 0.3)
+    assert (rec["verdict"], rec["ranks"], rec["step"], rec["detected"]) == (TRANSIENT, [1], 23, 30)
+    assert mon.suspect_nodes == {"n2": 4}
+    assert [a["verdict"] for a in mon.summary()["attributions"]] == [TRANSIENT, RANK, DETERMINISTIC, TRANSIENT,
+                                                                     TRANSIENT]
 
 
 def test_history_survives_a_rollback_and_a_new_process_takes_the_checkpoints():

@@ -839,8 +839,9 @@ class Trainer:
         digests: list[str] | None = None
         if sdc.check_due(self.step):
             t0 = time.monotonic()
-            digests = self.group.all_gather(replica_digest(self.model, self.optimizer),
-                                            "the replica consistency check (fault.sdc_check_every)")
+            mine = replica_digest(self.model, self.optimizer)
+            sdc.digest_s += time.monotonic() - t0
+            digests = self.group.all_gather(mine, "the replica consistency check (fault.sdc_check_every)")
             sdc.checks += 1
             sdc.check_s += time.monotonic() - t0
             if len(set(digests)) == 1:

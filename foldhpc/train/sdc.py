@@ -156,6 +156,7 @@ class SdcMonitor:
         self.replay: Replay | None = None
         self.checks = 0
         self.check_s = 0.0  # time spent in the checks (digest + all-gather), this process
+        self.digest_s = 0.0  # ... of it in the digest (the all-gather also waits for the slowest rank)
         self.verified = 0  # the newest step at which the replicas agreed (or the run started from)
         self.mismatches: list[int] = []
         self.attributions: list[dict[str, Any]] = []
@@ -192,24 +193,30 @@ class SdcMonitor:
         """The verdict of a finished replay from every rank's view (all-gathered, rank order):
         its digest now, the first step its loss deviated from the first pass, whether the anomaly
         came back. Records it (``attributions``, ``suspect_nodes``) and ends the replay."""
-        devs = [d for d in deviations if d is not None]
+        devs = {r: d for r, d in enumerate(deviations) if d is not None}
         if replay.suspects:
             verdict, ranks, step = RANK, list(replay.suspects), replay.diverged or replay.last
         elif all(reproduced):
             verdict, ranks, step = DETERMINISTIC, [], replay.last
+        elif devs:
+            # the first pass's loss differed from the replay's first on these ranks: their state was
+            # corrupt before that step's forward pass. Later deviations on other ranks are the
+            # corruption spreading through the all-reduced gradients, not a second fault.
+            first = min(devs.values())
+            ranks = [r for r, d in devs.items() if d == first]
+            verdict, step = TRANSIENT, first - 1 if replay.trigger == "mismatch" else first
         else:
-            verdict, step = TRANSIENT, min(devs) if devs else replay.last
-            if replay.trigger == "mismatch" or len(set(replay.digests)) > 1:
-                # the first pass's state differed from the replay's on these ranks
-                ranks = [r for r, d in enumerate(replay.digests) if r < len(digests) and d != digests[r]]
-            else:
-                ranks = [r for r, d in enumerate(deviations) if d is not None]
+            # no loss saw it (corrupted after the last forward pass): the ranks whose first-pass
+            # state differs from the replay's
+            verdict, step = TRANSIENT, replay.last
+            ranks = [r for r, d in enumerate(replay.digests) if r < len(digests) and d != digests[r]]
         nodes = sorted({str(layout[r].get("node", "?")) for r in ranks if r < len(layout)})
         record: dict[str, Any] = {
             "step": step, "trigger": replay.trigger, "verdict": verdict, "reproducible": verdict != TRANSIENT,
             "ranks": ranks, "nodes": nodes, "samples": samples if verdict == DETERMINISTIC else [],
             "first": replay.first, "last": replay.last, "path": replay.path,
-            "loss_deviation": min(devs) if devs else None, "replay_s": round(seconds, 3)}
+            "detected": replay.last, "loss_deviation": min(devs.values()) if devs else None,
+            "replay_s": round(seconds, 3)}
         self.attributions.append(record)
         for n in nodes:
             self.suspect_nodes[n] = self.suspect_nodes.get(n, 0) + 1
@@ -220,7 +227,9 @@ class SdcMonitor:
 
     def summary(self) -> dict[str, Any]:
         """status.json's ``sdc`` field."""
-        return {"check_every": self.check_every, "checks": self.checks, "verified": self.verified,
+        return {"check_every": self.check_every, "checks": self.checks, "check_s": round(self.check_s, 6),
+                "digest_s": round(self.digest_s, 6),
+                "verified": self.verified,
                 "mismatches": list(self.mismatches), "attributions": list(self.attributions),
                 "suspect_nodes": dict(self.suspect_nodes),
                 "last": self.attributions[-1] if self.attributions else None,
