@@ -100,6 +100,10 @@ KINDS: dict[str, KindSpec] = {k.name: k for k in (
              hook=False, restarts=True),
     KindSpec("requeue", "scontrol requeue of the running job (an admin): SIGTERM, checkpoint, Slurm runs the same "
              "job again; 0 steps lost", ends_launch=True, hook=False, restarts=True),
+    KindSpec("bad_node", "the job's node goes bad and the trainer crashes (SIGKILL): the supervisor's health check "
+             "before its restart fails there (health.command, which the runner points at a marker file per node), "
+             "the job hands over excluding that node and the run resumes on another one from the newest durable "
+             "checkpoint (steps lost <= steps since it)", ends_launch=True, hook=False, restarts=True),
     KindSpec("scancel", "plain scancel (the user stops the run): checkpoint on SIGTERM, and NO follow-up or requeue "
              "may start; the runner then resubmits (foldhpc submit) like the user would: 0 steps lost",
              ends_launch=True, hook=False, restarts=True),
@@ -109,7 +113,7 @@ MULTI_RANK_KINDS: tuple[str, ...] = ("dead_rank",)  # only with --nproc > 1
 STORAGE_SETUP_KINDS: tuple[str, ...] = ("full_status_fs",)  # a tmpfs for the run directory: root only
 FALLBACK_KINDS: tuple[str, ...] = ("corrupt_checkpoint", "crafted_header", "missing_file")  # keep_last >= 2
 SLURM_KINDS: tuple[str, ...] = ("scancel_signal", "whole_job_signal", "preempt", "requeue", "scancel",
-                                 "crash")  # --backend slurm
+                                 "crash", "bad_node")  # --backend slurm
 DEFAULT_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k not in MULTI_RANK_KINDS and
                                        (k == "crash" or k not in SLURM_KINDS))
 

@@ -4,7 +4,7 @@ The run is submitted once with ``foldhpc submit`` (submitit, the user's core pat
 on Slurm and foldhpc carry it: the chaos runner only does what the world does to a job -- a
 user's or the time limit's signal (``scancel --signal=USR1``), a real partition preemption (a
 high-priority job that needs the node), an admin's ``scontrol requeue``, a crash of the trainer
-process, a user's plain ``scancel`` -- and checks what foldhpc made of it, from ``events.jsonl`` and
+process, a node that goes bad under the job (``bad_node``), a user's plain ``scancel`` -- and checks what foldhpc made of it, from ``events.jsonl`` and
 ``jobs.jsonl``: the next job (a follow-up in chain mode, the same job requeued) resumed from the
 checkpoint saved on the signal (0 steps lost), a crash was restarted inside the allocation from
 the newest durable checkpoint, an ``scancel`` ended the run (no follow-up, no requeue: the runner
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -63,6 +64,13 @@ class SlurmRunner(LocalRunner):
         self.preemptors: list[str] = []
         self.max_running = 0  # the most jobs of the run seen RUNNING at once since the last fault (must stay 1)
         self.peak_running = 0  # ... over the whole run
+        # bad_node: a node is bad while <out>/bad_nodes/<node> exists. The job's environment is fixed
+        # at its submission (FOLDHPC_FAIL_HEALTH_ON_NODE cannot name a node later), so the runner
+        # makes the health check's site command (health.command, run with FOLDHPC_HEALTH_NODE set)
+        # look for the marker; only where the plan has the kind (no extra process at other starts)
+        self.bad_dir = self.out / "bad_nodes"
+        if any(f.kind == "bad_node" for f in plan.faults):
+            self.settings["health.command"] = f'test ! -e "{self.bad_dir}/$FOLDHPC_HEALTH_NODE"'
 
     # ------------------------------------------------------------------ Slurm side
     def _submit(self, first_fault: int, why: str) -> str:
@@ -179,6 +187,45 @@ class SlurmRunner(LocalRunner):
             rec.problems.append(f"{rec.steps_lost} steps lost after {how}; a signal must lose none")
         rec.resume_measure = "fault -> first step of the trainer in the next job"
 
+    def _bad_node(self, f: PlannedFault, rec: FaultRecord) -> None:
+        """bad_node: the job's node fails its health check from now on and the trainer crashes; the
+        supervisor's check before the restart finds the node bad, the job hands the run over (chain:
+        a follow-up with ``--exclude``; requeue: ``ExcNodeList``) and the run resumes elsewhere. The
+        marker is removed once the run trains again (the node "repaired"): the run's records keep
+        it excluded for the rest of the chain all the same."""
+        self._wait_step(f.at_step)
+        job, trainer = self._current_job(), self._trainer_pid()
+        node = _job_field(job, "NodeList")
+        if not node or node == "(null)" or "," in node or "[" in node:
+            raise RuntimeError(f"bad_node needs a one-node job on a known node; job {job} has NodeList={node!r}")
+        index = len(self.tail.events)
+        marker = self.bad_dir / node
+        self.bad_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"made bad by foldhpc chaos (fault {f.index}) at {time.time():.3f}\n")
+        rec.injected_at = time.time()
+        try:
+            os.kill(trainer, signal.SIGKILL)
+            first = self._new_first_step(index, trainer, f"the run to resume off the bad node {node}")
+        finally:
+            marker.unlink(missing_ok=True)
+        rec.step = self._last_progress(trainer)
+        rec.newest_durable_step = self._newest_good(index)
+        self._resumed(rec, index, first)
+        self._check_kill_bounds(rec)
+        nxt = self._current_job()
+        found = [e for e in self.tail.since(index, "node_unhealthy") if e.event.get("node") == node]
+        if not found:
+            rec.problems.append(f"no node_unhealthy record for {node} after it went bad")
+        where = _job_field(nxt, "NodeList")
+        excluded = _job_field(nxt, "ExcNodeList")
+        if where == node:
+            rec.problems.append(f"the run resumed on the bad node {node} (job {nxt})")
+        if node not in (excluded or "").split(","):
+            rec.problems.append(f"job {nxt} does not exclude the bad node {node} (ExcNodeList={excluded!r})")
+        rec.notes.append(f"bad node {node}: job {job} -> {'follow-up ' + nxt if nxt != job else 'requeued'} on "
+                         f"{where}, ExcNodeList={excluded}")
+        rec.resume_measure = "node made bad + SIGKILL of the trainer -> first step of the trainer on another node"
+
     def _scancel(self, f: PlannedFault, rec: FaultRecord) -> None:
         self._wait_step(f.at_step)
         job, trainer = self._current_job(), self._trainer_pid()
@@ -213,7 +260,8 @@ class SlurmRunner(LocalRunner):
     def run_chaos(self) -> tuple[RunOutcome, list[FaultRecord]]:
         handlers: dict[str, Callable[[PlannedFault, FaultRecord], None]] = {
             "scancel_signal": self._signal_like, "whole_job_signal": self._signal_like, "preempt": self._signal_like, "requeue": self._signal_like,
-            "crash": self._crash, "scancel": self._scancel}  # crash: the local runner's, same promise
+            "crash": self._crash, "scancel": self._scancel,  # crash: the local runner's, same promise
+            "bad_node": self._bad_node}
         t0 = time.monotonic()
         records: list[FaultRecord] = []
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -262,6 +310,13 @@ class SlurmRunner(LocalRunner):
             log.error("chaos: %s", e)
             return 1
         return 0
+
+
+def _job_field(job: str, name: str) -> str | None:
+    """One field of ``scontrol show job --oneliner JOB`` (``NodeList``, ``ExcNodeList``); None if absent."""
+    info = _cmd("scontrol", "show", "job", "--oneliner", job, check=False)
+    m = re.search(rf"(?:^|\s){re.escape(name)}=(\S+)", info)
+    return m.group(1) if m else None
 
 
 def run(config: str | None, overrides: list[str], plan: Plan, out: Path, **kwargs: Any) -> ChaosOutcome:

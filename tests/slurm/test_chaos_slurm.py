@@ -1,6 +1,6 @@
 """``foldhpc chaos --backend slurm`` on the real local cluster: one fault of every Slurm kind
 (a user's USR1, USR1 to the whole job, a real partition preemption, an admin's requeue, a trainer crash, a user's
-scancel) against one submitted run in the default resume mode (chain); every fault recovered, no
+scancel, a node that goes bad under the job) against one submitted run in the default resume mode (chain); every fault recovered, no
 two jobs of the run running at once, the final state bit-exact with the local reference."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .helpers import cancel_all_jobs
 
 def test_one_fault_of_every_slurm_kind_recovered_bit_exact(tmp_path, slurm_cluster):
     kinds = [("scancel_signal", ""), ("crash", "SIGKILL"), ("whole_job_signal", ""), ("preempt", ""), ("scancel", ""),
-             ("requeue", "")]
+             ("requeue", ""), ("bad_node", "")]
     faults, step = [], 15
     for i, (kind, variant) in enumerate(kinds):
         faults.append(PlannedFault(i, kind, step, variant))
@@ -35,13 +35,17 @@ def test_one_fault_of_every_slurm_kind_recovered_bit_exact(tmp_path, slurm_clust
     recs = {r.kind: r for r in outcome.records}
     for kind in ("scancel_signal", "whole_job_signal", "preempt", "scancel", "requeue"):
         assert recs[kind].steps_lost == 0 and recs[kind].time_to_resume_s is not None, recs[kind]
-    crash = recs["crash"]
-    assert 0 <= crash.steps_lost <= crash.step - crash.newest_durable_step, crash
+    for kind in ("crash", "bad_node"):
+        crash = recs[kind]
+        assert 0 <= crash.steps_lost <= crash.step - crash.newest_durable_step, crash
     # chain (the default): USR1, the whole-job USR1 and the preemption each made a follow-up job; the
-    # requeue kept its job id; scancel ended the run and the runner resubmitted it: 1 + 3 + 1 = 5 jobs
-    assert len(outcome.slurm_jobs) == 5 and outcome.max_jobs_running == 1, (outcome.slurm_jobs, outcome.records)
+    # requeue kept its job id; scancel ended the run and the runner resubmitted it; the bad node's job handed
+    # over to a follow-up that excludes the node: 1 + 3 + 1 + 1 = 6 jobs
+    assert len(outcome.slurm_jobs) == 6 and outcome.max_jobs_running == 1, (outcome.slurm_jobs, outcome.records)
     assert any("requeued" in n for n in recs["requeue"].notes), recs["requeue"].notes
     assert any("ended the run" in n for n in recs["scancel"].notes), recs["scancel"].notes
+    bad = recs["bad_node"]
+    assert any(n.startswith("bad node ") and "follow-up" in n for n in bad.notes), bad.notes
     doc = report.build(outcome, plan, verdict, command=["foldhpc", "chaos", "(test)"], config=str(TINY),
                        overrides=[], backend="slurm", load_start=(0.0, 0.0, 0.0), load_end=(0.0, 0.0, 0.0),
                        skipped_kinds={})
