@@ -7,7 +7,11 @@
   completes on n2, bit-exact with an uninterrupted run; ``foldhpc status`` names the node and why;
 * a crash loop (a supervised command that fails at once every time, each time differently, so the
   "same failure twice" rule does not end it first): the breaker ends the job with exit 93, state
-  ``crash_loop``, one job and no requeue or follow-up, in both resume modes.
+  ``crash_loop``, one job and no requeue or follow-up, in both resume modes;
+* a dead node (issue 23 item 3, the node back): a two-node job loses n2 (its processes killed, the
+  node DOWN and kept out); Slurm requeues the job, it waits for n2, and once n2 is back the run
+  resumes from the newest durable checkpoint and ends bit-exact. Every node a test takes out is
+  RESUMEd after it.
 
 The first job lands on n1: with both nodes idle Slurm's node selection takes the first one (a
 test asserts it rather than assume it).
@@ -16,6 +20,10 @@ test asserts it rather than assume it).
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,6 +34,8 @@ from conftest import TINY, run_foldhpc, set_args, tiny_overrides, wait_for
 from foldhpc.checkpoint.manager import CheckpointManager
 from foldhpc.records.history import read_history
 from .helpers import cancel_all_jobs, job_restarts, run, sacct_rows, scontrol_job, wait_sacct_row
+
+log = logging.getLogger(__name__)
 
 STEPS = 30
 BAD = "n1"
@@ -146,3 +156,83 @@ def test_a_crash_loop_ends_the_job_with_exit_93_and_is_never_requeued(tmp_path, 
     assert "gave_up" in ev, ev
     r = _status(run_dir)
     assert r["state"] == "crash_loop" and "crash loop" in r["reason"], r
+
+
+# ------------------------------------------------------------------ a dead node (issue 23 item 3)
+MN_STEPS = 120
+MN = {"train.max_steps": MN_STEPS, "data.crop_size": 48, "model.d_pair": 32, "model.n_blocks": 2,
+      "train.warmup_steps": 5, "train.batch_size": 2, "checkpoint.every_steps": 10, "run.log_every": 1}
+MN_JOB = {"slurm.nodes": 2, "slurm.gpus": 1, "slurm.cpus_per_task": 1, "slurm.mem": "1500M", "slurm.time": "10m",
+          "slurm.signal_lead": "60s", "slurm.partition": "debug"}
+DEAD = "n2"
+
+
+@pytest.fixture
+def dead_node(slurm_cluster):
+    """Whatever happens, the node is back in service after the test (``State=RESUME``)."""
+    yield DEAD
+    run(["scontrol", "update", f"NodeName={DEAD}", "State=RESUME"], check=False)
+
+
+def _job_processes_on(job: str, node: str) -> list[int]:
+    """The job's processes on ``node`` (its environment says so), slurmstepd left out: the ranks'
+    supervisors and trainers there. All nodes of the local cluster are this host."""
+    want = (f"SLURM_JOB_ID={job}".encode(), f"SLURMD_NODENAME={node}".encode())
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+            comm = (d / "comm").read_text().strip()
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if all(w in env for w in want) and not comm.startswith("slurmstepd") and state != "Z":
+            out.append(int(d.name))
+    return out
+
+
+def test_a_node_lost_mid_job_the_run_comes_back_from_the_newest_checkpoint_when_it_returns(tmp_path, jobs, dead_node):
+    """A two-node job loses n2: its processes there are SIGKILLed (the node died) and it is set
+    DOWN, then DRAIN so that it stays out (a DOWN node whose slurmd answers is back in service at
+    once here: ReturnToService=2). Slurm requeues the job (NODE_FAIL); it waits while n2 is out; once
+    n2 is RESUMEd it runs again, resumes from the newest durable checkpoint and ends bit-exact with
+    an uninterrupted two-rank run."""
+    ref = tmp_path / "ref"
+    p = run_foldhpc("train", "--config", str(TINY), *set_args(tiny_overrides(ref, **MN)), "--nproc", "2", timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    reference = CheckpointManager(ref / "checkpoints").entries()[-1]
+    assert reference.step == MN_STEPS
+    run_dir = tmp_path / "run"
+    jobs.append(job := _submit(run_dir, **{**MN, **MN_JOB}))
+    wait_for(lambda: re.search(r"step 35/", (run_dir / "train.log").read_text() if (run_dir / "train.log").exists()
+                               else ""), "step 35", timeout=120, poll=0.05)
+    victims = _job_processes_on(job, dead_node)
+    assert victims, f"no process of job {job} on {dead_node}"
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    t_lost = time.time()
+    run(["scontrol", "update", f"NodeName={dead_node}", "State=DOWN", "Reason=foldhpc test: node lost"])
+    run(["scontrol", "update", f"NodeName={dead_node}", "State=DRAIN", "Reason=foldhpc test: node lost"])
+    wait_for(lambda: scontrol_job(job).get("JobState") == "PENDING", "the job was not requeued by Slurm", timeout=60)
+    time.sleep(12)  # past the BeginTime hold: with n2 out the job must keep waiting
+    assert scontrol_job(job).get("JobState") == "PENDING", scontrol_job(job)
+    assert _job_processes_on(job, dead_node) == []
+    newest = CheckpointManager(run_dir / "checkpoints").entries()[-1].step
+    run(["scontrol", "update", f"NodeName={dead_node}", "State=RESUME"])
+    t_back = time.time()
+    wait_sacct_row(job, FINAL, timeout=240)
+    assert [s for s, _, _ in _rows(job)] == ["NODE_FAIL", "COMPLETED"], _rows(job)
+    final = CheckpointManager(run_dir / "checkpoints").entries()[-1]
+    assert (final.step, final.digest) == (MN_STEPS, reference.digest)
+    text = (run_dir / "train.log").read_text()
+    m = re.search(r"(\S+ \S+) INFO \[pid \d+\] \[rank 0\] foldhpc.train.loop: resumed from \S+step_(\d+)\.ckpt", text)
+    assert m and int(m.group(2)) == newest and newest <= 36, (newest, text[-3000:])
+    resumed_at = time.mktime(time.strptime(m.group(1).split(".")[0], "%Y-%m-%d %H:%M:%S"))
+    # node lost -> training again, measured from the node's return (the job waited for it)
+    log.warning("node lost -> resumed: %.0fs; node back -> resumed: %.0fs (whole seconds: train.log's clock)",
+                resumed_at - t_lost, resumed_at - t_back)
