@@ -249,15 +249,18 @@ def test_a_broken_recovery_is_detected(tmp_path):
 
 def test_two_ranks_dead_rank_and_hook_faults(tmp_path):
     """--nproc 2 (the reference too: bit-exact needs the same world size): a killed rank 1, an
-    exception on every rank and a crash of rank 0, each followed by a restart of both ranks."""
-    plan = _plan([("dead_rank", "SIGKILL"), ("exception", ""), ("crash", "SIGSEGV")])
+    exception on every rank and a crash of rank 0, each followed by a restart of both ranks; and
+    a bit flip on rank 1, found by the replica check and healed by the replay in process."""
+    plan = _plan([("dead_rank", "SIGKILL"), ("exception", ""), ("crash", "SIGSEGV"), ("bitflip", "")])
     outcome = local.run(str(TINY), [f"data.path={GOOD_DATA}"], plan, tmp_path, nproc=2)
     verdict = _judge(outcome, plan)
     assert verdict.passed, verdict.problems
     dead = outcome.records[0]
     assert dead.kind == "dead_rank" and dead.notes[0].startswith("killed rank 1")
     assert dead.steps_lost is not None and dead.time_to_resume_s is not None
-    assert outcome.in_job_restarts == 3
+    assert outcome.in_job_restarts == 3  # the bit flip restarts nothing
+    flip = outcome.records[3]
+    assert flip.kind == "bitflip" and flip.steps_lost == 0 and flip.notes[0].startswith("attributed: transient, rank(s) [1]")
 
 
 def test_storage_faults_are_recovered_bit_exact(tmp_path):

@@ -20,7 +20,7 @@ from foldhpc import faults
 from foldhpc.checkpoint.manager import CheckpointManager
 from foldhpc.records.events import read_events
 from foldhpc.train.sdc import (DETERMINISTIC, RANK, TRANSIENT, SPIKE_MIN_HISTORY, Replay, SdcMonitor, Snapshot,
-                               replica_digest, state_tensors, vote)
+                               replica_digest, same_trace, state_tensors, trace, vote)
 from foldhpc.train.straggler import StragglerMonitor
 from test_nonfinite import scalars
 
@@ -69,6 +69,20 @@ def test_snapshot_recomputes_the_update_and_changes_nothing():
     assert opt.param_groups[0]["lr"] == lr * 0.5
 
 
+def test_a_trace_sees_a_change_too_small_for_the_loss():
+    model, _ = _model_and_opt()
+    loss = torch.tensor(2.5)
+    before = trace(loss, model).tolist()
+    assert len(before) == 1 + len(list(model.parameters())) and before[0] == 2.5
+    assert same_trace(before, trace(loss, model).tolist())
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-6  # nothing a float32 loss would show
+    after = trace(loss, model).tolist()
+    assert not same_trace(before, after) and after[0] == before[0]
+    assert same_trace([float("nan")], [float("nan")]) and not same_trace([1.0], [1.0, 2.0])
+    assert trace(loss, None).tolist() == [2.5]  # one rank: the loss only
+
+
 def test_state_tensors_cover_weights_and_moments_in_the_same_order():
     model, opt = _model_and_opt()
     tensors = state_tensors(model, opt)
@@ -95,7 +109,7 @@ def test_spike_needs_history_and_compares_with_the_recent_maximum():
 
 def _replay(trigger: str = "mismatch", **kw: object) -> Replay:
     fields: dict = {"digests": ["a", "b", "a"], **kw}  # the first pass's digests: rank 1 differed
-    return Replay(trigger=trigger, first=21, last=30, path="ck20", losses={}, global_loss=None, **fields)
+    return Replay(trigger=trigger, first=21, last=30, path="ck20", traces={}, global_loss=None, **fields)
 
 
 def test_verdicts():
@@ -115,10 +129,11 @@ def test_verdicts():
     # a spike that does not come back: the rank whose loss differed
     rec = mon.conclude(_replay("loss_spike", digests=["a"] * 3), ["a"] * 3, [None, 29, None], [False] * 3, LAYOUT,
                        [], 0.2)
-    assert (rec["verdict"], rec["ranks"], rec["step"], rec["loss_deviation"]) == (TRANSIENT, [1], 29, 29)
-    # a flip on rank 1 after step 23, seen by the check at 30: rank 1's loss deviates first (step 24), rank 0's
-    # a step later through the all-reduced gradients, and both first-pass states differ from the replay's
-    rec = mon.conclude(_replay(digests=["x", "y", "a"]), ["a"] * 3, [25, 24, 25], [False] * 3, LAYOUT, [], 0.3)
+    assert (rec["verdict"], rec["ranks"], rec["step"], rec["first_deviation"]) == (TRANSIENT, [1], 29, 29)
+    # a flip on rank 1 after step 23, seen by the check at 30: rank 1's trace deviates first (its weights after
+    # step 23), the others' a step later through the all-reduced gradient, and every first-pass state differs
+    # from the replay's
+    rec = mon.conclude(_replay(digests=["x", "y", "a"]), ["a"] * 3, [24, 23, 24], [False] * 3, LAYOUT, [], 0.3)
     assert (rec["verdict"], rec["ranks"], rec["step"], rec["detected"]) == (TRANSIENT, [1], 23, 30)
     assert mon.suspect_nodes == {"n2": 4}
     assert [a["verdict"] for a in mon.summary()["attributions"]] == [TRANSIENT, RANK, DETERMINISTIC, TRANSIENT,

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    + ", ".join(__import__("foldhpc.chaos.kinds", fromlist=["KINDS"]).KINDS))
     p.add_argument("--weights", metavar="K=W,...", help="relative weights of the kinds (default 1 each)")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
-                   help="train both runs with N local ranks (foldhpc train --nproc N); adds the dead_rank kind")
+                   help="train both runs with N local ranks (foldhpc train --nproc N); adds the dead_rank and bitflip kinds")
     p.add_argument("--min-gap", type=int, default=12, metavar="STEPS", help="fewest steps between two faults")
     p.add_argument("--max-gap", type=int, default=30, metavar="STEPS", help="most steps between two faults")
 

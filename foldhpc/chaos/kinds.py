@@ -83,6 +83,10 @@ KINDS: dict[str, KindSpec] = {k.name: k for k in (
     KindSpec("dead_rank", "one rank other than 0 of a multi-rank run (--nproc N) is SIGKILLed at a random moment: "
              "the others' next collective fails, the supervisor restarts all ranks together", ends_launch=False,
              hook=False, restarts=True, variants=("SIGKILL",)),
+    KindSpec("bitflip", "one bit of a weight flips on rank 1 after a step (FOLDHPC_BITFLIP_AT_STEP, once; --nproc > 1): "
+             "the replica check (fault.sdc_check_every) finds the replicas differ, the replay from the checkpoint "
+             "before attributes it to rank 1 as transient and the run goes on from the uninterrupted state; nothing "
+             "restarts, 0 steps lost", ends_launch=False, hook=True, restarts=False, span=30),
     KindSpec("nan", "a non-finite loss at one step (FOLDHPC_NAN_AT_STEPS): the update is skipped; the reference "
              "run gets the same step, so the end state must still match", ends_launch=False, hook=False,
              restarts=False),
@@ -109,7 +113,7 @@ KINDS: dict[str, KindSpec] = {k.name: k for k in (
              ends_launch=True, hook=False, restarts=True),
 )}
 
-MULTI_RANK_KINDS: tuple[str, ...] = ("dead_rank",)  # only with --nproc > 1
+MULTI_RANK_KINDS: tuple[str, ...] = ("dead_rank", "bitflip")  # only with --nproc > 1
 STORAGE_SETUP_KINDS: tuple[str, ...] = ("full_status_fs",)  # a tmpfs for the run directory: root only
 FALLBACK_KINDS: tuple[str, ...] = ("corrupt_checkpoint", "crafted_header", "missing_file")  # keep_last >= 2
 SLURM_KINDS: tuple[str, ...] = ("scancel_signal", "whole_job_signal", "preempt", "requeue", "scancel",

@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from foldhpc.records.envvars import FAIL_AT_STEP, FAIL_KIND, FAIL_ONCE, FAULT_PREFIXES, NAN_AT_STEPS, WRITE_DELAY
+from foldhpc.records.envvars import (BITFLIP_AT_STEP, BITFLIP_ON_RANK, BITFLIP_ONCE, FAIL_AT_STEP, FAIL_KIND, FAIL_ONCE,
+                                     FAULT_PREFIXES, NAN_AT_STEPS, WRITE_DELAY)
 from foldhpc.chaos import storage
 from foldhpc.chaos.kinds import KINDS, uses_hook
 from foldhpc.chaos.eventtail import EventTail, SeenEvent
@@ -59,6 +60,7 @@ CHAOS_DEFAULTS: dict[str, str] = {
     "fault.max_restarts": "100000",  # in-job restarts are the point here, not a budget
     "fault.restart_backoff": "0s",
     "fault.hang_timeout": "3s",
+    "fault.sdc_check_every": "10",  # bitflip (--nproc > 1): found within 10 steps, replayed from the save before
 }
 
 
@@ -311,7 +313,10 @@ class LocalRunner:
         extra: dict[str, str] = {}
         hook = next((f for f in window if uses_hook(f.kind) and not self._marker(f).exists()), None)
         self.launch_hook = hook.index if hook else None
-        if hook is not None:
+        if hook is not None and hook.kind == "bitflip":
+            extra.update({BITFLIP_AT_STEP: str(hook.at_step), BITFLIP_ONCE: str(self._marker(hook)),
+                          BITFLIP_ON_RANK: "1"})
+        elif hook is not None:
             extra.update({FAIL_AT_STEP: str(hook.at_step), FAIL_ONCE: str(self._marker(hook)),
                           FAIL_KIND: "exception" if hook.kind == "exception" else hook.variant})
         if window and window[-1].kind == "kill_during_write":
@@ -674,6 +679,36 @@ class LocalRunner:
                    self._step_timeout(10) + START_TIMEOUT_S, f"a step after the non-finite step {f.at_step}")
         rec.resume_measure = "in-step: the update is skipped, nothing restarts"
 
+    def _bitflip(self, f: PlannedFault, rec: FaultRecord) -> None:
+        """A bit of a weight on rank 1 flips after step ``at_step`` (FOLDHPC_BITFLIP_*): the replica
+        check finds it, the replay attributes it to rank 1 and heals it in process; nothing restarts."""
+        if self.launch_hook != f.index:
+            self._relaunch_for_hook(f)
+        marker = self._marker(f)
+
+        def fired() -> list[str] | None:  # "<pid> rank <R> step <N> at <time>", once completely written
+            try:
+                text = marker.read_text().split()
+            except FileNotFoundError:
+                return None
+            return text if len(text) == 7 else None
+        text = self._wait(fired, self._step_timeout(f.at_step - self._current_step()) + START_TIMEOUT_S,
+                          f"the bit flip at step {f.at_step}")
+        step, injected = int(text[4]), float(text[6])
+        rec.step, rec.injected_at = step, injected
+        ev = self._wait(lambda: next((e for e in self.tail.of_kind("sdc_attribution")
+                                      if e.seen >= injected - 1 and e.get("detected", 0) >= step), None),
+                        self._step_timeout(3 * self.plan.every_steps + 10) + START_TIMEOUT_S,
+                        f"the attribution of the bit flip at step {f.at_step}")
+        verdict, ranks = ev.get("verdict"), ev.get("ranks") or []
+        rec.notes.append(f"attributed: {verdict}, rank(s) {ranks}, step {ev.get('step')}, replay {ev.get('replay_s')}s")
+        if verdict != "transient" or ranks != [1]:
+            rec.problems.append(f"the flip on rank 1 was attributed as {verdict}, rank(s) {ranks} (not transient, "
+                                "rank 1)")
+        rec.steps_lost = 0
+        rec.time_to_resume_s = round(ev.seen - injected, 3)
+        rec.resume_measure = "bit flip -> the replay's verdict (in process: nothing restarts)"
+
     # ------------------------------------------------------------------ storage kinds
     def _stop_job(self, f: PlannedFault, rec: FaultRecord) -> None:
         """At the fault's step, take the job down cleanly (SIGUSR1, exit 75): the storage is
@@ -949,6 +984,7 @@ class LocalRunner:
             "kill_during_write": lambda f, r: self._sigkill(f, r, during_write=True),
             "exception": self._hook, "hang": self._hook, "crash": self._crash, "corrupt_checkpoint": self._corrupt,
             "unwritable_dir": self._unwritable, "nan": self._nan, "dead_rank": self._dead_rank,
+            "bitflip": self._bitflip,
             "missing_file": self._missing_file, "crafted_header": self._crafted, "fifo": self._fifo,
             "full_status_fs": self._full_fs}
         t0 = time.monotonic()

@@ -73,7 +73,7 @@ from foldhpc.train.compat import check_resume, runtime_differences
 from foldhpc.train.result import TrainResult
 from foldhpc.train.rng import capture_rng_state, restore_rng_state, step_seed
 from foldhpc.train.schedule import lr_factor
-from foldhpc.train.sdc import Replay, SdcMonitor, Snapshot, replica_digest, state_tensors, vote
+from foldhpc.train.sdc import Replay, SdcMonitor, Snapshot, replica_digest, same_trace, state_tensors, vote
 from foldhpc.train.straggler import StragglerMonitor
 from foldhpc.train.validation import debug_delayed, validation_due
 from foldhpc.records.exitcodes import ExitCode
@@ -710,7 +710,7 @@ class Trainer:
             step_s = time.monotonic() - t_start
             self.train_time_s += step_s
             self.stragglers.add(time.monotonic() - t_boundary, wait_s)
-            self.sdc.note_loss(self.step, own)
+            self.sdc.note_step(self.step, own, self.model if world > 1 and self.sdc.check_every > 0 else None)
             if self._sdc_step(global_loss, applied, snap):  # an attribution rolled back: replay from there
                 it = iter(self._make_loader())
                 win = {"t0": time.monotonic(), "data": 0.0, "steps": 0, "loss": 0.0}
@@ -873,7 +873,7 @@ class Trainer:
         first_global = float(global_loss) if global_loss is not None else None
         checked = self.env.world_size > 1 and sdc.check_every > 0
         limit = min(sdc.verified, at - 1) if checked else at - 1
-        losses = sdc.losses_since(0)
+        traces = sdc.traces_since(0)
         t0 = time.monotonic()
         try:
             restored = self._restore_for_rollback(max_step=limit)
@@ -884,7 +884,7 @@ class Trainer:
             log.warning("step %d: %s; no attribution (%s)", at, trigger, e)
             return
         sdc.replay = Replay(trigger=trigger, first=restored.step + 1, last=at, path=restored.path, digests=digests,
-                            losses=losses, global_loss=first_global, t0=t0)
+                            traces=traces, global_loss=first_global, t0=t0)
         log.warning("step %d: %s: replaying steps %d-%d from %s to attribute it", at, trigger, restored.step + 1, at,
                     restored.path)
         self.events.emit("sdc_replay", step=at, trigger=trigger, first=restored.step + 1, last=at, path=restored.path)
@@ -895,13 +895,11 @@ class Trainer:
 
     def _replay_step(self, replay: Replay, snap: Snapshot | None, applied: bool,
                      global_loss: torch.Tensor | None) -> None:
-        """One replayed step: its loss against the first time's, the ranks' digests against each
+        """One replayed step: its trace against the first time's, the ranks' digests against each
         other; a divergence is voted on and repaired at once (see foldhpc.train.sdc)."""
-        mine = float(self.sdc.losses[self.step])
-        first = replay.losses.get(self.step)
-        same = first is not None and (mine == first or math.isnan(mine) and math.isnan(first))
-        if first is not None and not same and replay.loss_deviation is None:
-            replay.loss_deviation = self.step
+        first = replay.traces.get(self.step)
+        if first is not None and replay.deviation is None and not same_trace(self.sdc.traces[self.step].tolist(), first):
+            replay.deviation = self.step
         if self.group.world_size > 1:
             actual = self.group.all_gather(replica_digest(self.model, self.optimizer), "the replay's digests")
             if len(set(actual)) > 1:
@@ -936,7 +934,7 @@ class Trainer:
     def _finish_replay(self, replay: Replay) -> None:
         """The verdict, recorded everywhere: events, status.json, TensorBoard, train.log."""
         sdc = self.sdc
-        mine: dict[str, Any] = {"digest": replica_digest(self.model, self.optimizer), "deviation": replay.loss_deviation,
+        mine: dict[str, Any] = {"digest": replica_digest(self.model, self.optimizer), "deviation": replay.deviation,
                 "reproduced": replay.reproduced}
         every = self.group.all_gather(mine, "the replay's verdict")
         samples = [self.train_batches.records[i].id for i in self.train_batches.indices(replay.last - 1)]

@@ -12,14 +12,18 @@ make it visible and attributable here:
   an anomaly -- a mismatch, a loss spike (``fault.loss_spike_factor`` x the recent maximum), or a
   skipped non-finite step (``fault.sdc_on_nonfinite``) -- rolls back to the newest checkpoint at or
   before the last verified step and replays up to the anomaly on the same ranks, comparing each
-  replayed step's loss with the first pass's and the ranks' digests with each other:
+  replayed step's *trace* (its loss and a float64 sum of each weight after it, kept for every
+  step of the first pass: :func:`trace`) with the first pass's, and the ranks' digests with each
+  other:
 
   ============================  ===================  ==========================================
   what the replay shows         verdict              suspect ranks
   ============================  ===================  ==========================================
   the ranks diverge again       ``rank``             the ranks outvoted (see :func:`vote`)
-  the anomaly does not return   ``transient``        the ranks whose first-pass state or loss
-                                                     differs from the replay's
+  the anomaly does not return   ``transient``        the ranks whose first-pass trace deviated
+                                                     from the replay's first (the all-reduced
+                                                     gradient spreads it to the others a step
+                                                     later)
   the anomaly returns on all    ``deterministic``    none: a data or model problem; the record
                                                      names the step's samples
   ============================  ===================  ==========================================
@@ -53,11 +57,29 @@ from foldhpc.checkpoint.digest import state_digest
 SPIKE_WINDOW = 50
 #: ... and only once that many of them are known (the first steps' losses fall fast)
 SPIKE_MIN_HISTORY = 10
-#: first-pass losses kept for a replay to compare with (older ones: the replay compares digests only)
-KEEP_LOSSES = 10_000
+#: first-pass traces kept for a replay to compare with (older ones: the replay compares digests only)
+KEEP_TRACES = 10_000
 
 #: the verdicts (status.json ``sdc.last.verdict``, the ``sdc_attribution`` event)
 TRANSIENT, DETERMINISTIC, RANK = "transient", "deterministic", "rank"
+
+
+def trace(loss: torch.Tensor, model: torch.nn.Module | None) -> torch.Tensor:
+    """A step's trace on this rank: its loss, then (with ``model``) the float64 sum of each weight
+    after the update, as one float64 vector on the device (no host sync; one reduction per
+    weight). A replay compares it with the first pass's step by step: the first step whose trace
+    differs pins the fault to a rank and a step, even where the change is below the loss's
+    resolution or before the next forward pass."""
+    with torch.no_grad():
+        parts = [loss.detach().reshape(1).to(torch.float64)]
+        if model is not None:
+            parts.append(torch.stack([p.sum(dtype=torch.float64) for p in model.parameters()]))
+        return torch.cat(parts)
+
+
+def same_trace(a: list[float], b: list[float]) -> bool:
+    """Bit-equal traces (NaN equal to NaN: a skipped non-finite step replays as one)."""
+    return len(a) == len(b) and all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b))
 
 
 def replica_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
@@ -134,10 +156,10 @@ class Replay:
     last: int
     path: str | None  # the checkpoint replayed from
     digests: list[str]  # the ranks' digests when the anomaly was seen (rank order)
-    losses: dict[int, float]  # this rank's first-pass loss of each step
+    traces: dict[int, list[float]]  # this rank's first-pass trace of each step
     global_loss: float | None  # the global batch's loss at ``last`` on the first pass
     t0: float = field(default_factory=time.monotonic)
-    loss_deviation: int | None = None  # the first replayed step whose loss differs on this rank
+    deviation: int | None = None  # the first replayed step whose trace differs on this rank
     diverged: int | None = None  # the first replayed step where the replicas differed again
     suspects: list[int] = field(default_factory=list)  # the ranks outvoted there
     reproduced: bool = False  # the anomaly came back at ``last`` (this rank's view)
@@ -161,21 +183,29 @@ class SdcMonitor:
         self.mismatches: list[int] = []
         self.attributions: list[dict[str, Any]] = []
         self.suspect_nodes: dict[str, int] = {}
-        self.losses: dict[int, torch.Tensor | float] = {}  # this rank's loss by step (device tensors: no sync)
+        self.traces: dict[int, torch.Tensor] = {}  # this rank's trace by step (device tensors: no sync)
+        self.trace_s = 0.0  # time spent taking them, this process
         self._global: dict[int, float] = {}  # the global batch's loss by step, for the spike trigger
 
     # ------------------------------------------------------------------ triggers
     def check_due(self, step: int) -> bool:
         return self.world_size > 1 and self.check_every > 0 and step % self.check_every == 0
 
-    def note_loss(self, step: int, loss: torch.Tensor | float) -> None:
-        self.losses[step] = loss
-        old = step - KEEP_LOSSES
-        if old in self.losses:
-            del self.losses[old]
+    def note_step(self, step: int, loss: torch.Tensor, model: torch.nn.Module | None) -> None:
+        """Step ``step``'s trace (``model``: with the weights' sums; None where no replica check
+        runs and only the loss can tell a replay from its first pass)."""
+        t0 = time.monotonic()
+        self.traces[step] = trace(loss, model)
+        self.trace_s += time.monotonic() - t0
+        old = step - KEEP_TRACES
+        if old in self.traces:
+            del self.traces[old]
 
-    def losses_since(self, step: int) -> dict[int, float]:
-        return {s: float(v) for s, v in self.losses.items() if s > step}
+    def traces_since(self, step: int) -> dict[int, list[float]]:
+        return {s: v.tolist() for s, v in self.traces.items() if s > step}
+
+    def loss_of(self, step: int) -> float:
+        return float(self.traces[step][0])
 
     def spike(self, step: int, value: float) -> bool:
         """Is ``value`` (step ``step``'s global loss) above ``spike_factor`` x the maximum of the
@@ -192,22 +222,23 @@ class SdcMonitor:
                  layout: list[dict[str, Any]], samples: list[str], seconds: float) -> dict[str, Any]:
         """The verdict of a finished replay from every rank's view (all-gathered, rank order):
         its digest now, the first step its loss deviated from the first pass, whether the anomaly
-        came back. Records it (``attributions``, ``suspect_nodes``) and ends the replay."""
+        came back. Records it (``attributions``, ``suspect_nodes``) and ends the replay.
+        ``deviations``: each rank's first replayed step whose trace differed from the first pass's."""
         devs = {r: d for r, d in enumerate(deviations) if d is not None}
         if replay.suspects:
             verdict, ranks, step = RANK, list(replay.suspects), replay.diverged or replay.last
         elif all(reproduced):
             verdict, ranks, step = DETERMINISTIC, [], replay.last
         elif devs:
-            # the first pass's loss differed from the replay's first on these ranks: their state was
-            # corrupt before that step's forward pass. Later deviations on other ranks are the
-            # corruption spreading through the all-reduced gradients, not a second fault.
+            # the first pass's trace differed from the replay's first on these ranks: the fault is
+            # in that step (its forward pass, its update, or right after). Later deviations on the
+            # other ranks are the corruption spreading through the all-reduced gradient.
             first = min(devs.values())
             ranks = [r for r, d in devs.items() if d == first]
-            verdict, step = TRANSIENT, first - 1 if replay.trigger == "mismatch" else first
+            verdict, step = TRANSIENT, first
         else:
-            # no loss saw it (corrupted after the last forward pass): the ranks whose first-pass
-            # state differs from the replay's
+            # no trace saw it (older than the traces kept): the ranks whose first-pass state
+            # differs from the replay's
             verdict, step = TRANSIENT, replay.last
             ranks = [r for r, d in enumerate(replay.digests) if r < len(digests) and d != digests[r]]
         nodes = sorted({str(layout[r].get("node", "?")) for r in ranks if r < len(layout)})
@@ -215,7 +246,7 @@ class SdcMonitor:
             "step": step, "trigger": replay.trigger, "verdict": verdict, "reproducible": verdict != TRANSIENT,
             "ranks": ranks, "nodes": nodes, "samples": samples if verdict == DETERMINISTIC else [],
             "first": replay.first, "last": replay.last, "path": replay.path,
-            "detected": replay.last, "loss_deviation": min(devs.values()) if devs else None,
+            "detected": replay.last, "first_deviation": min(devs.values()) if devs else None,
             "replay_s": round(seconds, 3)}
         self.attributions.append(record)
         for n in nodes:
