@@ -277,3 +277,25 @@ def test_a_slowed_rank_is_named_as_a_straggler(tmp_path, uninterrupted):
     assert events and {e["straggler_rank"] for e in events} == {1}
     assert scalars(run, "straggler/count")[-1][1] == 1.0
     assert sdc_status(run)["stragglers"][0]["rank"] == 1
+
+
+def test_a_skipped_nonfinite_step_starts_an_attribution_too(tmp_path):
+    """fault.sdc_on_nonfinite (one rank, in-process): a NaN loss that every replay sees again is
+    deterministic, with its batch; one that fires once is transient; both end at the clean digest."""
+    from test_nonfinite import train_here
+
+    extra = {**BASE, "fault.sdc_on_nonfinite": True, "train.max_steps": 40}
+    ref = tmp_path / "ref"
+    assert train_here(ref, **extra) == "completed"
+    clean = CheckpointManager(ref / "checkpoints").load_latest().entry.digest
+    for name, env, verdict in (("always", {}, DETERMINISTIC),
+                               ("once", {faults.NAN_ONCE: str(tmp_path / "fired")}, TRANSIENT)):
+        run = tmp_path / name
+        assert train_here(run, "23", env, **extra) == "completed"
+        last = read_json(run / "status.json")["sdc"]["last"]
+        assert (last["trigger"], last["verdict"], last["first"], last["last"]) == ("nonfinite", verdict, 21, 23), name
+        assert len(last["samples"]) == (2 if verdict == DETERMINISTIC else 0)
+        if verdict == DETERMINISTIC:  # the skipped step is part of the training: the reference has none
+            assert read_json(run / "status.json")["nonfinite"]["skipped"] >= 1
+        else:  # replayed without the NaN: the update of step 23 is applied, as in the clean run
+            assert CheckpointManager(run / "checkpoints").load_latest().entry.digest == clean
