@@ -39,3 +39,14 @@ def test_an_sdc_record_without_a_node_or_steps_is_read_safely(tmp_path: Path) ->
     events.emit("sdc_suspect_node", node="n9", suspected=3, steps=None)
     assert bad_nodes(run) == {"n9": {"check": "sdc", "detail": "suspect of silent data corruption 3 times",
                                      "t": bad_nodes(run)["n9"]["t"], "job_id": None}}
+
+
+def test_a_node_failure_that_slurm_requeues_is_told_as_such() -> None:
+    """A job that lost a node: slurmctld COMPLETING, sacct NODE_FAIL, Restarts already advanced
+    (measured on the local cluster): Slurm requeues it itself, and the record says so."""
+    from foldhpc.slurm.requeue import decide_from
+
+    d = decide_from("22", 0, 20, "COMPLETING", "NODE_FAIL", requeue_allowed=True, slurm_requeues=True)
+    assert (d.requeue, d.kind) == (False, "node_fail") and "lost a node" in d.reason
+    # not requeued by Slurm (Requeue=0): the job is ending, as before
+    assert decide_from("22", 0, 20, "COMPLETING", "NODE_FAIL", slurm_requeues=False).kind == "ending"

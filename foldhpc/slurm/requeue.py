@@ -120,7 +120,8 @@ class Decision:
     requeue: bool
     reason: str
     #: why, for jobs.jsonl and ``foldhpc status``: requeue | requeue_limit | ending | cancelled | unknown |
-    #: not_slurm | requeue_failed | requeue_refused | followup | followup_failed | no_progress
+    #: not_slurm | requeue_failed | requeue_refused | followup | followup_failed | no_progress | bad_nodes |
+    #: node_fail (Slurm requeues the job after a node failure)
     kind: str = ""
     followup_job_id: str | None = None  # kind "followup": the job that continues the run
 
@@ -184,6 +185,11 @@ def decide_from(job_id: str | None, restart_count: int, max_requeues: int,
         return Decision(False, f"job {job_id} was preempted and Slurm is not requeueing it (PreemptMode=CANCEL: "
                                f"JobState=COMPLETING, sacct {acct_state}, Restarts unchanged); restarts "
                                f"{restart_count}{over} < slurm.max_requeues={max_requeues}", "preempted_cancel")
+    if ctl == "COMPLETING" and acct == "NODE_FAIL" and slurm_requeues is True:
+        # a node of the job failed (set DOWN, stopped answering): Slurm requeues the job itself
+        # (--requeue), as after a preemption with PreemptMode=REQUEUE
+        return Decision(False, f"job {job_id} lost a node (sacct {acct_state}): Slurm is requeueing it itself; "
+                               "it resumes from the newest durable checkpoint", "node_fail")
     if ctl in ("COMPLETING", "CANCELLED"):
         return Decision(False, f"slurmctld says job {job_id} is {ctl}: it is ending (scancel, or a preemption that "
                                f"Slurm requeues itself); not requeueing (sacct: {acct_state or 'unavailable'})", "ending")

@@ -193,6 +193,36 @@ def _job_processes_on(job: str, node: str) -> list[int]:
     return out
 
 
+def _lose_node(job: str, node: str) -> float:
+    """``node`` dies under ``job``: the job's processes there SIGKILLed, the node set DOWN, then
+    DRAIN so that it stays out (a DOWN node whose slurmd answers is back in service at once here:
+    ReturnToService=2). Returns when (time.time())."""
+    victims = _job_processes_on(job, node)
+    assert victims, f"no process of job {job} on {node}"
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    t = time.time()
+    run(["scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=foldhpc test: node lost"])
+    run(["scontrol", "update", f"NodeName={node}", "State=DRAIN", "Reason=foldhpc test: node lost"])
+    return t
+
+
+def _wait_log(run_dir: Path, pattern: str, timeout: float = 120) -> None:
+    wait_for(lambda: re.search(pattern, (run_dir / "train.log").read_text() if (run_dir / "train.log").exists()
+                               else ""), pattern, timeout=timeout, poll=0.05)
+
+
+def _resumed(run_dir: Path) -> tuple[float, int]:
+    """(when, from which step) rank 0 resumed, from train.log (whole seconds: its clock)."""
+    text = (run_dir / "train.log").read_text()
+    m = re.search(r"(\S+ \S+) INFO \[pid \d+\] \[rank 0\] foldhpc.train.loop: resumed from \S+step_(\d+)\.ckpt", text)
+    assert m, text[-3000:]
+    return time.mktime(time.strptime(m.group(1).split(".")[0], "%Y-%m-%d %H:%M:%S")), int(m.group(2))
+
+
 def test_a_node_lost_mid_job_the_run_comes_back_from_the_newest_checkpoint_when_it_returns(tmp_path, jobs, dead_node):
     """A two-node job loses n2: its processes there are SIGKILLed (the node died) and it is set
     DOWN, then DRAIN so that it stays out (a DOWN node whose slurmd answers is back in service at
@@ -206,18 +236,8 @@ def test_a_node_lost_mid_job_the_run_comes_back_from_the_newest_checkpoint_when_
     assert reference.step == MN_STEPS
     run_dir = tmp_path / "run"
     jobs.append(job := _submit(run_dir, **{**MN, **MN_JOB}))
-    wait_for(lambda: re.search(r"step 35/", (run_dir / "train.log").read_text() if (run_dir / "train.log").exists()
-                               else ""), "step 35", timeout=120, poll=0.05)
-    victims = _job_processes_on(job, dead_node)
-    assert victims, f"no process of job {job} on {dead_node}"
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    t_lost = time.time()
-    run(["scontrol", "update", f"NodeName={dead_node}", "State=DOWN", "Reason=foldhpc test: node lost"])
-    run(["scontrol", "update", f"NodeName={dead_node}", "State=DRAIN", "Reason=foldhpc test: node lost"])
+    _wait_log(run_dir, r"step 35/")
+    t_lost = _lose_node(job, dead_node)
     wait_for(lambda: scontrol_job(job).get("JobState") == "PENDING", "the job was not requeued by Slurm", timeout=60)
     time.sleep(12)  # past the BeginTime hold: with n2 out the job must keep waiting
     assert scontrol_job(job).get("JobState") == "PENDING", scontrol_job(job)
@@ -227,12 +247,13 @@ def test_a_node_lost_mid_job_the_run_comes_back_from_the_newest_checkpoint_when_
     t_back = time.time()
     wait_sacct_row(job, FINAL, timeout=240)
     assert [s for s, _, _ in _rows(job)] == ["NODE_FAIL", "COMPLETED"], _rows(job)
+    stop = next(e for e in _events(run_dir) if e["event"] == "stopped")  # rank 0's decision: Slurm requeues it
+    assert stop["why"] == "node_fail" and "lost a node" in stop["reason"], stop
     final = CheckpointManager(run_dir / "checkpoints").entries()[-1]
     assert (final.step, final.digest) == (MN_STEPS, reference.digest)
-    text = (run_dir / "train.log").read_text()
-    m = re.search(r"(\S+ \S+) INFO \[pid \d+\] \[rank 0\] foldhpc.train.loop: resumed from \S+step_(\d+)\.ckpt", text)
-    assert m and int(m.group(2)) == newest and newest <= 36, (newest, text[-3000:])
-    resumed_at = time.mktime(time.strptime(m.group(1).split(".")[0], "%Y-%m-%d %H:%M:%S"))
+    resumed_at, step = _resumed(run_dir)
+    assert step == newest <= 36, (step, newest)
     # node lost -> training again, measured from the node's return (the job waited for it)
     log.warning("node lost -> resumed: %.0fs; node back -> resumed: %.0fs (whole seconds: train.log's clock)",
                 resumed_at - t_lost, resumed_at - t_back)
+
