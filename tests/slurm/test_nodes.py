@@ -5,6 +5,7 @@
   (``slurm.resume=chain``) or the same job requeued with ``ExcNodeList=n1`` (``slurm.resume=requeue``,
   set right after ``scontrol requeue``: slurmctld refuses it for a running job) -- and the run
   completes on n2, bit-exact with an uninterrupted run; ``foldhpc status`` names the node and why;
+  the sbatch template's requeue (``python -m foldhpc.slurm.requeue``) excludes it the same way;
 * a crash loop (a supervised command that fails at once every time, each time differently, so the
   "same failure twice" rule does not end it first): the breaker ends the job with exit 93, state
   ``crash_loop``, one job and no requeue or follow-up, in both resume modes;
@@ -30,12 +31,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, run_foldhpc, set_args, tiny_overrides, wait_for
+from conftest import ROOT, TINY, run_foldhpc, set_args, tiny_overrides, wait_for
 from foldhpc.checkpoint.manager import CheckpointManager
 from foldhpc.records.history import read_history
-from .helpers import cancel_all_jobs, job_restarts, run, sacct_rows, scontrol_job, wait_sacct_row
+from .helpers import cancel_all_jobs, job_restarts, run, sacct_rows, sbatch, scontrol_job, wait_sacct_row
 
 log = logging.getLogger(__name__)
+
+TEMPLATE = ROOT / "sbatch" / "train.sbatch"
 
 STEPS = 30
 BAD = "n1"
@@ -132,6 +135,23 @@ def test_a_bad_node_is_excluded_from_the_requeued_job_and_the_run_completes_bit_
     log = (run_dir / "slurm").glob(f"{job}_*_log.*")
     assert any(f"requeued job {job} excludes {BAD}" in p.read_text(errors="replace") for p in log)
     _assert_bad_node_named(run_dir)
+
+
+def test_the_sbatch_template_in_requeue_mode_excludes_a_bad_node_too(tmp_path, jobs, reference_digest):
+    """``sbatch/train.sbatch`` (``python -m foldhpc.slurm.requeue`` decides, in the batch shell's
+    job): the same requeue with ``ExcNodeList``, the run completes on n2 bit-exact."""
+    run_dir, out = tmp_path / "run", tmp_path / "slurm-%j.out"
+    jobs.append(job := sbatch("--partition=debug", "--cpus-per-task=1", "--mem=2G", "--time=10", f"--output={out}",
+                              f"--export=ALL,FOLDHPC_PYTHON={sys.executable},FOLDHPC_FAIL_HEALTH_ON_NODE={BAD}",
+                              str(TEMPLATE), str(TINY),
+                              *set_args(tiny_overrides(run_dir, **{**JOB, "slurm.resume": "requeue"}))))
+    wait_for(lambda: _rows(job) and _rows(job)[-1][0] in FINAL and len(_rows(job)) > 1, "the requeued job did not "
+             "end", timeout=180, poll=1.0)
+    rows = _rows(job)
+    assert [(s, n) for s, _, n in rows] == [("REQUEUED", BAD), ("COMPLETED", "n2")], rows
+    assert _digest(run_dir) == reference_digest
+    assert scontrol_job(job)["ExcNodeList"] == BAD
+    assert f"requeued job {job} excludes {BAD}" in Path(str(out).replace("%j", job)).read_text()
 
 
 # a different exit status each time: never "the same failure twice" (which ends a run as failed, exit 1)
