@@ -733,7 +733,7 @@ class Session:
         step_t0 = win_t0 = time.monotonic()
         win_start, first_done = self.step, False
         while True:  # the step boundary: self.step steps are done
-            self.hb.beat(self.step + 1, "train")
+            self.hb.beat(self.step + 1, "train" if self.step != start else "first")  # heartbeat.PHASES
             self.lock.check()  # taken over by another writer: stop, write nothing
             self._note_checkpoint()
             # the step boundary: with several ranks they agree here, every step, on a signal any of

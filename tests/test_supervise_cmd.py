@@ -265,3 +265,22 @@ def test_a_shells_background_job_does_not_outlive_the_command(tmp_path: Path) ->
         return all(proc_start(pid) is None or proc_start(pid)[1] in "ZX" for pid in started)
 
     wait_for(gone, f"background jobs {started} still running", timeout=10, poll=0.05)
+
+
+def test_a_hang_right_after_the_first_seen_training_beat_is_judged_by_the_hang_timeout(tmp_path: Path) -> None:
+    """Steps faster than the supervisor's poll: the first beat it sees is already a later step's
+    "train" beat (the burst below). A hang right then must be caught by fault.hang_timeout (2 s
+    here), not by fault.startup_timeout (10 min): before heartbeat's "first" phase the supervisor
+    needed a second observed beat to end start-up, and this one never comes."""
+    run = tmp_path / "run"
+    code = ("import time\nfrom foldhpc.resilience import heartbeat as hb\nb = hb.heartbeat()\n"
+            "b.beat(1, 'first'); b.beat(1, 'train')\n"
+            "for s in range(2, 40): b.beat(s, 'train'); b.beat(s, 'train')\n"
+            "time.sleep(600)\n")
+    r = _run(_supervise(run, "--set", "fault.max_restarts=0", "--set", "fault.hang_timeout=2s",
+                        "--set", "fault.hang_floor=1s", "--set", "fault.startup_timeout=10m", cmd=_py(code)),
+             timeout=120)
+    assert r.returncode != 0, r.stderr
+    hung = [e for e in _events(run) if e["kind"] == "supervisor_hang"]
+    assert len(hung) == 1 and hung[0]["source"] == "fault.hang_timeout", hung
+    assert hung[0]["step"] == 39 and hung[0]["timeout_s"] == 2.0, hung

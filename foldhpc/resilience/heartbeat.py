@@ -30,7 +30,11 @@ from foldhpc.records.envvars import HEARTBEAT_ENV
 
 log = logging.getLogger(__name__)
 
-PHASES = ("startup", "train", "validation", "checkpoint", "done")
+#: ``first``: the step boundary of a process's first step (its forward and backward are start-up:
+#: cold kernels, ``torch.compile``); every later step beats ``train``, and so does the first step
+#: once its backward is done. So one ``train`` beat tells the supervisor that start-up is over,
+#: even where it polled too slowly to see the beats before it. Appended: the codes stay stable.
+PHASES = ("startup", "train", "validation", "checkpoint", "done", "first")
 _FMT = struct.Struct("<QqI")
 WAIT_BEAT_S = 1.0  # a trainer blocked on something slow but sane (a checkpoint write) beats this often
 

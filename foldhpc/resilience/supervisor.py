@@ -461,9 +461,13 @@ class Supervisor:
             for i, p in enumerate(self.procs):
                 beat = hb.read(self._hb_path(i))
                 if beat.count != last[i].count:
-                    if first_train[i] is not None:
+                    # start-up is over once the first step's backward is done: a beat after the first
+                    # training beat, or any "train" beat (the first step's boundary beats "first"), so
+                    # a trainer that hangs right after a poll first saw it train is judged by
+                    # fault.hang_timeout, not fault.startup_timeout, however fast its steps were
+                    if first_train[i] is not None or beat.phase == "train":
                         started[i] = True
-                    if beat.phase == "train":
+                    if beat.phase in ("train", "first"):
                         if first_train[i] is None:
                             first_train[i] = beat.step
                         m = mark[i]

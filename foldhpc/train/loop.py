@@ -622,7 +622,8 @@ class Trainer:
             # The step boundary. With several ranks they agree here, every step, on whether to
             # stop (a signal may have reached only some of them) and whether the save timer has
             # run out (their clocks differ): all stop, or save, at the same step.
-            self.hb.beat(self.step + 1, "train")  # working on step self.step + 1 (the trainer's numbering)
+            # working on step self.step + 1 (the trainer's numbering); "first": start-up until its backward
+            self.hb.beat(self.step + 1, "train" if self.step != start_step else "first")
             self.lock.check()  # taken over by another trainer (foldhpc.resilience.runlock): stop, write nothing
             received = int(preempt.received) if preempt.received is not None else 0
             timer_due = interval > 0 and time.monotonic() - last_save_t >= interval
