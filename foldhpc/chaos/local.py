@@ -559,18 +559,8 @@ class LocalRunner:
 
     def _hook(self, f: PlannedFault, rec: FaultRecord) -> None:
         """exception / hang: the trainer injects it itself at step ``at_step`` (FOLDHPC_FAIL_*)."""
-        if self.launch_hook != f.index:  # one hook per process environment: this one needs a new launch
-            self._relaunch_for_hook(f)
-        marker = self._marker(f)
-
-        def fired() -> list[str] | None:  # "<pid> step <N> at <time>", once completely written
-            try:
-                text = marker.read_text().split()
-            except FileNotFoundError:
-                return None
-            return text if len(text) == 5 else None
-        text = self._wait(fired, self._step_timeout(f.at_step - self._current_step()) + START_TIMEOUT_S,
-                          f"the {f.kind} hook at step {f.at_step}")
+        # "<pid> step <N> at <time>"
+        text = self._hook_fired(f, 5, f"the {f.kind} hook at step {f.at_step}")
         rec.step, rec.injected_at = int(text[2]), float(text[4])
         # rank 0 (the one that logs steps); with several ranks the marker may name another
         trainer = int(text[0]) if self.nproc == 1 else self._trainer_pid(check_parent=False)
@@ -583,6 +573,21 @@ class LocalRunner:
             rec.resume_measure = "trainer stopped -> first step of the restarted trainer (incl. fault.hang_timeout)"
         else:
             rec.resume_measure = "exception raised (hook) -> first step of the trainer the supervisor restarted"
+
+    def _hook_fired(self, f: PlannedFault, words: int, what: str) -> list[str]:
+        """The words of hook fault ``f``'s marker file, once the trainer has written all ``words``
+        of them (a new launch first if this one's environment carries another hook)."""
+        if self.launch_hook != f.index:  # one hook per process environment: this one needs a new launch
+            self._relaunch_for_hook(f)
+        marker = self._marker(f)
+
+        def fired() -> list[str] | None:
+            try:
+                text = marker.read_text().split()
+            except FileNotFoundError:
+                return None
+            return text if len(text) == words else None
+        return self._wait(fired, self._step_timeout(f.at_step - self._current_step()) + START_TIMEOUT_S, what)
 
     def _relaunch_for_hook(self, f: PlannedFault) -> None:
         """End the launch with SIGUSR1 (0 steps lost, checked) so the next one carries ``f``'s hook."""
@@ -682,18 +687,7 @@ class LocalRunner:
     def _bitflip(self, f: PlannedFault, rec: FaultRecord) -> None:
         """A bit of a weight on rank 1 flips after step ``at_step`` (FOLDHPC_BITFLIP_*): the replica
         check finds it, the replay attributes it to rank 1 and heals it in process; nothing restarts."""
-        if self.launch_hook != f.index:
-            self._relaunch_for_hook(f)
-        marker = self._marker(f)
-
-        def fired() -> list[str] | None:  # "<pid> rank <R> step <N> at <time>", once completely written
-            try:
-                text = marker.read_text().split()
-            except FileNotFoundError:
-                return None
-            return text if len(text) == 7 else None
-        text = self._wait(fired, self._step_timeout(f.at_step - self._current_step()) + START_TIMEOUT_S,
-                          f"the bit flip at step {f.at_step}")
+        text = self._hook_fired(f, 7, f"the bit flip at step {f.at_step}")  # "<pid> rank <R> step <N> at <time>"
         step, injected = int(text[4]), float(text[6])
         rec.step, rec.injected_at = step, injected
         ev = self._wait(lambda: next((e for e in self.tail.of_kind("sdc_attribution")
