@@ -27,6 +27,7 @@ from foldhpc.config import ConfigError, load_config
 from foldhpc.records.events import EventLog
 from foldhpc.records.exitcodes import ExitCode
 from foldhpc.records.status import StatusFile
+from foldhpc.resilience import health
 from foldhpc.resilience.health import check_node, record
 
 NODE = "testnode7"
@@ -62,6 +63,31 @@ def test_a_checkpoint_dir_elsewhere_is_checked_too(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     rep = check_node(_cfg(tmp_path / "run", f"checkpoint.dir={tmp_path / 'file' / 'ck'}"), NODE)
     assert _checks(rep) == ["writable"] and "checkpoint directory" in rep.problems[0].detail
+
+
+def test_fs_type_takes_the_longest_mount_point() -> None:
+    mounts = ("/dev/vda / ext4 rw,relatime 0 0\n"
+              "srv:/export /shared nfs4 rw,vers=4.2 0 0\n"
+              "tmpfs /shared/tmp tmpfs rw 0 0\n"
+              "lustre@tcp:/fs /lus lustre rw 0 0\n")
+    assert health.fs_type(Path("/shared/runs/a"), mounts) == "nfs4"
+    assert health.fs_type(Path("/shared/tmp/x"), mounts) == "tmpfs"
+    assert health.fs_type(Path("/sharedother"), mounts) == "ext4"  # a prefix of the name is not the mount
+    assert health.fs_type(Path("/lus"), mounts) == "lustre"
+    assert health.fs_type(Path("/x"), "") == ""
+    assert health.fs_type(Path("/"), None) != ""  # this machine's own /proc/mounts
+
+
+def test_a_full_shared_file_system_is_not_the_nodes_fault(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every node sees a full NFS/Lustre directory: failing the node would exclude one node after
+    another until the run stops. It is a note and a warning instead. No shared file system is
+    mounted on this machine, so the mount table's answer is replaced, not the check."""
+    cfg = _cfg(tmp_path / "run", "health.min_free_disk=1000T")
+    assert _checks(check_node(cfg, NODE)) == ["free_disk"]  # local: the node fails
+    monkeypatch.setattr(health, "fs_type", lambda path, mounts=None: "nfs4")
+    rep = check_node(cfg, NODE)
+    assert rep.ok, rep.problems
+    assert any(n.startswith("free_disk:") and "shared file system (nfs4)" in n for n in rep.notes), rep.notes
 
 
 def test_thresholds_above_what_the_machine_has_fail(tmp_path: Path) -> None:

@@ -27,6 +27,10 @@ The checks, each a :class:`Problem` (node, check, detail) when it fails:
     limit, at least ``health.min_free_mem``.
 ``free_disk``
     free space in each of the two directories' file systems at least ``health.min_free_disk``.
+    Only a node-local file system can fail the node: a full *shared* one (NFS, Lustre, GPFS, ...)
+    is full for every node, and excluding nodes one after another would only end the run. It is
+    a warning (the report's notes, the log); the trainer's own save preflight
+    (``checkpoint.min_free_mb``) and full-disk handling take it from there.
 ``clock``
     the probe file's mtime against this node's clock around its write. On a shared file system
     the server stamps the file, so a node whose clock is off the server's (and so the other
@@ -195,20 +199,31 @@ def _probe(directory: Path, node: str) -> tuple[float, float, float]:
     return before, after, mtime
 
 
+#: file system types that several nodes share (their server stamps mtimes; full for every node at once)
+SHARED_FS_TYPES = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "fuse.glusterfs", "fuse.sshfs",
+                   "9p", "virtiofs")
+
+
+def fs_type(path: Path, mounts: str | None = None) -> str:
+    """The type of the file system ``path`` is on: the longest mount point of ``mounts`` (the
+    text of /proc/mounts, read when None) that contains it; "" where none does or it is unreadable."""
+    if mounts is None:
+        try:
+            with open("/proc/mounts") as f:
+                mounts = f.read()
+        except OSError:
+            return ""
+    best, fstype = "", ""
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and (str(path) + "/").startswith(parts[1].rstrip("/") + "/") and len(parts[1]) >= len(best):
+            best, fstype = parts[1], parts[2]
+    return fstype
+
+
 def _local_fs(path: Path) -> bool:
-    """Whether ``path`` is on a local file system (the node's own clock stamps its files)."""
-    try:
-        best, fstype = "", ""
-        with open("/proc/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and (str(path) + "/").startswith(parts[1].rstrip("/") + "/") and \
-                        len(parts[1]) >= len(best):
-                    best, fstype = parts[1], parts[2]
-        return fstype not in ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "fuse.glusterfs",
-                              "fuse.sshfs", "9p", "virtiofs")
-    except OSError:
-        return True
+    """Whether ``path`` is on a node-local file system (the node's own clock stamps its files)."""
+    return fs_type(path) not in SHARED_FS_TYPES
 
 
 def check_directories(cfg: Config, report: HealthReport) -> None:
@@ -246,8 +261,14 @@ def check_directories(cfg: Config, report: HealthReport) -> None:
         seen.add(key)
         free = st.f_bavail * st.f_frsize
         if free < need_disk:
-            report.problems.append(Problem(report.node, "free_disk", f"{_mib(free)} free in the {what} {directory}, "
-                                                                     f"health.min_free_disk = {cfg.health.min_free_disk}"))
+            detail = f"{_mib(free)} free in the {what} {directory}, health.min_free_disk = {cfg.health.min_free_disk}"
+            if _local_fs(directory):
+                report.problems.append(Problem(report.node, "free_disk", detail))
+            else:  # full for every node: not this node's fault (see the module docstring)
+                report.notes.append(f"free_disk: {detail}, on a shared file system ({fs_type(directory)}): not "
+                                    "this node's fault, so it is not excluded; free space there")
+                log.warning("health check: %s on a shared file system: not counted against node %s", detail,
+                            report.node)
     report.checks["directories"] = time.perf_counter() - t0
     if local_clock:
         report.notes.append("clock: the directories are on a local file system, whose mtimes are this node's own "
