@@ -197,6 +197,7 @@ def test_the_supervisor_does_not_start_on_a_bad_node(tmp_path: Path) -> None:
     st = read_json(run / "status.json")
     assert st["state"] == "checkpointed" and "failed its health check" in st["warning"]
     assert st["bad_nodes"][0]["check"] == "fault_hook"
+    assert "Outside a Slurm job nothing hands the run over" in r.stderr and "health.enabled = false" in r.stderr
     # and on a good node it starts, after a check of a few milliseconds
     r = _supervise(tmp_path / "run2", f"open({str(marker)!r}, 'w')")
     assert r.returncode == 0 and marker.exists(), r.stderr[-2000:]

@@ -652,8 +652,14 @@ class Supervisor:
         return False
 
     def _hand_over_bad_node(self, why: str) -> None:
-        log.error("supervisor: %s; not training on this node: exit %d, so that the job hands the run over to a job "
-                  "that excludes it", why, ExitCode.CHECKPOINTED)
+        if slurm_env().job_id:
+            log.error("supervisor: %s; not training on this node: exit %d, so that the job hands the run over to a "
+                      "job that excludes it", why, ExitCode.CHECKPOINTED)
+        else:  # a workstation, a plain `foldhpc train --supervise`: there is no other node to go to
+            log.error("supervisor: %s; not training on this node: exit %d (nothing was lost). Outside a Slurm job "
+                      "nothing hands the run over to another node: fix what the check names, or change its "
+                      "threshold in [health] (health.enabled = false turns the check off)", why,
+                      ExitCode.CHECKPOINTED)
         if not self.rank:
             self._status(state=CHECKPOINTED, warning=why, in_job_restarts=self.restarts)
 
