@@ -108,6 +108,10 @@ KINDS: dict[str, KindSpec] = {k.name: k for k in (
              "before its restart fails there (health.command, which the runner points at a marker file per node), "
              "the job hands over excluding that node and the run resumes on another one from the newest durable "
              "checkpoint (steps lost <= steps since it)", ends_launch=True, hook=False, restarts=True),
+    KindSpec("node_down", "the job's node dies: its processes stop and are SIGKILLed, the node is set DOWN (then "
+             "DRAINed to keep it out, RESUMEd once the run trains elsewhere or after 30 s); Slurm requeues the job "
+             "(NODE_FAIL, --requeue) and the run resumes by itself from the newest durable checkpoint (steps lost "
+             "<= steps since it)", ends_launch=True, hook=False, restarts=True),
     KindSpec("scancel", "plain scancel (the user stops the run): checkpoint on SIGTERM, and NO follow-up or requeue "
              "may start; the runner then resubmits (foldhpc submit) like the user would: 0 steps lost",
              ends_launch=True, hook=False, restarts=True),
@@ -117,7 +121,7 @@ MULTI_RANK_KINDS: tuple[str, ...] = ("dead_rank", "bitflip")  # only with --npro
 STORAGE_SETUP_KINDS: tuple[str, ...] = ("full_status_fs",)  # a tmpfs for the run directory: root only
 FALLBACK_KINDS: tuple[str, ...] = ("corrupt_checkpoint", "crafted_header", "missing_file")  # keep_last >= 2
 SLURM_KINDS: tuple[str, ...] = ("scancel_signal", "whole_job_signal", "preempt", "requeue", "scancel",
-                                 "crash", "bad_node")  # --backend slurm
+                                 "crash", "bad_node", "node_down")  # --backend slurm
 DEFAULT_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k not in MULTI_RANK_KINDS and
                                        (k == "crash" or k not in SLURM_KINDS))
 

@@ -4,7 +4,8 @@ The run is submitted once with ``foldhpc submit`` (submitit, the user's core pat
 on Slurm and foldhpc carry it: the chaos runner only does what the world does to a job -- a
 user's or the time limit's signal (``scancel --signal=USR1``), a real partition preemption (a
 high-priority job that needs the node), an admin's ``scontrol requeue``, a crash of the trainer
-process, a node that goes bad under the job (``bad_node``), a user's plain ``scancel`` -- and checks what foldhpc made of it, from ``events.jsonl`` and
+process, a node that goes bad under the job (``bad_node``), a node that dies under the job
+(``node_down``), a user's plain ``scancel`` -- and checks what foldhpc made of it, from ``events.jsonl`` and
 ``jobs.jsonl``: the next job (a follow-up in chain mode, the same job requeued) resumed from the
 checkpoint saved on the signal (0 steps lost), a crash was restarted inside the allocation from
 the newest durable checkpoint, an ``scancel`` ended the run (no follow-up, no requeue: the runner
@@ -42,6 +43,9 @@ SCANCEL_QUIET_S = 8.0
 #: a job of the run taking longer than this to run again after a fault is a failure (the promise)
 RESUME_LIMIT_S = 180.0
 CMD_TIMEOUT_S = 60.0
+#: node_down: a node taken out is RESUMEd once the run trains again elsewhere, or after this long
+#: if it has not (the job cannot run anywhere else: one node left and it excluded, or busy)
+NODE_BACK_AFTER_S = 30.0
 
 
 def _cmd(*args: str, check: bool = True) -> str:
@@ -69,6 +73,7 @@ class SlurmRunner(LocalRunner):
         # makes the health check's site command (health.command, run with FOLDHPC_HEALTH_NODE set)
         # look for the marker; only where the plan has the kind (no extra process at other starts)
         self.bad_dir = self.out / "bad_nodes"
+        self.downed: set[str] = set()  # node_down: nodes taken out and not yet RESUMEd (restored whatever happens)
         if any(f.kind == "bad_node" for f in plan.faults):
             self.settings["health.command"] = f'test ! -e "{self.bad_dir}/$FOLDHPC_HEALTH_NODE"'
 
@@ -226,6 +231,83 @@ class SlurmRunner(LocalRunner):
                          f"{where}, ExcNodeList={excluded}")
         rec.resume_measure = "node made bad + SIGKILL of the trainer -> first step of the trainer on another node"
 
+    def _node_down(self, f: PlannedFault, rec: FaultRecord) -> None:
+        """node_down: the job's node dies. Its processes stop (SIGSTOP: a dead node does nothing
+        more, the batch shell included, so the job cannot end on its own first), the foldhpc ones
+        are SIGKILLed, the node is set DOWN (slurmctld: NODE_FAIL, the job requeued: ``foldhpc
+        submit`` sets ``--requeue``) and DRAINed to keep it out (a DOWN node whose slurmd answers is
+        back at once here: ReturnToService=2), then the batch shell is killed too. Nothing of
+        foldhpc survives on the node to save or decide. The run must come back by itself from the
+        newest durable checkpoint: on another node, or on this one once it is RESUMEd (after
+        :data:`NODE_BACK_AFTER_S` if the run has not resumed elsewhere by then)."""
+        self._wait_step(f.at_step)
+        job, trainer = self._current_job(), self._trainer_pid()
+        nodes = _hostnames(_job_field(job, "NodeList"))
+        if not nodes:
+            raise RuntimeError(f"node_down needs a job on known nodes; job {job} has none")
+        node = nodes[-1]  # one node: its node; several: one that is not the batch host, rank 0 lives on
+        reason = f"foldhpc chaos: node_down (fault {f.index})"
+        index = len(self.tail.events)
+        self.downed.add(node)
+        back_at: list[float] = []
+        stopped: list[int] = []  # stopped and not killed yet (killed in the finally if a command failed)
+        try:
+            shells, others = _stop_job_processes(job, node)
+            stopped += shells + others
+            if not stopped:
+                raise RuntimeError(f"no process of job {job} on {node} (node_down needs the jobs on this host)")
+            rec.injected_at = time.time()
+            for pid in others:
+                _kill(pid)
+                stopped.remove(pid)
+            _cmd("scontrol", "update", f"NodeName={node}", "State=DOWN", f"Reason={reason}")
+            _cmd("scontrol", "update", f"NodeName={node}", "State=DRAIN", f"Reason={reason}")
+            while stopped:
+                _kill(stopped.pop())
+            t_out = time.time()
+            self.tail.poll()
+            rec.step = self._last_progress(trainer)
+            rec.newest_durable_step = self._newest_good()
+
+            def resumed() -> Any:
+                ev = next((e for e in self.tail.since(index, "first_step") if e.pid != trainer), None)
+                if ev is None and not back_at and time.time() - t_out > NODE_BACK_AFTER_S:
+                    self._node_back(node)
+                    back_at.append(time.time())
+                return ev
+            first = self._wait(resumed, RESUME_LIMIT_S, f"the run to resume after {node} went down")
+        finally:
+            while stopped:
+                _kill(stopped.pop())
+            self._node_back(node)
+        self._resumed(rec, index, first)
+        self._check_kill_bounds(rec)
+        nxt = self._current_job()
+        where = _job_field(nxt, "NodeList")
+        states, deadline = _sacct_states(job), time.monotonic() + 30.0  # sacct lags slurmctld a little
+        while nxt == job and "NODE_FAIL" not in states and time.monotonic() < deadline:
+            time.sleep(1.0)
+            states = _sacct_states(job)
+        if nxt == job and "NODE_FAIL" not in states:
+            rec.problems.append(f"job {job} lost {node} but sacct shows no NODE_FAIL: {states}")
+        if not back_at and where == node:
+            rec.problems.append(f"the run resumed on {node} while it was DOWN/DRAINED (job {nxt})")
+        how = f"requeued by Slurm ({' -> '.join(states)})" if nxt == job else f"follow-up {nxt}"
+        back = (f", {node} RESUMEd {back_at[0] - rec.injected_at:.1f}s after it went down" if back_at else
+                f" while {node} was out")
+        rec.notes.append(f"node {node} down: {len(shells) + len(others)} processes of job {job} there killed; "
+                         f"job {job} {how} -> resumed on {where}{back}")
+        rec.resume_measure = "node processes killed + node DOWN -> first step of the trainer in the requeued job"
+
+    def _node_back(self, node: str) -> None:
+        """RESUME a node node_down took out (a second call does nothing)."""
+        if node not in self.downed:
+            return
+        _cmd("scontrol", "update", f"NodeName={node}", "State=RESUME", check=False)
+        self.downed.discard(node)
+        state = _cmd("sinfo", "--noheader", "--node", node, "--format=%t", check=False).split()
+        log.info("chaos: node %s RESUMEd (sinfo: %s)", node, ",".join(state) or "?")
+
     def _scancel(self, f: PlannedFault, rec: FaultRecord) -> None:
         self._wait_step(f.at_step)
         job, trainer = self._current_job(), self._trainer_pid()
@@ -261,7 +343,7 @@ class SlurmRunner(LocalRunner):
         handlers: dict[str, Callable[[PlannedFault, FaultRecord], None]] = {
             "scancel_signal": self._signal_like, "whole_job_signal": self._signal_like, "preempt": self._signal_like, "requeue": self._signal_like,
             "crash": self._crash, "scancel": self._scancel,  # crash: the local runner's, same promise
-            "bad_node": self._bad_node}
+            "bad_node": self._bad_node, "node_down": self._node_down}
         t0 = time.monotonic()
         records: list[FaultRecord] = []
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -295,6 +377,8 @@ class SlurmRunner(LocalRunner):
                 _cmd("scancel", *left, check=False)
             if self.preemptors:
                 _cmd("scancel", *self.preemptors, check=False)
+            for node in sorted(self.downed):  # node_down's own finally did it unless the runner itself died
+                self._node_back(node)
         completed, step, digest, err = final_state(self.run_dir, self.ckpt_dir)
         out = RunOutcome(str(self.run_dir), rc, completed and rc == 0, step, digest, time.monotonic() - t0, err)
         return out, records
@@ -317,6 +401,70 @@ def _job_field(job: str, name: str) -> str | None:
     info = _cmd("scontrol", "show", "job", "--oneliner", job, check=False)
     m = re.search(rf"(?:^|\s){re.escape(name)}=(\S+)", info)
     return m.group(1) if m else None
+
+
+def _hostnames(nodelist: str | None) -> list[str]:
+    """``n[1-2]`` -> ``["n1", "n2"]`` (``scontrol show hostnames``); [] for none or ``(null)``."""
+    if not nodelist or nodelist in ("(null)", "None"):
+        return []
+    return _cmd("scontrol", "show", "hostnames", nodelist).split()
+
+
+def _sacct_states(job: str) -> list[str]:
+    """The state of each run of ``job`` (``--duplicates``: a requeued job's earlier runs too), first word."""
+    out = _cmd("sacct", "-j", job, "-X", "--duplicates", "--noheader", "--parsable2", "--format=JobID,State",
+               check=False)
+    return [ln.split("|")[1].split()[0] for ln in out.splitlines()
+            if ln.split("|")[0] == job and len(ln.split("|")) > 1 and ln.split("|")[1].strip()]
+
+
+def _job_processes(job: str, node: str) -> tuple[list[int], list[int]]:
+    """(batch shells, the others): the live processes of ``job`` on ``node``, found by their
+    environment (``SLURM_JOB_ID``, ``SLURMD_NODENAME``; every node of the local cluster is this
+    host), slurmstepd left out. The batch shell is the child of ``slurmstepd: [JOB.batch]``."""
+    want = (f"SLURM_JOB_ID={job}".encode(), f"SLURMD_NODENAME={node}".encode())
+    shells: list[int] = []
+    others: list[int] = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+            comm = (d / "comm").read_text().strip()
+            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            parent = Path(f"/proc/{stat[1]}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        if stat[0] == "Z" or comm.startswith("slurmstepd") or not all(w in env for w in want):
+            continue
+        (shells if parent.startswith(f"slurmstepd: [{job}.batch]") else others).append(int(d.name))
+    return shells, others
+
+
+def _stop_job_processes(job: str, node: str) -> tuple[list[int], list[int]]:
+    """SIGSTOP every process of ``job`` on ``node`` (until a pass finds none new: a process may
+    have forked meanwhile); returns them as :func:`_job_processes` does."""
+    shells: list[int] = []
+    others: list[int] = []
+    for _ in range(5):
+        s, o = _job_processes(job, node)
+        new = [p for p in s + o if p not in shells and p not in others]
+        if not new:
+            break
+        for pid in new:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue
+            (shells if pid in s else others).append(pid)
+    return shells, others
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def run(config: str | None, overrides: list[str], plan: Plan, out: Path, **kwargs: Any) -> ChaosOutcome:
