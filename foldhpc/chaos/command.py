@@ -26,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("local", "slurm"), default="local",
                    help="local: real processes on this machine, restarted by the chaos runner like a requeue; "
                         "slurm: one run submitted with foldhpc submit to the Slurm cluster here, continued by "
-                        "Slurm and slurm.resume (faults: scancel --signal, partition preemption, scontrol "
-                        "requeue, trainer crash, scancel)")
+                        "Slurm and slurm.resume (faults: scancel --signal, to the steps or the whole job, partition "
+                        "preemption, scontrol requeue, trainer crash, a bad node, a dead node, scancel)")
     p.add_argument("--partition", default="", help="--backend slurm: the partition of the run's jobs "
                    "(default: slurm.partition of the config)")
     p.add_argument("--preempt-partition", default="high", help="--backend slurm: a partition whose jobs preempt "
