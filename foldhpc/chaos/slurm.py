@@ -418,7 +418,7 @@ def _sacct_states(job: str) -> list[str]:
             if ln.split("|")[0] == job and len(ln.split("|")) > 1 and ln.split("|")[1].strip()]
 
 
-def _job_processes(job: str, node: str) -> tuple[list[int], list[int]]:
+def job_processes(job: str, node: str) -> tuple[list[int], list[int]]:
     """(batch shells, the others): the live processes of ``job`` on ``node``, found by their
     environment (``SLURM_JOB_ID``, ``SLURMD_NODENAME``; every node of the local cluster is this
     host), slurmstepd left out. The batch shell is the child of ``slurmstepd: [JOB.batch]``."""
@@ -443,11 +443,11 @@ def _job_processes(job: str, node: str) -> tuple[list[int], list[int]]:
 
 def _stop_job_processes(job: str, node: str) -> tuple[list[int], list[int]]:
     """SIGSTOP every process of ``job`` on ``node`` (until a pass finds none new: a process may
-    have forked meanwhile); returns them as :func:`_job_processes` does."""
+    have forked meanwhile); returns them as :func:`job_processes` does."""
     shells: list[int] = []
     others: list[int] = []
     for _ in range(5):
-        s, o = _job_processes(job, node)
+        s, o = job_processes(job, node)
         new = [p for p in s + o if p not in shells and p not in others]
         if not new:
             break

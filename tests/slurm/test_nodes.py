@@ -34,6 +34,8 @@ import pytest
 from conftest import ROOT, TINY, run_foldhpc, set_args, tiny_overrides, wait_for
 from foldhpc.checkpoint.manager import CheckpointManager
 from foldhpc.records.history import read_history
+from foldhpc.chaos.slurm import job_processes
+
 from .helpers import cancel_all_jobs, job_restarts, run, sacct_rows, sbatch, scontrol_job, wait_sacct_row
 
 log = logging.getLogger(__name__)
@@ -195,22 +197,10 @@ def dead_node(slurm_cluster):
 
 
 def _job_processes_on(job: str, node: str) -> list[int]:
-    """The job's processes on ``node`` (its environment says so), slurmstepd left out: the ranks'
-    supervisors and trainers there. All nodes of the local cluster are this host."""
-    want = (f"SLURM_JOB_ID={job}".encode(), f"SLURMD_NODENAME={node}".encode())
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            env = (d / "environ").read_bytes().split(b"\0")
-            comm = (d / "comm").read_text().strip()
-            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if all(w in env for w in want) and not comm.startswith("slurmstepd") and state != "Z":
-            out.append(int(d.name))
-    return out
+    """The job's processes on ``node`` (the ranks' supervisors and trainers there, the batch shell
+    too), as the chaos runner's node_down finds them."""
+    shells, others = job_processes(job, node)
+    return shells + others
 
 
 def _lose_node(job: str, node: str) -> float:
